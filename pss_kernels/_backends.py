@@ -1,0 +1,124 @@
+"""Which backends can run here, and which one an op call uses (DESIGN §3).
+
+Backends: "torch" (pure-PyTorch reference, any device), "triton" (CUDA tensors, or CPU
+tensors under TRITON_INTERPRET=1), "cuda" (the compiled pss_kernels._C, CUDA tensors).
+`PSS_KERNELS_BACKEND` overrides the default for every op; an explicit `backend=` wins.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+ENV_VAR = "PSS_KERNELS_BACKEND"
+
+
+class BackendStatus(NamedTuple):
+    available: bool
+    reason: str
+
+
+def triton_interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@lru_cache(maxsize=None)
+def _triton_installed() -> BackendStatus:
+    try:
+        import triton  # noqa: F401
+    except Exception as err:  # ImportError, or a broken install
+        return BackendStatus(False, f"triton cannot be imported ({err})")
+    return BackendStatus(True, f"triton {triton.__version__}")
+
+
+def _read_build_info() -> dict:
+    path = Path(__file__).with_name("_build_info.json")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@lru_cache(maxsize=None)
+def cuda_extension():
+    """The compiled `pss_kernels._C` module, or None; see `_cuda_status` for why not."""
+    try:
+        return importlib.import_module("pss_kernels._C")
+    except ImportError:
+        return None
+
+
+@lru_cache(maxsize=None)
+def _cuda_extension_status() -> BackendStatus:
+    if cuda_extension() is not None:
+        return BackendStatus(True, "pss_kernels._C is built")
+    info = _read_build_info()
+    if info.get("cuda_built") is False:
+        return BackendStatus(False, f"the _C extension was not built: {info.get('reason', 'unknown reason')}")
+    try:
+        importlib.import_module("pss_kernels._C")
+    except ImportError as err:
+        return BackendStatus(False, f"the _C extension cannot be imported ({err}); reinstall with nvcc on PATH")
+    return BackendStatus(False, "the _C extension is missing")  # pragma: no cover
+
+
+def backend_status(name: str, device: torch.device) -> BackendStatus:
+    """Whether backend `name` can run an op on tensors living on `device`, and why not."""
+    if name == "torch":
+        return BackendStatus(True, "pure PyTorch reference")
+    if name == "triton":
+        installed = _triton_installed()
+        if not installed.available:
+            return installed
+        if device.type == "cuda":
+            return installed
+        if device.type == "cpu" and triton_interpret_mode():
+            return BackendStatus(True, f"{installed.reason} in the interpreter (TRITON_INTERPRET=1; slow, for tests)")
+        return BackendStatus(False, f"triton needs CUDA tensors (got {device.type}); "
+                                    "on CPU set TRITON_INTERPRET=1 to run its kernels in the interpreter")
+    if name == "cuda":
+        ext = _cuda_extension_status()
+        if not ext.available:
+            return ext
+        if device.type != "cuda":
+            return BackendStatus(False, f"the cuda backend needs CUDA tensors (got {device.type})")
+        return ext
+    raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+
+
+def available_backends(device: Optional[torch.device | str] = None) -> dict[str, BackendStatus]:
+    """Each backend -> BackendStatus(available, reason) for `device` (default: cuda if present).
+
+    >>> pss_kernels.available_backends()["cuda"]
+    BackendStatus(available=False, reason='the _C extension was not built: nvcc was not found at install ...')
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    return {name: backend_status(name, device) for name in BACKENDS}
+
+
+def resolve_backend(op: str, backend: Optional[str], device: torch.device, gpu_default: str) -> str:
+    """The backend an op call runs on.
+
+    `gpu_default` is the op's choice for CUDA tensors when nothing is asked for: the backend
+    its GPU benchmarks showed fastest, or "torch" while its kernels have not been validated on
+    a GPU (DESIGN §3; see each op's `op.py`).
+    """
+    source = "backend"
+    if backend is None and os.environ.get(ENV_VAR):
+        backend, source = os.environ[ENV_VAR], ENV_VAR
+    if backend is None:
+        return gpu_default if device.type == "cuda" else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: {source} must be one of {BACKENDS} or None, got {backend!r}")
+    status = backend_status(backend, device)
+    if not status.available:
+        raise RuntimeError(f"{op}: {source}={backend!r} is not available: {status.reason}")
+    return backend

@@ -1,0 +1,3 @@
+from .op import rpb_attention
+
+__all__ = ["rpb_attention"]

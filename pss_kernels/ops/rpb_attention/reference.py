@@ -1,0 +1,53 @@
+"""Pure-PyTorch attention with a per-image relative position bias: oracle and CPU path.
+
+Table layout (BEiT / SimMIM / timm `Beit`) for a (Gh, Gw) patch grid:
+  R = (2Gh-1)(2Gw-1) (+3 with a CLS token). Two patches at (r, c), (r', c'):
+  rel = ((r - r') + Gh - 1) * (2Gw - 1) + (c - c') + Gw - 1; CLS as query -> R-3,
+  CLS as key -> R-2, CLS-CLS -> R-1. Full-sequence position p is CLS (p < num_prefix_tokens)
+  or patch t = p - num_prefix_tokens at row t // Gw, column t % Gw.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+
+def bias_table_rows(grid_size: Tuple[int, int], num_prefix_tokens: int = 1) -> int:
+    grid_h, grid_w = grid_size
+    return (2 * grid_h - 1) * (2 * grid_w - 1) + (3 if num_prefix_tokens else 0)
+
+
+def relative_index(pos_q: torch.Tensor, pos_k: torch.Tensor, grid_size: Tuple[int, int],
+                   num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Table row of each (query position, key position) pair; broadcasts like `pos_q - pos_k`."""
+    grid_h, grid_w = grid_size
+    tq, tk = pos_q - num_prefix_tokens, pos_k - num_prefix_tokens
+    rel = ((tq // grid_w - tk // grid_w) + grid_h - 1) * (2 * grid_w - 1) + (tq % grid_w - tk % grid_w) + grid_w - 1
+    if num_prefix_tokens:
+        num_rows = bias_table_rows(grid_size, num_prefix_tokens)
+        q_cls, k_cls = tq < 0, tk < 0
+        rel = torch.where(q_cls & k_cls, num_rows - 1,
+                          torch.where(q_cls, num_rows - 3, torch.where(k_cls, num_rows - 2, rel)))
+    return rel
+
+
+def gather_bias(bias_table: torch.Tensor, index: Optional[torch.Tensor], grid_size: Tuple[int, int],
+                num_prefix_tokens: int = 1) -> torch.Tensor:
+    """The dense per-image bias (B or 1, H, n, n) — what the published code materialises."""
+    if index is None:
+        num_tokens = num_prefix_tokens + grid_size[0] * grid_size[1]
+        index = torch.arange(num_tokens, device=bias_table.device)[None]
+    rel = relative_index(index[:, :, None], index[:, None, :], grid_size, num_prefix_tokens)
+    return bias_table[rel].permute(0, 3, 1, 2)  # (B, n, n, H) -> (B, H, n, n)
+
+
+def rpb_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
+                            index: Optional[torch.Tensor] = None, *, grid_size: Tuple[int, int],
+                            num_prefix_tokens: int = 1, scale: Optional[float] = None) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v in float32, returned in q's dtype. q, k, v: (B, H, n, D)."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    bias = gather_bias(bias_table.float(), index, grid_size, num_prefix_tokens)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + bias
+    return torch.matmul(scores.softmax(-1), v.float()).to(q.dtype)
