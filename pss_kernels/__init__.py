@@ -1,4 +1,5 @@
 """pss_kernels: fused kernels for training Vision Transformers with a Patch Sampling Schedule."""
+from . import schedules
 from ._backends import BackendStatus, available_backends
 from .ops.rpb_attention import rpb_attention
 from .ops.rpb_attention.module import RelPosAttention
