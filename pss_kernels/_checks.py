@@ -38,6 +38,11 @@ def check_int(name: str, value, *, minimum: Optional[int] = None, maximum: Optio
         raise ValueError(f"{name} must be <= {maximum}, got {value}")
 
 
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
 def check_choice(name: str, value, choices: Iterable) -> None:
     choices = tuple(choices)
     if value not in choices:

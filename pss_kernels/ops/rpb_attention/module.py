@@ -1,34 +1,88 @@
-"""RelPosAttention (lead's minimal version; issue 3 owner extends)."""
+"""`RelPosAttention`: multi-head self-attention with a per-layer relative position bias table,
+in the parameter layout of timm's `Beit` Attention so timm / BEiT / SimMIM checkpoints load.
+
+    qkv = x W_qkv^T + [q_bias, 0, v_bias]       (BEiT: no key bias)
+    out = proj(rpb_attention(q, k, v, relative_position_bias_table, index))
+
+state_dict keys: qkv.weight, q_bias, v_bias, relative_position_bias_table (R, H), proj.weight,
+proj.bias. `index` (B, n) from the sampling block says which of the N = num_prefix_tokens +
+Gh*Gw positions each of the n tokens of x holds; None means all N in order. Attributes `impl`,
+`backend` and `check_index` (default False, see __init__) may be changed between calls.
+"""
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+from typing import Optional, Sequence
 
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..._checks import check_choice, check_int
 from .op import rpb_attention
+from .peers import eager_rpb_attention, flex_rpb_attention, sdpa_bias_rpb_attention
 from .reference import bias_table_rows
+
+IMPLS = {"pss": None, "eager": eager_rpb_attention, "sdpa-bias": sdpa_bias_rpb_attention,
+         "flex": flex_rpb_attention}
 
 
 class RelPosAttention(nn.Module):
-    def __init__(self, dim, num_heads, grid_size, num_prefix_tokens=1, qkv_bias=True, attn_drop=0.0,
-                 proj_drop=0.0, impl="pss", backend=None):
+    def __init__(self, dim: int, num_heads: int, grid_size: Sequence[int], num_prefix_tokens: int = 1,
+                 qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0, impl: str = "pss",
+                 backend: Optional[str] = None):
         super().__init__()
-        self.num_heads, self.grid_size, self.num_prefix_tokens = num_heads, tuple(grid_size), num_prefix_tokens
-        self.impl, self.backend = impl, backend
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
-        self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+        check_int("dim", dim, minimum=1)
+        check_int("num_heads", num_heads, minimum=1)
+        if dim % num_heads:
+            raise ValueError(f"dim must be divisible by num_heads={num_heads}, got {dim}")
+        check_int("num_prefix_tokens", num_prefix_tokens, minimum=0, maximum=1)
+        check_choice("impl", impl, IMPLS)
+        if attn_drop != 0.0:
+            # No fused kernel (nor the peers) drops attention probabilities; ViT/DeiT/BEiT recipes use 0.
+            raise ValueError(f"attn_drop must be 0.0 (attention-probability dropout is not supported), got {attn_drop}")
+        self.num_heads = num_heads
+        self.grid_size = tuple(grid_size)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.impl = impl
+        self.backend = backend
+        # rpb_attention's host check of `index` costs a device sync per layer; the index comes from
+        # the model's own sampler, and a bad one cannot make the kernels read out of bounds anyway
+        # (they clamp positions; torch indexing is bounds-checked). Set True to debug a new caller.
+        self.check_index = False
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        if qkv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.q_bias = self.v_bias = None
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros(bias_table_rows(self.grid_size, num_prefix_tokens), num_heads))
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self._register_load_state_dict_pre_hook(self._drop_relative_position_index)
 
-    def forward(self, x, index=None):
-        B, n, C = x.shape
+    @staticmethod
+    def _drop_relative_position_index(state_dict, prefix, *args):
+        # Original BEiT/SimMIM checkpoints also store the (N+1, N+1) `relative_position_index`
+        # buffer; the kernels compute it from positions, so it is not part of this module.
+        state_dict.pop(prefix + "relative_position_index", None)
+
+    def forward(self, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, n, dim) tokens at positions `index` (B, n) (None: all N in order) -> (B, n, dim)."""
+        batch, num_tokens, dim = x.shape
         bias = None
         if self.q_bias is not None:
-            bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
-        qkv = F.linear(x, self.qkv.weight, bias).reshape(B, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        out = rpb_attention(qkv[0], qkv[1], qkv[2], self.relative_position_bias_table, index,
-                            grid_size=self.grid_size, num_prefix_tokens=self.num_prefix_tokens, backend=self.backend)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, n, C)))
+            bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, bias)
+        q, k, v = qkv.reshape(batch, num_tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        table = self.relative_position_bias_table
+        options = dict(grid_size=self.grid_size, num_prefix_tokens=self.num_prefix_tokens)
+        if self.impl == "pss":
+            out = rpb_attention(q, k, v, table, index, backend=self.backend, check_index=self.check_index, **options)
+        else:
+            out = IMPLS[self.impl](q, k, v, table, index, **options)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, num_tokens, dim)))
+
+    def extra_repr(self) -> str:
+        return (f"num_heads={self.num_heads}, grid_size={self.grid_size}, "
+                f"num_prefix_tokens={self.num_prefix_tokens}, impl={self.impl!r}")

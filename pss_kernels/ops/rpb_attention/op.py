@@ -1,27 +1,229 @@
-"""Public `rpb_attention`: argument checks and backend dispatch.
+"""Public `rpb_attention`: argument checks, backend dispatch and the torch.library registration.
 
-(Skeleton: only the torch backend is wired yet; the fused Triton kernels and the
-torch.library.custom_op registration land with issue #3.)
+One registered boundary (DESIGN §3): `pss_kernels::rpb_attention_fwd` returns (out, lse,
+cls_attention) and its autograd formula calls `pss_kernels::rpb_attention_bwd`, which returns
+the gradients of q, k, v and bias_table. Both have fake kernels, so the op traces under
+torch.compile(fullgraph=True) and passes torch.library.opcheck. The backend is chosen before
+the op is called and travels as a string argument; the backends fill buffers whose layout
+`_forward_outputs` fixes, so real and fake outputs always agree.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from ..._backends import resolve_backend
-from .reference import rpb_attention_reference
+from ..._checks import FLOAT_DTYPES, check_bool, check_int, check_same_device, check_tensor
+from .reference import bias_table_rows
 
+# No rpb_attention Triton kernel has run on a GPU yet (only under TRITON_INTERPRET=1), so
+# backend=None keeps CUDA tensors on the torch reference until the GPU tests and benchmarks
+# pass; then this becomes "triton" (DESIGN §3).
 GPU_DEFAULT_BACKEND = "torch"
+
+OP_BACKENDS = ("torch", "triton")
+TRITON_MAX_HEAD_DIM = 128  # the head dim is padded to a power of two; larger tiles would spill
+INDEX_DTYPES = (torch.int64, torch.int32)
 
 
 def rpb_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
-                  index: Optional[torch.Tensor] = None, *, grid_size: Tuple[int, int],
-                  num_prefix_tokens: int = 1, scale: Optional[float] = None,
-                  backend: Optional[str] = None) -> torch.Tensor:
-    """softmax(q k^T * scale + bias[index]) v with the bias gathered per image. See DESIGN §1."""
+                  index: Optional[torch.Tensor] = None, *, grid_size: Sequence[int], num_prefix_tokens: int = 1,
+                  scale: Optional[float] = None, backend: Optional[str] = None, deterministic: bool = False,
+                  return_cls_attention: bool = False, check_index: bool = True):
+    """Attention with a relative position bias gathered per image (DESIGN §1):
+
+        out[b, h] = softmax(q[b, h] k[b, h]^T * scale + bias[b, h]) v[b, h],
+        bias[b, h, i, j] = bias_table[rel(index[b, i], index[b, j]), h]
+
+    with rel the BEiT/SimMIM/timm-`Beit` table row of two full-sequence positions of a
+    `grid_size = (Gh, Gw)` patch grid (prefix token first). Differentiable in q, k, v and
+    bias_table; `index` carries no gradient.
+
+    Args:
+        q, k, v: (B, H, n, D), one float dtype (float32, float16, bfloat16; float64 on the torch
+            backend), any strides. The triton backend takes D <= 128.
+        bias_table: (R, H), R = (2Gh-1)(2Gw-1) + 3 with a prefix token, (2Gh-1)(2Gw-1) without;
+            any float dtype (e.g. a float32 parameter with bf16 activations); its gradient comes
+            back in its dtype.
+        index: (B, n) int64/int32 positions into the N = num_prefix_tokens + Gh*Gw tokens (the
+            `index` of `sample_patches`), or None for all N tokens in order (n == N), the keep-rate-1
+            path, which costs no index loads.
+        grid_size: (Gh, Gw). num_prefix_tokens: 0 or 1. scale: default D ** -0.5.
+        backend: "torch" | "triton" | None (per device, see `GPU_DEFAULT_BACKEND`).
+        deterministic: make dbias_table bit-identical run to run (triton: slower backward, see
+            triton_backward.py; needs distinct positions within each image).
+        return_cls_attention: also return the head-averaged attention of query 0 (the prefix/CLS
+            token; needs num_prefix_tokens == 1) to every token, (B, n) float32, without gradient:
+            an importance signal for sample_patches(scorer="given").
+        check_index: check on the host that every index value is in [0, N) (and distinct when
+            deterministic) before a kernel reads it, so a bad index raises instead of reading out
+            of bounds. It costs one device synchronisation (a min/max reduction read back) per
+            call; pass False when the index is known good (e.g. straight from sample_patches) to
+            keep the GPU queue full. The check runs inside the op, so it also runs under
+            torch.compile.
+
+    Returns:
+        out (B, H, n, D) in q's dtype (stored as (B, n, H, D) memory, so
+        `out.transpose(1, 2).reshape(B, n, H * D)` is a free view), or (out, cls_attention).
+    """
+    check_tensor("q", q, ndim=4, dtypes=None)
+    if backend == "cuda":
+        raise ValueError(f"rpb_attention: backend must be one of {OP_BACKENDS} or None, got 'cuda' "
+                         "(this op has no CUDA C++ kernel)")
     chosen = resolve_backend("rpb_attention", backend, q.device, GPU_DEFAULT_BACKEND)
-    if chosen != "torch":
-        raise NotImplementedError(f"rpb_attention: backend {chosen!r} is not wired yet")
-    return rpb_attention_reference(q, k, v, bias_table, index, grid_size=tuple(grid_size),
-                                   num_prefix_tokens=num_prefix_tokens, scale=scale)
+    if chosen not in OP_BACKENDS:
+        raise ValueError(f"rpb_attention: backend must be one of {OP_BACKENDS}, got {chosen!r}")
+    grid_size, scale = _check_arguments(q, k, v, bias_table, index, grid_size, num_prefix_tokens, scale, chosen,
+                                        deterministic, return_cls_attention, check_index)
+    out, _, cls_attention = torch.ops.pss_kernels.rpb_attention_fwd(
+        q, k, v, bias_table, index, grid_size, num_prefix_tokens, scale, chosen, deterministic,
+        return_cls_attention, check_index)
+    return (out, cls_attention) if return_cls_attention else out
+
+
+def _check_arguments(q, k, v, bias_table, index, grid_size, num_prefix_tokens, scale, backend, deterministic,
+                     return_cls_attention, check_index) -> Tuple[List[int], float]:
+    """Every check that needs no tensor values; returns (grid_size as a list, scale as a float)."""
+    dtypes = FLOAT_DTYPES + ((torch.float64,) if backend == "torch" else ())
+    check_tensor("q", q, ndim=4, dtypes=dtypes)
+    batch, heads, num_tokens, head_dim = q.shape
+    if q.numel() == 0:
+        raise ValueError(f"q must have B, H, n, D >= 1, got shape {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(name, t, ndim=4, dtypes=dtypes)
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have q's shape {tuple(q.shape)} (B, H, n, D), got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+    if backend == "triton" and head_dim > TRITON_MAX_HEAD_DIM:
+        raise ValueError(f"q must have head dim D <= {TRITON_MAX_HEAD_DIM} on the triton backend, got D={head_dim}")
+
+    if (not isinstance(grid_size, (tuple, list)) or len(grid_size) != 2
+            or any(isinstance(g, bool) or not isinstance(g, int) for g in grid_size)):
+        raise TypeError(f"grid_size must be a pair of ints (Gh, Gw), got {grid_size!r}")
+    if min(grid_size) < 1:
+        raise ValueError(f"grid_size must be positive, got {tuple(grid_size)}")
+    check_int("num_prefix_tokens", num_prefix_tokens, minimum=0, maximum=1)
+    num_positions = num_prefix_tokens + grid_size[0] * grid_size[1]
+
+    check_tensor("bias_table", bias_table, ndim=2, dtypes=dtypes)
+    expected = (bias_table_rows(tuple(grid_size), num_prefix_tokens), heads)
+    if tuple(bias_table.shape) != expected:
+        raise ValueError(f"bias_table must have shape (R, H) = {expected} for grid_size={tuple(grid_size)}, "
+                         f"num_prefix_tokens={num_prefix_tokens} and H={heads}, got {tuple(bias_table.shape)}")
+    if index is None:
+        if num_tokens != num_positions:
+            raise ValueError(f"index=None means all N = num_prefix_tokens + Gh*Gw = {num_positions} tokens, "
+                             f"but q has n={num_tokens}")
+    else:
+        check_tensor("index", index, ndim=2, dtypes=INDEX_DTYPES)
+        if tuple(index.shape) != (batch, num_tokens):
+            raise ValueError(f"index must have shape (B, n) = {(batch, num_tokens)}, got {tuple(index.shape)}")
+    check_same_device(q=q, k=k, v=v, bias_table=bias_table, index=index)
+
+    if scale is None:
+        scale = head_dim ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {scale!r}")
+    for name, flag in (("deterministic", deterministic), ("return_cls_attention", return_cls_attention),
+                       ("check_index", check_index)):
+        check_bool(name, flag)
+    if return_cls_attention and num_prefix_tokens != 1:
+        raise ValueError(f"return_cls_attention needs a prefix (CLS) token, got num_prefix_tokens={num_prefix_tokens}")
+    return list(grid_size), float(scale)
+
+
+def _check_index_values(index: torch.Tensor, num_positions: int, require_distinct: bool) -> None:
+    """Host check of index values: one device sync (a few reductions read back together)."""
+    stats = [index.min(), index.max()]
+    if require_distinct:
+        ordered = index.sort(dim=1).values
+        stats.append((ordered[:, 1:] == ordered[:, :-1]).any())
+    low, high, *repeats = torch.stack([s.to(torch.int64) for s in stats]).tolist()
+    if low < 0 or high >= num_positions:
+        raise ValueError(f"index values must be in [0, {num_positions}) (num_prefix_tokens + Gh*Gw), "
+                         f"got min {low}, max {high}")
+    if repeats and repeats[0]:
+        raise ValueError("index must not repeat a position within an image when deterministic=True "
+                         "(the deterministic bias-gradient accumulation relies on distinct positions)")
+
+
+def _forward_outputs(q: torch.Tensor, return_cls_attention: bool):
+    """(out, lse, cls_attention) buffers; the one place their shapes, dtypes and strides are set."""
+    batch, heads, num_tokens, head_dim = q.shape
+    out = q.new_empty(batch, num_tokens, heads, head_dim).permute(0, 2, 1, 3)
+    lse = q.new_empty(batch, heads, num_tokens, dtype=torch.promote_types(q.dtype, torch.float32))
+    cls_attention = q.new_empty((batch, num_tokens) if return_cls_attention else (0,), dtype=torch.float32)
+    return out, lse, cls_attention
+
+
+def _backend_module(backend: str, direction: str):
+    """The module holding `rpb_attention_<direction>` for a backend; Triton is imported lazily
+    because triton.jit reads TRITON_INTERPRET when a kernel module is imported."""
+    if backend == "triton":
+        if direction == "forward":
+            from . import triton_forward as module
+        else:
+            from . import triton_backward as module
+    else:
+        from . import torch_attention as module
+    return getattr(module, f"rpb_attention_{direction}")
+
+
+@torch.library.custom_op("pss_kernels::rpb_attention_fwd", mutates_args=())
+def _rpb_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
+                       index: Optional[torch.Tensor], grid_size: List[int], num_prefix_tokens: int, scale: float,
+                       backend: str, deterministic: bool, return_cls_attention: bool,
+                       check_index: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if index is not None and check_index:
+        num_positions = num_prefix_tokens + grid_size[0] * grid_size[1]
+        _check_index_values(index, num_positions, require_distinct=deterministic and backend == "triton")
+    out, lse, cls_attention = _forward_outputs(q, return_cls_attention)
+    _backend_module(backend, "forward")(q, k, v, bias_table, index, tuple(grid_size), num_prefix_tokens, scale,
+                                        out, lse, cls_attention if return_cls_attention else None)
+    return out, lse, cls_attention
+
+
+@_rpb_attention_fwd.register_fake
+def _(q, k, v, bias_table, index, grid_size, num_prefix_tokens, scale, backend, deterministic,
+      return_cls_attention, check_index):
+    return _forward_outputs(q, return_cls_attention)
+
+
+@torch.library.custom_op("pss_kernels::rpb_attention_bwd", mutates_args=())
+def _rpb_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       bias_table: torch.Tensor, index: Optional[torch.Tensor], out: torch.Tensor,
+                       lse: torch.Tensor, grid_size: List[int], num_prefix_tokens: int, scale: float, backend: str,
+                       deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = _backend_module(backend, "backward")(grad_out, q, k, v, bias_table, index, out, lse, tuple(grid_size),
+                                                 num_prefix_tokens, scale, deterministic)
+    return tuple(g.contiguous() for g in grads)
+
+
+@_rpb_attention_bwd.register_fake
+def _(grad_out, q, k, v, bias_table, index, out, lse, grid_size, num_prefix_tokens, scale, backend, deterministic):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(bias_table, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias_table, index, grid_size, num_prefix_tokens, scale, backend, deterministic, _, _ = inputs
+    out, lse, cls_attention = output
+    ctx.mark_non_differentiable(lse, cls_attention)
+    ctx.save_for_backward(q, k, v, bias_table, index, out, lse)
+    ctx.options = (grid_size, num_prefix_tokens, scale, backend, deterministic)
+
+
+def _backward(ctx, grad_out, grad_lse, grad_cls_attention):
+    q, k, v, bias_table, index, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv, dbias_table = torch.ops.pss_kernels.rpb_attention_bwd(grad_out, q, k, v, bias_table, index, out,
+                                                                       lse, *ctx.options)
+    return dq, dk, dv, dbias_table, None, None, None, None, None, None, None, None
+
+
+_rpb_attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -42,12 +42,21 @@ def gather_bias(bias_table: torch.Tensor, index: Optional[torch.Tensor], grid_si
     return bias_table[rel].permute(0, 3, 1, 2)  # (B, n, n, H) -> (B, H, n, n)
 
 
+def rpb_attention_logits(q: torch.Tensor, k: torch.Tensor, bias_table: torch.Tensor,
+                         index: Optional[torch.Tensor], grid_size: Tuple[int, int], num_prefix_tokens: int,
+                         scale: float) -> torch.Tensor:
+    """q k^T * scale + bias, (B, H, n, n), in float32 (float64 for float64 inputs, so gradcheck works)."""
+    compute_dtype = torch.promote_types(q.dtype, torch.float32)
+    bias = gather_bias(bias_table.to(compute_dtype), index, grid_size, num_prefix_tokens)
+    return torch.matmul(q.to(compute_dtype), k.to(compute_dtype).transpose(-1, -2)) * scale + bias
+
+
 def rpb_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
                             index: Optional[torch.Tensor] = None, *, grid_size: Tuple[int, int],
                             num_prefix_tokens: int = 1, scale: Optional[float] = None) -> torch.Tensor:
-    """softmax(q k^T * scale + bias) v in float32, returned in q's dtype. q, k, v: (B, H, n, D)."""
+    """softmax(q k^T * scale + bias) v in float32 (float64 for float64 inputs), returned in q's dtype.
+    q, k, v: (B, H, n, D)."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    bias = gather_bias(bias_table.float(), index, grid_size, num_prefix_tokens)
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + bias
-    return torch.matmul(scores.softmax(-1), v.float()).to(q.dtype)
+    logits = rpb_attention_logits(q, k, bias_table, index, grid_size, num_prefix_tokens, scale)
+    return torch.matmul(logits.softmax(-1), v.to(logits.dtype)).to(q.dtype)

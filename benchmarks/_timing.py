@@ -1,0 +1,150 @@
+"""Timing helpers shared by the benchmarks: median-of-many timing and the run's environment.
+
+On CUDA every iteration is bracketed by a pair of CUDA events recorded on the current stream,
+so the time is the device's wall time between the two points (launch gaps included, host
+overhead that the GPU hides excluded); the events are read once after the loop, so timing
+adds no synchronisation inside it. On CPU `time.perf_counter` brackets each call.
+
+Import from a benchmark script run as `python benchmarks/<script>.py` (its folder is on
+sys.path): `from _timing import time_iterations, environment_info`.
+"""
+from __future__ import annotations
+
+import datetime
+import platform
+import re
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, List, Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class TimingStats:
+    """Summary of per-iteration times in milliseconds: median and the quartiles around it."""
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    iters: int
+
+    @classmethod
+    def from_samples(cls, samples_ms: Sequence[float]) -> "TimingStats":
+        if len(samples_ms) == 0:
+            raise ValueError("samples_ms must hold at least one time, got none")
+        q1, median, q3 = np.percentile(np.asarray(samples_ms, dtype=np.float64), [25, 50, 75])
+        return cls(median_ms=float(median), q1_ms=float(q1), q3_ms=float(q3), iters=len(samples_ms))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_iterations(step: Callable[[], object], *, warmup: int, iters: int, device: torch.device) -> TimingStats:
+    """Run `step()` `warmup` times untimed, then `iters` times timed one by one.
+
+    Warm-up absorbs one-off costs (cuDNN/Triton autotuning, torch.compile, optimizer state
+    allocation, the caching allocator growing to its working set).
+    """
+    if warmup < 0 or iters < 1:
+        raise ValueError(f"need warmup >= 0 and iters >= 1, got warmup={warmup}, iters={iters}")
+    device = torch.device(device)
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    samples_ms: List[float] = []
+    if device.type == "cuda":
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        for start, end in zip(starts, ends):
+            start.record()
+            step()
+            end.record()
+        synchronize(device)
+        samples_ms = [start.elapsed_time(end) for start, end in zip(starts, ends)]
+    else:
+        for _ in range(iters):
+            begin = time.perf_counter()
+            step()
+            samples_ms.append((time.perf_counter() - begin) * 1e3)
+    return TimingStats.from_samples(samples_ms)
+
+
+def device_name(device: torch.device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def file_slug(text: str) -> str:
+    """`text` reduced to characters safe in a file name ("NVIDIA H100 80GB HBM3" -> "NVIDIA-H100-80GB-HBM3")."""
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def environment_info(device: torch.device) -> dict:
+    """Device, library versions and date: what a reader needs to compare two result files."""
+    device = torch.device(device)
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:  # not installed, or a broken install: record it, do not fail the benchmark
+        triton_version = None
+    import pss_kernels
+    info = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "python": platform.python_version(),
+        "pss_kernels": pss_kernels.__version__,
+        "pss_kernels_backends": {name: {"available": status.available, "reason": status.reason}
+                                 for name, status in pss_kernels.available_backends(device).items()},
+        "git_commit": _git_commit(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["device_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["compute_capability"] = f"{props.major}.{props.minor}"
+    return info
+
+
+def profile_step(step: Callable[[], object], *, device: torch.device, warmup: int = 1, row_limit: int = 20) -> str:
+    """torch.profiler table of one `step()` after `warmup` untimed ones: where an iteration's time goes,
+    sorted by self time on the device (CUDA) or the host (CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(device)
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        synchronize(device)
+    events = prof.key_averages()
+    if device.type != "cuda":
+        return events.table(sort_by="self_cpu_time_total", row_limit=row_limit)
+    try:  # the key was renamed from cuda to device in torch 2.4+; older names still work on some versions
+        return events.table(sort_by="self_device_time_total", row_limit=row_limit)
+    except (AttributeError, KeyError, ValueError):
+        return events.table(sort_by="self_cuda_time_total", row_limit=row_limit)

@@ -1,0 +1,191 @@
+"""Timing and peak memory of `rpb_attention` against its peers (DESIGN §5, issue 3); no printing.
+
+`run(device, dtype, configs, warmup, iters)` returns one row (dict) per (config, impl, pass):
+
+    model, heads, head_dim, batch, grid, keep_rate, num_tokens (n), num_positions (N)
+    impl      "pss" (rpb_attention; backend "triton" on CUDA, "torch" elsewhere),
+              "eager" (a: dense per-image bias, eager softmax attention; the published path),
+              "sdpa-bias" (b: dense bias as attn_mask, SDPA EFFICIENT backend),
+              "flex" (c: FlexAttention, score_mod gathering from a table that requires grad;
+              compiled on CUDA), "sdpa-flash" (d: SDPA FLASH backend without any bias: the speed
+              of light for attention at this n)
+    backend   the pss backend, the SDPA backend, or flex's kernel_options BACKEND
+    pass      "forward" (with autograd recording, as in training) or "forward+backward"
+              (gradients of q, k, v and, where there is one, the bias table)
+    ms, q1_ms, q3_ms   median and quartiles over `iters` timed calls (benchmarks/_timing.py)
+    peak_mem_mb        peak memory allocated during one call above what was allocated before it
+                       (torch.cuda.max_memory_allocated, reset per case; None on CPU)
+    ms_vs_sdpa_flash, speedup_vs_eager, peak_mem_vs_sdpa_flash   ratios to peers of the same
+                       config and pass (None where a peer failed)
+    error     None, or "ExceptionType: message" when the impl cannot run here (rows are kept so
+              a failure, e.g. of FlexAttention, is recorded rather than hidden)
+
+The inputs match a training step under autocast: q, k, v in `dtype`, a float32 bias table,
+and for keep_rate < 1 the `index` that `sample_patches` returns for random tokens (score order).
+Issue-3 targets, forward+backward at n = 197, B = 256, bf16: pss <= 1.25x sdpa-flash, >= 3x
+faster than eager, faster than sdpa-bias and flex, peak memory within 10 % of sdpa-flash.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from _timing import time_iterations
+from pss_kernels import num_kept_tokens, rpb_attention, sample_patches
+from pss_kernels.ops.rpb_attention.peers import eager_rpb_attention, flex_rpb_attention, sdpa_bias_rpb_attention
+from pss_kernels.ops.rpb_attention.reference import bias_table_rows
+
+MODELS = {"vit_base": (12, 64), "deit_small": (6, 64)}  # name -> (heads, head_dim)
+KEEP_RATES = (0.2, 0.4, 0.6, 0.8, 1.0)  # N = 197: n = 39, 79, 118, 158, 197
+IMPLS = ("pss", "eager", "sdpa-bias", "flex", "sdpa-flash")
+PASSES = ("forward", "forward+backward")
+NUM_PREFIX_TOKENS = 1
+
+
+def default_configs(device) -> List[dict]:
+    """The issue's grid on CUDA (ViT-B and DeiT-S, B 128/256, 14x14 and 24x24 grids, five keep
+    rates); on CPU one tiny shape at two keep rates, to exercise the harness."""
+    if torch.device(device).type != "cuda":
+        return [dict(model="tiny", heads=2, head_dim=16, batch=2, grid=(3, 3), keep_rate=rate) for rate in (0.5, 1.0)]
+    return [dict(model=model, heads=heads, head_dim=head_dim, batch=batch, grid=grid, keep_rate=rate)
+            for model, (heads, head_dim) in MODELS.items() for batch in (128, 256)
+            for grid in ((14, 14), (24, 24)) for rate in KEEP_RATES]
+
+
+def _sdpa_backend(name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel(getattr(SDPBackend, name))
+
+
+def _flex_kernel_options() -> Optional[dict]:
+    """{"BACKEND": "TRITON"} where this torch's FlexAttention has the BACKEND option, else None
+    (older torch: its default, which is the Triton kernel for these sequence lengths)."""
+    try:
+        from torch.nn.attention import flex_attention as flex_module
+    except ImportError:
+        return None
+    options = getattr(getattr(flex_module, "FlexKernelOptions", None), "__annotations__", {})
+    return {"BACKEND": "TRITON"} if "BACKEND" in options else None
+
+
+def _pss_backend(device: torch.device) -> str:
+    return "triton" if device.type == "cuda" else "torch"
+
+
+def _attention_fns(device: torch.device) -> Dict[str, Callable]:
+    """impl -> fn(q, k, v, bias_table, index, grid_size) -> out; each runs under its own SDPA backend."""
+    backend = _pss_backend(device)
+    flex_options = _flex_kernel_options()
+
+    def pss(q, k, v, table, index, grid_size):
+        # check_index=False: the index comes straight from sample_patches (no host sync per call).
+        return rpb_attention(q, k, v, table, index, grid_size=grid_size, backend=backend, check_index=False)
+
+    def with_sdpa(name, fn):
+        def call(*args):
+            with _sdpa_backend(name):
+                return fn(*args)
+        return call
+
+    def peer(fn):
+        return lambda q, k, v, table, index, grid_size: fn(q, k, v, table, index, grid_size=grid_size)
+
+    return {
+        "pss": pss,
+        "eager": peer(eager_rpb_attention),
+        "sdpa-bias": with_sdpa("EFFICIENT_ATTENTION", peer(sdpa_bias_rpb_attention)),
+        "flex": lambda q, k, v, table, index, grid_size: flex_rpb_attention(
+            q, k, v, table, index, grid_size=grid_size, kernel_options=flex_options),
+        "sdpa-flash": with_sdpa("FLASH_ATTENTION", lambda q, k, v, table, index, grid_size:
+                                F.scaled_dot_product_attention(q, k, v)),
+    }
+
+
+def _inputs(config: dict, device: torch.device, dtype: torch.dtype, generator: torch.Generator):
+    heads, head_dim, batch, grid = config["heads"], config["head_dim"], config["batch"], tuple(config["grid"])
+    num_positions = NUM_PREFIX_TOKENS + grid[0] * grid[1]
+    num_tokens = num_kept_tokens(num_positions, config["keep_rate"], NUM_PREFIX_TOKENS)
+    index = None
+    if num_tokens < num_positions:
+        tokens = torch.randn(batch, num_positions, 8, device=device, generator=generator)
+        _, index = sample_patches(tokens, config["keep_rate"], num_prefix_tokens=NUM_PREFIX_TOKENS)
+    q, k, v = (torch.randn(batch, heads, num_tokens, head_dim, device=device, generator=generator).to(dtype)
+               .requires_grad_() for _ in range(3))
+    table = (0.1 * torch.randn(bias_table_rows(grid, NUM_PREFIX_TOKENS), heads, device=device,
+                               generator=generator)).requires_grad_()
+    return (q, k, v, table, index, grid), num_tokens, num_positions
+
+
+def _step(fn: Callable, args: tuple, backward: bool) -> Callable[[], None]:
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    grad_out = torch.randn_like(args[0])
+
+    def forward():
+        fn(*args)
+
+    def forward_backward():
+        for leaf in leaves:
+            leaf.grad = None
+        fn(*args).backward(grad_out)
+
+    return forward_backward if backward else forward
+
+
+def _peak_memory_mb(step: Callable[[], None], device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def _measure(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> dict:
+    stats = time_iterations(step, warmup=warmup, iters=iters, device=device)
+    return dict(ms=stats.median_ms, q1_ms=stats.q1_ms, q3_ms=stats.q3_ms,
+                peak_mem_mb=_peak_memory_mb(step, device), error=None)
+
+
+def _ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
+    return numerator / denominator if numerator is not None and denominator else None
+
+
+def run(device, dtype: torch.dtype, configs: Optional[Iterable[dict]] = None, warmup: int = 5,
+        iters: int = 20, impls: Iterable[str] = IMPLS) -> List[dict]:
+    """Time every impl on every config (see the module docstring for the rows)."""
+    device = torch.device(device)
+    configs = default_configs(device) if configs is None else list(configs)
+    fns = _attention_fns(device)
+    backends = {"pss": _pss_backend(device), "sdpa-bias": "EFFICIENT_ATTENTION", "sdpa-flash": "FLASH_ATTENTION",
+                "flex": (_flex_kernel_options() or {}).get("BACKEND", "default")}
+    generator = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for config in configs:
+        args, num_tokens, num_positions = _inputs(config, device, dtype, generator)
+        case = dict(model=config["model"], heads=config["heads"], head_dim=config["head_dim"],
+                    batch=config["batch"], grid=list(config["grid"]), keep_rate=config["keep_rate"],
+                    num_tokens=num_tokens, num_positions=num_positions, dtype=str(dtype).replace("torch.", ""))
+        by_impl = {}
+        for impl in impls:
+            for pass_name in PASSES:
+                row = dict(case, impl=impl, backend=backends.get(impl), **{"pass": pass_name})
+                try:
+                    row.update(_measure(_step(fns[impl], args, pass_name != "forward"), device, warmup, iters))
+                except Exception as err:  # recorded, not raised: one failing peer must not end the run
+                    row.update(ms=None, q1_ms=None, q3_ms=None, peak_mem_mb=None,
+                               error=f"{type(err).__name__}: {str(err)[:500]}")
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                by_impl[impl, pass_name] = row
+                rows.append(row)
+        for (impl, pass_name), row in by_impl.items():
+            flash = by_impl.get(("sdpa-flash", pass_name), {})
+            eager = by_impl.get(("eager", pass_name), {})
+            row["ms_vs_sdpa_flash"] = _ratio(row["ms"], flash.get("ms"))
+            row["speedup_vs_eager"] = _ratio(eager.get("ms"), row["ms"])
+            row["peak_mem_vs_sdpa_flash"] = _ratio(row["peak_mem_mb"], flash.get("peak_mem_mb"))
+    return rows

@@ -1,0 +1,104 @@
+"""The ways rpb_attention is done without this package's kernels: benchmark anchors (DESIGN §5)
+and alternative `RelPosAttention(impl=...)` paths. Same semantics as `rpb_attention` (DESIGN §1).
+
+- eager_rpb_attention: the published PSS / BEiT code: gather the per-image bias as a dense
+  (B, H, n, n) tensor from the (N, N) relative-position-index buffer, add it to q k^T, softmax,
+  multiply by v, all in eager PyTorch (backward scatters the dense bias gradient into the table).
+- sdpa_bias_rpb_attention: the same dense bias passed as `attn_mask` to
+  F.scaled_dot_product_attention (what timm's Beit does); the caller picks the SDPA backend
+  (the benchmark uses EFFICIENT, the only fused one that takes a bias with a gradient).
+- flex_rpb_attention: FlexAttention with a `score_mod` that gathers bias_table[rel(...), h];
+  its table gradient is accumulated with one global atomic per score (the cliff of DESIGN §4).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .reference import relative_index
+
+
+@lru_cache(maxsize=16)
+def _full_relative_index(grid_size: tuple, num_prefix_tokens: int, device: torch.device) -> torch.Tensor:
+    """The (N, N) table-row index of all token pairs: the buffer BEiT/timm keep per layer."""
+    positions = torch.arange(num_prefix_tokens + grid_size[0] * grid_size[1], device=device)
+    return relative_index(positions[:, None], positions[None, :], grid_size, num_prefix_tokens)
+
+
+def dense_bias(bias_table: torch.Tensor, index: Optional[torch.Tensor], grid_size: Sequence[int],
+               num_prefix_tokens: int = 1) -> torch.Tensor:
+    """(B or 1, H, n, n) bias as the published code builds it: advanced indexing of the (N, N)
+    index buffer with the kept positions, then of the table."""
+    rel = _full_relative_index(tuple(grid_size), num_prefix_tokens, bias_table.device)
+    if index is not None:
+        rel = rel[index[:, :, None], index[:, None, :]]  # (B, n, n)
+    else:
+        rel = rel[None]
+    return bias_table[rel].permute(0, 3, 1, 2)
+
+
+def eager_rpb_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
+                        index: Optional[torch.Tensor] = None, *, grid_size: Sequence[int],
+                        num_prefix_tokens: int = 1, scale: Optional[float] = None) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v in eager PyTorch; logits and softmax in the bias table's
+    precision (float32 for a float32 table, as under autocast), the products in q's dtype."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = torch.matmul(q * scale, k.transpose(-1, -2)) + dense_bias(bias_table, index, grid_size,
+                                                                         num_prefix_tokens)
+    return torch.matmul(logits.softmax(-1).to(v.dtype), v)
+
+
+def sdpa_bias_rpb_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
+                            index: Optional[torch.Tensor] = None, *, grid_size: Sequence[int],
+                            num_prefix_tokens: int = 1, scale: Optional[float] = None) -> torch.Tensor:
+    """F.scaled_dot_product_attention with the dense per-image bias (in q's dtype) as attn_mask."""
+    bias = dense_bias(bias_table, index, grid_size, num_prefix_tokens).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
+_compiled_flex_attention = None
+
+
+def _flex_attention_for(device: torch.device):
+    """torch.compile(flex_attention) on CUDA (its fused Triton kernels); the eager (unfused,
+    reference) flex_attention elsewhere, where it is only a correctness peer."""
+    global _compiled_flex_attention
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except ImportError as err:
+        raise RuntimeError(f"flex_attention is unavailable: torch {torch.__version__} has no "
+                           f"torch.nn.attention.flex_attention ({err})") from err
+    if device.type != "cuda":
+        return flex_attention
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex_attention
+
+
+def flex_rpb_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
+                       index: Optional[torch.Tensor] = None, *, grid_size: Sequence[int],
+                       num_prefix_tokens: int = 1, scale: Optional[float] = None,
+                       kernel_options: Optional[dict] = None) -> torch.Tensor:
+    """FlexAttention whose score_mod adds bias_table[rel(pos[b, q_idx], pos[b, kv_idx]), h].
+
+    kernel_options go to flex_attention as they are (the benchmark asks for {"BACKEND": "TRITON"}
+    where this torch knows the key). Raises RuntimeError("flex_attention is unavailable: ...")
+    where this torch has no FlexAttention or cannot run it for these inputs (e.g. its backward on CPU).
+    """
+    flex_attention = _flex_attention_for(q.device)
+    grid_size = tuple(grid_size)
+    batch, _, num_tokens, _ = q.shape
+    positions = index if index is not None else torch.arange(num_tokens, device=q.device).expand(batch, -1)
+
+    def add_relative_position_bias(score, b, h, q_idx, kv_idx):
+        rel = relative_index(positions[b, q_idx], positions[b, kv_idx], grid_size, num_prefix_tokens)
+        return score + bias_table[rel, h].to(score.dtype)
+
+    try:
+        return flex_attention(q, k, v, score_mod=add_relative_position_bias, scale=scale,
+                              kernel_options=kernel_options)
+    except NotImplementedError as err:  # what flex_attention raises for unsupported devices / modes
+        raise RuntimeError(f"flex_attention is unavailable: {err}") from err

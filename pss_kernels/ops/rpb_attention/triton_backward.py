@@ -1,0 +1,246 @@
+"""Triton backward of rpb_attention (FlashAttention-2 scheme) with the bias-table gradient.
+
+With P = softmax(S), S = q k^T * scale + bias (natural units), and dO the output gradient:
+
+    delta_i = sum_d dO_id O_id                        (_delta_kernel, = sum_j P_ij dP_ij)
+    dP = dO v^T,   dS = P * (dP - delta)              (recomputed per tile from q, k and the saved lse)
+    dv = P^T dO,   dk = dS^T q * scale                (_dkdv_kernel: one program per (b, h, key block),
+                                                       looping over query blocks; no atomics)
+    dq = dS k * scale                                 (_dq_kernel: one program per (b, h, query block),
+                                                       looping over key blocks; no atomics)
+    dbias_table[r, h] = sum_{b, i, j : rel(b, i, j) = r} dS[b, h, i, j]
+
+dbias_table is accumulated by _dkdv_kernel into a float32 workspace (B*H, R): each (b, h) owns
+one row-slice of R floats (a few KB, L2-resident), so no two images or heads ever touch the same
+address; the slices are summed over b at the end by torch (a fixed-order reduction). This
+replaces the "one global atomic per score element on the shared (R, H) table" design whose
+contention makes FlexAttention's bias gradient the known 30x cliff (DESIGN §4). Triton has no
+shared-memory scatter, so "on chip" here means "in a private, cache-resident slice":
+
+- deterministic=False: each (b, h, key block) program adds its tile with one vector
+  `atomic_add` (relaxed) into the (b, h) slice. Only the ceil(n / BLOCK_N) programs of one
+  (b, h) share a slice; the order of the float additions varies run to run.
+- deterministic=True: one program per (b, h) walks all its key blocks in order, and adds each
+  tile column by column with a barrier between columns. Within one key column j, distinct
+  query positions give distinct table rows (and the single prefix query gives its own row), so
+  one column is a scatter without duplicate addresses; every slice entry then receives its
+  additions in a fixed order, so dbias_table is bit-identical run to run. (The column updates are
+  atomic adds rather than load + add + store only so that no compiler pass may move a load of
+  column j + 1 above the barrier; their order is fixed all the same.) This needs distinct
+  positions within each image (what sample_patches returns; op.py checks it) and costs about
+  BLOCK_N extra reductions per tile plus less parallelism: an opt-in for reproducibility runs.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_common import (LOG2E, biased_logits_log2, dot_precision, head_strides, load_rows, tile_config,
+                            token_coordinates)
+
+
+@triton.jit
+def _delta_kernel(OUT, DOUT, DELTA,
+                  stride_ob, stride_oh, stride_on, stride_od,
+                  stride_dob, stride_doh, stride_don, stride_dod,
+                  num_heads, num_tokens, head_dim, BLOCK_M: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] in float32."""
+    batch_head = tl.program_id(0)
+    batch = batch_head // num_heads
+    head = batch_head % num_heads
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask_m = offs_m < num_tokens
+    mask_d = offs_d < head_dim
+    out = load_rows(OUT + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh,
+                    offs_m, mask_m, stride_on, offs_d, mask_d, stride_od)
+    dout = load_rows(DOUT + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh,
+                     offs_m, mask_m, stride_don, offs_d, mask_d, stride_dod)
+    delta = tl.sum(out.to(tl.float32) * dout.to(tl.float32), axis=1)
+    tl.store(DELTA + batch_head.to(tl.int64) * num_tokens + offs_m, delta, mask=mask_m)
+
+
+@triton.jit
+def _probs_and_logit_grads(q, k, v, dout, lse_log2, delta, coord_q, prefix_q, coord_k, prefix_k, key_valid,
+                           table_h, stride_table_row, grid_h, grid_w, qk_scale_log2,
+                           NUM_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(P, dS, rel) of a (BLOCK_M, BLOCK_N) tile, P recomputed from the saved lse (zero at padding keys)."""
+    logits, rel = biased_logits_log2(q, k, coord_q, prefix_q, coord_k, prefix_k, key_valid, table_h,
+                                     stride_table_row, grid_h, grid_w, qk_scale_log2, NUM_PREFIX, DOT_PRECISION)
+    probs = tl.exp2(logits - lse_log2[:, None])
+    dprobs = tl.dot(dout, tl.trans(v), input_precision=DOT_PRECISION)
+    return probs, probs * (dprobs - delta[:, None]), rel
+
+
+@triton.jit
+def _accumulate_bias_grad(SLICE, rel, logit_grads, valid, BLOCK_N: tl.constexpr, DETERMINISTIC: tl.constexpr):
+    """SLICE[rel] += dS over a (BLOCK_M, BLOCK_N) tile (see the module docstring for both modes)."""
+    if DETERMINISTIC:
+        columns = tl.arange(0, BLOCK_N)[None, :]
+        for j in range(BLOCK_N):
+            in_column = columns == j
+            column_grads = tl.sum(tl.where(in_column, logit_grads, 0.0), axis=1)
+            column_rows = tl.sum(tl.where(in_column, rel, 0), axis=1)
+            column_valid = tl.sum(tl.where(in_column & valid, 1, 0), axis=1) > 0
+            tl.atomic_add(SLICE + column_rows, column_grads, mask=column_valid)
+            tl.debug_barrier()  # column j lands before column j + 1 (they may share rows)
+    else:
+        tl.atomic_add(SLICE + rel, logit_grads, mask=valid, sem="relaxed")
+
+
+@triton.jit
+def _dkdv_kernel(
+        Q, K, V, DOUT, LSE, DELTA, TABLE, INDEX, DK, DV, DBIAS_SLICES,
+        stride_qb, stride_qh, stride_qn, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_dob, stride_doh, stride_don, stride_dod,
+        stride_table_row, stride_table_head, stride_index_b, stride_index_n,
+        num_heads, num_tokens, head_dim, grid_h, grid_w, num_table_rows, qk_scale_log2, scale,
+        HAS_INDEX: tl.constexpr, NUM_PREFIX: tl.constexpr, DETERMINISTIC: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HEAD_DIM_PAD: tl.constexpr):
+    """Program (b*H + h, g) handles key blocks g, g + G, ... (G = grid size along axis 1)."""
+    batch_head = tl.program_id(0)
+    batch = batch_head // num_heads
+    head = batch_head % num_heads
+    q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    k_base = K + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
+    v_base = V + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
+    do_base = DOUT + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+    # DK and DV are contiguous (B, H, n, D) (the launcher allocates them).
+    dk_base = DK + batch_head.to(tl.int64) * num_tokens * head_dim
+    dv_base = DV + batch_head.to(tl.int64) * num_tokens * head_dim
+    row_base = batch_head.to(tl.int64) * num_tokens
+    table_h = TABLE + head * stride_table_head
+    bias_slice = DBIAS_SLICES + batch_head.to(tl.int64) * num_table_rows
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask_d = offs_d < head_dim
+
+    for start_n in range(tl.program_id(1) * BLOCK_N, num_tokens, tl.num_programs(1) * BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < num_tokens
+        k = load_rows(k_base, offs_n, mask_n, stride_kn, offs_d, mask_d, stride_kd)
+        v = load_rows(v_base, offs_n, mask_n, stride_vn, offs_d, mask_d, stride_vd)
+        coord_k, prefix_k = token_coordinates(INDEX, stride_index_b, stride_index_n, batch, offs_n,
+            num_tokens, grid_h, grid_w, HAS_INDEX, NUM_PREFIX)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
+        for start_m in range(0, num_tokens, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < num_tokens
+            q = load_rows(q_base, offs_m, mask_m, stride_qn, offs_d, mask_d, stride_qd)
+            dout = load_rows(do_base, offs_m, mask_m, stride_don, offs_d, mask_d, stride_dod)
+            # Padding query rows load q = dO = delta = 0, so their dS is 0 whatever P is.
+            lse_log2 = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0) * LOG2E
+            delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
+            coord_q, prefix_q = token_coordinates(INDEX, stride_index_b, stride_index_n, batch, offs_m,
+                num_tokens, grid_h, grid_w, HAS_INDEX, NUM_PREFIX)
+            probs, logit_grads, rel = _probs_and_logit_grads(
+                q, k, v, dout, lse_log2, delta, coord_q, prefix_q, coord_k, prefix_k, mask_n, table_h,
+                stride_table_row, grid_h, grid_w, qk_scale_log2, NUM_PREFIX, DOT_PRECISION)
+            dv += tl.dot(tl.trans(probs.to(dout.dtype)), dout, input_precision=DOT_PRECISION)
+            dk += tl.dot(tl.trans(logit_grads.to(q.dtype)), q, input_precision=DOT_PRECISION)
+            _accumulate_bias_grad(bias_slice, rel, logit_grads, mask_m[:, None] & mask_n[None, :], BLOCK_N,
+                                  DETERMINISTIC)
+        tile = offs_n[:, None] * head_dim + offs_d[None, :]
+        tile_mask = mask_n[:, None] & mask_d[None, :]
+        tl.store(dk_base + tile, (dk * scale).to(DK.dtype.element_ty), mask=tile_mask)
+        tl.store(dv_base + tile, dv.to(DV.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _dq_kernel(
+        Q, K, V, DOUT, LSE, DELTA, TABLE, INDEX, DQ,
+        stride_qb, stride_qh, stride_qn, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_dob, stride_doh, stride_don, stride_dod,
+        stride_table_row, stride_table_head, stride_index_b, stride_index_n,
+        num_heads, num_tokens, head_dim, grid_h, grid_w, qk_scale_log2, scale,
+        HAS_INDEX: tl.constexpr, NUM_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """Program (b*H + h, query block): dq = sum over key blocks of dS k * scale."""
+    batch_head = tl.program_id(0)
+    batch = batch_head // num_heads
+    head = batch_head % num_heads
+    k_base = K + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
+    v_base = V + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
+    row_base = batch_head.to(tl.int64) * num_tokens
+    table_h = TABLE + head * stride_table_head
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask_m = offs_m < num_tokens
+    mask_d = offs_d < head_dim
+    q = load_rows(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh,
+                  offs_m, mask_m, stride_qn, offs_d, mask_d, stride_qd)
+    dout = load_rows(DOUT + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh,
+                     offs_m, mask_m, stride_don, offs_d, mask_d, stride_dod)
+    lse_log2 = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0) * LOG2E
+    delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
+    coord_q, prefix_q = token_coordinates(INDEX, stride_index_b, stride_index_n, batch, offs_m,
+        num_tokens, grid_h, grid_w, HAS_INDEX, NUM_PREFIX)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    for start_n in range(0, num_tokens, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < num_tokens
+        k = load_rows(k_base, offs_n, mask_n, stride_kn, offs_d, mask_d, stride_kd)
+        v = load_rows(v_base, offs_n, mask_n, stride_vn, offs_d, mask_d, stride_vd)
+        coord_k, prefix_k = token_coordinates(INDEX, stride_index_b, stride_index_n, batch, offs_n,
+            num_tokens, grid_h, grid_w, HAS_INDEX, NUM_PREFIX)
+        _, logit_grads, _ = _probs_and_logit_grads(
+            q, k, v, dout, lse_log2, delta, coord_q, prefix_q, coord_k, prefix_k, mask_n, table_h,
+            stride_table_row, grid_h, grid_w, qk_scale_log2, NUM_PREFIX, DOT_PRECISION)
+        dq += tl.dot(logit_grads.to(k.dtype), k, input_precision=DOT_PRECISION)
+    dq_base = DQ + batch_head.to(tl.int64) * num_tokens * head_dim  # contiguous (B, H, n, D)
+    tl.store(dq_base + offs_m[:, None] * head_dim + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=mask_m[:, None] & mask_d[None, :])
+
+
+def rpb_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           bias_table: torch.Tensor, index: Optional[torch.Tensor], out: torch.Tensor,
+                           lse: torch.Tensor, grid_size: Tuple[int, int], num_prefix_tokens: int, scale: float,
+                           deterministic: bool):
+    """(dq, dk, dv) contiguous (B, H, n, D) in q's dtype and dbias_table (R, H) contiguous in its dtype.
+
+    Every tensor is read through its strides; grad_out is made contiguous only when its last
+    dimension is not (e.g. the stride-0 expanded view that `.sum()` hands back), for unit-stride loads.
+    """
+    batch, heads, num_tokens, head_dim = q.shape
+    num_table_rows = bias_table.shape[0]
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
+    delta = torch.empty_like(lse)
+    bias_slices = torch.zeros(batch * heads, num_table_rows, device=q.device, dtype=torch.float32)
+    index_arg = index if index is not None else lse  # never read: HAS_INDEX is False
+    index_strides = (index.stride(0), index.stride(1)) if index is not None else (0, 0)
+    strides = (*head_strides(q), *head_strides(k), *head_strides(v), *head_strides(grad_out),
+               bias_table.stride(0), bias_table.stride(1), *index_strides)
+    geometry = dict(HAS_INDEX=index is not None, NUM_PREFIX=num_prefix_tokens, DOT_PRECISION=dot_precision(q.dtype))
+    qk_scale_log2 = scale * LOG2E.value
+
+    dq_config = tile_config("dq", num_tokens, head_dim)
+    query_blocks = triton.cdiv(num_tokens, dq_config.block_m)
+    _delta_kernel[(batch * heads, query_blocks)](
+        out, grad_out, delta, *head_strides(out), *head_strides(grad_out), heads, num_tokens, head_dim,
+        BLOCK_M=dq_config.block_m, HEAD_DIM_PAD=dq_config.head_dim_pad, num_warps=4)
+    # Deterministic mode: one program per (b, h) walks all its key blocks in order.
+    dkdv_config = tile_config("dkdv_deterministic" if deterministic else "dkdv", num_tokens, head_dim)
+    key_block_programs = 1 if deterministic else triton.cdiv(num_tokens, dkdv_config.block_n)
+    _dkdv_kernel[(batch * heads, key_block_programs)](
+        q, k, v, grad_out, lse, delta, bias_table, index_arg, dk, dv, bias_slices, *strides,
+        heads, num_tokens, head_dim, grid_size[0], grid_size[1], num_table_rows, qk_scale_log2, scale,
+        DETERMINISTIC=deterministic, BLOCK_M=dkdv_config.block_m, BLOCK_N=dkdv_config.block_n,
+        HEAD_DIM_PAD=dkdv_config.head_dim_pad, num_warps=dkdv_config.num_warps,
+        num_stages=dkdv_config.num_stages, **geometry)
+    _dq_kernel[(batch * heads, query_blocks)](
+        q, k, v, grad_out, lse, delta, bias_table, index_arg, dq, *strides,
+        heads, num_tokens, head_dim, grid_size[0], grid_size[1], qk_scale_log2, scale,
+        BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n, HEAD_DIM_PAD=dq_config.head_dim_pad,
+        num_warps=dq_config.num_warps, num_stages=dq_config.num_stages, **geometry)
+    dbias_table = bias_slices.view(batch, heads, num_table_rows).sum(0).t().to(bias_table.dtype).contiguous()
+    return dq, dk, dv, dbias_table

@@ -1,0 +1,262 @@
+"""benchmarks/iter_time.py: projection math, timing statistics, target verdicts, the CLI end to end
+(tiny CPU configuration) and its errors for bad flags. No timing is asserted."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # the benchmark scripts import their helpers as top-level modules
+
+from _iter_time_report import evaluate_targets  # noqa: E402
+from _projection import mean_iteration_time, project_run, steps_per_epoch, time_at  # noqa: E402
+from _timing import TimingStats, time_iterations  # noqa: E402
+
+from pss_kernels.schedules import build_schedule  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- projection math
+
+def test_mean_iteration_time_weights_times_by_shares():
+    assert mean_iteration_time({0.2: 0.5, 1.0: 0.5}, {0.2: 1.0, 1.0: 3.0}) == (2.0, [])
+    mean, interpolated = mean_iteration_time({0.2: 0.25, 0.6: 0.25, 1.0: 0.5}, {0.2: 4.0, 0.6: 8.0, 1.0: 12.0})
+    assert mean == pytest.approx(0.25 * 4 + 0.25 * 8 + 0.5 * 12) and interpolated == []
+
+
+def test_unmeasured_keep_rate_is_interpolated_between_neighbours():
+    assert time_at(0.6, {0.4: 2.0, 0.8: 4.0, 1.0: 10.0}) == (pytest.approx(3.0), True)
+    assert time_at(0.6000000000000001, {0.6: 7.0}) == (7.0, False)  # a schedule's float noise still matches
+    mean, interpolated = mean_iteration_time({0.5: 1.0}, {0.2: 1.0, 1.0: 5.0})
+    assert mean == pytest.approx(1.0 + (0.5 - 0.2) / 0.8 * 4.0) and interpolated == [0.5]
+
+
+def test_projection_rejects_keep_rates_outside_the_measured_range_and_bad_shares():
+    with pytest.raises(ValueError, match="outside the measured keep rates"):
+        mean_iteration_time({0.2: 1.0}, {0.4: 1.0, 1.0: 2.0})
+    with pytest.raises(ValueError, match="shares must sum to 1"):
+        mean_iteration_time({0.2: 0.5, 1.0: 0.4}, {0.2: 1.0, 1.0: 2.0})
+
+
+def test_project_run_hours_and_ratio_by_hand():
+    assert steps_per_epoch(1_281_167, 128) == 10_010  # 10009.1 -> the last partial batch counts
+    assert steps_per_epoch(1_281_167, 256) == 5_005
+    # 36 ms mean over 100,000 steps = 3,600 s = 1 h; 10,000 steps per epoch = 0.1 h; baseline 48 ms.
+    row = project_run({0.2: 0.5, 1.0: 0.5}, {0.2: 24.0, 1.0: 48.0}, 48.0, steps_per_epoch=10_000,
+                      total_steps=100_000)
+    assert row["mean_iteration_ms"] == pytest.approx(36.0)
+    assert row["run_hours"] == pytest.approx(1.0) and row["epoch_hours"] == pytest.approx(0.1)
+    assert row["ratio_vs_baseline"] == pytest.approx(0.75)
+    # A budget schedule running half the steps against the full-length baseline.
+    half = project_run({1.0: 1.0}, {1.0: 48.0}, 48.0, steps_per_epoch=10_000, total_steps=50_000,
+                       baseline_steps=100_000)
+    assert half["ratio_vs_baseline"] == pytest.approx(0.5)
+    assert project_run({1.0: 1.0}, {1.0: 1.0}, None, steps_per_epoch=1, total_steps=1)["ratio_vs_baseline"] is None
+
+
+def test_projection_with_the_papers_cyclic_shares():
+    # With t(rho) = rho the mean iteration time is the schedule's mean keep rate: 0.2/9 + 2/9 (0.4+0.6+0.8+1.0).
+    schedule = build_schedule("cyclic:0.2,1.0", total_steps=90_000, steps_per_epoch=9_000)
+    rates = [0.2, 0.4, 0.6, 0.8, 1.0]
+    mean, interpolated = mean_iteration_time(schedule.shares(), {rho: rho for rho in rates})
+    assert interpolated == []
+    assert mean == pytest.approx((0.2 + 2 * (0.4 + 0.6 + 0.8 + 1.0)) / 9, abs=1e-4)
+    assert mean == pytest.approx(schedule.mean_keep_rate(), abs=1e-9)
+
+
+# ----------------------------------------------------------------------------- timing statistics
+
+def test_timing_stats_quartiles():
+    stats = TimingStats.from_samples([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert (stats.q1_ms, stats.median_ms, stats.q3_ms, stats.iters) == (2.0, 3.0, 4.0, 5)
+    with pytest.raises(ValueError, match="samples_ms"):
+        TimingStats.from_samples([])
+
+
+def test_time_iterations_runs_warmup_then_timed_iterations():
+    calls = []
+    stats = time_iterations(lambda: calls.append(1), warmup=3, iters=4, device=torch.device("cpu"))
+    assert len(calls) == 7 and stats.iters == 4 and stats.q1_ms <= stats.median_ms <= stats.q3_ms
+    with pytest.raises(ValueError, match="iters"):
+        time_iterations(lambda: None, warmup=0, iters=0, device=torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------- target verdicts
+
+def _result(impl, keep_rate, median_ms):
+    return {"model": "vit_base", "impl": impl, "keep_rate": keep_rate, "median_ms": median_ms}
+
+
+def test_targets_pass_and_miss_from_hand_made_results():
+    report = {
+        "config": {"models": ["vit_base"], "img_size": 224, "keep_rates": [1.0, 0.6, 0.2]},
+        "results": [_result("baseline", 1.0, 100.0), _result("pss", 1.0, 104.0), _result("pss", 0.6, 50.0),
+                    _result("pss", 0.2, 26.0), _result("eager", 1.0, 120.0), _result("eager", 0.6, 60.0),
+                    _result("eager", 0.2, 52.0)],
+        "projection": {"models": {"vit_base": {"schedules": [
+            {"spec": "cyclic:0.2,1.0", "impls": {"pss": {"ratio_vs_baseline": 0.70}}}]}}},
+    }
+    verdicts = {t["name"]: (t["measured"], t["status"]) for t in evaluate_targets(report)}
+    assert verdicts == {
+        "ViT-B/224 pss: t(rho=0.2) / t(rho=1)": (pytest.approx(0.25), "PASS"),
+        "ViT-B/224 pss rho=1 / plain-ViT baseline": (pytest.approx(1.04), "PASS"),
+        "ViT-B/224 speed-up of pss over eager at rho=0.6": (pytest.approx(1.2), "MISS"),
+        "ViT-B/224 speed-up of pss over eager at rho=0.2": (pytest.approx(2.0), "PASS"),
+        "ViT-B/224 projected Cyclic(0.2, 1.0) run / baseline run (pss)": (pytest.approx(0.70), "MISS"),
+    }
+    report["results"] = [r for r in report["results"] if r["impl"] != "eager"]
+    statuses = [t["status"] for t in evaluate_targets(report) if "eager" in t["name"]]
+    assert statuses and all(status.startswith("n/a") for status in statuses)
+    report["config"]["img_size"] = 384
+    assert evaluate_targets(report) == []
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def run_cli(out_dir: Path, *flags: str):
+    """Run `python benchmarks/iter_time.py FLAGS --out-dir OUT_DIR`; (stdout, stderr, the JSON document)."""
+    command = [sys.executable, str(BENCHMARKS / "iter_time.py"), *flags, "--out-dir", str(out_dir)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=out_dir, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    json_files, png_files = list(out_dir.glob("iter_time_*.json")), list(out_dir.glob("iter_time_*.png"))
+    assert len(json_files) == 1 and len(png_files) == 1 and png_files[0].stat().st_size > 10_000
+    report = json.loads(json_files[0].read_text())
+    assert report["plot"] == png_files[0].name
+    return done.stdout, done.stderr, report
+
+
+def test_cli_smoke_run_writes_json_and_png(tmp_path):
+    stdout, stderr, report = run_cli(
+        tmp_path, "--device", "cpu", "--models", "deit_tiny", "--img-size", "32", "--batch-size", "2", "--warmup", "1",
+        "--iters", "2", "--keep-rates", "1.0,0.5", "--impls", "pss", "eager", "--schedules", "fixed:0.6",
+        "cyclic:0.2,1.0", "--epochs", "3", "--dataset-images", "1000")
+    assert "CPU smoke run" in stdout and "[5/5]" in stderr
+    assert {"benchmark", "run_kind", "label", "environment", "config", "implementations", "results", "errors",
+            "projection", "targets", "plot"} <= set(report)
+    assert report["run_kind"] == "cpu-smoke" and "CPU smoke run" in report["label"]
+    assert report["targets"] == [] and report["errors"] == []
+    assert {"device", "torch", "triton", "cuda", "date"} <= set(report["environment"])
+    assert report["config"]["batch_sizes"] == {"deit_tiny": 2} and report["config"]["keep_rates"] == [1.0, 0.5]
+
+    cases = {(r["impl"], r["keep_rate"]): r for r in report["results"]}
+    assert set(cases) == {("baseline", 1.0), ("pss", 1.0), ("pss", 0.5), ("eager", 1.0), ("eager", 0.5)}
+    baseline = cases[("baseline", 1.0)]["median_ms"]
+    for (impl, keep_rate), case in cases.items():
+        assert case["error"] is None and case["iters"] == 2 and case["q1_ms"] <= case["median_ms"] <= case["q3_ms"]
+        assert case["ratio_vs_baseline"] == pytest.approx(case["median_ms"] / baseline)
+        assert case["ratio_vs_rho1"] == pytest.approx(case["median_ms"] / cases[(impl, 1.0)]["median_ms"])
+        assert case["tokens"] == (5 if keep_rate == 1.0 else 2)  # grid 2x2 + CLS; max(2, round(0.5 * 5))
+    assert cases[("pss", 0.5)]["backends"] == {"sample_patches": "torch", "rpb_attention": "torch"}
+    assert cases[("pss", 1.0)]["backends"] == {"sample_patches": None, "rpb_attention": "torch"}
+
+    block = report["projection"]["models"]["deit_tiny"]
+    assert report["projection"]["epochs"] == 3 and block["steps_per_epoch"] == 500 and block["total_steps"] == 1500
+    fixed = block["schedules"][0]
+    assert fixed["spec"] == "fixed:0.6" and fixed["shares"] == {"0.6": 1.0}
+    pss = fixed["impls"]["pss"]
+    expected_ms = (cases[("pss", 0.5)]["median_ms"] + 0.2 * (cases[("pss", 1.0)]["median_ms"]
+                                                              - cases[("pss", 0.5)]["median_ms"]))
+    assert pss["interpolated_keep_rates"] == [0.6] and pss["mean_iteration_ms"] == pytest.approx(expected_ms)
+    assert pss["run_hours"] == pytest.approx(1500 * expected_ms / 3.6e6)
+    assert pss["ratio_vs_baseline"] == pytest.approx(expected_ms / baseline)
+    cyclic = block["schedules"][1]["impls"]["pss"]  # its rho = 0.2 share lies below the measured 0.5
+    assert "outside the measured keep rates" in cyclic["error"]
+
+
+def test_cpu_runs_default_to_the_smoke_configuration_outside_benchmarks_results():
+    import iter_time
+
+    args = iter_time.parse_args(["--device", "cpu"])
+    assert args.smoke and args.models == ["deit_tiny"] and args.img_size == 64 and args.amp == "none"
+    assert args.batch_sizes == {"deit_tiny": iter_time.SMOKE_BATCH_SIZE}
+    assert args.out_dir == Path("runs") / "iter_time" and args.out_dir.resolve() != iter_time.RESULTS_DIR
+    assert iter_time.run_label(args).startswith("CPU smoke run")
+    explicit = iter_time.parse_args(["--device", "cpu", "--models", "vit_base,deit_small", "--batch-size", "4"])
+    assert explicit.models == ["vit_base", "deit_small"] and explicit.batch_sizes == {"vit_base": 4, "deit_small": 4}
+
+
+@pytest.mark.parametrize("flags, env, expected", [
+    ([], None, {"sample_patches": None, "rpb_attention": None}),  # CPU: the package's choice (torch)
+    (["--backend", "torch"], None, {"sample_patches": "torch", "rpb_attention": "torch"}),
+    (["--backend", "torch", "--sampler-backend", "default"], None, {"sample_patches": None, "rpb_attention": "torch"}),
+    (["--attn-backend", "triton"], None, {"sample_patches": None, "rpb_attention": "triton"}),
+    (["--backend", "triton"], "torch", {"sample_patches": "triton", "rpb_attention": "triton"}),  # a flag wins
+])
+def test_requested_backends_follow_the_flags(flags, env, expected, monkeypatch):
+    import iter_time
+
+    monkeypatch.delenv("PSS_KERNELS_BACKEND", raising=False)
+    if env:
+        monkeypatch.setenv("PSS_KERNELS_BACKEND", env)
+    assert iter_time.requested_backends(iter_time.parse_args(["--device", "cpu", *flags])) == expected
+
+
+@pytest.mark.cuda
+def test_gpu_defaults_ask_for_the_kernels(monkeypatch):
+    import iter_time
+
+    monkeypatch.delenv("PSS_KERNELS_BACKEND", raising=False)
+    requested = iter_time.requested_backends(iter_time.parse_args(["--device", "cuda"]))
+    assert requested["rpb_attention"] == "triton" and requested["sample_patches"] in ("cuda", "triton")
+
+
+@pytest.mark.cuda
+def test_cli_gpu_smoke_run_uses_the_kernels(tmp_path):
+    _, _, report = run_cli(tmp_path, "--smoke", "--device", "cuda", "--warmup", "2", "--iters", "3",
+                           "--impls", "pss", "eager", "sdpa-bias", "--epochs", "1")
+    assert report["run_kind"] == "cuda-smoke" and report["errors"] == []
+    sampled = [r for r in report["results"] if r["impl"] == "pss" and r["keep_rate"] < 1.0]
+    assert sampled and all(r["backends"]["sample_patches"] in ("triton", "cuda") and
+                           r["backends"]["rpb_attention"] == "triton" for r in sampled)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--keep-rates", "1.5"], "--keep-rates"),
+    (["--keep-rates", "0"], "--keep-rates"),
+    (["--keep-rates", "half"], "--keep-rates"),
+    (["--impls", "pss", "nope"], "--impls: unknown implementation 'nope'"),
+    (["--models", "resnet50"], "--models: unknown model 'resnet50'"),
+    (["--img-size", "30"], "--img-size"),
+    (["--iters", "0"], "--iters"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--schedules", "sawtooth:0.2"], "--schedules"),
+    (["--backend", "opencl"], "--backend"),
+    (["--device", "tpu"], "--device"),
+    (["--no-such-flag"], "unrecognized arguments"),
+])
+def test_bad_flags_exit_with_a_message_naming_the_flag(flags, message, capsys):
+    import iter_time
+
+    with pytest.raises(SystemExit) as exit_info:
+        iter_time.parse_args(["--device", "cpu", *flags] if "--device" not in flags else flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_cuda_device_without_a_gpu_is_a_flag_error(capsys):
+    import iter_time
+
+    with pytest.raises(SystemExit):
+        iter_time.parse_args(["--device", "cuda"])
+    assert "torch.cuda.is_available() is False" in capsys.readouterr().err
+
+
+def test_help_documents_every_flag(capsys):
+    import iter_time
+
+    with pytest.raises(SystemExit) as exit_info:
+        iter_time.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    flags = {option for action in iter_time.build_parser()._actions for option in action.option_strings
+             if action.help}
+    assert {"--models", "--keep-rates", "--impls", "--batch-size", "--img-size", "--warmup", "--iters", "--epochs",
+            "--out-dir", "--backend", "--device", "--smoke", "--schedules"} <= flags
+    undocumented = [a.option_strings for a in iter_time.build_parser()._actions if a.option_strings and not a.help]
+    assert undocumented == [] and all(flag in text for flag in flags)

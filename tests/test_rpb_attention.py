@@ -1,0 +1,566 @@
+"""rpb_attention (issue 3): the reference against an independent float64 loop oracle and gradcheck;
+every backend (triton in the interpreter on CPU) against the reference for out, dq, dk, dv,
+dbias_table and the CLS attention; determinism; argument errors; opcheck; torch.compile;
+RelPosAttention; the peers; the benchmark harness; the kernels' compilation for sm_80/sm_90.
+GPU tests (marker `cuda`) check the flash-attention error rule at ViT-B / DeiT-S shapes."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pss_kernels import RelPosAttention, available_backends, rpb_attention, sample_patches
+from pss_kernels.ops.rpb_attention import peers
+from pss_kernels.ops.rpb_attention.reference import bias_table_rows, rpb_attention_reference
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+BACKENDS = [name for name in ("torch", "triton") if available_backends(DEVICE)[name].available]
+
+
+def skip_interpreted_bf16(backend, dtype):
+    # Triton 3.9's interpreter runs tl.dot on bf16 bit patterns as integers (verified: a 16x16 bf16
+    # product comes out ~1e10 off); bf16 kernels are checked by the GPU tests.
+    if backend == "triton" and dtype == torch.bfloat16 and not HAS_CUDA:
+        pytest.skip("the Triton interpreter cannot multiply bf16 (tl.dot); covered by the cuda tests")
+
+
+# ----------------------------------------------------------------------------- oracle and inputs
+
+def timm_relative_position_index(grid_size, num_prefix_tokens):
+    """(N, N) table rows built as timm's Beit `gen_relative_position_index` builds them (meshgrid,
+    offsets, CLS rows R-3 / R-2 / R-1): independent of the arithmetic in reference.py and the kernels."""
+    grid_h, grid_w = grid_size
+    coords = torch.stack(torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")).flatten(1)
+    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).contiguous()
+    relative[:, :, 0] += grid_h - 1
+    relative[:, :, 1] += grid_w - 1
+    relative[:, :, 0] *= 2 * grid_w - 1
+    patch_rows = relative.sum(-1)
+    if num_prefix_tokens == 0:
+        return patch_rows
+    num_rows = (2 * grid_h - 1) * (2 * grid_w - 1) + 3
+    rows = torch.zeros(grid_h * grid_w + 1, grid_h * grid_w + 1, dtype=torch.long)
+    rows[1:, 1:] = patch_rows
+    rows[0, 0:] = num_rows - 3
+    rows[0:, 0] = num_rows - 2
+    rows[0, 0] = num_rows - 1
+    return rows
+
+
+def loop_attention_float64(q, k, v, bias_table, index, grid_size, num_prefix_tokens, scale):
+    """out[b, h, i] = sum_j softmax_j(q_i . k_j * scale + table[rows[pos_i, pos_j], h]) v_j, row by row."""
+    rows = timm_relative_position_index(grid_size, num_prefix_tokens)
+    q, k, v, bias_table = (t.detach().cpu().double() for t in (q, k, v, bias_table))
+    batch, heads, num_tokens, _ = q.shape
+    out = torch.empty_like(q)
+    for b in range(batch):
+        pos = index[b].cpu() if index is not None else torch.arange(num_tokens)
+        for h in range(heads):
+            for i in range(num_tokens):
+                logits = torch.stack([q[b, h, i] @ k[b, h, j] * scale + bias_table[rows[pos[i], pos[j]], h]
+                                      for j in range(num_tokens)])
+                weights = torch.exp(logits - logits.max())
+                out[b, h, i] = (weights / weights.sum()) @ v[b, h]
+    return out
+
+
+def make_inputs(grid_size, num_prefix_tokens, head_dim, *, keep_rate=None, batch=2, heads=2, dtype=torch.float32,
+                device=DEVICE, seed=0, qkv_view=True):
+    """q, k, v (views into one (B, n, 3, H, D) qkv tensor, as a model makes them: non-contiguous),
+    a random bias table, and index from sample_patches (None when keep_rate is None)."""
+    generator = torch.Generator().manual_seed(seed)
+    num_positions = num_prefix_tokens + grid_size[0] * grid_size[1]
+    index = None
+    if keep_rate is not None:
+        tokens = torch.randn(batch, num_positions, 4, generator=generator)
+        _, index = sample_patches(tokens, keep_rate, num_prefix_tokens=num_prefix_tokens)
+        index = index.to(device)
+    num_tokens = index.shape[1] if index is not None else num_positions
+    qkv = torch.randn(batch, num_tokens, 3, heads, head_dim, generator=generator).to(device=device, dtype=dtype)
+    if qkv_view:
+        q, k, v = (t.detach().requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4))
+    else:
+        q, k, v = (t.contiguous().requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4))
+    table = torch.randn(bias_table_rows(grid_size, num_prefix_tokens), heads, generator=generator)
+    return q, k, v, table.to(device).requires_grad_(), index
+
+
+def grads_of(out, grad_out, leaves):
+    return torch.autograd.grad(out, leaves, grad_out)
+
+
+def reference_cls_attention(q, k, bias_table, index, grid_size, num_prefix_tokens):
+    """Head-averaged softmax row 0 of the float64 reference logits."""
+    from pss_kernels.ops.rpb_attention.reference import rpb_attention_logits
+    logits = rpb_attention_logits(q.double(), k.double(), bias_table.double(), index, grid_size,
+                                  num_prefix_tokens, q.shape[-1] ** -0.5)
+    return logits.softmax(-1)[:, :, 0, :].mean(1)
+
+
+# ----------------------------------------------------------------------------- reference
+
+@pytest.mark.parametrize("grid_size", [(3, 3), (4, 5)])
+@pytest.mark.parametrize("num_prefix_tokens", [0, 1])
+@pytest.mark.parametrize("keep_rate", [None, 0.6])
+def test_reference_matches_float64_loops(grid_size, num_prefix_tokens, keep_rate):
+    q, k, v, table, index = make_inputs(grid_size, num_prefix_tokens, 8, keep_rate=keep_rate, dtype=torch.float64,
+                                        device="cpu")
+    out = rpb_attention_reference(q, k, v, table.double(), index, grid_size=grid_size,
+                                  num_prefix_tokens=num_prefix_tokens)
+    expected = loop_attention_float64(q, k, v, table, index, grid_size, num_prefix_tokens, 8 ** -0.5)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("keep_rate", [None, 0.7])
+def test_reference_gradcheck_float64(keep_rate):
+    q, k, v, table, index = make_inputs((2, 3), 1, 4, keep_rate=keep_rate, batch=1, dtype=torch.float64,
+                                        device="cpu")
+    table = table.detach().double().requires_grad_()
+
+    def reference(q, k, v, table):
+        return rpb_attention_reference(q, k, v, table, index, grid_size=(2, 3), num_prefix_tokens=1)
+
+    assert torch.autograd.gradcheck(reference, (q, k, v, table))
+
+
+def test_op_torch_backend_gradcheck_float64():
+    """The registered autograd formula (analytic backward of the torch backend), not autograd of eager ops."""
+    q, k, v, table, index = make_inputs((2, 3), 1, 4, keep_rate=0.7, batch=1, dtype=torch.float64, device="cpu")
+    table = table.detach().double().requires_grad_()
+
+    def op(q, k, v, table):
+        return rpb_attention(q, k, v, table, index, grid_size=(2, 3), backend="torch")
+
+    assert torch.autograd.gradcheck(op, (q, k, v, table))
+
+
+# ----------------------------------------------------------------------------- backends vs reference
+
+TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float16: dict(rtol=1e-2, atol=1e-2),
+              torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
+
+
+def check_against_reference(backend, grid_size, num_prefix_tokens, head_dim, keep_rate, dtype=torch.float32,
+                            deterministic=False):
+    q, k, v, table, index = make_inputs(grid_size, num_prefix_tokens, head_dim, keep_rate=keep_rate, dtype=dtype)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    options = dict(grid_size=grid_size, num_prefix_tokens=num_prefix_tokens)
+    with_cls = num_prefix_tokens == 1
+    result = rpb_attention(q, k, v, table, index, backend=backend, deterministic=deterministic,
+                           return_cls_attention=with_cls, **options)
+    out, cls_attention = result if with_cls else (result, None)
+    expected = rpb_attention_reference(q, k, v, table, index, **options)
+    tolerance = TOLERANCES[dtype]
+    torch.testing.assert_close(out, expected, **tolerance)
+    for name, got, want in zip(("dq", "dk", "dv", "dbias_table"), grads_of(out, grad_out, (q, k, v, table)),
+                               grads_of(expected, grad_out, (q, k, v, table))):
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        torch.testing.assert_close(got, want, **tolerance, msg=lambda m: f"{name}: {m}")
+    if with_cls:
+        assert cls_attention.shape == (q.shape[0], q.shape[2]) and cls_attention.dtype == torch.float32
+        want = reference_cls_attention(q, k, table, index, grid_size, num_prefix_tokens).float()
+        torch.testing.assert_close(cls_attention, want, **TOLERANCES[torch.float32] if dtype == torch.float32
+                                   else tolerance)
+        torch.testing.assert_close(cls_attention.sum(-1), torch.ones_like(cls_attention[:, 0]), rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grid_size", [(3, 3), (4, 5)])
+@pytest.mark.parametrize("head_dim", [16, 32])
+@pytest.mark.parametrize("keep_rate", [None, 0.8], ids=["index=None", "sampled"])
+@pytest.mark.parametrize("num_prefix_tokens", [0, 1])
+def test_backend_matches_reference(backend, grid_size, head_dim, keep_rate, num_prefix_tokens):
+    check_against_reference(backend, grid_size, num_prefix_tokens, head_dim, keep_rate)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("head_dim", [24, 40])  # padded to 32 / 64 and masked
+def test_backend_handles_head_dims_that_are_not_powers_of_two(backend, head_dim):
+    check_against_reference(backend, (4, 5), 1, head_dim, 0.8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_backend_half_precision_matches_reference(backend, dtype):
+    skip_interpreted_bf16(backend, dtype)
+    check_against_reference(backend, (4, 5), 1, 16, 0.8, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic_mode_is_bit_identical_and_correct(backend):
+    check_against_reference(backend, (4, 5), 1, 16, 0.8, deterministic=True)
+    q, k, v, table, index = make_inputs((4, 5), 1, 16, keep_rate=0.8)
+
+    def bias_grad():
+        out = rpb_attention(q, k, v, table, index, grid_size=(4, 5), backend=backend, deterministic=True)
+        return torch.autograd.grad(out, table, torch.ones_like(out))[0]
+
+    first, second = bias_grad(), bias_grad()
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expanded_grad_out_int32_index_and_contiguous_inputs(backend):
+    """out.sum() hands back a stride-0 gradient; index may be int32; q, k, v may be contiguous."""
+    q, k, v, table, index = make_inputs((4, 5), 1, 16, keep_rate=0.8, qkv_view=False)
+    out = rpb_attention(q, k, v, table, index.int(), grid_size=(4, 5), backend=backend)
+    expected = rpb_attention_reference(q, k, v, table, index, grid_size=(4, 5))
+    for got, want in zip(torch.autograd.grad(out.sum(), (q, k, v, table)),
+                         torch.autograd.grad(expected.sum(), (q, k, v, table))):
+        torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float32_table_with_half_activations(backend, dtype):
+    """Autocast-style mixed inputs: half q, k, v and a float32 parameter table (gradient in float32)."""
+    skip_interpreted_bf16(backend, dtype)
+    q, k, v, table, index = make_inputs((3, 3), 1, 16, keep_rate=0.8, dtype=dtype)
+    out = rpb_attention(q, k, v, table, index, grid_size=(3, 3), backend=backend)
+    assert out.dtype == dtype
+    (dtable,) = torch.autograd.grad(out.float().sum(), table)
+    expected = rpb_attention_reference(q, k, v, table, index, grid_size=(3, 3))
+    (want,) = torch.autograd.grad(expected.float().sum(), table)
+    assert dtable.dtype == torch.float32
+    torch.testing.assert_close(dtable, want, rtol=5e-2, atol=5e-2)
+
+
+def test_output_layout_makes_the_head_merge_a_view():
+    q, k, v, table, _ = make_inputs((3, 3), 1, 16)
+    out = rpb_attention(q, k, v, table, grid_size=(3, 3), backend="torch")
+    merged = out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+    assert merged.data_ptr() == out.data_ptr() and merged._base is not None
+
+
+# ----------------------------------------------------------------------------- errors
+
+def _good_arguments():
+    q, k, v, table, index = make_inputs((3, 3), 1, 16, keep_rate=0.6, device="cpu")
+    return dict(q=q.detach(), k=k.detach(), v=v.detach(), bias_table=table.detach(), index=index,
+                grid_size=(3, 3), num_prefix_tokens=1, backend="torch")
+
+
+def _call(**arguments):
+    q, k, v, table, index = (arguments.pop(name) for name in ("q", "k", "v", "bias_table", "index"))
+    return rpb_attention(q, k, v, table, index, **arguments)
+
+
+BAD_ARGUMENTS = [
+    ("q", lambda a: dict(q=a["q"].tolist()), TypeError, "q must be a torch.Tensor"),
+    ("q", lambda a: dict(q=a["q"][0]), ValueError, "q must have 4 dimensions"),
+    ("q", lambda a: dict(q=a["q"].long()), TypeError, "q must have dtype"),
+    ("q", lambda a: dict(q=a["q"][:, :, :0], k=a["k"][:, :, :0], v=a["v"][:, :, :0], index=a["index"][:, :0]),
+     ValueError, "q must have B, H, n, D >= 1"),
+    ("k", lambda a: dict(k=a["k"][..., :8]), ValueError, "k must have q's shape"),
+    ("v", lambda a: dict(v=a["v"].double()), TypeError, "v must have q's dtype"),
+    ("bias_table", lambda a: dict(bias_table=a["bias_table"][:-1]), ValueError, r"bias_table must have shape \(R, H\)"),
+    ("bias_table", lambda a: dict(bias_table=a["bias_table"][:, :1]), ValueError, r"bias_table must have shape"),
+    ("bias_table", lambda a: dict(bias_table=a["bias_table"].to("meta")), ValueError, "one device"),
+    ("index", lambda a: dict(index=a["index"].float()), TypeError, "index must have dtype"),
+    ("index", lambda a: dict(index=a["index"].short()), TypeError, "index must have dtype"),
+    ("index", lambda a: dict(index=a["index"][:1]), ValueError, r"index must have shape \(B, n\)"),
+    ("index", lambda a: dict(index=None), ValueError, "index=None means all N"),
+    ("index", lambda a: dict(index=a["index"].clone().fill_(10)), ValueError, r"index values must be in \[0, 10\)"),
+    ("index", lambda a: dict(index=a["index"] - 1), ValueError, "index values must be in"),
+    ("grid_size", lambda a: dict(grid_size=9), TypeError, "grid_size must be a pair of ints"),
+    ("grid_size", lambda a: dict(grid_size=(3, 0)), ValueError, "grid_size must be positive"),
+    ("num_prefix_tokens", lambda a: dict(num_prefix_tokens=2), ValueError, "num_prefix_tokens must be <= 1"),
+    ("scale", lambda a: dict(scale="0.25"), TypeError, "scale must be a float"),
+    ("backend", lambda a: dict(backend="cuda"), ValueError, "backend must be one of"),
+    ("backend", lambda a: dict(backend="fast"), ValueError, "backend must be one of"),
+    ("deterministic", lambda a: dict(deterministic=1), TypeError, "deterministic must be a bool"),
+    ("check_index", lambda a: dict(check_index=None), TypeError, "check_index must be a bool"),
+    ("return_cls_attention", lambda a: dict(return_cls_attention=True, num_prefix_tokens=0,
+                                            bias_table=a["bias_table"][:-3], index=a["index"] - 1),
+     ValueError, "return_cls_attention needs a prefix"),
+]
+
+
+@pytest.mark.parametrize("name, change, error, message", BAD_ARGUMENTS,
+                         ids=[f"{case[0]}-{i}" for i, case in enumerate(BAD_ARGUMENTS)])
+def test_bad_arguments_raise_naming_the_argument(name, change, error, message):
+    arguments = _good_arguments()
+    arguments.update(change(arguments))
+    with pytest.raises(error, match=message):
+        _call(**arguments)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend unavailable here")
+def test_triton_specific_errors():
+    arguments = dict(_good_arguments(), backend="triton")
+    q = arguments["q"]
+    wide = q.new_zeros(*q.shape[:3], 160)
+    with pytest.raises(ValueError, match="head dim D <= 128"):
+        _call(**dict(arguments, q=wide, k=wide, v=wide))
+    with pytest.raises(ValueError, match="index values must be in"):
+        _call(**dict(arguments, index=arguments["index"] + 5))
+    repeated = arguments["index"].clone()
+    repeated[:, 2] = repeated[:, 1]
+    with pytest.raises(ValueError, match="must not repeat a position"):
+        _call(**dict(arguments, index=repeated, deterministic=True))
+
+
+def test_unchecked_bad_index_never_reads_out_of_bounds_on_triton():
+    if "triton" not in BACKENDS:
+        pytest.skip("triton backend unavailable here")
+    arguments = dict(_good_arguments(), backend="triton", check_index=False)
+    arguments["index"] = arguments["index"] * 1000  # far outside the table: clamped in-kernel
+    out = _call(**arguments)
+    assert torch.isfinite(out).all()
+
+
+# ----------------------------------------------------------------------------- registration
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("keep_rate, with_cls", [(None, False), (0.6, True)])
+def test_opcheck(backend, keep_rate, with_cls):
+    if backend == "triton" and keep_rate is None:
+        pytest.skip("one interpreter case is enough (slow)")
+    q, k, v, table, index = make_inputs((3, 3), 1, 16, keep_rate=keep_rate)
+    forward_args = (q, k, v, table, index, [3, 3], 1, 0.25, backend, False, with_cls, True)
+    torch.library.opcheck(torch.ops.pss_kernels.rpb_attention_fwd.default, forward_args)
+    out, lse, _ = torch.ops.pss_kernels.rpb_attention_fwd(*forward_args)
+    backward_args = (torch.randn_like(q), q.detach(), k.detach(), v.detach(), table.detach(), index, out.detach(),
+                     lse, [3, 3], 1, 0.25, backend, False)
+    torch.library.opcheck(torch.ops.pss_kernels.rpb_attention_bwd.default, backward_args)
+
+
+@pytest.mark.parametrize("keep_rate", [None, 0.6])
+def test_torch_compile_fullgraph(keep_rate):
+    q, k, v, table, index = make_inputs((3, 3), 1, 16, keep_rate=keep_rate)
+
+    def attention(q, k, v, table, index):
+        out, cls_attention = rpb_attention(q, k, v, table, index, grid_size=(3, 3), backend="torch",
+                                           return_cls_attention=True)
+        return out.square().sum() + cls_attention.sum()
+
+    compiled = torch.compile(attention, fullgraph=True, backend="aot_eager")
+    loss, eager_loss = compiled(q, k, v, table, index), attention(q, k, v, table, index)
+    torch.testing.assert_close(loss, eager_loss)
+    for got, want in zip(torch.autograd.grad(loss, (q, k, v, table)),
+                         torch.autograd.grad(eager_loss, (q, k, v, table))):
+        torch.testing.assert_close(got, want)
+
+
+# ----------------------------------------------------------------------------- RelPosAttention
+
+def _hand_built_attention(module, x, index):
+    """The module's math spelled out: BEiT qkv bias, per-image float64 loop attention, projection."""
+    batch, num_tokens, dim = x.shape
+    heads = module.num_heads
+    qkv_bias = torch.cat((module.q_bias, torch.zeros_like(module.q_bias), module.v_bias))
+    qkv = (x @ module.qkv.weight.t() + qkv_bias).reshape(batch, num_tokens, 3, heads, dim // heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    out = loop_attention_float64(q, k, v, module.relative_position_bias_table, index, module.grid_size,
+                                 module.num_prefix_tokens, (dim // heads) ** -0.5).float().to(x.device)
+    return out.transpose(1, 2).reshape(batch, num_tokens, dim) @ module.proj.weight.t() + module.proj.bias
+
+
+def test_rel_pos_attention_has_timm_beit_layout_and_loads_beit_checkpoints():
+    module = RelPosAttention(32, 4, (3, 3))
+    assert set(module.state_dict()) == {"qkv.weight", "q_bias", "v_bias", "relative_position_bias_table",
+                                        "proj.weight", "proj.bias"}
+    assert module.relative_position_bias_table.shape == (bias_table_rows((3, 3), 1), 4) == (28, 4)
+    assert torch.equal(module.relative_position_bias_table, torch.zeros(28, 4))
+    checkpoint = {name: torch.randn_like(t) for name, t in module.state_dict().items()}
+    checkpoint["relative_position_index"] = timm_relative_position_index((3, 3), 1)  # original BEiT keeps it
+    module.load_state_dict(checkpoint, strict=True)
+    assert torch.equal(module.relative_position_bias_table, checkpoint["relative_position_bias_table"])
+    no_bias = RelPosAttention(32, 4, (3, 3), num_prefix_tokens=0, qkv_bias=False)
+    assert set(no_bias.state_dict()) == {"qkv.weight", "relative_position_bias_table", "proj.weight", "proj.bias"}
+    assert no_bias.relative_position_bias_table.shape == (25, 4)
+
+
+@pytest.mark.parametrize("keep_rate", [None, 0.6])
+@pytest.mark.parametrize("impl", ["pss", "eager", "sdpa-bias"])
+def test_rel_pos_attention_matches_hand_built_reference(keep_rate, impl):
+    torch.manual_seed(0)
+    module = RelPosAttention(32, 4, (3, 3), impl=impl, backend="torch").to(DEVICE)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.normal_()
+    num_positions = 10
+    index = None
+    if keep_rate is not None:
+        _, index = sample_patches(torch.randn(2, num_positions, 4, device=DEVICE), keep_rate)
+    x = torch.randn(2, index.shape[1] if index is not None else num_positions, 32, device=DEVICE)
+    torch.testing.assert_close(module(x, index), _hand_built_attention(module, x, index), rtol=1e-4, atol=1e-4)
+
+
+def test_rel_pos_attention_rejects_bad_configuration():
+    with pytest.raises(ValueError, match="impl must be one of"):
+        RelPosAttention(32, 4, (3, 3), impl="fused")
+    with pytest.raises(ValueError, match="dim must be divisible by num_heads"):
+        RelPosAttention(30, 4, (3, 3))
+    with pytest.raises(ValueError, match="attn_drop must be 0.0"):
+        RelPosAttention(32, 4, (3, 3), attn_drop=0.1)
+
+
+# ----------------------------------------------------------------------------- peers
+
+PEERS = {"eager": peers.eager_rpb_attention, "sdpa-bias": peers.sdpa_bias_rpb_attention,
+         "flex": peers.flex_rpb_attention}
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("peer", PEERS)
+@pytest.mark.parametrize("keep_rate", [None, 0.8])
+def test_peer_matches_reference(peer, keep_rate):
+    q, k, v, table, index = make_inputs((4, 5), 1, 16, keep_rate=keep_rate)
+    expected = rpb_attention_reference(q, k, v, table, index, grid_size=(4, 5))
+    try:
+        out = PEERS[peer](q, k, v, table, index, grid_size=(4, 5))
+    except RuntimeError as err:
+        assert peer == "flex" and "flex_attention is unavailable" in str(err)
+        # without gradients FlexAttention runs everywhere it exists
+        out = PEERS[peer](*(t.detach() for t in (q, k, v, table)), index, grid_size=(4, 5))
+        torch.testing.assert_close(out, expected, **TOLERANCES[torch.float32])
+        pytest.skip(f"flex backward unavailable here: {err}")
+    torch.testing.assert_close(out, expected, **TOLERANCES[torch.float32])
+    grad_out = torch.randn_like(out)
+    for got, want in zip(grads_of(out, grad_out, (q, k, v, table)), grads_of(expected, grad_out, (q, k, v, table))):
+        torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
+
+
+# ----------------------------------------------------------------------------- benchmark harness
+
+def test_benchmark_harness_runs_tiny_configs_on_cpu():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_rpb_attention
+
+    rows = bench_rpb_attention.run("cpu", torch.float32, warmup=0, iters=1)
+    configs = bench_rpb_attention.default_configs("cpu")
+    assert len(rows) == len(configs) * len(bench_rpb_attention.IMPLS) * 2
+    by_key = {(r["keep_rate"], r["impl"], r["pass"]): r for r in rows}
+    for keep_rate in (0.5, 1.0):
+        for impl in ("pss", "eager"):
+            for pass_name in ("forward", "forward+backward"):
+                row = by_key[keep_rate, impl, pass_name]
+                assert row["error"] is None and row["ms"] > 0, row
+    assert by_key[0.5, "pss", "forward"]["num_tokens"] == 5 and by_key[1.0, "pss", "forward"]["num_tokens"] == 10
+    assert all((r["ms"] is None) == (r["error"] is not None) for r in rows)
+    assert by_key[0.5, "eager", "forward"]["speedup_vs_eager"] == 1.0
+
+
+# ----------------------------------------------------------------------------- GPU code generation
+
+COMPILE_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from pss_kernels.ops.rpb_attention import triton_backward, triton_forward
+
+def compile_kernel(fn, arch, dtype, constexprs, num_warps):
+    pointers = {name: "*" + dtype for name in ("Q", "K", "V", "OUT", "DOUT", "DQ", "DK", "DV")}
+    pointers.update(TABLE="*fp32", INDEX="*i64", LSE="*fp32", CLS_PROBS="*fp32", DELTA="*fp32",
+                    DBIAS_SLICES="*fp32")
+    signature = {name: "constexpr" if name in constexprs else pointers.get(
+        name, "fp32" if name in ("qk_scale_log2", "scale") else "i32") for name in fn.arg_names}
+    source = ASTSource(fn=fn, signature=signature,
+                       constexprs={(fn.arg_names.index(name),): value for name, value in constexprs.items()})
+    triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, num_stages=2))
+
+for arch, dtype, precision, pad, block, warps in ((90, "bf16", "tf32", 64, 64, 8), (80, "bf16", "tf32", 64, 64, 8),
+                                                  (90, "fp32", "ieee", 128, 32, 8)):
+    common = dict(HAS_INDEX=True, NUM_PREFIX=1, DOT_PRECISION=precision, HEAD_DIM_PAD=pad, BLOCK_M=32)
+    compile_kernel(triton_forward._rpb_attention_fwd_kernel, arch, dtype,
+                   dict(common, RETURN_CLS=True, BLOCK_M=64, BLOCK_N=block), warps)
+    for deterministic in (False, True):
+        compile_kernel(triton_backward._dkdv_kernel, arch, dtype,
+                       dict(common, DETERMINISTIC=deterministic, BLOCK_N=16 if deterministic else block), warps)
+    compile_kernel(triton_backward._dq_kernel, arch, dtype, dict(common, HAS_INDEX=False, NUM_PREFIX=0,
+                                                                 BLOCK_N=32), 4)
+    compile_kernel(triton_backward._delta_kernel, arch, dtype, dict(BLOCK_M=64, HEAD_DIM_PAD=pad), 4)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU tests run the kernels themselves")
+def test_triton_kernels_compile_for_sm80_and_sm90_without_a_gpu():
+    """Lower every kernel to a cubin with Triton's bundled ptxas: catches what the interpreter
+    accepts but the compiler rejects (non-constexpr globals, layouts, dtypes of tl.dot)."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
+
+
+# ----------------------------------------------------------------------------- GPU (marker cuda)
+
+def _low_precision_torch_attention(q, k, v, table, index, grid_size, num_prefix_tokens):
+    """Eager attention entirely in the inputs' dtype: the 'same-dtype PyTorch' of the flash rule."""
+    from pss_kernels.ops.rpb_attention.reference import gather_bias
+    bias = gather_bias(table.to(q.dtype), index, grid_size, num_prefix_tokens)
+    logits = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + bias
+    return torch.matmul(logits.softmax(-1), v)
+
+
+def _flash_rule_case(batch, heads, head_dim, grid_size, keep_rate, dtype, seed=0):
+    q, k, v, table, index = make_inputs(grid_size, 1, head_dim, keep_rate=keep_rate, batch=batch, heads=heads,
+                                        dtype=dtype, seed=seed)
+    leaves = (q, k, v, table)
+    grad_out = torch.randn(q.shape, device=DEVICE, dtype=dtype)
+    options = dict(grid_size=grid_size, num_prefix_tokens=1)
+    exact_leaves = tuple(t.detach().double().requires_grad_() for t in leaves)
+    exact = rpb_attention_reference(*exact_leaves, index, **options)
+    exact_grads = grads_of(exact, grad_out.double(), exact_leaves)
+    baseline = _low_precision_torch_attention(q, k, v, table, index, grid_size, 1)
+    baseline_grads = grads_of(baseline, grad_out, leaves)
+    out = rpb_attention(q, k, v, table, index, backend="triton", **options)
+    kernel_grads = grads_of(out, grad_out, leaves)
+    for name, got, base, want in zip(("out", "dq", "dk", "dv", "dbias_table"), (out, *kernel_grads),
+                                     (baseline, *baseline_grads), (exact, *exact_grads)):
+        kernel_error = (got.double() - want).abs().max().item()
+        torch_error = (base.double() - want).abs().max().item()
+        assert kernel_error <= 2 * torch_error + 1e-5, (name, kernel_error, torch_error)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("heads, head_dim", [(12, 64), (6, 64)], ids=["vit_base", "deit_small"])
+@pytest.mark.parametrize("keep_rate", [None, 0.6, 0.2], ids=["n197", "n118", "n39"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_gpu_flash_rule_vit_shapes(heads, head_dim, keep_rate, dtype):
+    _flash_rule_case(8, heads, head_dim, (14, 14), keep_rate, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("head_dim", [32, 48, 80, 96, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_flash_rule_head_dims(head_dim, dtype):
+    _flash_rule_case(4, 4, head_dim, (14, 14), 0.5, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("grid_size, keep_rate", [((24, 24), 0.3), ((6, 7), None), ((64, 64), None)],
+                         ids=["n173", "n43", "n4097"])
+def test_gpu_odd_lengths(grid_size, keep_rate):
+    _flash_rule_case(2 if grid_size[0] < 64 else 1, 2, 64, grid_size, keep_rate, torch.bfloat16)
+
+
+@pytest.mark.cuda
+def test_gpu_deterministic_bias_grad_is_bit_identical():
+    q, k, v, table, index = make_inputs((14, 14), 1, 64, keep_rate=0.6, batch=16, heads=6, dtype=torch.bfloat16)
+    grads = []
+    for _ in range(3):
+        out = rpb_attention(q, k, v, table, index, grid_size=(14, 14), backend="triton", deterministic=True)
+        grads.append(torch.autograd.grad(out, table, torch.ones_like(out))[0])
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+    out = rpb_attention(q, k, v, table, index, grid_size=(14, 14), backend="triton")
+    torch.testing.assert_close(torch.autograd.grad(out, table, torch.ones_like(out))[0], grads[0],
+                               rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.cuda
+def test_gpu_index_none_equals_arange_index():
+    q, k, v, table, _ = make_inputs((14, 14), 1, 64, batch=4, heads=6, dtype=torch.bfloat16)
+    arange = torch.arange(197, device=DEVICE).expand(4, -1)
+    options = dict(grid_size=(14, 14), backend="triton")
+    torch.testing.assert_close(rpb_attention(q, k, v, table, None, **options),
+                               rpb_attention(q, k, v, table, arange, **options), rtol=0, atol=0)
