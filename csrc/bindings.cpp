@@ -4,6 +4,8 @@
 #include <pybind11/pybind11.h>
 #include <cuda_runtime.h>
 
+#include "sampling/sample_patches.h"
+
 namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
@@ -13,4 +15,19 @@ PYBIND11_MODULE(_C, m) {
     cudaRuntimeGetVersion(&version);
     return version;
   });
+
+  m.attr("SAMPLE_PATCHES_MAX_PATCHES") = pss::kMaxPatches;
+  m.def("sample_patches_forward", &pss::sample_patches_forward, py::arg("x"), py::arg("scores"),
+        py::arg("x_kept"), py::arg("index"), py::arg("slot"), py::arg("batch"), py::arg("num_tokens"),
+        py::arg("channels"), py::arg("num_prefix"), py::arg("num_kept"), py::arg("dtype"), py::arg("scorer"),
+        py::arg("spatial"), py::arg("stream"),
+        "x (B, N, C) -> x_kept (B, k, C), index (B, k) int64, slot (B, N) int32; contiguous device pointers. "
+        "dtype: 0 float32, 1 float16, 2 bfloat16; scorer: 0 l1, 1 l2, 2 given (scores (B, N - num_prefix) float32).");
+  m.def("sample_patches_backward", &pss::sample_patches_backward, py::arg("grad_kept"), py::arg("slot"),
+        py::arg("grad_x"), py::arg("batch"), py::arg("num_tokens"), py::arg("num_kept"), py::arg("row_bytes"),
+        py::arg("stream"), "grad_x[b, t] = grad_kept[b, slot[b, t]], or 0 where slot < 0; contiguous device pointers.");
+  m.def("select_patches_host", &pss::select_patches_host, py::arg("scores"), py::arg("positions"),
+        py::arg("batch"), py::arg("num_patches"), py::arg("num_kept_patches"), py::arg("spatial"),
+        "Host model of the forward kernel's top-k selection (same keys and bitonic network), for CPU tests: "
+        "scores (B, P) float32 -> positions (B, kept) int64, host pointers.");
 }

@@ -1,0 +1,34 @@
+// C++ entry points of the sample_patches CUDA kernels (pss_kernels/ops/sample_patches/cuda.py).
+// Plain C++ (no CUDA or torch headers): bindings.cpp includes it. Pointers are device pointers
+// to contiguous tensors; the stream is a cudaStream_t passed as an integer. Errors throw
+// std::invalid_argument (bad arguments) or std::runtime_error (CUDA errors).
+#pragma once
+
+#include <cstdint>
+
+namespace pss {
+
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+enum Scorer : int { kL1 = 0, kL2 = 1, kGiven = 2 };
+
+// Patch tokens an image may have: the block sorts next_pow2(P) int64 keys in shared memory.
+constexpr int64_t kMaxPatches = 8192;
+
+// x (B, N, C) -> x_kept (B, k, C), index (B, k) int64, slot (B, N) int32 (row of x_kept, or -1).
+// scores: (B, N - num_prefix) float32 for scorer kGiven, else unused (may be 0).
+void sample_patches_forward(std::uintptr_t x, std::uintptr_t scores, std::uintptr_t x_kept,
+                            std::uintptr_t index, std::uintptr_t slot, int64_t batch, int64_t num_tokens,
+                            int64_t channels, int64_t num_prefix, int64_t num_kept, int dtype, int scorer,
+                            bool spatial, std::uintptr_t stream);
+
+// grad_x[b, t] = grad_kept[b, slot[b, t]] or 0 where slot < 0; rows of row_bytes bytes.
+void sample_patches_backward(std::uintptr_t grad_kept, std::uintptr_t slot, std::uintptr_t grad_x,
+                             int64_t batch, int64_t num_tokens, int64_t num_kept, int64_t row_bytes,
+                             std::uintptr_t stream);
+
+// Host model of the kernel's selection (same keys, same bitonic network), for CPU tests:
+// scores (B, P) float32 in host memory -> positions (B, num_kept_patches) int64 in x_kept order.
+void select_patches_host(std::uintptr_t scores, std::uintptr_t positions, int64_t batch,
+                         int64_t num_patches, int64_t num_kept_patches, bool spatial);
+
+}  // namespace pss

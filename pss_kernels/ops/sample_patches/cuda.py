@@ -1,0 +1,61 @@
+"""The "cuda" backend of `sample_patches`: a thin wrapper over pss_kernels._C (csrc/sampling/).
+
+The kernels take contiguous device pointers, so inputs are made contiguous here (a stride-0
+gradient from `.sum()` becomes a real tensor); shapes are checked before a pointer crosses.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+from ..._backends import cuda_extension
+
+DTYPE_IDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+SCORER_IDS = {"l1": 0, "l2": 1, "given": 2}
+
+
+def _extension():
+    ext = cuda_extension()
+    if ext is None:  # resolve_backend has already said why; this guards direct calls
+        raise RuntimeError("sample_patches: the cuda backend needs the compiled pss_kernels._C extension")
+    return ext
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def sample_patches_forward(x: torch.Tensor, scores: Optional[torch.Tensor], num_kept: int, scorer: str,
+                           num_prefix_tokens: int, order: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_kept (B, k, C), index (B, k) int64, slot (B, N) int32) for CUDA tensors x (B, N, C)."""
+    ext = _extension()
+    batch, num_tokens, channels = x.shape
+    if num_tokens - num_prefix_tokens > ext.SAMPLE_PATCHES_MAX_PATCHES:
+        raise ValueError(f"the cuda backend of sample_patches handles at most {ext.SAMPLE_PATCHES_MAX_PATCHES} "
+                         f"patch tokens a row, got x of shape {tuple(x.shape)} with "
+                         f"num_prefix_tokens={num_prefix_tokens}")
+    x = x.contiguous()
+    x_kept = x.new_empty(batch, num_kept, channels)
+    index = torch.empty(batch, num_kept, dtype=torch.int64, device=x.device)
+    slot = torch.empty(batch, num_tokens, dtype=torch.int32, device=x.device)
+    scores_ptr = 0
+    if scorer == "given":
+        scores = scores.to(device=x.device, dtype=torch.float32).contiguous()
+        scores_ptr = scores.data_ptr()
+    with torch.cuda.device(x.device):
+        ext.sample_patches_forward(x.data_ptr(), scores_ptr, x_kept.data_ptr(), index.data_ptr(), slot.data_ptr(),
+                                   batch, num_tokens, channels, num_prefix_tokens, num_kept, DTYPE_IDS[x.dtype],
+                                   SCORER_IDS[scorer], order == "spatial", _stream(x.device))
+    return x_kept, index, slot
+
+
+def sample_patches_backward(grad_kept: torch.Tensor, slot: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """grad_x (B, N, C): grad_kept's rows at their tokens (slot >= 0), zeros elsewhere."""
+    ext = _extension()
+    grad_kept = grad_kept.contiguous()
+    slot = slot.contiguous()
+    batch, num_kept, channels = grad_kept.shape
+    grad_x = grad_kept.new_empty(batch, num_tokens, channels)
+    with torch.cuda.device(grad_kept.device):
+        ext.sample_patches_backward(grad_kept.data_ptr(), slot.data_ptr(), grad_x.data_ptr(), batch, num_tokens,
+                                    num_kept, channels * grad_kept.element_size(), _stream(grad_kept.device))
+    return grad_x
