@@ -1,0 +1,126 @@
+"""ViT building blocks: patch embedding, plain attention, MLP, layer scale, stochastic depth, block.
+
+Token tensors are (B, n, C) with the CLS token first; `index` is the (B, n) position of each
+token in the full sequence of N = 1 + Gh*Gw tokens (None when no token was dropped).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.rpb_attention.module import RelPosAttention
+
+
+class PatchEmbed(nn.Module):
+    """(B, C_in, H, W) images -> (B, Gh*Gw, C) tokens, row-major over the patch grid."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size must be divisible by patch_size={patch_size}, got {img_size}")
+        self.img_size, self.patch_size = img_size, patch_size
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() != 4 or tuple(images.shape[-2:]) != (self.img_size, self.img_size):
+            raise ValueError(f"images must have shape (B, C, {self.img_size}, {self.img_size}), "
+                             f"got {tuple(images.shape)}")
+        return self.proj(images).flatten(2).transpose(1, 2)
+
+
+class PlainAttention(nn.Module):
+    """Multi-head self-attention without position bias (the baseline), on SDPA.
+
+    `index` is accepted for the same call signature as RelPosAttention and unused: without a
+    relative bias, positions only enter through the absolute embedding the tokens carry.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        self.num_heads, self.attn_drop = num_heads, attn_drop
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        batch, num_tokens, dim = x.shape
+        q, k, v = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, num_tokens, dim)))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class LayerScale(nn.Module):
+    """x * gamma with a learnable per-channel gamma (CaiT / BEiT), initialised small."""
+
+    def __init__(self, dim: int, init_value: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zero a residual branch for a random subset of images, rescale the rest.
+
+    out[b] = x[b] * m_b / (1 - p), m_b ~ Bernoulli(1 - p), during training only.
+    """
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        if not 0.0 <= drop_prob < 1.0:
+            raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob}")
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep_prob = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep_prob)
+        return x * mask / keep_prob
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; attention is RelPosAttention (own bias table) or PlainAttention."""
+
+    def __init__(self, dim: int, num_heads: int, grid_size: Tuple[int, int], *, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, rpb: bool = True, layer_scale_init: Optional[float] = None,
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, attn_impl: str = "pss",
+                 backend: Optional[str] = None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        if rpb:
+            self.attn = RelPosAttention(dim, num_heads, grid_size, num_prefix_tokens=1, qkv_bias=qkv_bias,
+                                        attn_drop=attn_drop, proj_drop=drop, impl=attn_impl, backend=backend)
+        else:
+            self.attn = PlainAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()
+        self.drop_path2 = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), index)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

@@ -1,0 +1,122 @@
+"""Reference ViT for Patch Sampling Schedule training (PSS paper, Fig. 2).
+
+    images (B, 3, H, W)
+      -> patch embedding (Conv2d, stride = patch)         (B, P, C),   P = (H/p)(W/p)
+      -> [CLS] + patches (+ absolute position embedding)  (B, N, C),   N = 1 + P
+      -> PatchSampler: keep the top-k tokens by L1 norm   (B, k, C),   k = max(2, round(rho N))
+         (scored after the position embedding, as the paper's DeiT variant; skipped at rho = 1)
+      -> depth x Block(x, index): attention with a relative position bias gathered per
+         image from `index` (B, k), one bias table per layer
+      -> mean over the kept patch tokens (CLS excluded) -> LayerNorm -> Linear head
+
+With `rpb=False` every block uses plain SDPA attention without bias (the baseline ViT).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Set, Tuple
+
+import torch
+from torch import nn
+
+from .._checks import check_choice, check_keep_rate
+from ..ops.sample_patches.module import PatchSampler
+from .layers import Block, PatchEmbed
+
+ATTN_IMPLS = ("pss", "eager", "sdpa-bias", "flex")
+SAMPLER_IMPLS = ("pss", "eager")
+
+
+class VisionTransformer(nn.Module):
+    num_prefix_tokens = 1  # the CLS token
+
+    def __init__(self, *, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
+                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, rpb: bool = True, abs_pos_embed: bool = True,
+                 layer_scale_init: Optional[float] = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, keep_rate: float = 1.0, scorer: str = "l1",
+                 attn_impl: str = "pss", sampler_impl: str = "pss", backend: Optional[str] = None):
+        super().__init__()
+        check_choice("attn_impl", attn_impl, ATTN_IMPLS)
+        check_choice("sampler_impl", sampler_impl, SAMPLER_IMPLS)
+        self.num_classes, self.embed_dim, self.rpb = num_classes, embed_dim, rpb
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.grid_size = self.patch_embed.grid_size
+        num_tokens = self.num_prefix_tokens + self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim)) if abs_pos_embed else None
+        self.pos_drop = nn.Dropout(drop_rate)
+        self.sampler = PatchSampler(check_keep_rate(keep_rate), scorer=scorer,
+                                    num_prefix_tokens=self.num_prefix_tokens, impl=sampler_impl, backend=backend)
+        # Stochastic depth grows linearly with depth (DeiT / BEiT).
+        drop_path_rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, self.grid_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, rpb=rpb,
+                  layer_scale_init=layer_scale_init, drop=drop_rate, attn_drop=attn_drop_rate,
+                  drop_path=rate, attn_impl=attn_impl, backend=backend)
+            for rate in drop_path_rates])
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # ViT / DeiT: truncated normal(0.02) for embeddings and linear layers, patch projection as a linear map.
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        proj = self.patch_embed.proj
+        nn.init.trunc_normal_(proj.weight, std=math.sqrt(1.0 / proj.weight[0].numel()))
+        nn.init.zeros_(proj.bias)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    @property
+    def keep_rate(self) -> float:
+        """Fraction rho of tokens (CLS included) the sampler keeps; 1.0 skips sampling."""
+        return self.sampler.keep_rate
+
+    @keep_rate.setter
+    def keep_rate(self, value: float) -> None:
+        self.sampler.keep_rate = check_keep_rate(value)
+
+    def no_weight_decay(self) -> Set[str]:
+        """Parameter names exempt from weight decay besides 1-d ones (norms, biases, layer scale)."""
+        return {name for name, _ in self.named_parameters()
+                if name in ("cls_token", "pos_embed") or name.endswith("relative_position_bias_table")}
+
+    def _sample(self, x: torch.Tensor, keep_rate: Optional[float]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        keep_rate = self.sampler.keep_rate if keep_rate is None else check_keep_rate(keep_rate)
+        if keep_rate == 1.0:  # the baseline path: no scoring, no gather, attention with index=None
+            return x, None
+        stored = self.sampler.keep_rate
+        self.sampler.keep_rate = keep_rate  # a per-call rate leaves model.keep_rate as it was
+        try:
+            return self.sampler(x)
+        finally:
+            self.sampler.keep_rate = stored
+
+    def forward_features(self, images: torch.Tensor,
+                         keep_rate: Optional[float] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(tokens (B, k, C) after the last block, index (B, k) int64 positions in the full sequence
+        of N = 1 + P tokens, or None when every token was kept). Patch t sits at position t + 1."""
+        patches = self.patch_embed(images)
+        x = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        x, index = self._sample(self.pos_drop(x), keep_rate)
+        for block in self.blocks:
+            x = block(x, index)
+        return x, index
+
+    def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        pooled = tokens[:, self.num_prefix_tokens:].mean(dim=1)
+        return self.head(self.head_drop(self.fc_norm(pooled)))
+
+    def forward(self, images: torch.Tensor, keep_rate: Optional[float] = None) -> torch.Tensor:
+        """(B, num_classes) logits; `keep_rate` overrides `model.keep_rate` for this call only."""
+        tokens, _ = self.forward_features(images, keep_rate)
+        return self.forward_head(tokens)

@@ -1,0 +1,8 @@
+"""Training with a Patch Sampling Schedule: `python -m pss_kernels.train` (or `pss-train`)."""
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import TrainConfig, parse_config
+from .distributed import DistInfo, init_distributed
+from .trainer import Trainer, build_model, train
+
+__all__ = ["CheckpointError", "DistInfo", "TrainConfig", "Trainer", "build_model", "init_distributed",
+           "load_checkpoint", "parse_config", "save_checkpoint", "train"]

@@ -1,0 +1,27 @@
+"""`python -m pss_kernels.train ...` / `pss-train ...` (also under torchrun); `--help` lists the flags."""
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+from .checkpoint import CheckpointError
+from .config import parse_config
+from .distributed import init_distributed, shutdown_distributed
+from .trainer import train
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    config = parse_config(argv)
+    dist_info = init_distributed(config.device)
+    try:
+        train(config, dist_info)
+    except (CheckpointError, ValueError) as err:
+        print(f"pss-train: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

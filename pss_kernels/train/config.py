@@ -1,0 +1,178 @@
+"""TrainConfig: every setting of a training run, and the command line that fills it."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from ..models import MODEL_CONFIGS
+from ..models.vit import ATTN_IMPLS, SAMPLER_IMPLS
+from .data import DATASETS
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = "deit_small"
+    img_size: Optional[int] = None          # None: the dataset's default (digits 32, else 224)
+    patch_size: Optional[int] = None        # None: the named config's value (16)
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    rpb: bool = True
+    abs_pos_embed: Optional[bool] = None
+    layer_scale_init: Optional[float] = None  # None: the named config's; 0 disables layer scale
+    drop_path: Optional[float] = None
+    scorer: str = "l1"
+    attn_impl: str = "pss"
+    sampler_impl: str = "pss"
+    backend: Optional[str] = None
+    # data
+    data: str = "digits"
+    data_dir: Optional[str] = None
+    num_classes: Optional[int] = None
+    synthetic_size: int = 1280
+    workers: int = 2
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 64                     # per process
+    lr: float = 5e-4
+    min_lr: float = 1e-5
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    clip_grad: float = 0.0                   # max gradient norm; 0 disables clipping
+    ema_decay: float = 0.0                   # 0 disables EMA
+    schedule: str = "cyclic:0.2,1.0"
+    precision: str = "auto"                  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False
+    seed: int = 0
+    device: str = "auto"
+    # run
+    out_dir: str = "runs/pss"
+    resume: Optional[str] = None
+    save_every: int = 0                      # steps between checkpoints; 0: at epoch ends only
+    stop_at_step: Optional[int] = None       # stop early; the LR and patch schedules keep their length
+    eval_every: int = 1                      # epochs between evaluations; 0: only at the end
+    log_interval: int = 10
+    progress: bool = True
+    log_all_ranks: bool = False
+    world_size: int = 1                      # filled from torchrun, recorded for resume checks
+
+
+# Settings a resumed run may change without breaking bit-for-bit continuation of the training state
+# (where things are, how they are logged, how fast they run). Every other setting must match.
+RESUMABLE_CHANGES = frozenset({
+    "data_dir", "workers", "device", "out_dir", "resume", "save_every", "stop_at_step", "eval_every",
+    "log_interval", "progress", "log_all_ranks", "compile", "attn_impl", "sampler_impl", "backend",
+})
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's line breaks; appends real defaults (not None / flags) to each option's help."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        shown = not (default is None or default is argparse.SUPPRESS or isinstance(default, bool))
+        if action.option_strings and shown and "(default" not in text:  # some helps state their own
+            text += " (default: %(default)s)"
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="pss-train", description="Train a ViT with a Patch Sampling Schedule (one process, or torchrun + DDP).",
+        formatter_class=HelpFormatter,
+        epilog="examples:\n"
+               "  pss-train --data digits --model deit_tiny --embed-dim 64 --depth 4 --num-heads 4 "
+               "--patch-size 8 --epochs 10 --schedule cyclic:0.2,1.0\n"
+               "  torchrun --nproc_per_node 8 -m pss_kernels.train --data folder --data-dir /imagenet "
+               "--model deit_small --epochs 300 --batch-size 128 --lr 1e-3 --schedule cyclic:0.2,1.0\n"
+               "schedules: see pss_kernels.schedules.build_schedule (none, fixed:R, linear:A,B, cyclic:A,B, "
+               "cosine:A,B, patchdropout[:LOW,HIGH[,P_FULL]], warmup_cosine:T, budget:F)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", choices=sorted(MODEL_CONFIGS), default=defaults.model, help="named ViT config")
+    model.add_argument("--img-size", type=int, help="image side (default: 32 for digits, else 224)")
+    model.add_argument("--patch-size", type=int, help="override the named config's patch size")
+    model.add_argument("--embed-dim", type=int, help="override the named config's width")
+    model.add_argument("--depth", type=int, help="override the named config's depth")
+    model.add_argument("--num-heads", type=int, help="override the named config's heads")
+    model.add_argument("--no-rpb", dest="rpb", action="store_false",
+                       help="plain ViT: SDPA attention without relative position bias (the baseline)")
+    model.add_argument("--abs-pos-embed", action=argparse.BooleanOptionalAction, default=None,
+                       help="absolute position embedding (default: the config's; on with --no-rpb)")
+    model.add_argument("--layer-scale-init", type=float, help="layer scale init value; 0 disables")
+    model.add_argument("--drop-path", type=float, help="stochastic depth rate (default: the config's)")
+    model.add_argument("--scorer", choices=("l1", "l2", "random"), default=defaults.scorer,
+                       help="patch scoring: L1 magnitude (PSS), L2, or random (PatchDropout)")
+    model.add_argument("--attn-impl", choices=ATTN_IMPLS, default=defaults.attn_impl,
+                       help="pss: fused rpb_attention; eager / sdpa-bias / flex: the peers it is measured against")
+    model.add_argument("--sampler-impl", choices=SAMPLER_IMPLS, default=defaults.sampler_impl,
+                       help="pss: fused sample_patches; eager: the published argsort + gather path")
+    model.add_argument("--backend", choices=("torch", "triton", "cuda"), help="kernel backend (default: fastest)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", choices=DATASETS, default=defaults.data,
+                      help="digits: scikit-learn's digits (CPU demo); synthetic: random images; folder: --data-dir")
+    data.add_argument("--data-dir", help="ImageFolder root with train/ and val/ (for --data folder)")
+    data.add_argument("--num-classes", type=int, help="classes of the synthetic data (default 1000)")
+    data.add_argument("--synthetic-size", type=int, default=defaults.synthetic_size,
+                      help="synthetic training images (validation: a quarter)")
+    data.add_argument("--workers", type=int, default=defaults.workers, help="data loader processes per rank")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=defaults.epochs, help="length of the run")
+    optim.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process")
+    optim.add_argument("--lr", type=float, default=defaults.lr, help="peak AdamW learning rate")
+    optim.add_argument("--min-lr", type=float, default=defaults.min_lr, help="cosine floor")
+    optim.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs, help="linear LR warm-up")
+    optim.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
+                       help="AdamW decay (not on norms, biases, CLS, position embedding, RPB tables)")
+    optim.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing,
+                       help="cross-entropy label smoothing")
+    optim.add_argument("--clip-grad", type=float, default=defaults.clip_grad, help="max grad norm; 0: off")
+    optim.add_argument("--ema-decay", type=float, default=defaults.ema_decay, help="EMA of weights; 0: off")
+    optim.add_argument("--schedule", default=defaults.schedule, help="patch sampling schedule spec")
+    optim.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
+                       help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    optim.add_argument("--compile", action="store_true", help="torch.compile the model")
+    optim.add_argument("--seed", type=int, default=defaults.seed, help="initial weights, data order, augmentation")
+    optim.add_argument("--device", default=defaults.device, help="auto, cpu or cuda")
+    run = parser.add_argument_group("run")
+    run.add_argument("--out-dir", default=defaults.out_dir,
+                     help="checkpoint.pt, log.jsonl, summary.json go here")
+    run.add_argument("--resume", help="checkpoint to continue from, or 'auto' for OUT_DIR/checkpoint.pt if present")
+    run.add_argument("--save-every", type=int, default=defaults.save_every,
+                     help="steps between checkpoints (0: at epoch ends only)")
+    run.add_argument("--stop-at-step", type=int,
+                     help="stop after this many steps (LR and patch schedules keep the full run's length)")
+    run.add_argument("--eval-every", type=int, default=defaults.eval_every,
+                     help="epochs between evaluations (0: at the end only)")
+    run.add_argument("--log-interval", type=int, default=defaults.log_interval,
+                     help="steps between progress lines when stderr is not a terminal")
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    run.add_argument("--log-all-ranks", action="store_true",
+                     help="every rank writes log.rankR.jsonl (rank 0 always writes log.jsonl)")
+    return parser
+
+
+def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    args = build_parser().parse_args(argv)
+    return TrainConfig(**vars(args))
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    """A TrainConfig from a checkpoint's dict; unknown keys (a newer writer) are an error."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"config has unknown settings {unknown}")
+    return TrainConfig(**values)
+

@@ -1,0 +1,136 @@
+"""torchrun + DistributedDataParallel plumbing, and the sampler that shards data across ranks.
+
+`torchrun --nproc_per_node G [--nnodes M ...] -m pss_kernels.train ...` sets RANK, WORLD_SIZE
+and LOCAL_RANK; the process group uses NCCL on CUDA and gloo on CPU. Nothing here exchanges
+the keep rate: every rank computes rho = schedule.keep_rate_at(step) from the same step.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator, List, Tuple
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+_SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, epoch) over the 63-bit seed space
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """"auto" -> cuda:LOCAL_RANK when CUDA is available, else cpu; "cuda" -> cuda:LOCAL_RANK."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' but torch.cuda.is_available() is False")
+        return torch.device("cuda", local_rank)
+    return torch.device(device)
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the torchrun process group when WORLD_SIZE > 1; otherwise a single-process DistInfo."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    resolved = resolve_device(device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if resolved.type == "cuda":
+            torch.cuda.set_device(resolved)
+        dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
+    return DistInfo(rank, world_size, local_rank, resolved)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: List[float], info: DistInfo) -> List[float]:
+    """Element-wise sum over ranks (float64 on the training device)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=info.device)
+    if info.enabled:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def all_gather_objects(obj, info: DistInfo) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if not info.enabled:
+        return [obj]
+    gathered = [None] * info.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def sample_seed(seed: int, epoch: int, index: int, num_samples: int) -> int:
+    """A distinct augmentation seed for each (run seed, epoch, sample index)."""
+    return (seed * _SEED_MIX + epoch * num_samples + index) % (1 << 63)
+
+
+class ShardedSampler(Sampler):
+    """DistributedSampler with sample keys and a start offset.
+
+    Epoch e permutes range(num_samples) with a generator seeded by (seed, e) (identity order
+    without `shuffle`); rank r takes positions r, r + W, r + 2W, ... of it. With `drop_last`
+    the permutation is cut to a multiple of W first so every rank runs the same number of
+    steps (DDP needs that); without it ranks may differ by one sample (evaluation sums counts).
+    `set_epoch(e, start=s)` skips this rank's first s samples: a resume mid-epoch continues
+    with exactly the samples the uninterrupted run would have seen.
+    Yields (index, sample_seed(seed, e, index)).
+    """
+
+    def __init__(self, num_samples: int, *, rank: int = 0, world_size: int = 1, shuffle: bool = True,
+                 seed: int = 0, drop_last: bool = True):
+        if num_samples < world_size:
+            raise ValueError(f"num_samples={num_samples} is smaller than world_size={world_size}")
+        self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _rank_indices(self) -> List[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed((self.seed * _SEED_MIX + self.epoch) % (1 << 63))
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+        else:
+            order = list(range(self.num_samples))
+        if self.drop_last:
+            order = order[:self.num_samples - self.num_samples % self.world_size]
+        return order[self.rank::self.world_size]
+
+    def samples_per_rank(self) -> int:
+        """This rank's samples in a whole epoch (before any start offset)."""
+        if self.drop_last:
+            return self.num_samples // self.world_size
+        return len(range(self.rank, self.num_samples, self.world_size))
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        for index in self._rank_indices()[self.start:]:
+            yield index, sample_seed(self.seed, self.epoch, index, self.num_samples)
+
+    def __len__(self) -> int:
+        return max(0, self.samples_per_rank() - self.start)

@@ -1,0 +1,305 @@
+"""The training loop: a ViT, a patch sampling schedule, AdamW + warm-up/cosine LR, checkpoints.
+
+Each iteration t:
+    rho_t = schedule.keep_rate_at(t)            (pure function of t: same on every rank)
+    model.keep_rate = rho_t                     (1.0 skips the sampler; otherwise k = round(rho_t N))
+    loss = CE_smooth(model(images), labels)     (bf16 autocast on CUDA)
+    AdamW step, LR step, schedule step, EMA update
+Everything random is either restored from the checkpoint (global RNGs) or a function of
+(seed, epoch, index) (data order and augmentation), so `--resume` continues bit for bit.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from ..models import create_model
+from ..models.vit import VisionTransformer
+from ..ops.sample_patches import num_kept_tokens
+from ..schedules import build_schedule
+from .checkpoint import (CheckpointError, capture_rng_state, check_config_matches, load_checkpoint, load_state,
+                         restore_rng_state, save_checkpoint)
+from .config import RESUMABLE_CHANGES, TrainConfig, config_to_dict
+from .data import DataInfo, build_dataset
+from .distributed import DistInfo, ShardedSampler, all_gather_objects, barrier
+from .evaluation import autocast_context, evaluate, synchronize
+from .optim import ModelEma, build_lr_scheduler, build_optimizer
+from .reporting import JsonLinesLog, KeepRateTimes, ProgressBar, format_summary, projected_time_summary
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def build_model(config: TrainConfig, info: DataInfo) -> VisionTransformer:
+    """The run's model: the named config with the command line's overrides."""
+    overrides = {"patch_size": config.patch_size, "embed_dim": config.embed_dim, "depth": config.depth,
+                 "num_heads": config.num_heads, "abs_pos_embed": config.abs_pos_embed,
+                 "drop_path_rate": config.drop_path}
+    overrides = {name: value for name, value in overrides.items() if value is not None}
+    if config.layer_scale_init is not None:
+        overrides["layer_scale_init"] = config.layer_scale_init or None  # 0 switches layer scale off
+    return create_model(config.model, img_size=info.img_size, num_classes=info.num_classes, rpb=config.rpb,
+                        attn_impl=config.attn_impl, sampler_impl=config.sampler_impl, scorer=config.scorer,
+                        backend=config.backend, **overrides)
+
+
+def build_data(config: TrainConfig, train: bool):
+    return build_dataset(config.data, train=train, img_size=config.img_size, data_dir=config.data_dir,
+                         num_classes=config.num_classes, synthetic_size=config.synthetic_size, seed=config.seed)
+
+
+def autocast_dtype_for(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def parameters_sha256(model: torch.nn.Module) -> str:
+    """Digest of every parameter's bytes, in order: equal digests = bit-identical weights."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+MAX_COMPILED_KEEP_RATES = 16
+
+
+def _raise_recompile_limit(distinct_keep_rates: int) -> None:
+    # Each keep rate is a different token count, hence one compiled graph per rate (training only:
+    # evaluation runs the eager module). A continuous schedule (unquantised warmup_cosine) has
+    # thousands of rates: past the cap dynamo runs the new ones eagerly instead of compiling forever.
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), min(distinct_keep_rates + 2, MAX_COMPILED_KEEP_RATES)))
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, dist_info: DistInfo):
+        config.world_size = dist_info.world_size
+        self.config, self.dist, self.device = config, dist_info, dist_info.device
+        self.out_dir = Path(config.out_dir)
+        self._check_same_config_on_every_rank()
+
+        _seed_everything(config.seed)  # identical initial weights on every rank
+        self.train_set, self.info = build_data(config, train=True)
+        self.val_set, _ = build_data(config, train=False)
+        self.model = build_model(config, self.info).to(self.device)
+        self.num_tokens = 1 + self.model.patch_embed.num_patches
+
+        self.train_sampler = ShardedSampler(len(self.train_set), rank=dist_info.rank,
+                                            world_size=dist_info.world_size, shuffle=True, seed=config.seed)
+        self.steps_per_epoch = self.train_sampler.samples_per_rank() // config.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"batch_size={config.batch_size} exceeds the {self.train_sampler.samples_per_rank()} "
+                             f"training images per process: no full batch per epoch")
+        self.schedule = build_schedule(config.schedule, total_steps=config.epochs * self.steps_per_epoch,
+                                       steps_per_epoch=self.steps_per_epoch)
+        self.total_steps = self.schedule.total_steps  # a budget schedule sets its own length
+        self.optimizer = build_optimizer(self.model, lr=config.lr, weight_decay=config.weight_decay)
+        self.lr_scheduler = build_lr_scheduler(
+            self.optimizer, lr=config.lr, min_lr=config.min_lr, total_steps=self.total_steps,
+            warmup_steps=min(self.total_steps, round(config.warmup_epochs * self.steps_per_epoch)))
+        self.ema = ModelEma(self.model, config.ema_decay) if config.ema_decay > 0 else None
+        self.autocast_dtype = autocast_dtype_for(config.precision, self.device)
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.train_loader = self._loader(self.train_set, self.train_sampler)
+        self.val_loader = self._loader(self.val_set, ShardedSampler(
+            len(self.val_set), rank=dist_info.rank, world_size=dist_info.world_size, shuffle=False,
+            seed=config.seed, drop_last=False), drop_last=False)
+
+        self.train_model = self.model
+        if dist_info.enabled:
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        if config.compile:
+            _raise_recompile_limit(len(self.schedule.shares()))
+            self.train_model = torch.compile(self.train_model)
+
+        self.step = 0
+        self.times = KeepRateTimes()
+        _seed_everything(config.seed + dist_info.rank)  # dropout / drop-path masks differ across ranks
+        if config.resume:
+            self._resume(config.resume)
+
+    # ---- set-up helpers -------------------------------------------------------------------
+    def _check_same_config_on_every_rank(self) -> None:
+        settings = json.dumps(config_to_dict(self.config), sort_keys=True)
+        if len(set(all_gather_objects(settings, self.dist))) > 1:
+            raise ValueError("ranks were started with different settings; launch every rank with the same "
+                             "command line")
+
+    def _loader(self, dataset, sampler: ShardedSampler, drop_last: bool = True) -> DataLoader:
+        # A private generator: creating a loader iterator must not draw from the global RNG, or a run
+        # resumed mid-epoch would see different dropout masks than the uninterrupted one.
+        return DataLoader(dataset, batch_size=self.config.batch_size, sampler=sampler, drop_last=drop_last,
+                          num_workers=self.config.workers, pin_memory=self.device.type == "cuda",
+                          generator=torch.Generator())
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        rng_states = all_gather_objects(capture_rng_state(), self.dist)
+        return {
+            "config": config_to_dict(self.config),
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "rng": rng_states,
+            "timing": self.times.state_dict(),
+        }
+
+    def save(self) -> None:
+        state = self.state_dict()  # every rank: the RNG gather is collective
+        if self.dist.is_main:
+            save_checkpoint(self.out_dir / CHECKPOINT_NAME, state)
+        barrier(self.dist)
+
+    def _resume(self, resume: str) -> None:
+        path = self.out_dir / CHECKPOINT_NAME if resume == "auto" else Path(resume)
+        if resume == "auto" and not path.is_file():
+            return  # nothing to resume: a fresh run
+        state = load_checkpoint(path)
+        try:
+            check_config_matches(state["config"], config_to_dict(self.config), RESUMABLE_CHANGES, path)
+            load_state(self.model, state["model"], "model", path)
+            if self.ema is not None:
+                load_state(self.ema, state["ema"], "EMA", path)
+            load_state(self.optimizer, state["optimizer"], "optimizer", path)
+            load_state(self.lr_scheduler, state["lr_scheduler"], "LR scheduler", path)
+            load_state(self.schedule, state["schedule"], "patch schedule", path)
+            self.times.load_state_dict(state["timing"])
+            self.step = int(state["step"])
+            rng = state["rng"][self.dist.rank]
+        except KeyError as err:
+            raise CheckpointError(f"checkpoint {str(path)!r} lacks {err}; it was not written by this trainer") from err
+        if self.step != self.schedule.current_step or self.step > self.total_steps:
+            raise CheckpointError(f"checkpoint {str(path)!r} is inconsistent: step {self.step}, patch schedule at "
+                                  f"step {self.schedule.current_step}, run length {self.total_steps}")
+        restore_rng_state(rng)
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, keep_rate: float) -> torch.Tensor:
+        self.model.keep_rate = keep_rate
+        with autocast_context(self.device, self.autocast_dtype):
+            logits = self.train_model(images)
+        loss = self.criterion(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.schedule.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return loss.detach()
+
+    def evaluate(self) -> dict:
+        result = {"type": "eval", "step": self.step, "epoch": self.step / self.steps_per_epoch}
+        models = {"": self.model, "ema_": self.ema.module if self.ema is not None else None}
+        for prefix, model in models.items():
+            if model is not None:
+                metrics = evaluate(model, self.val_loader, device=self.device, keep_rate=1.0,
+                                   autocast_dtype=self.autocast_dtype, dist_info=self.dist)
+                result.update({f"{prefix}top1": metrics["top1"], f"{prefix}loss": metrics["loss"]})
+        return result
+
+    def fit(self) -> dict:
+        """Train until the schedule's last step (or --stop-at-step); returns the run summary."""
+        config, dist_info = self.config, self.dist
+        stop = self.total_steps if config.stop_at_step is None else min(self.total_steps, config.stop_at_step)
+        log = JsonLinesLog(self.out_dir / "log.jsonl") if dist_info.is_main else (
+            JsonLinesLog(self.out_dir / f"log.rank{dist_info.rank}.jsonl") if config.log_all_ranks else None)
+        bar = ProgressBar(self.total_steps, config.log_interval, enabled=config.progress and dist_info.is_main)
+        if dist_info.is_main:
+            bar.message(f"pss-train: {config.model} on {config.data} ({len(self.train_set)} images), "
+                        f"{self.total_steps} steps x {config.batch_size * dist_info.world_size} images, "
+                        f"schedule {self.schedule!r}, mean rho {self.schedule.mean_keep_rate():.3f}")
+        last_eval = None
+        global_batch = config.batch_size * dist_info.world_size
+        start_wall = time.perf_counter()
+        while self.step < stop:
+            epoch, batch_in_epoch = divmod(self.step, self.steps_per_epoch)
+            self.train_sampler.set_epoch(epoch, start=batch_in_epoch * config.batch_size)
+            self.train_model.train()
+            batch_start = time.perf_counter()
+            for images, labels in self.train_loader:
+                images = images.to(self.device, non_blocking=True)
+                labels = labels.to(self.device, non_blocking=True)
+                compute_start = time.perf_counter()
+                rho, lr = self.schedule.keep_rate, self.optimizer.param_groups[0]["lr"]
+                loss = self.train_step(images, labels, rho)
+                synchronize(self.device)
+                done = time.perf_counter()
+                data_time, compute_time = compute_start - batch_start, done - compute_start
+                self.times.add(rho, data_time + compute_time)
+                loss_value = loss.item()
+                if not np.isfinite(loss_value):
+                    raise FloatingPointError(f"loss is {loss_value} at step {self.step} (rho={rho})")
+                record = {"type": "train", "step": self.step, "epoch": epoch, "rho": rho,
+                          "tokens": num_kept_tokens(self.num_tokens, rho) if rho < 1.0 else self.num_tokens,
+                          "loss": loss_value, "lr": lr,
+                          "data_time": data_time, "compute_time": compute_time,
+                          "images_per_s": global_batch / (data_time + compute_time)}
+                self.step += 1
+                if log is not None:
+                    log.write(record)
+                bar.update(self.step, f"ep {epoch + 1} rho={rho:.2f} loss={loss_value:.4f} "
+                                      f"lr={lr:.2e} {record['images_per_s']:.0f} img/s")
+                if config.save_every and self.step % config.save_every == 0:
+                    self.save()
+                if self.step >= stop or self.step % self.steps_per_epoch == 0:
+                    break
+                batch_start = time.perf_counter()
+            finished_epoch = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
+            if finished_epoch:
+                epochs_done = -(-self.step // self.steps_per_epoch)
+                if self.step == self.total_steps or (config.eval_every and epochs_done % config.eval_every == 0):
+                    last_eval = self.evaluate()
+                    if log is not None:
+                        log.write(last_eval)
+                    bar.message(f"epoch {epochs_done}: val top-1 {last_eval['top1']:.2f} % "
+                                f"loss {last_eval['loss']:.4f}")
+            if finished_epoch or self.step >= stop:
+                if not (config.save_every and self.step % config.save_every == 0):
+                    self.save()
+        bar.close()
+        return self._finish(log, last_eval, time.perf_counter() - start_wall)
+
+    def _finish(self, log: Optional[JsonLinesLog], last_eval: Optional[dict], wall_s: float) -> dict:
+        timing = projected_time_summary(self.times, self.schedule.shares(), self.total_steps,
+                                        baseline_steps=self.config.epochs * self.steps_per_epoch)
+        summary = {"type": "end", "step": self.step, "total_steps": self.total_steps,
+                   "finished": self.step == self.total_steps, "wall_s": wall_s,
+                   "schedule": repr(self.schedule), "mean_keep_rate": self.schedule.mean_keep_rate(),
+                   "final_eval": last_eval, "timing": timing, "params_sha256": parameters_sha256(self.model)}
+        if log is not None:
+            log.write(summary)
+            log.close()
+        if self.dist.is_main:
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+            if self.config.progress:
+                print(format_summary(timing), flush=True)
+        return summary
+
+
+def train(config: TrainConfig, dist_info: DistInfo) -> dict:
+    return Trainer(config, dist_info).fit()

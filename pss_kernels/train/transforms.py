@@ -1,0 +1,98 @@
+"""Image transforms in plain torch (no torchvision): crop, resize, flip, normalise.
+
+Images are (3, H, W) float tensors in [0, 1]. Random transforms draw from the `generator`
+they are given, never from the global RNG, so a sample's augmentation is a function of its
+seed alone (the sampler derives it from (seed, epoch, index)): resumed runs and any number of
+loader workers see the same crops.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def resize(image: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize to (height, width), antialiased when shrinking."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def normalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    mean_t = torch.tensor(mean, dtype=image.dtype).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=image.dtype).view(-1, 1, 1)
+    return (image - mean_t) / std_t
+
+
+def _uniform(generator: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * torch.rand((), generator=generator).item()
+
+
+def random_resized_crop_box(height: int, width: int, generator: torch.Generator,
+                            scale: Tuple[float, float] = (0.08, 1.0),
+                            ratio: Tuple[float, float] = (3 / 4, 4 / 3)) -> Tuple[int, int, int, int]:
+    """(top, left, h, w) of a crop covering a random fraction `scale` of the area with a random
+    aspect ratio (log-uniform in `ratio`); Inception's recipe, centre crop after 10 misses."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * _uniform(generator, *scale)
+        aspect = math.exp(_uniform(generator, *log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (), generator=generator))
+            return top, left, h, w
+    side = min(height, width)
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+class TrainTransform:
+    """RandomResizedCrop(size) + horizontal flip (p = 0.5) + normalise (DeiT's geometric part)."""
+
+    def __init__(self, size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 scale: Tuple[float, float] = (0.08, 1.0)):
+        self.size, self.mean, self.std, self.scale = size, tuple(mean), tuple(std), scale
+
+    def __call__(self, image: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        if generator is None:
+            raise ValueError("TrainTransform needs a generator (its randomness must not touch the global RNG)")
+        top, left, h, w = random_resized_crop_box(image.shape[-2], image.shape[-1], generator, self.scale)
+        image = resize(image[:, top:top + h, left:left + w], (self.size, self.size))
+        if torch.rand((), generator=generator).item() < 0.5:
+            image = image.flip(-1)
+        return normalize(image, self.mean, self.std)
+
+
+class EvalTransform:
+    """Resize the shorter side to size / crop_fraction, centre crop `size`, normalise."""
+
+    def __init__(self, size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 crop_fraction: float = 0.875):
+        self.size, self.mean, self.std, self.crop_fraction = size, tuple(mean), tuple(std), crop_fraction
+
+    def __call__(self, image: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        short = int(round(self.size / self.crop_fraction))
+        scale = short / min(height, width)
+        image = resize(image, (max(self.size, round(height * scale)), max(self.size, round(width * scale))))
+        top = (image.shape[-2] - self.size) // 2
+        left = (image.shape[-1] - self.size) // 2
+        return normalize(image[:, top:top + self.size, left:left + self.size], self.mean, self.std)
+
+
+class ResizeTransform:
+    """Resize to size x size and normalise (small, pre-cropped images such as digits)."""
+
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float]):
+        self.size, self.mean, self.std = size, tuple(mean), tuple(std)
+
+    def __call__(self, image: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return normalize(resize(image, (self.size, self.size)), self.mean, self.std)

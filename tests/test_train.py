@@ -1,0 +1,286 @@
+"""Trainer, checkpoints, data, DDP and the evaluation sweep, on CPU with tiny models.
+
+Oracles: the digits run must learn (accuracy far above the 10 % of chance); a resumed run must
+end with the bytes of the uninterrupted one; both DDP ranks must see the same rho sequence and
+end with identical weights; the sweep's rho = 1 accuracy must equal the trainer's evaluation.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pss_kernels import evaluate as evaluate_cli
+from pss_kernels.train import CheckpointError, TrainConfig, Trainer, load_checkpoint, save_checkpoint
+from pss_kernels.train.__main__ import main as train_main
+from pss_kernels.train.checkpoint import capture_rng_state, restore_rng_state
+from pss_kernels.train.config import parse_config
+from pss_kernels.train.data import build_dataset, digits_split
+from pss_kernels.train.distributed import DistInfo, ShardedSampler
+from pss_kernels.train.optim import warmup_cosine_factor
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    # Tiny models: one thread is faster, and on a busy 2-core runner a second OpenMP thread spin-waits.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+# A 2-block ViT on 16x16 digits with patch 8 (N = 5 tokens): seconds per run.
+MICRO = dict(model="deit_tiny", embed_dim=16, depth=2, num_heads=2, patch_size=8, data="digits", img_size=16,
+             batch_size=32, lr=2e-3, workers=0, progress=False)
+
+
+def micro_config(out_dir, **overrides):
+    return TrainConfig(**{**MICRO, "out_dir": str(out_dir), **overrides})
+
+
+def train_records(log_path):
+    return [json.loads(line) for line in open(log_path) if json.loads(line)["type"] == "train"]
+
+
+DIGITS_EPOCHS = 15  # ~11 s on one core; seeds 0-3 end at 88-91 % top-1
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A real PSS run: linear 0.2 -> 1.0 with L1 scoring on scikit-learn's digits."""
+    out_dir = tmp_path_factory.mktemp("digits")
+    config = TrainConfig(model="deit_tiny", embed_dim=64, depth=4, num_heads=4, patch_size=8, data="digits",
+                         img_size=32, epochs=DIGITS_EPOCHS, batch_size=64, lr=2e-3, drop_path=0.0,
+                         schedule="linear:0.2,1.0", workers=0, out_dir=str(out_dir), progress=False, eval_every=0)
+    summary = Trainer(config, CPU).fit()
+    return out_dir, summary
+
+
+def test_digits_run_learns(digits_run):
+    out_dir, summary = digits_run
+    records = train_records(out_dir / "log.jsonl")
+    assert summary["finished"] and summary["step"] == len(records) == DIGITS_EPOCHS * (1438 // 64)
+    assert [r["rho"] for r in records][:3] == [0.2] * 3 and records[-1]["rho"] == 1.0
+    first_epoch = np.mean([r["loss"] for r in records if r["epoch"] == 0])
+    last_epoch = np.mean([r["loss"] for r in records if r["epoch"] == DIGITS_EPOCHS - 1])
+    assert last_epoch < 0.6 * first_epoch
+    assert summary["final_eval"]["top1"] > 70.0, summary["final_eval"]  # chance is 10 %
+    assert summary["final_eval"]["loss"] < 0.7 * math.log(10)
+    for key in ("rho", "tokens", "loss", "lr", "data_time", "compute_time", "images_per_s"):
+        assert key in records[0]
+    timing = summary["timing"]
+    assert set(timing["per_keep_rate"]) == {"0.2", "0.4", "0.6", "0.8", "1"}
+    assert timing["projected_s"] > 0 and timing["baseline_s"] > 0
+    assert json.loads((out_dir / "summary.json").read_text())["params_sha256"] == summary["params_sha256"]
+
+
+def test_evaluate_sweep_writes_json_and_pictures(digits_run, tmp_path):
+    out_dir, summary = digits_run
+    code = evaluate_cli.main(["--checkpoint", str(out_dir / "checkpoint.pt"), "--out-dir", str(tmp_path),
+                              "--batch-size", "64", "--workers", "0", "--num-pictures", "3"])
+    assert code == 0
+    report = json.loads((tmp_path / "sweep.json").read_text())
+    rates = [r["keep_rate"] for r in report["results"]]
+    assert rates == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
+    # N = 17 tokens: max(2, round(rho * 17)) as in DESIGN §1.
+    assert [r["tokens"] for r in report["results"]] == [17, 15, 14, 12, 10, 8, 7, 5, 3]
+    for entry in report["results"]:
+        assert 0.0 <= entry["top1"] <= 100.0 and entry["images"] == 359 and entry["images_per_s"] > 0
+    # Same weights, same validation batches, same keep rate: the trainer's number exactly.
+    assert report["results"][0]["top1"] == summary["final_eval"]["top1"]
+    from PIL import Image
+    for name in ("sweep.png", "patches.png"):
+        with Image.open(tmp_path / name) as picture:
+            assert picture.format == "PNG" and picture.size[0] > 300 and picture.size[1] > 200
+
+
+def test_kept_patch_mask_and_grey_out():
+    index = torch.tensor([[0, 3, 1], [0, 4, 2]])  # CLS + patches 2, 0 and 3, 1 of a 2x2 grid
+    kept = evaluate_cli.kept_patch_mask(index, 2, (2, 2))
+    assert kept.tolist() == [[[True, False], [True, False]], [[False, True], [False, True]]]
+    assert evaluate_cli.kept_patch_mask(None, 2, (2, 2)).all()
+    images = torch.rand(2, 3, 4, 4)
+    shown = evaluate_cli.grey_out_dropped(images, kept, patch_size=2)
+    assert torch.equal(shown[0, :, :, :2], images[0, :, :, :2])
+    greyed = shown[0, :, :, 2:]
+    expected = evaluate_cli.DROPPED_IMAGE_WEIGHT * images[0, :, :, 2:] + (
+        1 - evaluate_cli.DROPPED_IMAGE_WEIGHT) * evaluate_cli.DROPPED_GREY
+    torch.testing.assert_close(greyed, expected)
+
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    # Drop path, EMA, clipping and a mid-epoch stop: every piece of state must survive the restart.
+    settings = dict(epochs=2, drop_path=0.1, ema_decay=0.9, clip_grad=1.0, schedule="cyclic:0.2,1.0", eval_every=1)
+    straight = Trainer(micro_config(tmp_path / "straight", **settings), CPU).fit()
+    first = Trainer(micro_config(tmp_path / "resumed", stop_at_step=17, **settings), CPU).fit()
+    assert first["step"] == 17 and not first["finished"]
+    resumed = Trainer(micro_config(tmp_path / "resumed", resume="auto", **settings), CPU).fit()
+    assert resumed["step"] == straight["step"] == 88
+    assert resumed["params_sha256"] == straight["params_sha256"]
+    assert resumed["final_eval"] == straight["final_eval"]
+    a, b = (load_checkpoint(tmp_path / run / "checkpoint.pt") for run in ("straight", "resumed"))
+    for part in ("model", "ema"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    columns = ("step", "rho", "tokens", "loss", "lr")
+    assert ([[r[c] for c in columns] for r in train_records(tmp_path / "straight" / "log.jsonl")]
+            == [[r[c] for c in columns] for r in train_records(tmp_path / "resumed" / "log.jsonl")])
+
+
+def test_checkpoint_round_trip_and_atomic_write(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    state = {"model": {"w": torch.randn(3, 4)}, "step": 7, "config": {"lr": 0.1, "schedule": "none"},
+             "rng": [capture_rng_state()]}
+    save_checkpoint(path, state)
+    loaded = load_checkpoint(path)
+    assert loaded["step"] == 7 and loaded["config"] == state["config"]
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"])
+    expected_next = torch.rand(5)
+    torch.rand(3)
+    restore_rng_state(loaded["rng"][0])
+    assert torch.equal(torch.rand(5), expected_next)
+
+    def crash_mid_write(obj, handle):
+        handle.write(b"partial bytes")
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"step": 8})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 7  # the previous checkpoint is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt"]  # no temporary file left
+
+
+def test_corrupt_or_foreign_checkpoint_gives_clear_error(tmp_path):
+    Trainer(micro_config(tmp_path / "run", epochs=1, stop_at_step=2), CPU).fit()
+    good = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good[: len(good) // 2])
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(os.urandom(4096))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    for path, message in ((truncated, "corrupt"), (garbage, "corrupt"), (foreign, "not a pss_kernels"),
+                          (tmp_path / "missing.pt", "does not exist")):
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        Trainer(micro_config(tmp_path / "other", epochs=1, resume=str(truncated)), CPU)
+
+
+def test_resume_with_different_settings_is_refused(tmp_path, capsys):
+    Trainer(micro_config(tmp_path, epochs=1, stop_at_step=2), CPU).fit()
+    with pytest.raises(CheckpointError, match=r"lr: checkpoint 0.002, now 0.001"):
+        Trainer(micro_config(tmp_path, epochs=1, lr=1e-3, resume="auto"), CPU)
+    argv = ["--model", "deit_tiny", "--embed-dim", "16", "--depth", "2", "--num-heads", "2", "--patch-size", "8",
+            "--data", "digits", "--img-size", "16", "--batch-size", "32", "--workers", "0", "--epochs", "1",
+            "--lr", "0.002", "--schedule", "fixed:0.5", "--out-dir", str(tmp_path), "--resume", "auto", "--no-progress"]
+    assert train_main(argv) == 2
+    listed = [line.strip() for line in capsys.readouterr().err.splitlines() if line.startswith("  ")]
+    assert listed == ["schedule: checkpoint 'cyclic:0.2,1.0', now 'fixed:0.5'"]
+
+
+def test_ddp_gloo_two_processes_same_rho_and_weights(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "pss_kernels.train", "--model", "deit_tiny", "--embed-dim", "16", "--depth", "2",
+               "--num-heads", "2", "--patch-size", "8", "--data", "digits", "--img-size", "16", "--epochs", "1",
+               "--batch-size", "16", "--schedule", "cyclic:0.2,1.0", "--drop-path", "0.1", "--workers", "0",
+               "--device", "cpu", "--out-dir", str(tmp_path), "--log-all-ranks", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    rank1 = [json.loads(line) for line in open(tmp_path / "log.rank1.jsonl")]
+    steps = 1438 // 2 // 16
+    rho0 = [r["rho"] for r in rank0 if r["type"] == "train"]
+    assert len(rho0) == steps and len(set(rho0)) == 5
+    assert rho0 == [r["rho"] for r in rank1 if r["type"] == "train"]
+    # Different shards: different losses; after all-reduced steps: the same weights, bit for bit.
+    assert [r["loss"] for r in rank0 if r["type"] == "train"] != [r["loss"] for r in rank1 if r["type"] == "train"]
+    assert rank0[-1]["type"] == rank1[-1]["type"] == "end"
+    assert rank0[-1]["params_sha256"] == rank1[-1]["params_sha256"]
+    assert len(load_checkpoint(tmp_path / "checkpoint.pt")["rng"]) == 2  # per-rank RNG states for resume
+
+
+def test_sharded_sampler_partitions_and_resumes():
+    ranks = [ShardedSampler(10, rank=r, world_size=2, seed=3) for r in range(2)]
+    for sampler in ranks:
+        sampler.set_epoch(4)
+    shards = [[index for index, _ in sampler] for sampler in ranks]
+    assert len(shards[0]) == len(shards[1]) == 5 and sorted(shards[0] + shards[1]) == list(range(10))
+    keys = list(ranks[0])
+    ranks[0].set_epoch(4, start=2)
+    assert list(ranks[0]) == keys[2:] and len(ranks[0]) == 3
+    ranks[0].set_epoch(5)
+    next_epoch = list(ranks[0])
+    assert [i for i, _ in next_epoch] != shards[0]  # a new permutation (fixed seed: checked once)
+    assert not {s for _, s in next_epoch} & {s for _, s in keys}  # and fresh augmentation seeds
+    uneven = [ShardedSampler(11, rank=r, world_size=2, shuffle=False, drop_last=False) for r in range(2)]
+    assert [[i for i, _ in s] for s in uneven] == [[0, 2, 4, 6, 8, 10], [1, 3, 5, 7, 9]]
+
+
+def test_image_folder_and_transforms(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label, name in enumerate(("cat", "dog")):
+            folder = tmp_path / split / name
+            folder.mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(folder / "a.png")
+            Image.fromarray(rng.integers(0, 255, (50, 60, 3), dtype=np.uint8)).save(folder / "b.JPG")
+            Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8)).save(folder / "c.jpeg")  # greyscale
+            (folder / "notes.txt").write_text("not an image")
+    train_set, info = build_dataset("folder", train=True, img_size=32, data_dir=str(tmp_path))
+    val_set, _ = build_dataset("folder", train=False, img_size=32, data_dir=str(tmp_path))
+    assert len(train_set) == len(val_set) == 6 and info.num_classes == 2 and train_set.classes == ["cat", "dog"]
+    image, label = train_set[(4, 123)]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and label == 1
+    assert torch.equal(train_set[(4, 123)][0], image)  # augmentation is a function of the key's seed
+    assert not torch.equal(train_set[(4, 124)][0], image)
+    assert torch.equal(val_set[1][0], val_set[1][0])
+    # Normalised with ImageNet statistics: the mean of uniform noise lands near (0.5 - mean) / std.
+    assert abs(val_set[0][0][0].mean().item() - (0.5 - 0.485) / 0.229) < 0.3
+    with pytest.raises(ValueError, match="data_dir"):
+        build_dataset("folder", train=True)
+    with pytest.raises(ValueError, match="does not exist"):
+        build_dataset("folder", train=True, data_dir=str(tmp_path / "nowhere"))
+
+
+def test_digits_and_synthetic_data():
+    train_images, train_labels = digits_split(train=True)
+    val_images, val_labels = digits_split(train=False)
+    assert len(train_labels) + len(val_labels) == 1797 and len(val_labels) == 359
+    assert train_images.shape[1:] == (3, 8, 8) and 0.0 <= float(train_images.min()) <= float(train_images.max()) <= 1
+    digits, info = build_dataset("digits", train=True, img_size=24)
+    assert digits[0][0].shape == (3, 24, 24) and info.num_classes == 10
+    synthetic, info = build_dataset("synthetic", train=True, img_size=32, num_classes=7, synthetic_size=20)
+    assert len(synthetic) == 20 and info.num_classes == 7
+    assert torch.equal(synthetic[3][0], synthetic[(3, 99)][0]) and 0 <= synthetic[3][1] < 7
+
+
+def test_warmup_cosine_learning_rate():
+    factor = lambda step: warmup_cosine_factor(step, warmup_steps=10, total_steps=110, min_factor=0.01)  # noqa: E731
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(10) == pytest.approx(1.0) and factor(60) == pytest.approx(0.505)
+    assert factor(110) == pytest.approx(0.01) and factor(500) == pytest.approx(0.01)
+
+
+def test_command_line_flags():
+    config = parse_config(["--model", "vit_base", "--no-rpb", "--abs-pos-embed", "--schedule", "fixed:0.6",
+                           "--epochs", "3", "--ema-decay", "0.999", "--precision", "bf16", "--attn-impl", "eager",
+                           "--layer-scale-init", "0", "--stop-at-step", "5"])
+    assert (config.model, config.rpb, config.abs_pos_embed, config.schedule, config.epochs) == (
+        "vit_base", False, True, "fixed:0.6", 3)
+    assert (config.ema_decay, config.precision, config.attn_impl, config.layer_scale_init, config.stop_at_step) == (
+        0.999, "bf16", "eager", 0.0, 5)
+    with pytest.raises(SystemExit):
+        parse_config(["--attn-impl", "fast"])
