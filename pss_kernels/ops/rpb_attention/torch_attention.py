@@ -46,7 +46,7 @@ def rpb_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
                            lse: torch.Tensor, grid_size: Tuple[int, int], num_prefix_tokens: int, scale: float,
                            deterministic: bool):
     """(dq, dk, dv, dbias_table): dS = P * (dP - rowsum(dO * O)), dP = dO v^T (see triton_backward.py)."""
-    batch, heads, num_tokens, _ = q.shape
+    _, heads, num_tokens, _ = q.shape
     dtype = q.dtype
     logits = rpb_attention_logits(q, k, bias_table, index, grid_size, num_prefix_tokens, scale)
     compute_dtype = logits.dtype
@@ -59,9 +59,14 @@ def rpb_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     dk = torch.matmul(logit_grads.transpose(-1, -2), q) * scale
     dv = torch.matmul(probs.transpose(-1, -2), grad_out)
 
-    positions = index if index is not None else torch.arange(num_tokens, device=q.device)[None]
-    rel = relative_index(positions[:, :, None], positions[:, None, :], grid_size, num_prefix_tokens)
-    rel = rel.expand(batch, num_tokens, num_tokens).reshape(-1)
+    if index is None:
+        # Every image shares one (n, n) row map: reduce over the batch before scattering, so the
+        # scatter moves n*n rows instead of B*n*n.
+        positions = torch.arange(num_tokens, device=q.device)[None]
+        logit_grads = logit_grads.sum(0, keepdim=True)
+    else:
+        positions = index
+    rel = relative_index(positions[:, :, None], positions[:, None, :], grid_size, num_prefix_tokens).reshape(-1)
     dbias_table = torch.zeros(bias_table.shape, device=q.device, dtype=compute_dtype)
     with _deterministic_algorithms(deterministic):
         dbias_table.index_put_((rel,), logit_grads.permute(0, 2, 3, 1).reshape(-1, heads), accumulate=True)
