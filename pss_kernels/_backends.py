@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -24,11 +23,25 @@ class BackendStatus(NamedTuple):
     reason: str
 
 
+def _once(probe):
+    """Memoise a no-argument probe. (Not functools.lru_cache: torch.compile traces through these
+    calls inside the ops and warns about the cache wrapper; a closure it reads cleanly.)"""
+    result = []
+
+    def memoised():
+        if not result:
+            result.append(probe())
+        return result[0]
+
+    memoised.__doc__ = probe.__doc__
+    return memoised
+
+
 def triton_interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@lru_cache(maxsize=None)
+@_once
 def _triton_installed() -> BackendStatus:
     try:
         import triton  # noqa: F401
@@ -45,7 +58,7 @@ def _read_build_info() -> dict:
         return {}
 
 
-@lru_cache(maxsize=None)
+@_once
 def cuda_extension():
     """The compiled `pss_kernels._C` module, or None; see `_cuda_status` for why not."""
     try:
@@ -54,7 +67,7 @@ def cuda_extension():
         return None
 
 
-@lru_cache(maxsize=None)
+@_once
 def _cuda_extension_status() -> BackendStatus:
     if cuda_extension() is not None:
         return BackendStatus(True, "pss_kernels._C is built")
