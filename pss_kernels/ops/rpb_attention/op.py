@@ -180,8 +180,10 @@ def _rpb_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_t
         num_positions = num_prefix_tokens + grid_size[0] * grid_size[1]
         _check_index_values(index, num_positions, require_distinct=deterministic and backend == "triton")
     out, lse, cls_attention = _forward_outputs(q, return_cls_attention)
-    _backend_module(backend, "forward")(q, k, v, bias_table, index, tuple(grid_size), num_prefix_tokens, scale,
-                                        out, lse, cls_attention if return_cls_attention else None)
+    # Triton launches on the current device, not q's: guard it (a no-op for CPU tensors).
+    with torch.cuda.device_of(q):
+        _backend_module(backend, "forward")(q, k, v, bias_table, index, tuple(grid_size), num_prefix_tokens, scale,
+                                            out, lse, cls_attention if return_cls_attention else None)
     return out, lse, cls_attention
 
 
@@ -196,8 +198,9 @@ def _rpb_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                        bias_table: torch.Tensor, index: Optional[torch.Tensor], out: torch.Tensor,
                        lse: torch.Tensor, grid_size: List[int], num_prefix_tokens: int, scale: float, backend: str,
                        deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = _backend_module(backend, "backward")(grad_out, q, k, v, bias_table, index, out, lse, tuple(grid_size),
-                                                 num_prefix_tokens, scale, deterministic)
+    with torch.cuda.device_of(q):
+        grads = _backend_module(backend, "backward")(grad_out, q, k, v, bias_table, index, out, lse,
+                                                     tuple(grid_size), num_prefix_tokens, scale, deterministic)
     return tuple(g.contiguous() for g in grads)
 
 

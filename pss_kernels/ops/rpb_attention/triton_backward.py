@@ -21,14 +21,18 @@ shared-memory scatter, so "on chip" here means "in a private, cache-resident sli
   `atomic_add` (relaxed) into the (b, h) slice. Only the ceil(n / BLOCK_N) programs of one
   (b, h) share a slice; the order of the float additions varies run to run.
 - deterministic=True: one program per (b, h) walks all its key blocks in order, and adds each
-  tile column by column with a barrier between columns. Within one key column j, distinct
-  query positions give distinct table rows (and the single prefix query gives its own row), so
-  one column is a scatter without duplicate addresses; every slice entry then receives its
-  additions in a fixed order, so dbias_table is bit-identical run to run. (The column updates are
-  atomic adds rather than load + add + store only so that no compiler pass may move a load of
-  column j + 1 above the barrier; their order is fixed all the same.) This needs distinct
-  positions within each image (what sample_patches returns; op.py checks it) and costs about
-  BLOCK_N extra reductions per tile plus less parallelism: an opt-in for reproducibility runs.
+  tile column by column with a barrier between columns. Within one patch-key column j, distinct
+  query positions give distinct table rows (and the single prefix query gives its own row R-3),
+  so that column is a scatter without duplicate addresses. A prefix-key column is not: every
+  patch query maps to row R-2, and same-address atomics from different warps land in an order
+  the hardware picks (the interpreter, which runs them in sequence, hides this). So the R-2
+  entries of a tile are summed first with a fixed-order `tl.sum` and added as one scalar. Every
+  slice entry then receives its additions in a fixed order, so dbias_table is bit-identical run
+  to run. (The column updates are atomic adds rather than load + add + store only so that no
+  compiler pass may move a load of column j + 1 above the barrier; their order is fixed all the
+  same.) This needs distinct positions within each image (what sample_patches returns; op.py
+  checks it) and costs about BLOCK_N extra reductions per tile plus less parallelism: an opt-in
+  for reproducibility runs.
 """
 from __future__ import annotations
 
@@ -76,9 +80,16 @@ def _probs_and_logit_grads(q, k, v, dout, lse_log2, delta, coord_q, prefix_q, co
 
 
 @triton.jit
-def _accumulate_bias_grad(SLICE, rel, logit_grads, valid, BLOCK_N: tl.constexpr, DETERMINISTIC: tl.constexpr):
+def _accumulate_bias_grad(SLICE, rel, logit_grads, valid, num_table_rows, BLOCK_N: tl.constexpr,
+                          NUM_PREFIX: tl.constexpr, DETERMINISTIC: tl.constexpr):
     """SLICE[rel] += dS over a (BLOCK_M, BLOCK_N) tile (see the module docstring for both modes)."""
     if DETERMINISTIC:
+        if NUM_PREFIX:
+            # Patch query -> prefix key: the one row that repeats within a column.
+            to_prefix_key = valid & (rel == num_table_rows - 2)
+            prefix_key_grad = tl.sum(tl.sum(tl.where(to_prefix_key, logit_grads, 0.0), axis=1), axis=0)
+            tl.atomic_add(SLICE + num_table_rows - 2, prefix_key_grad)  # a scalar: one thread adds it
+            valid = valid & (rel != num_table_rows - 2)
         columns = tl.arange(0, BLOCK_N)[None, :]
         for j in range(BLOCK_N):
             in_column = columns == j
@@ -134,8 +145,9 @@ def _dkdv_kernel(
             mask_m = offs_m < num_tokens
             q = load_rows(q_base, offs_m, mask_m, stride_qn, offs_d, mask_d, stride_qd)
             dout = load_rows(do_base, offs_m, mask_m, stride_don, offs_d, mask_d, stride_dod)
-            # Padding query rows load q = dO = delta = 0, so their dS is 0 whatever P is.
-            lse_log2 = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0) * LOG2E
+            # Padding query rows load q = dO = delta = 0 and lse = +inf: P = 0, so dS = 0 and they add
+            # nothing to dv (lse = 0 would give P = 2^(bias log2 e), inf * 0 = NaN for a huge bias).
+            lse_log2 = tl.load(LSE + row_base + offs_m, mask=mask_m, other=float("inf")) * LOG2E
             delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
             coord_q, prefix_q = token_coordinates(INDEX, stride_index_b, stride_index_n, batch, offs_m,
                 num_tokens, grid_h, grid_w, HAS_INDEX, NUM_PREFIX)
@@ -144,8 +156,8 @@ def _dkdv_kernel(
                 stride_table_row, grid_h, grid_w, qk_scale_log2, NUM_PREFIX, DOT_PRECISION)
             dv += tl.dot(tl.trans(probs.to(dout.dtype)), dout, input_precision=DOT_PRECISION)
             dk += tl.dot(tl.trans(logit_grads.to(q.dtype)), q, input_precision=DOT_PRECISION)
-            _accumulate_bias_grad(bias_slice, rel, logit_grads, mask_m[:, None] & mask_n[None, :], BLOCK_N,
-                                  DETERMINISTIC)
+            _accumulate_bias_grad(bias_slice, rel, logit_grads, mask_m[:, None] & mask_n[None, :], num_table_rows,
+                                  BLOCK_N, NUM_PREFIX, DETERMINISTIC)
         tile = offs_n[:, None] * head_dim + offs_d[None, :]
         tile_mask = mask_n[:, None] & mask_d[None, :]
         tl.store(dk_base + tile, (dk * scale).to(DK.dtype.element_ty), mask=tile_mask)

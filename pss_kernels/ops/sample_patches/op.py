@@ -52,7 +52,9 @@ def _sample_patches_op(x, scores, num_kept, scorer, num_prefix_tokens, order, ba
     """scorer is "l1", "l2" or "given"; backend is resolved. Returns (x_kept, index, slot)."""
     if backend == "torch":
         return _torch_forward(x, scores, num_kept, scorer, num_prefix_tokens, order)
-    return _kernel_module(backend).sample_patches_forward(x, scores, num_kept, scorer, num_prefix_tokens, order)
+    # Triton launches on the current device, not x's: guard it (a no-op for CPU tensors).
+    with torch.cuda.device_of(x):
+        return _kernel_module(backend).sample_patches_forward(x, scores, num_kept, scorer, num_prefix_tokens, order)
 
 
 @_sample_patches_op.register_fake
@@ -72,7 +74,8 @@ def _sample_patches_backward_op(grad_kept, index, slot, num_tokens, backend):
         batch, _, channels = grad_kept.shape
         grad_x = grad_kept.new_zeros(batch, num_tokens, channels)
         return grad_x.scatter_(1, index[..., None].expand(-1, -1, channels), grad_kept)
-    return _kernel_module(backend).sample_patches_backward(grad_kept, slot, num_tokens)
+    with torch.cuda.device_of(grad_kept):
+        return _kernel_module(backend).sample_patches_backward(grad_kept, slot, num_tokens)
 
 
 @_sample_patches_backward_op.register_fake

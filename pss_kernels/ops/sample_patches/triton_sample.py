@@ -36,9 +36,12 @@ import triton
 import triton.language as tl
 
 SCORER_IDS = {"l1": 0, "l2": 1, "given": 2}
-# One fused program per image up to this many patches (its row tile still reads >= 32 bytes a
-# row); beyond, score / select / gather run as three kernels.
-FUSED_MAX_PATCHES = 1024
+# One fused program per image up to this many patches; beyond, score / select / gather run as
+# three kernels. Past 256 patches the fused program needs 16 warps at the 128-register cap: it
+# spills (offline ptxas, sm_80 and sm_90), takes minutes to JIT on sm_80 at P = 576, and runs only
+# B programs, while the three-kernel path spreads the scoring over (B, P / 32) programs and its
+# select kernel (float32 scores) compiles once for every dtype and scorer.
+FUSED_MAX_PATCHES = 256
 # tl.sort holds all keys of an image in registers: 8192 int64 over 16 warps is 32 registers a thread.
 MAX_PATCHES = 8192
 
