@@ -49,6 +49,16 @@ def check_choice(name: str, value, choices: Iterable) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+def check_grid_size(grid_size) -> tuple:
+    """(Gh, Gw) of a patch grid: a pair of positive ints (tuple or list)."""
+    if (not isinstance(grid_size, (tuple, list)) or len(grid_size) != 2
+            or any(isinstance(g, bool) or not isinstance(g, int) for g in grid_size)):
+        raise TypeError(f"grid_size must be a pair of ints (Gh, Gw), got {grid_size!r}")
+    if min(grid_size) < 1:
+        raise ValueError(f"grid_size must be positive, got {tuple(grid_size)}")
+    return tuple(grid_size)
+
+
 def check_keep_rate(keep_rate) -> float:
     if isinstance(keep_rate, bool) or not isinstance(keep_rate, (int, float)):
         raise TypeError(f"keep_rate must be a float in (0, 1], got {keep_rate!r}")

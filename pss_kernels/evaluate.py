@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Subset
 from ._checks import check_keep_rate
 from .ops.sample_patches import num_kept_tokens
 from .train.checkpoint import CheckpointError, load_checkpoint, load_state
-from .train.config import PRECISIONS, HelpFormatter, config_from_dict
+from .train.config import NON_NEGATIVE, POSITIVE, PRECISIONS, HelpFormatter, config_from_dict, device_flag
 from .train.data import DataInfo
 from .train.distributed import resolve_device
 from .train.evaluation import autocast_context, evaluate
@@ -54,14 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", help="where the JSON and PNGs go (default: <checkpoint dir>/eval)")
     parser.add_argument("--keep-rates", type=parse_keep_rates, default=list(DEFAULT_KEEP_RATES),
                         help=f"comma-separated keep rates (default: {','.join(map(str, DEFAULT_KEEP_RATES))})")
-    parser.add_argument("--batch-size", type=int, default=128, help="evaluation batch")
-    parser.add_argument("--max-images", type=int, help="evaluate only the first N validation images")
-    parser.add_argument("--num-pictures", type=int, default=4, help="images in patches.png (0: no picture)")
+    parser.add_argument("--batch-size", type=POSITIVE, default=128, help="evaluation batch")
+    parser.add_argument("--max-images", type=POSITIVE, help="evaluate only the first N validation images")
+    parser.add_argument("--num-pictures", type=NON_NEGATIVE, default=4, help="images in patches.png (0: no picture)")
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     parser.add_argument("--data-dir", help="override the checkpoint's --data-dir (data moved)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--device", type=device_flag, default="auto", help="auto, cpu or cuda")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 autocast on CUDA")
-    parser.add_argument("--workers", type=int, default=2, help="data loader processes")
+    parser.add_argument("--workers", type=NON_NEGATIVE, default=2, help="data loader processes")
     return parser
 
 

@@ -399,6 +399,8 @@ def test_torch_compile_fullgraph_dynamic_shapes(backend):
     for shape in ((2, 9, 4), (3, 12, 4)):
         x_kept, index = compiled(quantized(shape))
         assert index.shape == (shape[0], num_kept_tokens(shape[1], 0.5))
+        assert torch.all(index[:, 0] == 0) and torch.all(index[:, 1:] >= 1) and torch.all(index < shape[1])
+        assert torch.all(index.sort(dim=1).values.diff(dim=1) > 0)  # distinct positions
         assert torch.equal(x_kept, quantized(shape).gather(1, index[..., None].expand(-1, -1, 4)))
 
 
@@ -447,6 +449,7 @@ def test_patch_sampler_given_scores_and_eager_impl():
     (dict(impl="eager", scorer="given"), r"impl='eager' implements scorer in \('l1', 'l2', 'random'\)"),
     (dict(impl="eager", order="spatial"), "impl='eager' implements order='score' only"),
     (dict(keep_rate=2.0), "keep_rate must be in"),
+    (dict(backend="cudnn"), "backend must be one of .* got 'cudnn'"),
 ])
 def test_patch_sampler_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -284,3 +284,18 @@ def test_command_line_flags():
         0.999, "bf16", "eager", 0.0, 5)
     with pytest.raises(SystemExit):
         parse_config(["--attn-impl", "fast"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["--patch-size", "0"], "argument --patch-size: must be >= 1, got 0"),
+    (["--drop-path", "1.5"], r"argument --drop-path: must be in [0.0, 1.0), got 1.5"),
+    (["--label-smoothing", "-0.1"], "argument --label-smoothing: must be in"),
+    (["--workers", "-1"], "argument --workers: must be >= 0, got -1"),
+    (["--device", "tpu"], "argument --device: must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten'"),
+])
+def test_bad_flags_name_the_flag_and_value(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import torch
+
 from ..models import MODEL_CONFIGS
 from ..models.vit import ATTN_IMPLS, SAMPLER_IMPLS
 from .data import DATASETS
@@ -83,6 +85,31 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+def _number(kind, minimum, *, below=None):
+    """argparse type: `kind` in [minimum, below); argparse names the flag in its error."""
+    def parse(text: str):
+        value = kind(text)
+        if value < minimum or (below is not None and value >= below):
+            bound = f"in [{minimum}, {below})" if below is not None else f">= {minimum}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse's "invalid int value" wording for non-numbers
+    return parse
+
+
+def device_flag(text: str) -> str:
+    if text != "auto":
+        try:
+            torch.device(text)
+        except RuntimeError:
+            raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}") from None
+    return text
+
+
+POSITIVE, NON_NEGATIVE, NON_NEGATIVE_FLOAT = _number(int, 1), _number(int, 0), _number(float, 0.0)
+FRACTION = _number(float, 0.0, below=1.0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(
@@ -97,17 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
                "cosine:A,B, patchdropout[:LOW,HIGH[,P_FULL]], warmup_cosine:T, budget:F)")
     model = parser.add_argument_group("model")
     model.add_argument("--model", choices=sorted(MODEL_CONFIGS), default=defaults.model, help="named ViT config")
-    model.add_argument("--img-size", type=int, help="image side (default: 32 for digits, else 224)")
-    model.add_argument("--patch-size", type=int, help="override the named config's patch size")
-    model.add_argument("--embed-dim", type=int, help="override the named config's width")
-    model.add_argument("--depth", type=int, help="override the named config's depth")
-    model.add_argument("--num-heads", type=int, help="override the named config's heads")
+    model.add_argument("--img-size", type=POSITIVE, help="image side (default: 32 for digits, else 224)")
+    model.add_argument("--patch-size", type=POSITIVE, help="override the named config's patch size")
+    model.add_argument("--embed-dim", type=POSITIVE, help="override the named config's width")
+    model.add_argument("--depth", type=POSITIVE, help="override the named config's depth")
+    model.add_argument("--num-heads", type=POSITIVE, help="override the named config's heads")
     model.add_argument("--no-rpb", dest="rpb", action="store_false",
                        help="plain ViT: SDPA attention without relative position bias (the baseline)")
     model.add_argument("--abs-pos-embed", action=argparse.BooleanOptionalAction, default=None,
                        help="absolute position embedding (default: the config's; on with --no-rpb)")
-    model.add_argument("--layer-scale-init", type=float, help="layer scale init value; 0 disables")
-    model.add_argument("--drop-path", type=float, help="stochastic depth rate (default: the config's)")
+    model.add_argument("--layer-scale-init", type=NON_NEGATIVE_FLOAT, help="layer scale init value; 0 disables")
+    model.add_argument("--drop-path", type=FRACTION, help="stochastic depth rate (default: the config's)")
     model.add_argument("--scorer", choices=("l1", "l2", "random"), default=defaults.scorer,
                        help="patch scoring: L1 magnitude (PSS), L2, or random (PatchDropout)")
     model.add_argument("--attn-impl", choices=ATTN_IMPLS, default=defaults.attn_impl,
@@ -119,39 +146,39 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data", choices=DATASETS, default=defaults.data,
                       help="digits: scikit-learn's digits (CPU demo); synthetic: random images; folder: --data-dir")
     data.add_argument("--data-dir", help="ImageFolder root with train/ and val/ (for --data folder)")
-    data.add_argument("--num-classes", type=int, help="classes of the synthetic data (default 1000)")
-    data.add_argument("--synthetic-size", type=int, default=defaults.synthetic_size,
+    data.add_argument("--num-classes", type=POSITIVE, help="classes of the synthetic data (default 1000)")
+    data.add_argument("--synthetic-size", type=POSITIVE, default=defaults.synthetic_size,
                       help="synthetic training images (validation: a quarter)")
-    data.add_argument("--workers", type=int, default=defaults.workers, help="data loader processes per rank")
+    data.add_argument("--workers", type=NON_NEGATIVE, default=defaults.workers, help="data loader processes per rank")
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=defaults.epochs, help="length of the run")
-    optim.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process")
-    optim.add_argument("--lr", type=float, default=defaults.lr, help="peak AdamW learning rate")
-    optim.add_argument("--min-lr", type=float, default=defaults.min_lr, help="cosine floor")
-    optim.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs, help="linear LR warm-up")
-    optim.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
+    optim.add_argument("--epochs", type=POSITIVE, default=defaults.epochs, help="length of the run")
+    optim.add_argument("--batch-size", type=POSITIVE, default=defaults.batch_size, help="per process")
+    optim.add_argument("--lr", type=NON_NEGATIVE_FLOAT, default=defaults.lr, help="peak AdamW learning rate")
+    optim.add_argument("--min-lr", type=NON_NEGATIVE_FLOAT, default=defaults.min_lr, help="cosine floor")
+    optim.add_argument("--warmup-epochs", type=NON_NEGATIVE_FLOAT, default=defaults.warmup_epochs, help="linear LR warm-up")
+    optim.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT, default=defaults.weight_decay,
                        help="AdamW decay (not on norms, biases, CLS, position embedding, RPB tables)")
-    optim.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing,
+    optim.add_argument("--label-smoothing", type=FRACTION, default=defaults.label_smoothing,
                        help="cross-entropy label smoothing")
-    optim.add_argument("--clip-grad", type=float, default=defaults.clip_grad, help="max grad norm; 0: off")
+    optim.add_argument("--clip-grad", type=NON_NEGATIVE_FLOAT, default=defaults.clip_grad, help="max grad norm; 0: off")
     optim.add_argument("--ema-decay", type=float, default=defaults.ema_decay, help="EMA of weights; 0: off")
     optim.add_argument("--schedule", default=defaults.schedule, help="patch sampling schedule spec")
     optim.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
                        help="auto: bf16 autocast on CUDA, fp32 on CPU")
     optim.add_argument("--compile", action="store_true", help="torch.compile the model")
     optim.add_argument("--seed", type=int, default=defaults.seed, help="initial weights, data order, augmentation")
-    optim.add_argument("--device", default=defaults.device, help="auto, cpu or cuda")
+    optim.add_argument("--device", type=device_flag, default=defaults.device, help="auto, cpu or cuda")
     run = parser.add_argument_group("run")
     run.add_argument("--out-dir", default=defaults.out_dir,
                      help="checkpoint.pt, log.jsonl, summary.json go here")
     run.add_argument("--resume", help="checkpoint to continue from, or 'auto' for OUT_DIR/checkpoint.pt if present")
-    run.add_argument("--save-every", type=int, default=defaults.save_every,
+    run.add_argument("--save-every", type=NON_NEGATIVE, default=defaults.save_every,
                      help="steps between checkpoints (0: at epoch ends only)")
-    run.add_argument("--stop-at-step", type=int,
+    run.add_argument("--stop-at-step", type=POSITIVE,
                      help="stop after this many steps (LR and patch schedules keep the full run's length)")
-    run.add_argument("--eval-every", type=int, default=defaults.eval_every,
+    run.add_argument("--eval-every", type=NON_NEGATIVE, default=defaults.eval_every,
                      help="epochs between evaluations (0: at the end only)")
-    run.add_argument("--log-interval", type=int, default=defaults.log_interval,
+    run.add_argument("--log-interval", type=POSITIVE, default=defaults.log_interval,
                      help="steps between progress lines when stderr is not a terminal")
     run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     run.add_argument("--log-all-ranks", action="store_true",

@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..._checks import check_choice, check_int
-from .op import rpb_attention
+from ..._checks import check_choice, check_grid_size, check_int, check_tensor
+from .op import OP_BACKENDS, rpb_attention
 from .peers import eager_rpb_attention, flex_rpb_attention, sdpa_bias_rpb_attention
 from .reference import bias_table_rows
 
@@ -35,13 +35,15 @@ class RelPosAttention(nn.Module):
         check_int("num_heads", num_heads, minimum=1)
         if dim % num_heads:
             raise ValueError(f"dim must be divisible by num_heads={num_heads}, got {dim}")
+        grid_size = check_grid_size(grid_size)
         check_int("num_prefix_tokens", num_prefix_tokens, minimum=0, maximum=1)
         check_choice("impl", impl, IMPLS)
+        check_choice("backend", backend, (None,) + OP_BACKENDS)
         if attn_drop != 0.0:
             # No fused kernel (nor the peers) drops attention probabilities; ViT/DeiT/BEiT recipes use 0.
             raise ValueError(f"attn_drop must be 0.0 (attention-probability dropout is not supported), got {attn_drop}")
         self.num_heads = num_heads
-        self.grid_size = tuple(grid_size)
+        self.grid_size = grid_size
         self.num_prefix_tokens = num_prefix_tokens
         self.impl = impl
         self.backend = backend
@@ -69,7 +71,10 @@ class RelPosAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B, n, dim) tokens at positions `index` (B, n) (None: all N in order) -> (B, n, dim)."""
+        check_tensor("x", x, ndim=3, dtypes=None)
         batch, num_tokens, dim = x.shape
+        if dim != self.qkv.in_features:
+            raise ValueError(f"x must have dim={self.qkv.in_features} channels (B, n, dim), got shape {tuple(x.shape)}")
         bias = None
         if self.q_bias is not None:
             bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))

@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ..._backends import resolve_backend
-from ..._checks import FLOAT_DTYPES, check_bool, check_int, check_same_device, check_tensor
+from ..._checks import FLOAT_DTYPES, check_bool, check_grid_size, check_int, check_same_device, check_tensor
 from .reference import bias_table_rows
 
 # No rpb_attention Triton kernel has run on a GPU yet (only under TRITON_INTERPRET=1), so
@@ -99,11 +99,7 @@ def _check_arguments(q, k, v, bias_table, index, grid_size, num_prefix_tokens, s
     if backend == "triton" and head_dim > TRITON_MAX_HEAD_DIM:
         raise ValueError(f"q must have head dim D <= {TRITON_MAX_HEAD_DIM} on the triton backend, got D={head_dim}")
 
-    if (not isinstance(grid_size, (tuple, list)) or len(grid_size) != 2
-            or any(isinstance(g, bool) or not isinstance(g, int) for g in grid_size)):
-        raise TypeError(f"grid_size must be a pair of ints (Gh, Gw), got {grid_size!r}")
-    if min(grid_size) < 1:
-        raise ValueError(f"grid_size must be positive, got {tuple(grid_size)}")
+    check_grid_size(grid_size)
     check_int("num_prefix_tokens", num_prefix_tokens, minimum=0, maximum=1)
     num_positions = num_prefix_tokens + grid_size[0] * grid_size[1]
 

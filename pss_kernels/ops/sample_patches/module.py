@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..._backends import BACKENDS
 from ..._checks import check_choice, check_int, check_keep_rate
 from .op import sample_patches
 from .peers import EAGER_SCORERS, eager_sample_patches
@@ -35,6 +36,7 @@ class PatchSampler(nn.Module):
         check_choice("scorer", scorer, SCORERS)
         check_choice("order", order, ORDERS)
         check_int("num_prefix_tokens", num_prefix_tokens, minimum=0)
+        check_choice("backend", backend, (None,) + BACKENDS)
         self.keep_rate = check_keep_rate(keep_rate)
         self.scorer = scorer
         self.num_prefix_tokens = num_prefix_tokens
