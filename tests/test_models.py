@@ -244,3 +244,10 @@ def test_torch_compile_matches_eager():
         torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
         out.sum().backward()
     assert torch.isfinite(model.blocks[0].attn.relative_position_bias_table.grad).all()
+
+
+def test_sampler_and_attention_backends_are_set_separately():
+    # sample_patches has a cuda backend that rpb_attention lacks: the model takes one per op.
+    model = create_model("deit_tiny", img_size=32, num_classes=10, sampler_backend="cuda", attn_backend="triton")
+    assert model.sampler.backend == "cuda"
+    assert {block.attn.backend for block in model.blocks} == {"triton"}

@@ -299,3 +299,11 @@ def test_bad_flags_name_the_flag_and_value(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_config(flags)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_unusable_backend_flag_is_refused_with_its_reason(tmp_path, capsys):
+    # The cuda backend never takes CPU tensors: the trainer says so before building anything.
+    code = train_main(["--data", "digits", "--device", "cpu", "--sampler-backend", "cuda",
+                       "--out-dir", str(tmp_path), "--epochs", "1", "--no-progress"])
+    assert code != 0
+    assert "--sampler-backend cuda cannot run on cpu" in capsys.readouterr().err

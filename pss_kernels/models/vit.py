@@ -35,7 +35,8 @@ class VisionTransformer(nn.Module):
                  qkv_bias: bool = True, rpb: bool = True, abs_pos_embed: bool = True,
                  layer_scale_init: Optional[float] = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, keep_rate: float = 1.0, scorer: str = "l1",
-                 attn_impl: str = "pss", sampler_impl: str = "pss", backend: Optional[str] = None):
+                 attn_impl: str = "pss", sampler_impl: str = "pss", sampler_backend: Optional[str] = None,
+                 attn_backend: Optional[str] = None):
         super().__init__()
         check_choice("attn_impl", attn_impl, ATTN_IMPLS)
         check_choice("sampler_impl", sampler_impl, SAMPLER_IMPLS)
@@ -47,13 +48,13 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim)) if abs_pos_embed else None
         self.pos_drop = nn.Dropout(drop_rate)
         self.sampler = PatchSampler(check_keep_rate(keep_rate), scorer=scorer,
-                                    num_prefix_tokens=self.num_prefix_tokens, impl=sampler_impl, backend=backend)
+                                    num_prefix_tokens=self.num_prefix_tokens, impl=sampler_impl, backend=sampler_backend)
         # Stochastic depth grows linearly with depth (DeiT / BEiT).
         drop_path_rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, self.grid_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, rpb=rpb,
                   layer_scale_init=layer_scale_init, drop=drop_rate, attn_drop=attn_drop_rate,
-                  drop_path=rate, attn_impl=attn_impl, backend=backend)
+                  drop_path=rate, attn_impl=attn_impl, backend=attn_backend)
             for rate in drop_path_rates])
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head_drop = nn.Dropout(drop_rate)

@@ -31,7 +31,8 @@ class TrainConfig:
     scorer: str = "l1"
     attn_impl: str = "pss"
     sampler_impl: str = "pss"
-    backend: Optional[str] = None
+    sampler_backend: Optional[str] = None
+    attn_backend: Optional[str] = None
     # data
     data: str = "digits"
     data_dir: Optional[str] = None
@@ -69,7 +70,8 @@ class TrainConfig:
 # (where things are, how they are logged, how fast they run). Every other setting must match.
 RESUMABLE_CHANGES = frozenset({
     "data_dir", "workers", "device", "out_dir", "resume", "save_every", "stop_at_step", "eval_every",
-    "log_interval", "progress", "log_all_ranks", "compile", "attn_impl", "sampler_impl", "backend",
+    "log_interval", "progress", "log_all_ranks", "compile", "attn_impl", "sampler_impl", "sampler_backend",
+    "attn_backend",
 })
 
 
@@ -141,7 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pss: fused rpb_attention; eager / sdpa-bias / flex: the peers it is measured against")
     model.add_argument("--sampler-impl", choices=SAMPLER_IMPLS, default=defaults.sampler_impl,
                        help="pss: fused sample_patches; eager: the published argsort + gather path")
-    model.add_argument("--backend", choices=("torch", "triton", "cuda"), help="kernel backend (default: fastest)")
+    model.add_argument("--sampler-backend", choices=("torch", "triton", "cuda"),
+                       help="sample_patches backend (default: the package's choice for the device)")
+    model.add_argument("--attn-backend", choices=("torch", "triton"),
+                       help="rpb_attention backend (default: the package's choice for the device)")
     data = parser.add_argument_group("data")
     data.add_argument("--data", choices=DATASETS, default=defaults.data,
                       help="digits: scikit-learn's digits (CPU demo); synthetic: random images; folder: --data-dir")

@@ -22,6 +22,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from .._backends import backend_status
 from ..models import create_model
 from ..models.vit import VisionTransformer
 from ..ops.sample_patches import num_kept_tokens
@@ -48,12 +49,22 @@ def build_model(config: TrainConfig, info: DataInfo) -> VisionTransformer:
         overrides["layer_scale_init"] = config.layer_scale_init or None  # 0 switches layer scale off
     return create_model(config.model, img_size=info.img_size, num_classes=info.num_classes, rpb=config.rpb,
                         attn_impl=config.attn_impl, sampler_impl=config.sampler_impl, scorer=config.scorer,
-                        backend=config.backend, **overrides)
+                        sampler_backend=config.sampler_backend,
+                        attn_backend=config.attn_backend, **overrides)
 
 
 def build_data(config: TrainConfig, train: bool):
     return build_dataset(config.data, train=train, img_size=config.img_size, data_dir=config.data_dir,
                          num_classes=config.num_classes, synthetic_size=config.synthetic_size, seed=config.seed)
+
+
+def _check_backends(config: TrainConfig, device: torch.device) -> None:
+    """Refuse an unusable --sampler-backend / --attn-backend before any data or model is built."""
+    for flag, backend in (("--sampler-backend", config.sampler_backend), ("--attn-backend", config.attn_backend)):
+        if backend is not None:
+            status = backend_status(backend, device)
+            if not status.available:
+                raise ValueError(f"{flag} {backend} cannot run on {device}: {status.reason}")
 
 
 def autocast_dtype_for(precision: str, device: torch.device) -> Optional[torch.dtype]:
@@ -95,6 +106,7 @@ class Trainer:
         self.config, self.dist, self.device = config, dist_info, dist_info.device
         self.out_dir = Path(config.out_dir)
         self._check_same_config_on_every_rank()
+        _check_backends(config, self.device)
 
         _seed_everything(config.seed)  # identical initial weights on every rank
         self.train_set, self.info = build_data(config, train=True)
