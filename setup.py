@@ -31,6 +31,17 @@ def find_nvcc():
     return shutil.which("nvcc")
 
 
+def _tell_user(line):
+    """Print `line`, and also to the terminal: pip captures a build's output and shows it only
+    with -v or on failure, yet the user should learn at install time that _C was skipped."""
+    print(line, flush=True)
+    try:
+        with open("/dev/tty", "w") as tty:
+            tty.write(line + "\n")
+    except OSError:  # no terminal (CI, a notebook): the captured line and _build_info.json remain
+        pass
+
+
 class CMakeExtension(Extension):
     def __init__(self, name):
         super().__init__(name, sources=[])
@@ -48,7 +59,7 @@ class CMakeBuild(build_ext):
         (out_dir / "_build_info.json").write_text(json.dumps(info, indent=1) + "\n")
 
     def _skip(self, ext, reason):
-        print(f"pss_kernels: CUDA backend skipped: {reason}", flush=True)
+        _tell_user(f"pss_kernels: CUDA backend skipped: {reason}")
         self._write_build_info(ext, {"cuda_built": False, "reason": reason})
 
     def build_cmake(self, ext):
