@@ -600,3 +600,31 @@ def test_gpu_index_none_equals_arange_index():
     options = dict(grid_size=(14, 14), backend="triton")
     torch.testing.assert_close(rpb_attention(q, k, v, table, None, **options),
                                rpb_attention(q, k, v, table, arange, **options), rtol=0, atol=0)
+
+
+def test_cls_attention_drives_in_network_pruning():
+    # EViT / Tri-Level E-ViT: keep the patches the CLS token attends to most. cls_attention
+    # covers every kept token, the CLS token itself at column 0, so scores are columns 1:.
+    torch.manual_seed(0)
+    grid, heads, dim = (4, 5), 2, 16
+    x = torch.randn(2, 1 + grid[0] * grid[1], heads * dim)
+    tokens, index = sample_patches(x, 0.6)
+    q, k, v = (torch.randn(2, heads, tokens.shape[1], dim) for _ in range(3))
+    table = torch.randn(bias_table_rows(grid), heads)
+    _, cls_attention = rpb_attention(q, k, v, table, index, grid_size=grid, backend="torch",
+                                     return_cls_attention=True)
+    kept, inner = sample_patches(tokens, 0.5, scorer="given", scores=cls_attention[:, 1:])
+    positions = index.gather(1, inner)  # positions in the full sequence, for the next layers' bias
+
+    logits = torch.matmul(q, k.transpose(-1, -2)) * dim ** -0.5
+    rows = timm_relative_position_index(grid, 1)
+    logits = logits + table[rows[index[:, :, None], index[:, None, :]]].permute(0, 3, 1, 2)
+    expected_scores = logits.softmax(-1)[:, :, 0, 1:].mean(1)
+    num_patches = inner.shape[1] - 1
+    expected_inner = expected_scores.argsort(dim=1, descending=True, stable=True)[:, :num_patches] + 1
+    assert torch.equal(inner[:, 1:], expected_inner)
+    assert torch.equal(kept, tokens.gather(1, inner[..., None].expand(-1, -1, tokens.shape[2])))
+    assert torch.equal(positions[:, 0], torch.zeros(2, dtype=torch.long))
+    for kept_positions, earlier in zip(positions.tolist(), index.tolist()):
+        assert len(set(kept_positions)) == len(kept_positions) and set(kept_positions) <= set(earlier)
+
