@@ -9,13 +9,8 @@ from pss_kernels.models.layers import DropPath, PlainAttention
 from pss_kernels.ops.rpb_attention.reference import rpb_attention_reference
 from pss_kernels.ops.sample_patches.reference import num_kept_tokens, sample_patches_reference
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Tiny models: one thread is faster, and on a busy 2-core runner a second OpenMP thread spin-waits.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: see conftest.single_thread.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # img 32, patch 8: a 4x4 grid, N = 17 tokens.

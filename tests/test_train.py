@@ -27,13 +27,8 @@ from pss_kernels.train.optim import warmup_cosine_factor
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Tiny models: one thread is faster, and on a busy 2-core runner a second OpenMP thread spin-waits.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: see conftest.single_thread.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
