@@ -42,8 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (LOG2E, biased_logits_log2, dot_precision, head_strides, load_rows, tile_config,
-                            token_coordinates)
+from .triton_common import (LOG2E, biased_logits_log2, dot_precision, head_slice, head_strides, load_rows,
+                            tile_config, token_coordinates)
 
 
 @triton.jit
@@ -59,9 +59,9 @@ def _delta_kernel(OUT, DOUT, DELTA,
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask_m = offs_m < num_tokens
     mask_d = offs_d < head_dim
-    out = load_rows(OUT + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh,
+    out = load_rows(head_slice(OUT, batch, head, stride_ob, stride_oh),
                     offs_m, mask_m, stride_on, offs_d, mask_d, stride_od)
-    dout = load_rows(DOUT + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh,
+    dout = load_rows(head_slice(DOUT, batch, head, stride_dob, stride_doh),
                      offs_m, mask_m, stride_don, offs_d, mask_d, stride_dod)
     delta = tl.sum(out.to(tl.float32) * dout.to(tl.float32), axis=1)
     tl.store(DELTA + batch_head.to(tl.int64) * num_tokens + offs_m, delta, mask=mask_m)
@@ -118,10 +118,10 @@ def _dkdv_kernel(
     batch_head = tl.program_id(0)
     batch = batch_head // num_heads
     head = batch_head % num_heads
-    q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    k_base = K + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
-    v_base = V + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
-    do_base = DOUT + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+    q_base = head_slice(Q, batch, head, stride_qb, stride_qh)
+    k_base = head_slice(K, batch, head, stride_kb, stride_kh)
+    v_base = head_slice(V, batch, head, stride_vb, stride_vh)
+    do_base = head_slice(DOUT, batch, head, stride_dob, stride_doh)
     # DK and DV are contiguous (B, H, n, D) (the launcher allocates them).
     dk_base = DK + batch_head.to(tl.int64) * num_tokens * head_dim
     dv_base = DV + batch_head.to(tl.int64) * num_tokens * head_dim
@@ -179,17 +179,17 @@ def _dq_kernel(
     batch_head = tl.program_id(0)
     batch = batch_head // num_heads
     head = batch_head % num_heads
-    k_base = K + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
-    v_base = V + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
+    k_base = head_slice(K, batch, head, stride_kb, stride_kh)
+    v_base = head_slice(V, batch, head, stride_vb, stride_vh)
     row_base = batch_head.to(tl.int64) * num_tokens
     table_h = TABLE + head * stride_table_head
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask_m = offs_m < num_tokens
     mask_d = offs_d < head_dim
-    q = load_rows(Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh,
+    q = load_rows(head_slice(Q, batch, head, stride_qb, stride_qh),
                   offs_m, mask_m, stride_qn, offs_d, mask_d, stride_qd)
-    dout = load_rows(DOUT + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh,
+    dout = load_rows(head_slice(DOUT, batch, head, stride_dob, stride_doh),
                      offs_m, mask_m, stride_don, offs_d, mask_d, stride_dod)
     lse_log2 = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0) * LOG2E
     delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)

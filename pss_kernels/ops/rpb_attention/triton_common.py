@@ -63,6 +63,12 @@ def relative_index(coord_q, prefix_q, coord_k, prefix_k, grid_h, grid_w, NUM_PRE
 
 
 @triton.jit
+def head_slice(PTR, batch, head, stride_b, stride_h):
+    """Pointer to the (n, D) slice of image `batch`, head `head` (int64 offsets: B*H*n*D may pass 2^31)."""
+    return PTR + batch.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
+
+
+@triton.jit
 def load_rows(BASE, offs, mask_rows, stride_n, offs_d, mask_d, stride_d):
     """Rows `offs` of one (n, D) head slice as a (BLOCK, HEAD_DIM_PAD) tile, zero-padded."""
     return tl.load(BASE + offs[:, None] * stride_n + offs_d[None, :] * stride_d,

@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (LOG2E, biased_logits_log2, dot_precision, head_strides, load_rows, tile_config,
-                            token_coordinates)
+from .triton_common import (LOG2E, biased_logits_log2, dot_precision, head_slice, head_strides, load_rows,
+                            tile_config, token_coordinates)
 
 
 @triton.jit
@@ -43,9 +43,9 @@ def _rpb_attention_fwd_kernel(
     block_m = tl.program_id(1)
     batch = batch_head // num_heads
     head = batch_head % num_heads
-    q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    k_base = K + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
-    v_base = V + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
+    q_base = head_slice(Q, batch, head, stride_qb, stride_qh)
+    k_base = head_slice(K, batch, head, stride_kb, stride_kh)
+    v_base = head_slice(V, batch, head, stride_vb, stride_vh)
     table_h = TABLE + head * stride_table_head
 
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -76,7 +76,7 @@ def _rpb_attention_fwd_kernel(
         row_max = new_max
 
     out = acc / row_sum[:, None]
-    o_base = OUT + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+    o_base = head_slice(OUT, batch, head, stride_ob, stride_oh)
     tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od, out.to(OUT.dtype.element_ty),
              mask=mask_m[:, None] & mask_d[None, :])
     lse_log2 = row_max + tl.log2(row_sum)
