@@ -77,6 +77,54 @@ def time_iterations(step: Callable[[], object], *, warmup: int, iters: int, devi
     return TimingStats.from_samples(samples_ms)
 
 
+def time_graph_replays(step: Callable[[], object], *, warmup: int, iters: int,
+                       device: torch.device) -> TimingStats:
+    """Capture `step()` once into a CUDA graph and time `iters` replays of it with CUDA events.
+
+    This is the device time of the step's kernels with no host work between them: what a
+    bandwidth figure must be computed from when a kernel (~20 us) is shorter than the Python
+    and dispatch overhead of one eager call, which otherwise decides the measured time. Raises
+    (RuntimeError from the capture, ValueError off CUDA) when the step cannot be captured, e.g.
+    it synchronises with the host; callers record the reason.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"CUDA graph timing needs a CUDA device, got {device}")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs asks
+        for _ in range(max(warmup, 1)):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return time_iterations(graph.replay, warmup=max(warmup, 1), iters=iters, device=device)
+
+
+class TimeBudget:
+    """A wall-clock budget for a whole benchmark run: `spent()` says when to stop starting cases.
+
+    `seconds=None` never runs out. The device tool gives one command 10 minutes; a run that
+    stops itself in time still writes its JSON, one killed at the limit writes nothing.
+    """
+
+    def __init__(self, seconds: float | None):
+        if seconds is not None and seconds <= 0:
+            raise ValueError(f"time budget must be > 0 seconds, got {seconds}")
+        self.seconds = seconds
+        self.started = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def spent(self) -> bool:
+        return self.seconds is not None and self.elapsed() >= self.seconds
+
+    def skip_reason(self) -> str:
+        return f"skipped: the run's time budget of {self.seconds:g} s was spent"
+
+
 def device_name(device: torch.device) -> str:
     device = torch.device(device)
     if device.type == "cuda":

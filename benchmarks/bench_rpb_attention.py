@@ -4,6 +4,8 @@
 
     model, heads, head_dim, batch, grid, keep_rate, num_tokens (n), num_positions (N)
     impl      "pss" (rpb_attention; backend "triton" on CUDA, "torch" elsewhere),
+              "pss-frozen-table" (the same with a table that needs no gradient: the backward
+              skips the bias-gradient accumulation, so pss - pss-frozen-table is its cost),
               "eager" (a: dense per-image bias, eager softmax attention; the published path),
               "sdpa-bias" (b: dense bias as attn_mask, SDPA EFFICIENT backend),
               "flex" (c: FlexAttention, score_mod gathering from a table that requires grad;
@@ -18,7 +20,8 @@
     ms_vs_sdpa_flash, speedup_vs_eager, peak_mem_vs_sdpa_flash   ratios to peers of the same
                        config and pass (None where a peer failed)
     error     None, or "ExceptionType: message" when the impl cannot run here (rows are kept so
-              a failure, e.g. of FlexAttention, is recorded rather than hidden)
+              a failure, e.g. of FlexAttention, is recorded rather than hidden), or why the case
+              was skipped (the run's time budget was spent)
 
 The inputs match a training step under autocast: q, k, v in `dtype`, a float32 bias table,
 and for keep_rate < 1 the `index` that `sample_patches` returns for random tokens (score order).
@@ -32,26 +35,36 @@ from typing import Callable, Dict, Iterable, List, Optional
 import torch
 import torch.nn.functional as F
 
-from _timing import time_iterations
+from _timing import TimeBudget, time_iterations
 from pss_kernels import num_kept_tokens, rpb_attention, sample_patches
 from pss_kernels.ops.rpb_attention.peers import eager_rpb_attention, flex_rpb_attention, sdpa_bias_rpb_attention
 from pss_kernels.ops.rpb_attention.reference import bias_table_rows
 
 MODELS = {"vit_base": (12, 64), "deit_small": (6, 64)}  # name -> (heads, head_dim)
 KEEP_RATES = (0.2, 0.4, 0.6, 0.8, 1.0)  # N = 197: n = 39, 79, 118, 158, 197
-IMPLS = ("pss", "eager", "sdpa-bias", "flex", "sdpa-flash")
+IMPLS = ("pss", "pss-frozen-table", "eager", "sdpa-bias", "flex", "sdpa-flash")
+# FlexAttention is compiled with static shapes, once per (B, n, H): the issue's grid has 40 of them,
+# and past torch._dynamo's default limit of 8 recompiles flex_attention would silently run eager
+# (unfused) and the peer would be misrepresented. Each new shape costs a compile (~10-30 s).
+FLEX_RECOMPILE_LIMIT = 128
 PASSES = ("forward", "forward+backward")
 NUM_PREFIX_TOKENS = 1
 
 
 def default_configs(device) -> List[dict]:
     """The issue's grid on CUDA (ViT-B and DeiT-S, B 128/256, 14x14 and 24x24 grids, five keep
-    rates); on CPU one tiny shape at two keep rates, to exercise the harness."""
+    rates), the target cases (B = 256, 14x14, n = 197) first so that a run cut short by its time
+    budget still judges the targets; on CPU one tiny shape at two keep rates, to exercise the harness."""
     if torch.device(device).type != "cuda":
         return [dict(model="tiny", heads=2, head_dim=16, batch=2, grid=(3, 3), keep_rate=rate) for rate in (0.5, 1.0)]
-    return [dict(model=model, heads=heads, head_dim=head_dim, batch=batch, grid=grid, keep_rate=rate)
-            for model, (heads, head_dim) in MODELS.items() for batch in (128, 256)
-            for grid in ((14, 14), (24, 24)) for rate in KEEP_RATES]
+    configs = [dict(model=model, heads=heads, head_dim=head_dim, batch=batch, grid=grid, keep_rate=rate)
+               for model, (heads, head_dim) in MODELS.items() for batch in (128, 256)
+               for grid in ((14, 14), (24, 24)) for rate in KEEP_RATES]
+    return sorted(configs, key=lambda c: not is_target_config(c))  # stable: the rest keep their order
+
+
+def is_target_config(config: dict) -> bool:
+    return config["batch"] == 256 and tuple(config["grid"]) == (14, 14) and config["keep_rate"] == 1.0
 
 
 def _sdpa_backend(name: str):
@@ -92,8 +105,12 @@ def _attention_fns(device: torch.device) -> Dict[str, Callable]:
     def peer(fn):
         return lambda q, k, v, table, index, grid_size: fn(q, k, v, table, index, grid_size=grid_size)
 
+    def pss_frozen_table(q, k, v, table, index, grid_size):
+        return pss(q, k, v, table.detach(), index, grid_size)
+
     return {
         "pss": pss,
+        "pss-frozen-table": pss_frozen_table,
         "eager": peer(eager_rpb_attention),
         "sdpa-bias": with_sdpa("EFFICIENT_ATTENTION", peer(sdpa_bias_rpb_attention)),
         "flex": lambda q, k, v, table, index, grid_size: flex_rpb_attention(
@@ -155,20 +172,38 @@ def _ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional
 
 
 def run(device, dtype: torch.dtype, configs: Optional[Iterable[dict]] = None, warmup: int = 5,
-        iters: int = 20, impls: Iterable[str] = IMPLS) -> List[dict]:
-    """Time every impl on every config (see the module docstring for the rows)."""
+        iters: int = 20, impls: Iterable[str] = IMPLS, budget: Optional[TimeBudget] = None) -> List[dict]:
+    """Time every impl on every config (see the module docstring for the rows). Once `budget` is
+    spent, the remaining configs come back as rows with ms None and the reason in `error`."""
     device = torch.device(device)
     configs = default_configs(device) if configs is None else list(configs)
+    budget = budget or TimeBudget(None)
+    with torch._dynamo.config.patch(**_recompile_limit_settings()):
+        return _run(device, dtype, configs, warmup, iters, tuple(impls), budget)
+
+
+def _recompile_limit_settings() -> dict:
+    """The dynamo setting that bounds recompiles per function: `recompile_limit` in recent torch,
+    `cache_size_limit` before it was renamed."""
+    import torch._dynamo.config as dynamo_config
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    return {name: FLEX_RECOMPILE_LIMIT}
+
+
+def _run(device: torch.device, dtype: torch.dtype, configs: List[dict], warmup: int, iters: int,
+         impls: tuple, budget: TimeBudget) -> List[dict]:
     fns = _attention_fns(device)
-    backends = {"pss": _pss_backend(device), "sdpa-bias": "EFFICIENT_ATTENTION", "sdpa-flash": "FLASH_ATTENTION",
+    backends = {"pss": _pss_backend(device), "pss-frozen-table": _pss_backend(device),
+                "sdpa-bias": "EFFICIENT_ATTENTION", "sdpa-flash": "FLASH_ATTENTION",
                 "flex": (_flex_kernel_options() or {}).get("BACKEND", "default")}
     generator = torch.Generator(device=device).manual_seed(0)
     rows = []
     for config in configs:
-        args, num_tokens, num_positions = _inputs(config, device, dtype, generator)
-        case = dict(model=config["model"], heads=config["heads"], head_dim=config["head_dim"],
-                    batch=config["batch"], grid=list(config["grid"]), keep_rate=config["keep_rate"],
-                    num_tokens=num_tokens, num_positions=num_positions, dtype=str(dtype).replace("torch.", ""))
+        if budget.spent():
+            rows += _skipped_rows(config, impls, backends, dtype, budget.skip_reason())
+            continue
+        args, _, _ = _inputs(config, device, dtype, generator)
+        case = _case(config, dtype)
         by_impl = {}
         for impl in impls:
             for pass_name in PASSES:
@@ -188,4 +223,23 @@ def run(device, dtype: torch.dtype, configs: Optional[Iterable[dict]] = None, wa
             row["ms_vs_sdpa_flash"] = _ratio(row["ms"], flash.get("ms"))
             row["speedup_vs_eager"] = _ratio(eager.get("ms"), row["ms"])
             row["peak_mem_vs_sdpa_flash"] = _ratio(row["peak_mem_mb"], flash.get("peak_mem_mb"))
+        del args
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the next config's peak memory starts from a clean pool
     return rows
+
+
+def _case(config: dict, dtype: torch.dtype) -> dict:
+    grid = tuple(config["grid"])
+    num_positions = NUM_PREFIX_TOKENS + grid[0] * grid[1]
+    return dict(model=config["model"], heads=config["heads"], head_dim=config["head_dim"], batch=config["batch"],
+                grid=list(grid), keep_rate=config["keep_rate"],
+                num_tokens=num_kept_tokens(num_positions, config["keep_rate"], NUM_PREFIX_TOKENS),
+                num_positions=num_positions, dtype=str(dtype).replace("torch.", ""))
+
+
+def _skipped_rows(config: dict, impls: tuple, backends: dict, dtype: torch.dtype, reason: str) -> List[dict]:
+    return [dict(_case(config, dtype), impl=impl, backend=backends.get(impl), ms=None, q1_ms=None, q3_ms=None,
+                 peak_mem_mb=None, error=reason, ms_vs_sdpa_flash=None, speedup_vs_eager=None,
+                 peak_mem_vs_sdpa_flash=None, **{"pass": pass_name})
+            for impl in impls for pass_name in PASSES]

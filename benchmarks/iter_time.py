@@ -49,7 +49,8 @@ from _iter_time_plot import plot_report
 from _iter_time_report import (TARGET_MODEL, evaluate_targets, format_errors, format_projection_table,
                                format_targets, format_timing_table)
 from _projection import IMAGENET_1K_TRAIN_IMAGES, project_run, steps_per_epoch
-from _timing import TimingStats, environment_info, file_slug, profile_step, synchronize, time_iterations
+from _timing import (TimeBudget, TimingStats, environment_info, file_slug, profile_step, synchronize,
+                     time_iterations)
 from _train_step import make_training_step
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -145,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     projection.add_argument("--epochs", type=int, default=100, help="epochs of the projected run (default 100)")
     projection.add_argument("--dataset-images", type=int, default=IMAGENET_1K_TRAIN_IMAGES,
                             help=f"training images per epoch (default ImageNet-1k: {IMAGENET_1K_TRAIN_IMAGES:,})")
+    timing.add_argument("--time-budget", type=float, metavar="SECONDS",
+                        help="start no new case after this many seconds; the cases left are reported as "
+                             "skipped (each model runs baseline, pss, eager, sdpa-bias, flex in that order). "
+                             "Default: no limit")
     output = parser.add_argument_group("output")
     output.add_argument("--out-dir", type=Path,
                         help="folder for the JSON and PNG (default benchmarks/results on GPU; ./runs/iter_time "
@@ -201,6 +206,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args.keep_rates = sorted(set(args.keep_rates), reverse=True)
     if args.img_size < PATCH_SIZE or args.img_size % PATCH_SIZE:
         parser.error(f"argument --img-size: must be a positive multiple of {PATCH_SIZE}, got {args.img_size}")
+    if args.time_budget is not None and args.time_budget <= 0:
+        parser.error(f"argument --time-budget: must be > 0 seconds, got {args.time_budget}")
     for flag, value, minimum in (("--batch-size", args.batch_size, 1), ("--warmup", args.warmup, 0),
                                  ("--iters", args.iters, 1), ("--epochs", args.epochs, 1),
                                  ("--dataset-images", args.dataset_images, 1)):
@@ -366,10 +373,17 @@ def synchronize_quietly(device: torch.device) -> None:
 
 
 def run_implementation(model_name: str, impl: Implementation, keep_rates: List[float], args,
-                       requested, progress: Progress) -> List[dict]:
+                       requested, progress: Progress, budget: TimeBudget) -> List[dict]:
     started = time.perf_counter()
     model = step = None
     build_error = None
+    if budget.spent():
+        results = []
+        for keep_rate in keep_rates:
+            results.append(new_result(model_name, impl, keep_rate, args))
+            results[-1]["error"] = budget.skip_reason()
+            progress.report(results[-1], 0.0)
+        return results
     try:
         model = build_model(model_name, impl, args)
         if impl.name == "pss":
@@ -382,7 +396,10 @@ def run_implementation(model_name: str, impl: Implementation, keep_rates: List[f
         build_error = error_text(err)
     results = []
     for keep_rate in keep_rates:
-        if build_error is None:
+        if budget.spent():
+            result = new_result(model_name, impl, keep_rate, args)
+            result["error"] = budget.skip_reason()
+        elif build_error is None:
             result = measure_case(step, model, impl, model_name, keep_rate, args, requested)
         else:
             result = new_result(model_name, impl, keep_rate, args)
@@ -469,12 +486,13 @@ def run(args) -> dict:
     print(f"pss backends requested: {requested} (None = the package's choice)", file=sys.stderr, flush=True)
     total_cases = len(args.models) * (1 + len(args.impls) * len(args.keep_rates))
     progress = Progress(total_cases)
+    budget = TimeBudget(args.time_budget)
     results = []
     for model_name in args.models:
-        results += run_implementation(model_name, BASELINE, [1.0], args, requested, progress)
+        results += run_implementation(model_name, BASELINE, [1.0], args, requested, progress, budget)
         for impl_name in args.impls:
             results += run_implementation(model_name, IMPLEMENTATIONS[impl_name], args.keep_rates, args,
-                                          requested, progress)
+                                          requested, progress, budget)
     add_ratios(results)
     report = {
         "benchmark": "iter_time",
@@ -485,6 +503,7 @@ def run(args) -> dict:
                    "keep_rates": args.keep_rates, "impls": args.impls, "warmup": args.warmup, "iters": args.iters,
                    "amp": "bf16 autocast" if args.amp == "bf16" else "float32", "fused_adamw": args.fused_adamw,
                    "optimizer": "AdamW(lr=1e-4, weight_decay=0.05)", "num_classes": NUM_CLASSES,
+                   "time_budget_s": args.time_budget, "elapsed_s": round(budget.elapsed(), 1),
                    "cudnn_benchmark": args.device.type == "cuda",
                    "pss_backends_requested": requested, "schedules": args.schedules,
                    "command": " ".join(["iter_time.py", *args.argv])},
@@ -496,6 +515,8 @@ def run(args) -> dict:
     report["targets"] = evaluate_targets(report) if report["run_kind"] == "gpu" else []
     if args.profile:
         report["profiles"] = profile_lowest_keep_rate(args.models, args, requested)
+    elif any(target["status"] == "MISS" for target in report["targets"]) and budget.spent():
+        print("a target was missed, but the time budget is spent: no profile", file=sys.stderr, flush=True)
     elif any(target["status"] == "MISS" for target in report["targets"]):
         # Issue 5: a missed target comes with where the time goes.
         print("a target was missed: profiling one pss iteration", file=sys.stderr, flush=True)

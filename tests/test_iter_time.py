@@ -180,6 +180,21 @@ def test_cpu_runs_default_to_the_smoke_configuration_outside_benchmarks_results(
     assert explicit.models == ["vit_base", "deit_small"] and explicit.batch_sizes == {"vit_base": 4, "deit_small": 4}
 
 
+def test_spent_time_budget_reports_every_case_as_skipped():
+    import iter_time
+
+    args = iter_time.parse_args(["--device", "cpu", "--img-size", "32", "--keep-rates", "1.0,0.5",
+                                 "--impls", "pss,eager", "--time-budget", "0.000001"])
+    report = iter_time.run(args)
+    assert len(report["results"]) == 5 and len(report["errors"]) == 5  # baseline + 2 impls x 2 rates
+    assert all(r["median_ms"] is None and r["error"].startswith("skipped: the run's time budget")
+               for r in report["results"])
+    assert report["config"]["time_budget_s"] == 0.000001
+    assert "not projected" in iter_time.format_projection_table(report)
+    with pytest.raises(SystemExit):
+        iter_time.parse_args(["--device", "cpu", "--time-budget", "0"])
+
+
 @pytest.mark.parametrize("flags, env, expected", [
     ([], None, {"sample_patches": None, "rpb_attention": None}),  # CPU: the package's choice (torch)
     (["--backend", "torch"], None, {"sample_patches": "torch", "rpb_attention": "torch"}),

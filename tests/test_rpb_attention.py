@@ -205,6 +205,25 @@ def test_deterministic_mode_is_bit_identical_and_correct(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("keep_rate", [None, 0.8], ids=["index=None", "sampled"])
+def test_frozen_bias_table_skips_its_gradient(backend, deterministic, keep_rate):
+    """A table without requires_grad: dq, dk, dv still match the reference, and no table gradient
+    is produced (the backends skip the accumulation)."""
+    q, k, v, table, index = make_inputs((4, 5), 1, 16, keep_rate=keep_rate)
+    table = table.detach()
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    out = rpb_attention(q, k, v, table, index, grid_size=(4, 5), backend=backend, deterministic=deterministic)
+    expected = rpb_attention_reference(q, k, v, table, index, grid_size=(4, 5))
+    torch.testing.assert_close(out, expected, **TOLERANCES[torch.float32])
+    out.backward(grad_out)
+    for name, got, want in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad),
+                               grads_of(expected, grad_out, (q, k, v))):
+        torch.testing.assert_close(got, want, **TOLERANCES[torch.float32], msg=lambda m: f"{name}: {m}")
+    assert table.grad is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_expanded_grad_out_int32_index_and_contiguous_inputs(backend):
     """out.sum() hands back a stride-0 gradient; index may be int32; q, k, v may be contiguous."""
     q, k, v, table, index = make_inputs((4, 5), 1, 16, keep_rate=0.8, qkv_view=False)
@@ -335,7 +354,8 @@ def test_opcheck(backend, keep_rate, with_cls):
     out, lse, _ = torch.ops.pss_kernels.rpb_attention_fwd(*forward_args)
     backward_args = (torch.randn_like(q), q.detach(), k.detach(), v.detach(), table.detach(), index, out.detach(),
                      lse, [3, 3], 1, 0.25, backend, False)
-    torch.library.opcheck(torch.ops.pss_kernels.rpb_attention_bwd.default, backward_args)
+    for bias_grad in (True, False):
+        torch.library.opcheck(torch.ops.pss_kernels.rpb_attention_bwd.default, (*backward_args, bias_grad))
 
 
 @pytest.mark.parametrize("keep_rate", [None, 0.6])
@@ -489,9 +509,10 @@ for arch, dtype, precision, pad, block, warps in ((90, "bf16", "tf32", 64, 64, 8
     common = dict(HAS_INDEX=True, NUM_PREFIX=1, DOT_PRECISION=precision, HEAD_DIM_PAD=pad, BLOCK_M=32)
     compile_kernel(triton_forward._rpb_attention_fwd_kernel, arch, dtype,
                    dict(common, RETURN_CLS=True, BLOCK_M=64, BLOCK_N=block), warps)
-    for deterministic in (False, True):
+    for bias_grad, deterministic in ((True, False), (True, True), (False, False)):
         compile_kernel(triton_backward._dkdv_kernel, arch, dtype,
-                       dict(common, DETERMINISTIC=deterministic, BLOCK_N=16 if deterministic else block), warps)
+                       dict(common, BIAS_GRAD=bias_grad, DETERMINISTIC=deterministic,
+                            BLOCK_N=16 if deterministic else block), warps)
     compile_kernel(triton_backward._dq_kernel, arch, dtype, dict(common, HAS_INDEX=False, NUM_PREFIX=0,
                                                                  BLOCK_N=32), 4)
     compile_kernel(triton_backward._delta_kernel, arch, dtype, dict(BLOCK_M=64, HEAD_DIM_PAD=pad), 4)

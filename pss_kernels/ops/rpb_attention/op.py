@@ -193,15 +193,20 @@ def _(q, k, v, bias_table, index, grid_size, num_prefix_tokens, scale, backend, 
 def _rpb_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        bias_table: torch.Tensor, index: Optional[torch.Tensor], out: torch.Tensor,
                        lse: torch.Tensor, grid_size: List[int], num_prefix_tokens: int, scale: float, backend: str,
-                       deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                       deterministic: bool, bias_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                       torch.Tensor]:
+    """Gradients of q, k, v and bias_table; with bias_grad=False (a frozen table) the backends skip
+    the bias-gradient accumulation and the last output is zeros (autograd then passes None)."""
     with torch.cuda.device_of(q):
         grads = _backend_module(backend, "backward")(grad_out, q, k, v, bias_table, index, out, lse,
-                                                     tuple(grid_size), num_prefix_tokens, scale, deterministic)
+                                                     tuple(grid_size), num_prefix_tokens, scale, deterministic,
+                                                     bias_grad)
     return tuple(g.contiguous() for g in grads)
 
 
 @_rpb_attention_bwd.register_fake
-def _(grad_out, q, k, v, bias_table, index, out, lse, grid_size, num_prefix_tokens, scale, backend, deterministic):
+def _(grad_out, q, k, v, bias_table, index, out, lse, grid_size, num_prefix_tokens, scale, backend, deterministic,
+      bias_grad):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -220,9 +225,10 @@ def _backward(ctx, grad_out, grad_lse, grad_cls_attention):
     q, k, v, bias_table, index, out, lse = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
+    bias_grad = ctx.needs_input_grad[3]
     dq, dk, dv, dbias_table = torch.ops.pss_kernels.rpb_attention_bwd(grad_out, q, k, v, bias_table, index, out,
-                                                                       lse, *ctx.options)
-    return dq, dk, dv, dbias_table, None, None, None, None, None, None, None, None
+                                                                       lse, *ctx.options, bias_grad)
+    return dq, dk, dv, dbias_table if bias_grad else None, None, None, None, None, None, None, None, None
 
 
 _rpb_attention_fwd.register_autograd(_backward, setup_context=_setup_context)

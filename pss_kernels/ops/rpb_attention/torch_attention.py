@@ -44,8 +44,9 @@ def _deterministic_algorithms(enabled: bool):
 def rpb_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            bias_table: torch.Tensor, index: Optional[torch.Tensor], out: torch.Tensor,
                            lse: torch.Tensor, grid_size: Tuple[int, int], num_prefix_tokens: int, scale: float,
-                           deterministic: bool):
-    """(dq, dk, dv, dbias_table): dS = P * (dP - rowsum(dO * O)), dP = dO v^T (see triton_backward.py)."""
+                           deterministic: bool, bias_grad: bool = True):
+    """(dq, dk, dv, dbias_table): dS = P * (dP - rowsum(dO * O)), dP = dO v^T (see triton_backward.py).
+    bias_grad=False (a frozen table) skips the scatter and returns zeros for dbias_table."""
     _, heads, num_tokens, _ = q.shape
     dtype = q.dtype
     logits = rpb_attention_logits(q, k, bias_table, index, grid_size, num_prefix_tokens, scale)
@@ -58,6 +59,8 @@ def rpb_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     dq = torch.matmul(logit_grads, k) * scale
     dk = torch.matmul(logit_grads.transpose(-1, -2), q) * scale
     dv = torch.matmul(probs.transpose(-1, -2), grad_out)
+    if not bias_grad:
+        return dq.to(dtype), dk.to(dtype), dv.to(dtype), torch.zeros_like(bias_table)
 
     if index is None:
         # Every image shares one (n, n) row map: reduce over the batch before scattering, so the

@@ -33,6 +33,10 @@ shared-memory scatter, so "on chip" here means "in a private, cache-resident sli
   same.) This needs distinct positions within each image (what sample_patches returns; op.py
   checks it) and costs about BLOCK_N extra reductions per tile plus less parallelism: an opt-in
   for reproducibility runs.
+
+With a frozen table (bias_grad=False, e.g. bias_table.requires_grad is False) BIAS_GRAD drops the
+accumulation from the kernel: the backward then does exactly FlashAttention-2's work plus the bias
+gather, which is also how benchmarks/ops.py measures what the bias gradient costs.
 """
 from __future__ import annotations
 
@@ -111,7 +115,7 @@ def _dkdv_kernel(
         stride_dob, stride_doh, stride_don, stride_dod,
         stride_table_row, stride_table_head, stride_index_b, stride_index_n,
         num_heads, num_tokens, head_dim, grid_h, grid_w, num_table_rows, qk_scale_log2, scale,
-        HAS_INDEX: tl.constexpr, NUM_PREFIX: tl.constexpr, DETERMINISTIC: tl.constexpr,
+        HAS_INDEX: tl.constexpr, NUM_PREFIX: tl.constexpr, BIAS_GRAD: tl.constexpr, DETERMINISTIC: tl.constexpr,
         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HEAD_DIM_PAD: tl.constexpr):
     """Program (b*H + h, g) handles key blocks g, g + G, ... (G = grid size along axis 1)."""
@@ -156,8 +160,9 @@ def _dkdv_kernel(
                 stride_table_row, grid_h, grid_w, qk_scale_log2, NUM_PREFIX, DOT_PRECISION)
             dv += tl.dot(tl.trans(probs.to(dout.dtype)), dout, input_precision=DOT_PRECISION)
             dk += tl.dot(tl.trans(logit_grads.to(q.dtype)), q, input_precision=DOT_PRECISION)
-            _accumulate_bias_grad(bias_slice, rel, logit_grads, mask_m[:, None] & mask_n[None, :], num_table_rows,
-                                  BLOCK_N, NUM_PREFIX, DETERMINISTIC)
+            if BIAS_GRAD:
+                _accumulate_bias_grad(bias_slice, rel, logit_grads, mask_m[:, None] & mask_n[None, :],
+                                      num_table_rows, BLOCK_N, NUM_PREFIX, DETERMINISTIC)
         tile = offs_n[:, None] * head_dim + offs_d[None, :]
         tile_mask = mask_n[:, None] & mask_d[None, :]
         tl.store(dk_base + tile, (dk * scale).to(DK.dtype.element_ty), mask=tile_mask)
@@ -215,8 +220,9 @@ def _dq_kernel(
 def rpb_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            bias_table: torch.Tensor, index: Optional[torch.Tensor], out: torch.Tensor,
                            lse: torch.Tensor, grid_size: Tuple[int, int], num_prefix_tokens: int, scale: float,
-                           deterministic: bool):
-    """(dq, dk, dv) contiguous (B, H, n, D) in q's dtype and dbias_table (R, H) contiguous in its dtype.
+                           deterministic: bool, bias_grad: bool = True):
+    """(dq, dk, dv) contiguous (B, H, n, D) in q's dtype and dbias_table (R, H) contiguous in its dtype
+    (zeros when bias_grad is False: the accumulation is skipped).
 
     Every tensor is read through its strides; grad_out is made contiguous only when its last
     dimension is not (e.g. the stride-0 expanded view that `.sum()` hands back), for unit-stride loads.
@@ -227,7 +233,9 @@ def rpb_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
         grad_out = grad_out.contiguous()
     dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
     delta = torch.empty_like(lse)
-    bias_slices = torch.zeros(batch * heads, num_table_rows, device=q.device, dtype=torch.float32)
+    deterministic = deterministic and bias_grad  # dq, dk, dv use no atomics: only dbias_table needs the mode
+    bias_slices = (torch.zeros(batch * heads, num_table_rows, device=q.device, dtype=torch.float32) if bias_grad
+                   else lse)  # lse stands in for an unused pointer
     index_arg = index if index is not None else lse  # never read: HAS_INDEX is False
     index_strides = (index.stride(0), index.stride(1)) if index is not None else (0, 0)
     strides = (*head_strides(q), *head_strides(k), *head_strides(v), *head_strides(grad_out),
@@ -246,7 +254,7 @@ def rpb_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     _dkdv_kernel[(batch * heads, key_block_programs)](
         q, k, v, grad_out, lse, delta, bias_table, index_arg, dk, dv, bias_slices, *strides,
         heads, num_tokens, head_dim, grid_size[0], grid_size[1], num_table_rows, qk_scale_log2, scale,
-        DETERMINISTIC=deterministic, BLOCK_M=dkdv_config.block_m, BLOCK_N=dkdv_config.block_n,
+        BIAS_GRAD=bias_grad, DETERMINISTIC=deterministic, BLOCK_M=dkdv_config.block_m, BLOCK_N=dkdv_config.block_n,
         HEAD_DIM_PAD=dkdv_config.head_dim_pad, num_warps=dkdv_config.num_warps,
         num_stages=dkdv_config.num_stages, **geometry)
     _dq_kernel[(batch * heads, query_blocks)](
@@ -254,5 +262,7 @@ def rpb_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
         heads, num_tokens, head_dim, grid_size[0], grid_size[1], qk_scale_log2, scale,
         BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n, HEAD_DIM_PAD=dq_config.head_dim_pad,
         num_warps=dq_config.num_warps, num_stages=dq_config.num_stages, **geometry)
+    if not bias_grad:
+        return dq, dk, dv, torch.zeros_like(bias_table, memory_format=torch.contiguous_format)
     dbias_table = bias_slices.view(batch, heads, num_table_rows).sum(0).t().to(bias_table.dtype).contiguous()
     return dq, dk, dv, dbias_table

@@ -1,0 +1,108 @@
+"""benchmarks/ops.py (issues 2 and 3): the CLI end to end on CPU, the time budget (skipped cases
+are listed, never dropped), target-first ordering of the GPU grids and the target verdicts."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+import bench_rpb_attention  # noqa: E402
+import bench_sample_patches  # noqa: E402
+import ops  # noqa: E402
+from _timing import TimeBudget, time_graph_replays  # noqa: E402
+
+
+def run_ops(tmp_path, *flags):
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "ops.py"), "--device", "cpu", "--warmup", "0",
+                             "--iters", "1", "--out-dir", str(tmp_path), *flags],
+                            cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (json_path,) = tmp_path.glob("ops_*.json")
+    return result.stdout, json.loads(json_path.read_text())
+
+
+def test_cli_on_cpu_writes_json_and_plot(tmp_path):
+    stdout, report = run_ops(tmp_path)
+    assert "CPU smoke run" in stdout and report["skipped_rows"] == 0
+    sampling, attention = report["results"]["sample_patches"], report["results"]["rpb_attention"]
+    assert {r["impl"] for r in sampling} >= {"pss-torch", "eager", "topk-gather"}
+    assert all(r["ms"] > 0 and r["error"] is None for r in sampling)
+    assert all(r["graph_ms"] is None for r in sampling)  # CUDA graphs exist on CUDA only
+    assert {r["impl"] for r in attention} == set(bench_rpb_attention.IMPLS)
+    frozen = [r for r in attention if r["impl"] == "pss-frozen-table"]
+    assert frozen and all(r["ms"] > 0 for r in frozen)
+    assert report["targets"] == []  # the targets are for the GPU shapes
+    assert len(list(tmp_path.glob("ops_*.png"))) == 1
+
+
+def test_spent_time_budget_lists_every_case_as_skipped(tmp_path):
+    stdout, report = run_ops(tmp_path, "--time-budget", "0.000001")
+    rows = [r for rows in report["results"].values() for r in rows]
+    assert rows and all(r["ms"] is None and r["error"].startswith("skipped: the run's time budget") for r in rows)
+    assert report["skipped_rows"] == len(rows)
+    assert f"{len(rows)} rows skipped" in stdout
+    assert not list(tmp_path.glob("ops_*.png"))  # nothing measured, nothing plotted
+
+
+def test_time_budget_rejects_non_positive_seconds(tmp_path):
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "ops.py"), "--time-budget", "0"],
+                            cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--time-budget" in result.stderr
+    with pytest.raises(ValueError, match="time budget"):
+        TimeBudget(-1)
+    assert not TimeBudget(None).spent() and TimeBudget(1e-9).spent()
+
+
+def test_gpu_grids_put_the_target_cases_first():
+    shapes, keep_rates = ops.sampling_shapes(torch.device("cuda"))
+    assert shapes[0] == ops.SAMPLING_TARGET_SHAPE and len(shapes) == len(set(shapes)) == 8
+    assert keep_rates == (0.2, 0.5, 0.8)
+    configs = bench_rpb_attention.default_configs("cuda")
+    assert len(configs) == 40
+    targets = [c for c in configs if bench_rpb_attention.is_target_config(c)]
+    assert [c["model"] for c in targets] == ["vit_base", "deit_small"]
+    assert configs[:2] == targets
+
+
+def sampling_row(**changes):
+    row = dict(B=256, N=197, C=768, keep_rate=0.2, impl="pss-cuda", error=None, ms=0.05,
+               speedup_vs_eager=6.0, speedup_vs_eager_graph=4.0, graph_fraction_of_peak=0.75, **{"pass": "forward"})
+    row.update(changes)
+    return row
+
+
+def test_sampling_targets_judge_bandwidth_on_graph_time():
+    verdicts = {name.split(": ", 1)[1]: met for name, _, met in ops.sampling_targets([sampling_row()])}
+    assert verdicts == {"speed-up vs eager >= 5x (per call)": True, "speed-up vs eager >= 5x (CUDA graph)": False,
+                        "fraction of peak bandwidth >= 0.70 (CUDA graph)": True}
+    failed_capture = ops.sampling_targets([sampling_row(graph_fraction_of_peak=None)])
+    assert [met for name, _, met in failed_capture if "bandwidth" in name] == [False]
+    skipped = ops.sampling_targets([sampling_row(ms=None, error="skipped: budget")])
+    assert [met for _, _, met in skipped] == [None]
+
+
+def test_graph_timing_needs_cuda():
+    with pytest.raises(ValueError, match="CUDA"):
+        time_graph_replays(lambda: None, warmup=0, iters=1, device=torch.device("cpu"))
+
+
+def test_sampling_benchmark_records_a_failing_backend_instead_of_stopping(monkeypatch):
+    def broken(x, keep_rate):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(bench_sample_patches, "_implementations",
+                        lambda device: {"pss-broken": broken, "eager": bench_sample_patches.eager_sample_patches})
+    rows = bench_sample_patches.run("cpu", torch.float32, [(2, 9, 4)], [0.5], warmup=0, iters=1)
+    broken_rows = [r for r in rows if r["impl"] == "pss-broken"]
+    assert len(rows) == 4 and len(broken_rows) == 2
+    assert all(r["ms"] is None and "kernel exploded" in r["error"] and r["speedup_vs_eager"] is None
+               for r in broken_rows)
+    assert all(r["ms"] > 0 and r["speedup_vs_eager"] == 1.0 for r in rows if r["impl"] == "eager")
