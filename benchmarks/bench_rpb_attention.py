@@ -6,6 +6,8 @@
     impl      "pss" (rpb_attention; backend "triton" on CUDA, "torch" elsewhere),
               "pss-frozen-table" (the same with a table that needs no gradient: the backward
               skips the bias-gradient accumulation, so pss - pss-frozen-table is its cost),
+              "pss-dbias-slices" (keep rate 1 only: pss with PSS_KERNELS_RPB_DBIAS=slices, the
+              per-(image, head) table slices instead of the default position grid),
               "eager" (a: dense per-image bias, eager softmax attention; the published path),
               "sdpa-bias" (b: dense bias as attn_mask, SDPA EFFICIENT backend),
               "flex" (c: FlexAttention, score_mod gathering from a table that requires grad;
@@ -30,6 +32,8 @@ faster than eager, faster than sdpa-bias and flex, peak memory within 10 % of sd
 """
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
@@ -42,7 +46,11 @@ from pss_kernels.ops.rpb_attention.reference import bias_table_rows
 
 MODELS = {"vit_base": (12, 64), "deit_small": (6, 64)}  # name -> (heads, head_dim)
 KEEP_RATES = (0.2, 0.4, 0.6, 0.8, 1.0)  # N = 197: n = 39, 79, 118, 158, 197
-IMPLS = ("pss", "pss-frozen-table", "eager", "sdpa-bias", "flex", "sdpa-flash")
+IMPLS = ("pss", "pss-frozen-table", "pss-dbias-slices", "eager", "sdpa-bias", "flex", "sdpa-flash")
+# Implementations measured under extra environment variables (read by the kernels' launchers),
+# and the keep rates they apply to (None: all).
+IMPL_ENVIRONMENT = {"pss-dbias-slices": {"PSS_KERNELS_RPB_DBIAS": "slices"}}
+IMPL_KEEP_RATES = {"pss-dbias-slices": (1.0,)}  # the accumulator choice exists at index=None only
 # FlexAttention is compiled with static shapes, once per (B, n, H): the issue's grid has 40 of them,
 # and past torch._dynamo's default limit of 8 recompiles flex_attention would silently run eager
 # (unfused) and the peer would be misrepresented. Each new shape costs a compile (~10-30 s).
@@ -111,6 +119,7 @@ def _attention_fns(device: torch.device) -> Dict[str, Callable]:
     return {
         "pss": pss,
         "pss-frozen-table": pss_frozen_table,
+        "pss-dbias-slices": pss,  # under IMPL_ENVIRONMENT
         "eager": peer(eager_rpb_attention),
         "sdpa-bias": with_sdpa("EFFICIENT_ATTENTION", peer(sdpa_bias_rpb_attention)),
         "flex": lambda q, k, v, table, index, grid_size: flex_rpb_attention(
@@ -194,6 +203,7 @@ def _run(device: torch.device, dtype: torch.dtype, configs: List[dict], warmup: 
          impls: tuple, budget: TimeBudget) -> List[dict]:
     fns = _attention_fns(device)
     backends = {"pss": _pss_backend(device), "pss-frozen-table": _pss_backend(device),
+                "pss-dbias-slices": _pss_backend(device),
                 "sdpa-bias": "EFFICIENT_ATTENTION", "sdpa-flash": "FLASH_ATTENTION",
                 "flex": (_flex_kernel_options() or {}).get("BACKEND", "default")}
     generator = torch.Generator(device=device).manual_seed(0)
@@ -205,11 +215,12 @@ def _run(device: torch.device, dtype: torch.dtype, configs: List[dict], warmup: 
         args, _, _ = _inputs(config, device, dtype, generator)
         case = _case(config, dtype)
         by_impl = {}
-        for impl in impls:
+        for impl in impls_for(config, impls):
             for pass_name in PASSES:
                 row = dict(case, impl=impl, backend=backends.get(impl), **{"pass": pass_name})
                 try:
-                    row.update(_measure(_step(fns[impl], args, pass_name != "forward"), device, warmup, iters))
+                    with _environment(IMPL_ENVIRONMENT.get(impl, {})):
+                        row.update(_measure(_step(fns[impl], args, pass_name != "forward"), device, warmup, iters))
                 except Exception as err:  # recorded, not raised: one failing peer must not end the run
                     row.update(ms=None, q1_ms=None, q3_ms=None, peak_mem_mb=None,
                                error=f"{type(err).__name__}: {str(err)[:500]}")
@@ -229,6 +240,24 @@ def _run(device: torch.device, dtype: torch.dtype, configs: List[dict], warmup: 
     return rows
 
 
+def impls_for(config: dict, impls: Iterable[str]) -> List[str]:
+    return [impl for impl in impls if config["keep_rate"] in IMPL_KEEP_RATES.get(impl, (config["keep_rate"],))]
+
+
+@contextmanager
+def _environment(variables: Dict[str, str]):
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _case(config: dict, dtype: torch.dtype) -> dict:
     grid = tuple(config["grid"])
     num_positions = NUM_PREFIX_TOKENS + grid[0] * grid[1]
@@ -242,4 +271,4 @@ def _skipped_rows(config: dict, impls: tuple, backends: dict, dtype: torch.dtype
     return [dict(_case(config, dtype), impl=impl, backend=backends.get(impl), ms=None, q1_ms=None, q3_ms=None,
                  peak_mem_mb=None, error=reason, ms_vs_sdpa_flash=None, speedup_vs_eager=None,
                  peak_mem_vs_sdpa_flash=None, **{"pass": pass_name})
-            for impl in impls for pass_name in PASSES]
+            for impl in impls_for(config, impls) for pass_name in PASSES]

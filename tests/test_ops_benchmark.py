@@ -37,8 +37,9 @@ def test_cli_on_cpu_writes_json_and_plot(tmp_path):
     assert all(r["ms"] > 0 and r["error"] is None for r in sampling)
     assert all(r["graph_ms"] is None for r in sampling)  # CUDA graphs exist on CUDA only
     assert {r["impl"] for r in attention} == set(bench_rpb_attention.IMPLS)
-    frozen = [r for r in attention if r["impl"] == "pss-frozen-table"]
-    assert frozen and all(r["ms"] > 0 for r in frozen)
+    for variant in ("pss-frozen-table", "pss-dbias-slices"):
+        rows = [r for r in attention if r["impl"] == variant]
+        assert rows and all(r["ms"] > 0 for r in rows), variant
     assert report["targets"] == []  # the targets are for the GPU shapes
     assert len(list(tmp_path.glob("ops_*.png"))) == 1
 

@@ -204,6 +204,42 @@ def test_deterministic_mode_is_bit_identical_and_correct(backend):
     assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("accumulator", ["slices", "position-grid"])
+@pytest.mark.parametrize("num_prefix_tokens", [0, 1])
+def test_triton_bias_grad_accumulators_at_index_none(accumulator, num_prefix_tokens, monkeypatch):
+    """Both dbias_table accumulators of the index=None backward (PSS_KERNELS_RPB_DBIAS), with
+    more images than position-grid copies so that copies are shared and summed."""
+    if "triton" not in BACKENDS:
+        pytest.skip("triton backend unavailable")
+    from pss_kernels.ops.rpb_attention import triton_backward
+    monkeypatch.setenv(triton_backward.DBIAS_ENV_VAR, accumulator)
+    monkeypatch.setattr(triton_backward, "POSITION_GRID_MAX_COPIES", 2)
+    expected_copies = 2 if accumulator == "position-grid" else 0
+    assert triton_backward.position_grid_copies(3, 2, 10) == expected_copies
+    q, k, v, table, _ = make_inputs((3, 3), num_prefix_tokens, 16, batch=3)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    out = rpb_attention(q, k, v, table, grid_size=(3, 3), num_prefix_tokens=num_prefix_tokens, backend="triton")
+    expected = rpb_attention_reference(q, k, v, table, grid_size=(3, 3), num_prefix_tokens=num_prefix_tokens)
+    for name, got, want in zip(("dq", "dk", "dv", "dbias_table"), grads_of(out, grad_out, (q, k, v, table)),
+                               grads_of(expected, grad_out, (q, k, v, table))):
+        torch.testing.assert_close(got, want, **TOLERANCES[torch.float32], msg=lambda m: f"{name}: {m}")
+
+
+def test_bias_grad_accumulator_choice(monkeypatch):
+    pytest.importorskip("triton")
+    from pss_kernels.ops.rpb_attention import triton_backward
+    monkeypatch.delenv(triton_backward.DBIAS_ENV_VAR, raising=False)
+    assert triton_backward.position_grid_copies(256, 12, 197) == 8       # 1.8 MiB a copy
+    assert triton_backward.position_grid_copies(256, 12, 577) == 4       # 16 MiB a copy
+    assert triton_backward.position_grid_copies(3, 12, 197) == 3         # never more copies than images
+    assert triton_backward.position_grid_copies(256, 16, 4097) == 0      # 1 GiB a copy: table slices
+    monkeypatch.setenv(triton_backward.DBIAS_ENV_VAR, "position-grid")
+    assert triton_backward.position_grid_copies(256, 16, 4097) == 1
+    monkeypatch.setenv(triton_backward.DBIAS_ENV_VAR, "atomics")
+    with pytest.raises(ValueError, match="PSS_KERNELS_RPB_DBIAS must be one of"):
+        triton_backward.position_grid_copies(2, 2, 10)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("keep_rate", [None, 0.8], ids=["index=None", "sampled"])
@@ -474,7 +510,8 @@ def test_benchmark_harness_runs_tiny_configs_on_cpu():
 
     rows = bench_rpb_attention.run("cpu", torch.float32, warmup=0, iters=1)
     configs = bench_rpb_attention.default_configs("cpu")
-    assert len(rows) == len(configs) * len(bench_rpb_attention.IMPLS) * 2
+    assert len(rows) == 2 * sum(len(bench_rpb_attention.impls_for(c, bench_rpb_attention.IMPLS)) for c in configs)
+    assert {r["keep_rate"] for r in rows if r["impl"] == "pss-dbias-slices"} == {1.0}
     by_key = {(r["keep_rate"], r["impl"], r["pass"]): r for r in rows}
     for keep_rate in (0.5, 1.0):
         for impl in ("pss", "eager"):
@@ -509,10 +546,11 @@ for arch, dtype, precision, pad, block, warps in ((90, "bf16", "tf32", 64, 64, 8
     common = dict(HAS_INDEX=True, NUM_PREFIX=1, DOT_PRECISION=precision, HEAD_DIM_PAD=pad, BLOCK_M=32)
     compile_kernel(triton_forward._rpb_attention_fwd_kernel, arch, dtype,
                    dict(common, RETURN_CLS=True, BLOCK_M=64, BLOCK_N=block), warps)
-    for bias_grad, deterministic in ((True, False), (True, True), (False, False)):
+    for bias_grad, deterministic, position_grid in ((True, False, False), (True, True, False),
+                                                    (False, False, False), (True, False, True)):
         compile_kernel(triton_backward._dkdv_kernel, arch, dtype,
-                       dict(common, BIAS_GRAD=bias_grad, DETERMINISTIC=deterministic,
-                            BLOCK_N=16 if deterministic else block), warps)
+                       dict(common, BIAS_GRAD=bias_grad, DETERMINISTIC=deterministic, POSITION_GRID=position_grid,
+                            HAS_INDEX=not position_grid, BLOCK_N=16 if deterministic else block), warps)
     compile_kernel(triton_backward._dq_kernel, arch, dtype, dict(common, HAS_INDEX=False, NUM_PREFIX=0,
                                                                  BLOCK_N=32), 4)
     compile_kernel(triton_backward._delta_kernel, arch, dtype, dict(BLOCK_M=64, HEAD_DIM_PAD=pad), 4)

@@ -34,18 +34,30 @@ shared-memory scatter, so "on chip" here means "in a private, cache-resident sli
   checks it) and costs about BLOCK_N extra reductions per tile plus less parallelism: an opt-in
   for reproducibility runs.
 
+At keep rate 1 (index=None) every image shares one (n, n) map of table rows, so there is a second
+accumulator (PSS_KERNELS_RPB_DBIAS selects; "auto" takes it whenever it fits): the "position
+grid" G (C, H, n, n) float32, G[b % C, h, i, j] += dS[b, h, i, j], then dbias_table = the
+scatter of sum_c G[c] by the shared row map (n^2 H entries, independent of B). A tile of G is
+rows of consecutive addresses: each warp's atomics are coalesced and never repeat an address
+within the warp, where a tile of a table slice repeats rows along its diagonals. C copies
+(C <= 8, C*H*n^2*4 bytes <= 64 MiB) spread the B-fold reuse of each address across images.
+Which of the two is faster is for the GPU benchmark (benchmarks/ops.py compares them).
+
 With a frozen table (bias_grad=False, e.g. bias_table.requires_grad is False) BIAS_GRAD drops the
 accumulation from the kernel: the backward then does exactly FlashAttention-2's work plus the bias
 gather, which is also how benchmarks/ops.py measures what the bias gradient costs.
 """
 from __future__ import annotations
 
+import functools
+import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from .reference import relative_index
 from .triton_common import (LOG2E, biased_logits_log2, dot_precision, head_slice, head_strides, load_rows,
                             tile_config, token_coordinates)
 
@@ -115,10 +127,14 @@ def _dkdv_kernel(
         stride_dob, stride_doh, stride_don, stride_dod,
         stride_table_row, stride_table_head, stride_index_b, stride_index_n,
         num_heads, num_tokens, head_dim, grid_h, grid_w, num_table_rows, qk_scale_log2, scale,
+        num_grid_copies,
         HAS_INDEX: tl.constexpr, NUM_PREFIX: tl.constexpr, BIAS_GRAD: tl.constexpr, DETERMINISTIC: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        POSITION_GRID: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HEAD_DIM_PAD: tl.constexpr):
-    """Program (b*H + h, g) handles key blocks g, g + G, ... (G = grid size along axis 1)."""
+    """Program (b*H + h, g) handles key blocks g, g + G, ... (G = grid size along axis 1).
+
+    DBIAS_SLICES is the bias-gradient workspace: (B*H, R) table slices, or with POSITION_GRID
+    (index=None only) the (num_grid_copies, H, n, n) position grid (module docstring)."""
     batch_head = tl.program_id(0)
     batch = batch_head // num_heads
     head = batch_head % num_heads
@@ -131,7 +147,11 @@ def _dkdv_kernel(
     dv_base = DV + batch_head.to(tl.int64) * num_tokens * head_dim
     row_base = batch_head.to(tl.int64) * num_tokens
     table_h = TABLE + head * stride_table_head
-    bias_slice = DBIAS_SLICES + batch_head.to(tl.int64) * num_table_rows
+    if POSITION_GRID:
+        grid_copy = (batch % num_grid_copies) * num_heads + head
+        bias_slice = DBIAS_SLICES + grid_copy.to(tl.int64) * num_tokens * num_tokens
+    else:
+        bias_slice = DBIAS_SLICES + batch_head.to(tl.int64) * num_table_rows
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask_d = offs_d < head_dim
 
@@ -161,8 +181,12 @@ def _dkdv_kernel(
             dv += tl.dot(tl.trans(probs.to(dout.dtype)), dout, input_precision=DOT_PRECISION)
             dk += tl.dot(tl.trans(logit_grads.to(q.dtype)), q, input_precision=DOT_PRECISION)
             if BIAS_GRAD:
-                _accumulate_bias_grad(bias_slice, rel, logit_grads, mask_m[:, None] & mask_n[None, :],
-                                      num_table_rows, BLOCK_N, NUM_PREFIX, DETERMINISTIC)
+                if POSITION_GRID:
+                    tl.atomic_add(bias_slice + offs_m[:, None] * num_tokens + offs_n[None, :], logit_grads,
+                                  mask=mask_m[:, None] & mask_n[None, :], sem="relaxed")
+                else:
+                    _accumulate_bias_grad(bias_slice, rel, logit_grads, mask_m[:, None] & mask_n[None, :],
+                                          num_table_rows, BLOCK_N, NUM_PREFIX, DETERMINISTIC)
         tile = offs_n[:, None] * head_dim + offs_d[None, :]
         tile_mask = mask_n[:, None] & mask_d[None, :]
         tl.store(dk_base + tile, (dk * scale).to(DK.dtype.element_ty), mask=tile_mask)
@@ -234,8 +258,14 @@ def rpb_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
     delta = torch.empty_like(lse)
     deterministic = deterministic and bias_grad  # dq, dk, dv use no atomics: only dbias_table needs the mode
-    bias_slices = (torch.zeros(batch * heads, num_table_rows, device=q.device, dtype=torch.float32) if bias_grad
-                   else lse)  # lse stands in for an unused pointer
+    grid_copies = (position_grid_copies(batch, heads, num_tokens) if bias_grad and index is None and not deterministic
+                   else 0)
+    if not bias_grad:
+        workspace = lse  # stands in for an unused pointer
+    elif grid_copies:
+        workspace = torch.zeros(grid_copies, heads, num_tokens, num_tokens, device=q.device, dtype=torch.float32)
+    else:
+        workspace = torch.zeros(batch * heads, num_table_rows, device=q.device, dtype=torch.float32)
     index_arg = index if index is not None else lse  # never read: HAS_INDEX is False
     index_strides = (index.stride(0), index.stride(1)) if index is not None else (0, 0)
     strides = (*head_strides(q), *head_strides(k), *head_strides(v), *head_strides(grad_out),
@@ -252,9 +282,10 @@ def rpb_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     dkdv_config = tile_config("dkdv_deterministic" if deterministic else "dkdv", num_tokens, head_dim)
     key_block_programs = 1 if deterministic else triton.cdiv(num_tokens, dkdv_config.block_n)
     _dkdv_kernel[(batch * heads, key_block_programs)](
-        q, k, v, grad_out, lse, delta, bias_table, index_arg, dk, dv, bias_slices, *strides,
+        q, k, v, grad_out, lse, delta, bias_table, index_arg, dk, dv, workspace, *strides,
         heads, num_tokens, head_dim, grid_size[0], grid_size[1], num_table_rows, qk_scale_log2, scale,
-        BIAS_GRAD=bias_grad, DETERMINISTIC=deterministic, BLOCK_M=dkdv_config.block_m, BLOCK_N=dkdv_config.block_n,
+        max(grid_copies, 1), BIAS_GRAD=bias_grad, DETERMINISTIC=deterministic, POSITION_GRID=grid_copies > 0,
+        BLOCK_M=dkdv_config.block_m, BLOCK_N=dkdv_config.block_n,
         HEAD_DIM_PAD=dkdv_config.head_dim_pad, num_warps=dkdv_config.num_warps,
         num_stages=dkdv_config.num_stages, **geometry)
     _dq_kernel[(batch * heads, query_blocks)](
@@ -264,5 +295,37 @@ def rpb_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
         num_warps=dq_config.num_warps, num_stages=dq_config.num_stages, **geometry)
     if not bias_grad:
         return dq, dk, dv, torch.zeros_like(bias_table, memory_format=torch.contiguous_format)
-    dbias_table = bias_slices.view(batch, heads, num_table_rows).sum(0).t().to(bias_table.dtype).contiguous()
-    return dq, dk, dv, dbias_table
+    if grid_copies:
+        per_head = workspace.sum(0).view(heads, num_tokens * num_tokens)
+        rows = _shared_row_map(tuple(grid_size), num_prefix_tokens, q.device)
+        dbias_table = torch.zeros(num_table_rows, heads, device=q.device, dtype=torch.float32)
+        dbias_table.index_add_(0, rows, per_head.t())
+    else:
+        dbias_table = workspace.view(batch, heads, num_table_rows).sum(0).t()
+    return dq, dk, dv, dbias_table.to(bias_table.dtype).contiguous()
+
+
+DBIAS_ENV_VAR = "PSS_KERNELS_RPB_DBIAS"
+DBIAS_ACCUMULATORS = ("auto", "slices", "position-grid")
+POSITION_GRID_MAX_COPIES = 8
+POSITION_GRID_MAX_BYTES = 64 * 2**20
+
+
+def position_grid_copies(batch: int, heads: int, num_tokens: int) -> int:
+    """Copies C of the (H, n, n) position grid for an index=None backward, or 0 for table slices
+    (PSS_KERNELS_RPB_DBIAS: "auto" = the grid whenever one copy fits in 64 MiB, "slices",
+    "position-grid" = the grid even when it is larger)."""
+    choice = os.environ.get(DBIAS_ENV_VAR, "auto") or "auto"
+    if choice not in DBIAS_ACCUMULATORS:
+        raise ValueError(f"{DBIAS_ENV_VAR} must be one of {DBIAS_ACCUMULATORS}, got {choice!r}")
+    one_copy = heads * num_tokens * num_tokens * 4
+    if choice == "slices" or (choice == "auto" and one_copy > POSITION_GRID_MAX_BYTES):
+        return 0
+    return max(1, min(batch, POSITION_GRID_MAX_COPIES, POSITION_GRID_MAX_BYTES // one_copy))
+
+
+@functools.lru_cache(maxsize=32)
+def _shared_row_map(grid_size: Tuple[int, int], num_prefix_tokens: int, device: torch.device) -> torch.Tensor:
+    """(n * n,) table rows of all token pairs at index=None, row-major like the position grid."""
+    positions = torch.arange(num_prefix_tokens + grid_size[0] * grid_size[1], device=device)
+    return relative_index(positions[:, None], positions[None, :], grid_size, num_prefix_tokens).reshape(-1)
