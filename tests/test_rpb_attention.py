@@ -3,6 +3,7 @@ every backend (triton in the interpreter on CPU) against the reference for out, 
 dbias_table and the CLS attention; determinism; argument errors; opcheck; torch.compile;
 RelPosAttention; the peers; the benchmark harness; the kernels' compilation for sm_80/sm_90.
 GPU tests (marker `cuda`) check the flash-attention error rule at ViT-B / DeiT-S shapes."""
+import json
 import os
 import subprocess
 import sys
@@ -526,10 +527,15 @@ def test_benchmark_harness_runs_tiny_configs_on_cpu():
 # ----------------------------------------------------------------------------- GPU code generation
 
 COMPILE_SCRIPT = r"""
-import triton
+import json, os, subprocess, sys, tempfile
+import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from pss_kernels.ops.rpb_attention import triton_backward, triton_forward
+from pss_kernels.ops.rpb_attention.triton_common import dot_precision, tile_config
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 def compile_kernel(fn, arch, dtype, constexprs, num_warps):
     pointers = {name: "*" + dtype for name in ("Q", "K", "V", "OUT", "DOUT", "DQ", "DK", "DV")}
@@ -539,35 +545,60 @@ def compile_kernel(fn, arch, dtype, constexprs, num_warps):
         name, "fp32" if name in ("qk_scale_log2", "scale") else "i32") for name in fn.arg_names}
     source = ASTSource(fn=fn, signature=signature,
                        constexprs={(fn.arg_names.index(name),): value for name, value in constexprs.items()})
-    triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, num_stages=2))
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, num_stages=2))
+    if not os.path.exists(CUOBJDUMP):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", cubin.name], capture_output=True, text=True).stdout
+    fields = dict(item.split(":", 1) for item in usage.split() if item.startswith(("REG:", "STACK:")))
+    return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"])}
 
-for arch, dtype, precision, pad, block, warps in ((90, "bf16", "tf32", 64, 64, 8), (80, "bf16", "tf32", 64, 64, 8),
-                                                  (90, "fp32", "ieee", 128, 32, 8)):
-    common = dict(HAS_INDEX=True, NUM_PREFIX=1, DOT_PRECISION=precision, HEAD_DIM_PAD=pad, BLOCK_M=32)
-    compile_kernel(triton_forward._rpb_attention_fwd_kernel, arch, dtype,
-                   dict(common, RETURN_CLS=True, BLOCK_M=64, BLOCK_N=block), warps)
-    for bias_grad, deterministic, position_grid in ((True, False, False), (True, True, False),
-                                                    (False, False, False), (True, False, True)):
-        compile_kernel(triton_backward._dkdv_kernel, arch, dtype,
-                       dict(common, BIAS_GRAD=bias_grad, DETERMINISTIC=deterministic, POSITION_GRID=position_grid,
-                            HAS_INDEX=not position_grid, BLOCK_N=16 if deterministic else block), warps)
-    compile_kernel(triton_backward._dq_kernel, arch, dtype, dict(common, HAS_INDEX=False, NUM_PREFIX=0,
-                                                                 BLOCK_N=32), 4)
-    compile_kernel(triton_backward._delta_kernel, arch, dtype, dict(BLOCK_M=64, HEAD_DIM_PAD=pad), 4)
-print("compiled")
+# Every kernel variant with the tiles the launchers pick at n = 197 (ViT at 224), D = 64 and 128.
+report = []
+for arch in (90, 80):
+    for torch_dtype, dtype in TYPES.items():
+        for head_dim in (64, 128):
+            for kernel, fn, variants in (
+                    ("forward", triton_forward._rpb_attention_fwd_kernel,
+                     [dict(HAS_INDEX=True, RETURN_CLS=True), dict(HAS_INDEX=False, RETURN_CLS=False)]),
+                    ("dkdv", triton_backward._dkdv_kernel,
+                     [dict(HAS_INDEX=True, BIAS_GRAD=True, DETERMINISTIC=False, POSITION_GRID=False),
+                      dict(HAS_INDEX=False, BIAS_GRAD=True, DETERMINISTIC=False, POSITION_GRID=True),
+                      dict(HAS_INDEX=True, BIAS_GRAD=False, DETERMINISTIC=False, POSITION_GRID=False)]),
+                    ("dkdv_deterministic", triton_backward._dkdv_kernel,
+                     [dict(HAS_INDEX=True, BIAS_GRAD=True, DETERMINISTIC=True, POSITION_GRID=False)]),
+                    ("dq", triton_backward._dq_kernel, [dict(HAS_INDEX=True), dict(HAS_INDEX=False)])):
+                config = tile_config(kernel, 197, head_dim, torch_dtype)
+                for variant in variants:
+                    constexprs = dict(variant, NUM_PREFIX=1, DOT_PRECISION=dot_precision(torch_dtype),
+                                      HEAD_DIM_PAD=config.head_dim_pad, BLOCK_M=config.block_m, BLOCK_N=config.block_n)
+                    usage = compile_kernel(fn, arch, dtype, constexprs, config.num_warps)
+                    report.append(dict(arch=arch, dtype=dtype, head_dim=head_dim, kernel=kernel, variant=variant,
+                                       usage=usage))
+    compile_kernel(triton_backward._delta_kernel, arch, "bf16", dict(BLOCK_M=64, HEAD_DIM_PAD=64), 4)
+print(json.dumps(report))
 """
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests run the kernels themselves")
 def test_triton_kernels_compile_for_sm80_and_sm90_without_a_gpu():
-    """Lower every kernel to a cubin with Triton's bundled ptxas: catches what the interpreter
-    accepts but the compiler rejects (non-constexpr globals, layouts, dtypes of tl.dot)."""
+    """Lower every kernel variant, with the tiles the launchers pick, to a cubin with Triton's bundled
+    ptxas: catches what the interpreter accepts but the compiler rejects (non-constexpr globals,
+    layouts, dtypes of tl.dot). On sm_90 (H100/H200) the fp16/bf16 kernels of the training path
+    must not spill registers to local memory (checked with Triton's bundled cuobjdump)."""
     pytest.importorskip("triton.backends.nvidia")
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
+                            text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(report) == 2 * 3 * 2 * 8
+    spilling = [r for r in report if r["usage"] and r["arch"] == 90 and r["dtype"] != "fp32"
+                and r["kernel"] != "dkdv_deterministic" and r["usage"]["stack_bytes"] > 0]
+    assert not spilling, spilling
 
 
 # ----------------------------------------------------------------------------- GPU (marker cuda)

@@ -273,13 +273,14 @@ def rpb_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     geometry = dict(HAS_INDEX=index is not None, NUM_PREFIX=num_prefix_tokens, DOT_PRECISION=dot_precision(q.dtype))
     qk_scale_log2 = scale * LOG2E.value
 
-    dq_config = tile_config("dq", num_tokens, head_dim)
+    dq_config = tile_config("dq", num_tokens, head_dim, q.dtype)
     query_blocks = triton.cdiv(num_tokens, dq_config.block_m)
     _delta_kernel[(batch * heads, query_blocks)](
         out, grad_out, delta, *head_strides(out), *head_strides(grad_out), heads, num_tokens, head_dim,
         BLOCK_M=dq_config.block_m, HEAD_DIM_PAD=dq_config.head_dim_pad, num_warps=4)
     # Deterministic mode: one program per (b, h) walks all its key blocks in order.
-    dkdv_config = tile_config("dkdv_deterministic" if deterministic else "dkdv", num_tokens, head_dim)
+    dkdv_config = tile_config("dkdv_deterministic" if deterministic else "dkdv", num_tokens, head_dim,
+                               q.dtype)
     key_block_programs = 1 if deterministic else triton.cdiv(num_tokens, dkdv_config.block_n)
     _dkdv_kernel[(batch * heads, key_block_programs)](
         q, k, v, grad_out, lse, delta, bias_table, index_arg, dk, dv, workspace, *strides,

@@ -100,19 +100,27 @@ class TileConfig(NamedTuple):
     num_stages: int
 
 
-# (kernel, D padded <= 64) -> (BLOCK_M, BLOCK_N, num_warps). Picked so that every kernel compiles
-# without register spills for sm_80 and sm_90 (checked offline with Triton 3.9 and cuobjdump, no GPU
-# run; "dkdv" at D <= 64 spills 16 bytes on sm_80). Not timed yet: this is the one place to tune.
+# (kernel, D padded <= 64) -> (BLOCK_M, BLOCK_N, num_warps) for fp16/bf16. Picked so that every
+# kernel compiles without register spills for sm_90 with Triton 3.6 and 3.9 (checked offline with
+# cuobjdump, no GPU run; on sm_80 "dkdv" spills 16-300 bytes). Not timed yet: the place to tune.
 _TILES = {
     ("forward", True): (64, 64, 8), ("forward", False): (64, 32, 8),
     ("dkdv", True): (32, 64, 8), ("dkdv", False): (32, 32, 8),
     ("dkdv_deterministic", True): (32, 16, 4), ("dkdv_deterministic", False): (32, 16, 4),
     ("dq", True): (64, 32, 4), ("dq", False): (32, 32, 4),
 }
+# float32 operands take twice the registers: the tiles above spill 3-10 KB a thread on sm_90 with
+# Triton 3.6. These spill far less there (forward <= 0.3 KB, dq none, dkdv 0.2-4.8 KB: none of the
+# float32 dkdv tiles tried is spill-free). Training runs bf16 under autocast; this is the fp32 path.
+_TILES_FLOAT32 = {
+    ("forward", True): (32, 32, 8), ("forward", False): (32, 16, 4),
+    ("dkdv", True): (32, 32, 8), ("dkdv", False): (32, 32, 8),
+    ("dq", True): (32, 32, 8), ("dq", False): (32, 32, 8),
+}
 
 
-def tile_config(kernel: str, num_tokens: int, head_dim: int) -> TileConfig:
-    """Tiles for one kernel at n tokens of head dim D.
+def tile_config(kernel: str, num_tokens: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> TileConfig:
+    """Tiles for one kernel at n tokens of head dim D and operand dtype.
 
     Short sequences get tiles of at most half the padded sequence (>= 16), so no tile is mostly
     padding (n = 39 -> 32-wide tiles) and the interpreter tests (n ~ 10..21) cross tile borders.
@@ -120,7 +128,9 @@ def tile_config(kernel: str, num_tokens: int, head_dim: int) -> TileConfig:
     O(BLOCK_N) reductions per tile.
     """
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
-    block_m, block_n, num_warps = _TILES[kernel, head_dim_pad <= 64]
+    key = (kernel, head_dim_pad <= 64)
+    table = _TILES_FLOAT32 if dtype == torch.float32 and key in _TILES_FLOAT32 else _TILES
+    block_m, block_n, num_warps = table[key]
     cap = max(16, triton.next_power_of_2(num_tokens) // 2)
     return TileConfig(min(block_m, cap), min(block_n, cap), head_dim_pad, num_warps, num_stages=2)
 

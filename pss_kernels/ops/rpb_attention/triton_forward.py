@@ -109,7 +109,7 @@ def rpb_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bia
     index: (B, n) int32/int64 any strides, or None.
     """
     batch, heads, num_tokens, head_dim = q.shape
-    config = tile_config("forward", num_tokens, head_dim)
+    config = tile_config("forward", num_tokens, head_dim, q.dtype)
     cls_probs = (torch.empty(batch, heads, num_tokens, device=q.device, dtype=torch.float32)
                  if cls_attention is not None else lse)  # lse stands in for an unused pointer
     index_arg = index if index is not None else lse
