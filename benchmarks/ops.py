@@ -213,7 +213,8 @@ def main(argv=None) -> int:
     stem = f"ops_{file_slug(env['device'])}_{env['date'][:10]}_{args.op}"
     report = {"label": label, "environment": env, "dtype": args.dtype, "warmup": warmup, "iters": iters,
               "time_budget_s": args.time_budget, "elapsed_s": round(budget.elapsed(), 1), "skipped_rows": skipped,
-              "results": results, "targets": [dict(name=n, value=v, met=m, status=TARGET_STATUS[m]) for n, v, m in targets]}
+              "results": results,
+              "targets": [dict(name=n, value=v, met=m, status=TARGET_STATUS[m]) for n, v, m in targets]}
     json_path = out_dir / f"{stem}.json"
     json_path.write_text(json.dumps(report, indent=1) + "\n")
     plot(results, out_dir / f"{stem}.png", f"{label}\n{env['device']} | torch {env['torch']} | {args.dtype}")

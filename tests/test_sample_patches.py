@@ -4,6 +4,7 @@ Most inputs are quantized (multiples of 1/4 in [-2, 2]): every dtype holds them 
 every float32 summation order gives the same exact score, so indices can be compared exactly
 across backends and ties (frequent at these values) test the tie-break to the lower position.
 """
+import json
 import math
 
 import numpy as np
@@ -164,42 +165,68 @@ def test_triton_unfused_path_matches_reference(scorer, order):
 
 
 CODEGEN_SCRIPT = r"""
-import inspect, triton
+import inspect, json, os, subprocess, tempfile, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from pss_kernels.ops.sample_patches import triton_sample as ts
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 def compile_for(kernel, pointer_types, constexprs, arch, num_warps):
     names = list(inspect.signature(kernel.fn).parameters)
     signature = {n: "constexpr" if n in constexprs else pointer_types.get(n, "i32") for n in names}
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
-    assert len(compiled.asm["cubin"]) > 0
+    if not os.path.exists(CUOBJDUMP):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", cubin.name], capture_output=True, text=True).stdout
+    fields = dict(item.split(":", 1) for item in usage.split() if item.startswith(("REG:", "STACK:")))
+    return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"])}
 
-block_p, block_c, num_warps = ts.select_config(196, 768)
+select_pointers = {"x_ptr": "*bf16", "scores_ptr": "*fp32", "x_kept_ptr": "*bf16", "index_ptr": "*i64",
+                   "slot_ptr": "*i32"}
+unfused_pointers = dict(select_pointers, x_ptr="*fp32", x_kept_ptr="*fp32")
+report = []
 for arch in (80, 90):
-    compile_for(ts._select_kernel, {"x_ptr": "*bf16", "scores_ptr": "*fp32", "x_kept_ptr": "*bf16", "index_ptr": "*i64",
-                                    "slot_ptr": "*i32"},
-                dict(SCORER=0, SPATIAL=False, GATHER=True, BLOCK_P=block_p, BLOCK_PREFIX=1, BLOCK_C=block_c,
-                     stride_xc=1, stride_sp=1),
-                arch, num_warps)
-    compile_for(ts._copy_rows_kernel, {"src_ptr": "*fp16", "rows_ptr": "*i32", "dst_ptr": "*fp16"},
-                dict(BLOCK_R=16, BLOCK_C=256, stride_sc=1, stride_ir=1), arch, 4)
-print("compiled")
+    # What the launcher runs for ViT-B at 224 (196 patches, C = 768): the fused kernel, both orders.
+    block_p, block_c, num_warps = ts.select_config(196, 768)
+    for spatial in (False, True):
+        report.append(("fused select 196x768", arch, compile_for(ts._select_kernel, select_pointers,
+            dict(SCORER=ts.SCORER_IDS["l1"], SPATIAL=spatial, GATHER=True, BLOCK_P=block_p, BLOCK_PREFIX=1,
+                 BLOCK_C=block_c, stride_xc=1, stride_sp=1), arch, num_warps)))
+    # The unfused path at the largest size (4096 patches: 1024x1024 images at patch 16).
+    block_p, block_c, num_warps = ts.select_config(4096, 768)
+    report.append(("unfused select 4096", arch, compile_for(ts._select_kernel, unfused_pointers,
+        dict(SCORER=ts.SCORER_IDS["given"], SPATIAL=False, GATHER=False, BLOCK_P=block_p, BLOCK_PREFIX=1,
+             BLOCK_C=block_c, stride_xc=1, stride_sp=1), arch, num_warps)))
+    report.append(("score", arch, compile_for(ts._score_kernel, {"x_ptr": "*bf16", "scores_ptr": "*fp32"},
+        dict(SCORER=ts.SCORER_IDS["l1"], BLOCK_R=32, BLOCK_C=128, stride_xc=1), arch, 4)))
+    report.append(("copy rows", arch, compile_for(ts._copy_rows_kernel,
+        {"src_ptr": "*fp16", "rows_ptr": "*i32", "dst_ptr": "*fp16"},
+        dict(BLOCK_R=16, BLOCK_C=256, stride_sc=1, stride_ir=1), arch, 4)))
+print(json.dumps(report))
 """
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="GPU runs compile the kernels for real")
 def test_triton_kernels_lower_to_sm80_and_sm90_code():
-    """The interpreter skips codegen; this compiles the fused forward and the backward kernel to
-    cubins for A100 and H100 without a GPU (in a subprocess: this one has TRITON_INTERPRET=1)."""
+    """The interpreter skips codegen; this compiles every forward/backward kernel variant the launchers
+    pick at ViT-B and at 4096 patches to cubins for A100 and H100 without a GPU (in a subprocess:
+    this one has TRITON_INTERPRET=1), and checks with Triton's cuobjdump that none spills on sm_90."""
     import os
     import subprocess
     import sys
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     done = subprocess.run([sys.executable, "-c", CODEGEN_SCRIPT], env=env, capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
-    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(report) == 10
+    spilling = [entry for entry in report if entry[1] == 90 and entry[2] and entry[2]["stack_bytes"] > 0]
+    assert not spilling, spilling
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
