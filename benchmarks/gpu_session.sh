@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/gpu_session.sh tests ops    # build _C there, `cuda`-marked tests, benchmarks/ops.py
 #   bash benchmarks/gpu_session.sh iter_time    # benchmarks/iter_time.py (the main job)
+#   bash benchmarks/gpu_session.sh tune         # benchmarks/tune_rpb_tiles.py (tile sweep), if time is left
 #
 # Stages run in the order given and share one budget of BUDGET_S seconds (default 540): each
 # benchmark gets what is left as its --time-budget (its target cases run first, the rest are
@@ -12,9 +13,9 @@
 # benchmarks/results/). The GPU machines have torch/triton/nvcc preinstalled and no network, so
 # the package is installed without build isolation or dependencies.
 set -uo pipefail
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh STAGE... (stages: tests ops iter_time)"; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh STAGE... (stages: tests ops iter_time tune)"; exit 2; }
 for stage in "$@"; do
-  case "$stage" in tests|ops|iter_time) ;; *) echo "unknown stage $stage (tests, ops or iter_time)"; exit 2 ;; esac
+  case "$stage" in tests|ops|iter_time|tune) ;; *) echo "unknown stage $stage (tests, ops, iter_time, tune)"; exit 2 ;; esac
 done
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
@@ -49,6 +50,9 @@ left() { local s=$((deadline - SECONDS - ${1:-0})); echo $((s > 30 ? s : 30)); }
       iter_time)
         echo "== benchmarks/iter_time.py, $(left) s left"
         python benchmarks/iter_time.py --out-dir "$out" --time-budget "$(left 120)" ;;
+      tune)
+        echo "== benchmarks/tune_rpb_tiles.py, $(left) s left"
+        python benchmarks/tune_rpb_tiles.py --out-dir "$out" --time-budget "$(left 60)" ;;
     esac
   done
   echo "== done, $(left) s of the budget left"

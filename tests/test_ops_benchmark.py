@@ -107,3 +107,21 @@ def test_sampling_benchmark_records_a_failing_backend_instead_of_stopping(monkey
     assert all(r["ms"] is None and "kernel exploded" in r["error"] and r["speedup_vs_eager"] is None
                for r in broken_rows)
     assert all(r["ms"] > 0 and r["speedup_vs_eager"] == 1.0 for r in rows if r["impl"] == "eager")
+
+
+def test_tile_sweep_harness_in_the_interpreter(tmp_path):
+    """benchmarks/tune_rpb_tiles.py on a tiny shape: every distinct tile timed, outputs compared with
+    the current tile's (exit status 0: none differs), the best tile per kernel recorded."""
+    env = {**ENV, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "tune_rpb_tiles.py"), "--out-dir", str(tmp_path)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    (path,) = tmp_path.glob("rpb_tiles_*.json")
+    report = json.loads(path.read_text())
+    for kernel in ("forward", "dkdv", "dq"):
+        rows = [r for r in report["rows"] if r["kernel"] == kernel]
+        timed = [r for r in rows if r["ms"] is not None]
+        assert rows[0]["current"] and rows[0]["ms"] > 0
+        assert len({tuple(r["effective_tile"]) for r in timed}) == len(timed)  # each distinct tile once
+        assert all(r["max_rel_error"] < 1e-5 for r in timed)  # float32 in the interpreter
+        assert report["best"][kernel]["10"] in [r["tile"] for r in timed]

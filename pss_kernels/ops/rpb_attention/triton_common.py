@@ -119,6 +119,13 @@ _TILES_FLOAT32 = {
 }
 
 
+def tile_table(kernel: str, head_dim: int, dtype: torch.dtype):
+    """(table, key): the entry of _TILES or _TILES_FLOAT32 that holds this kernel's tiles (the tile
+    sweep, benchmarks/tune_rpb_tiles.py, swaps it)."""
+    key = (kernel, max(16, triton.next_power_of_2(head_dim)) <= 64)
+    return (_TILES_FLOAT32 if dtype == torch.float32 and key in _TILES_FLOAT32 else _TILES), key
+
+
 def tile_config(kernel: str, num_tokens: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> TileConfig:
     """Tiles for one kernel at n tokens of head dim D and operand dtype.
 
@@ -128,8 +135,7 @@ def tile_config(kernel: str, num_tokens: int, head_dim: int, dtype: torch.dtype 
     O(BLOCK_N) reductions per tile.
     """
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
-    key = (kernel, head_dim_pad <= 64)
-    table = _TILES_FLOAT32 if dtype == torch.float32 and key in _TILES_FLOAT32 else _TILES
+    table, key = tile_table(kernel, head_dim, dtype)
     block_m, block_n, num_warps = table[key]
     cap = max(16, triton.next_power_of_2(num_tokens) // 2)
     return TileConfig(min(block_m, cap), min(block_n, cap), head_dim_pad, num_warps, num_stages=2)
