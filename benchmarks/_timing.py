@@ -102,6 +102,21 @@ def time_graph_replays(step: Callable[[], object], *, warmup: int, iters: int,
     return time_iterations(graph.replay, warmup=max(warmup, 1), iters=iters, device=device)
 
 
+def dynamo_recompile_limit(limit: int):
+    """A torch._dynamo.config.patch context: at most `limit` recompiles of one function, and an error
+    (where this torch has the switch) rather than a silent fall-back to eager once it is hit.
+
+    The compiled peers (FlexAttention) compile with static shapes once per shape: a benchmark grid
+    passes dynamo's default limit of 8, after which the peer would quietly run unfused and be
+    misrepresented. `recompile_limit` was called `cache_size_limit` in older torch.
+    """
+    import torch._dynamo.config as dynamo_config
+    settings = {"recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit": limit}
+    if hasattr(dynamo_config, "fail_on_recompile_limit_hit"):
+        settings["fail_on_recompile_limit_hit"] = True
+    return dynamo_config.patch(**settings)
+
+
 class TimeBudget:
     """A wall-clock budget for a whole benchmark run: `spent()` says when to stop starting cases.
 

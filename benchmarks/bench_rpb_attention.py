@@ -39,7 +39,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 import torch
 import torch.nn.functional as F
 
-from _timing import TimeBudget, time_iterations
+from _timing import TimeBudget, dynamo_recompile_limit, time_iterations
 from pss_kernels import num_kept_tokens, rpb_attention, sample_patches
 from pss_kernels.ops.rpb_attention.peers import eager_rpb_attention, flex_rpb_attention, sdpa_bias_rpb_attention
 from pss_kernels.ops.rpb_attention.reference import bias_table_rows
@@ -51,9 +51,8 @@ IMPLS = ("pss", "pss-frozen-table", "pss-dbias-slices", "eager", "sdpa-bias", "f
 # and the keep rates they apply to (None: all).
 IMPL_ENVIRONMENT = {"pss-dbias-slices": {"PSS_KERNELS_RPB_DBIAS": "slices"}}
 IMPL_KEEP_RATES = {"pss-dbias-slices": (1.0,)}  # the accumulator choice exists at index=None only
-# FlexAttention is compiled with static shapes, once per (B, n, H): the issue's grid has 40 of them,
-# and past torch._dynamo's default limit of 8 recompiles flex_attention would silently run eager
-# (unfused) and the peer would be misrepresented. Each new shape costs a compile (~10-30 s).
+# FlexAttention is compiled with static shapes, once per (B, n, H): the issue's grid has 40 of them
+# (see _timing.dynamo_recompile_limit). Each new shape costs a compile (~10-30 s).
 FLEX_RECOMPILE_LIMIT = 128
 PASSES = ("forward", "forward+backward")
 NUM_PREFIX_TOKENS = 1
@@ -187,16 +186,8 @@ def run(device, dtype: torch.dtype, configs: Optional[Iterable[dict]] = None, wa
     device = torch.device(device)
     configs = default_configs(device) if configs is None else list(configs)
     budget = budget or TimeBudget(None)
-    with torch._dynamo.config.patch(**_recompile_limit_settings()):
+    with dynamo_recompile_limit(FLEX_RECOMPILE_LIMIT):
         return _run(device, dtype, configs, warmup, iters, tuple(impls), budget)
-
-
-def _recompile_limit_settings() -> dict:
-    """The dynamo setting that bounds recompiles per function: `recompile_limit` in recent torch,
-    `cache_size_limit` before it was renamed."""
-    import torch._dynamo.config as dynamo_config
-    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-    return {name: FLEX_RECOMPILE_LIMIT}
 
 
 def _run(device: torch.device, dtype: torch.dtype, configs: List[dict], warmup: int, iters: int,

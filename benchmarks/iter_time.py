@@ -49,8 +49,8 @@ from _iter_time_plot import plot_report
 from _iter_time_report import (TARGET_MODEL, evaluate_targets, format_errors, format_projection_table,
                                format_targets, format_timing_table)
 from _projection import IMAGENET_1K_TRAIN_IMAGES, project_run, steps_per_epoch
-from _timing import (TimeBudget, TimingStats, environment_info, file_slug, profile_step, synchronize,
-                     time_iterations)
+from _timing import (TimeBudget, TimingStats, dynamo_recompile_limit, environment_info, file_slug, profile_step,
+                     synchronize, time_iterations)
 from _train_step import make_training_step
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -90,6 +90,7 @@ SMOKE_BATCH_SIZE = 8
 DEFAULT_KEEP_RATES = [1.0, 0.8, 0.6, 0.4, 0.2]
 DEFAULT_SCHEDULES = ["fixed:0.6", "linear:0.2,1.0", "cyclic:0.2,1.0"]
 BACKEND_CHOICES = ("default",) + BACKENDS  # "default": backend=None, the package's own choice
+FLEX_RECOMPILE_LIMIT = 64  # see _timing.dynamo_recompile_limit
 
 
 # ----------------------------------------------------------------------------- command line
@@ -488,11 +489,14 @@ def run(args) -> dict:
     progress = Progress(total_cases)
     budget = TimeBudget(args.time_budget)
     results = []
-    for model_name in args.models:
-        results += run_implementation(model_name, BASELINE, [1.0], args, requested, progress, budget)
-        for impl_name in args.impls:
-            results += run_implementation(model_name, IMPLEMENTATIONS[impl_name], args.keep_rates, args,
-                                          requested, progress, budget)
+    # flex compiles once per keep rate and model (static shapes): past dynamo's default limit it would
+    # silently run unfused; with this it raises instead, and the case records the error.
+    with dynamo_recompile_limit(FLEX_RECOMPILE_LIMIT):
+        for model_name in args.models:
+            results += run_implementation(model_name, BASELINE, [1.0], args, requested, progress, budget)
+            for impl_name in args.impls:
+                results += run_implementation(model_name, IMPLEMENTATIONS[impl_name], args.keep_rates, args,
+                                              requested, progress, budget)
     add_ratios(results)
     report = {
         "benchmark": "iter_time",
