@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0] + "\n\n" + "\n".join(
             f"  {impl.name:<10} {impl.description}" for impl in [*IMPLEMENTATIONS.values(), BASELINE]),
         epilog="Defaults with a GPU: --models vit_base deit_small --img-size 224 --batch-size 128 for vit_base and "
-               "256 for deit_small (128 otherwise) --warmup 10 --iters 50 --amp bf16. Without one (or with "
+               "256 for deit_small (128 otherwise) --warmup 10 --iters 50 --amp bf16 --adamw fused. Without one (or with "
                f"--smoke): --models deit_tiny --img-size 64 --batch-size {SMOKE_BATCH_SIZE} --warmup 2 --iters 5, "
                "float32 on CPU, results under ./runs/iter_time/.")
     what = parser.add_argument_group("what to measure")
@@ -130,8 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     timing.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     timing.add_argument("--amp", choices=("bf16", "none"),
                         help="autocast dtype for the forward (default bf16 on GPU, none = float32 on CPU)")
-    timing.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) instead of the default "
-                                                                   "(foreach) implementation")
+    timing.add_argument("--adamw", choices=("fused", "foreach"),
+                        help="AdamW implementation for every case (default fused on GPU: its one kernel keeps the "
+                             "fixed per-step cost low, which is what the rho = 0.2 ratio is about; foreach on CPU)")
+    timing.add_argument("--compile", action="store_true",
+                        help="torch.compile every model (default mode, static shapes): removes most host overhead, "
+                             "but compiles once per keep rate and implementation (about a minute each for "
+                             "vit_base on a GPU); narrow the run with --impls / --keep-rates")
     backends = parser.add_argument_group("pss backends (the other implementations use no package kernel)")
     backends.add_argument("--backend", choices=BACKEND_CHOICES,
                           help="backend of both pss kernels; 'default' passes backend=None (the package's own choice: "
@@ -190,6 +195,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             setattr(args, name, defaults[name])
     if args.amp is None:
         args.amp = "bf16" if args.device.type == "cuda" else "none"
+    if args.adamw is None:
+        args.adamw = "fused" if args.device.type == "cuda" else "foreach"
 
     args.models = _split_list(args.models) if args.models else list(defaults["models"])
     for model in args.models:
@@ -389,10 +396,13 @@ def run_implementation(model_name: str, impl: Implementation, keep_rates: List[f
         model = build_model(model_name, impl, args)
         if impl.name == "pss":
             apply_backends(model, requested)
-        step = make_training_step(model, batch_size=args.batch_sizes[model_name], img_size=args.img_size,
+        # measure_case sets keep_rate on `model` itself; the compiled wrapper reads it (a guard: one
+        # compile per keep rate).
+        step = make_training_step(torch.compile(model) if args.compile else model,
+                                  batch_size=args.batch_sizes[model_name], img_size=args.img_size,
                                   num_classes=NUM_CLASSES, device=args.device,
                                   amp_dtype=torch.bfloat16 if args.amp == "bf16" else None,
-                                  fused_adamw=args.fused_adamw)
+                                  fused_adamw=args.adamw == "fused")
     except Exception as err:
         build_error = error_text(err)
     results = []
@@ -505,8 +515,9 @@ def run(args) -> dict:
         "environment": env,
         "config": {"models": args.models, "img_size": args.img_size, "batch_sizes": args.batch_sizes,
                    "keep_rates": args.keep_rates, "impls": args.impls, "warmup": args.warmup, "iters": args.iters,
-                   "amp": "bf16 autocast" if args.amp == "bf16" else "float32", "fused_adamw": args.fused_adamw,
-                   "optimizer": "AdamW(lr=1e-4, weight_decay=0.05)", "num_classes": NUM_CLASSES,
+                   "amp": "bf16 autocast" if args.amp == "bf16" else "float32", "adamw": args.adamw,
+                   "compile": args.compile,
+                   "optimizer": f"AdamW(lr=1e-4, weight_decay=0.05, {args.adamw})", "num_classes": NUM_CLASSES,
                    "time_budget_s": args.time_budget, "elapsed_s": round(budget.elapsed(), 1),
                    "cudnn_benchmark": args.device.type == "cuda",
                    "pss_backends_requested": requested, "schedules": args.schedules,
@@ -537,10 +548,11 @@ def profile_lowest_keep_rate(model_names: List[str], args, requested) -> Dict[st
             model = build_model(model_name, IMPLEMENTATIONS["pss"], args)
             apply_backends(model, requested)
             model.keep_rate = keep_rate
-            step = make_training_step(model, batch_size=args.batch_sizes[model_name], img_size=args.img_size,
+            step = make_training_step(torch.compile(model) if args.compile else model,
+                                      batch_size=args.batch_sizes[model_name], img_size=args.img_size,
                                       num_classes=NUM_CLASSES, device=args.device,
                                       amp_dtype=torch.bfloat16 if args.amp == "bf16" else None,
-                                      fused_adamw=args.fused_adamw)
+                                      fused_adamw=args.adamw == "fused")
             profiles[model_name] = profile_step(step, device=args.device, warmup=max(args.warmup, 1))
         except Exception as err:
             profiles[model_name] = f"profiling failed: {error_text(err)}"

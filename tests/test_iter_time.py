@@ -173,6 +173,8 @@ def test_cpu_runs_default_to_the_smoke_configuration_outside_benchmarks_results(
 
     args = iter_time.parse_args(["--device", "cpu"])
     assert args.smoke and args.models == ["deit_tiny"] and args.img_size == 64 and args.amp == "none"
+    assert args.adamw == "foreach" and not args.compile
+    assert iter_time.parse_args(["--device", "cpu", "--adamw", "fused", "--compile"]).adamw == "fused"
     assert args.batch_sizes == {"deit_tiny": iter_time.SMOKE_BATCH_SIZE}
     assert args.out_dir == Path("runs") / "iter_time" and args.out_dir.resolve() != iter_time.RESULTS_DIR
     assert iter_time.run_label(args).startswith("CPU smoke run")
