@@ -12,6 +12,8 @@
               forward+backward adds reading grad_kept and writing grad_x, twice that
     fraction_of_peak  (bytes / time) / peak bandwidth of the device (PEAK_BANDWIDTH_GBS by
               name, else a measured device-to-device copy)
+    input_sets  how many copies of the inputs the timed calls rotate through (enough to span 3x the
+              L2 cache on CUDA, so the figures are of device memory, not of the cache; 1 on CPU)
     graph_ms, graph_fraction_of_peak   the same from CUDA-graph replays (CUDA only): device time
               with no host work between kernels. A ~20 us kernel is shorter than one eager
               call's Python + dispatch overhead, so per-call timing measures the host; the
@@ -19,6 +21,7 @@
     speedup_vs_eager, speedup_vs_eager_graph  eager's time / this row's, same shape and pass
     error     None, or why the case has no time (the backend failed, or the time budget was spent)
 """
+import itertools
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -81,7 +84,7 @@ def run(device: Union[str, torch.device], dtype: Union[str, torch.dtype],
     impls = _implementations(device)
     rows = []
     for batch, num_tokens, channels in shapes:
-        x = x_grad = None
+        inputs = None
         for keep_rate in keep_rates:
             num_kept = num_kept_tokens(num_tokens, keep_rate)
             forward_bytes = batch * (num_tokens + num_kept) * channels * torch.empty(0, dtype=dtype).element_size()
@@ -96,13 +99,18 @@ def run(device: Union[str, torch.device], dtype: Union[str, torch.dtype],
                     if budget.spent():
                         row["error"] = budget.skip_reason()
                     else:
-                        if x is None:
-                            x = torch.randn(batch, num_tokens, channels, device=device, dtype=dtype)
-                            x_grad = x.detach().clone().requires_grad_()
-                        grad_kept = torch.randn(batch, num_kept, channels, device=device, dtype=dtype)
-                        call = ((lambda: fn(x, keep_rate)) if name == "forward" else
-                                (lambda: torch.autograd.grad(fn(x_grad, keep_rate)[0], x_grad, grad_kept)))
-                        row.update(_measure(call, device, warmup, iters, num_bytes, peak))
+                        if inputs is None:
+                            inputs = _input_sets(batch, num_tokens, channels, dtype, device)
+                        grads_kept = [torch.randn(batch, num_kept, channels, device=device, dtype=dtype)
+                                      for _ in inputs]
+
+                        def call(i, fn=fn, keep_rate=keep_rate, forward=name == "forward", grads_kept=grads_kept):
+                            x, x_grad = inputs[i]
+                            if forward:
+                                return fn(x, keep_rate)
+                            return torch.autograd.grad(fn(x_grad, keep_rate)[0], x_grad, grads_kept[i])
+
+                        row.update(_measure(call, len(inputs), device, warmup, iters, num_bytes, peak))
                     case_rows.append(row)
             eager = {row["pass"]: row for row in case_rows if row["impl"] == "eager"}
             for row in case_rows:
@@ -117,18 +125,43 @@ PASSES = ("forward", "forward+backward")
 
 
 def _empty_timing() -> dict:
-    return {"ms": None, "q1_ms": None, "q3_ms": None, "bandwidth_gbs": None, "fraction_of_peak": None,
+    return {"input_sets": None, "ms": None, "q1_ms": None, "q3_ms": None, "bandwidth_gbs": None,
+            "fraction_of_peak": None,
             "graph_ms": None, "graph_bandwidth_gbs": None, "graph_fraction_of_peak": None, "graph_error": None,
             "error": None}
 
 
-def _measure(call: Callable[[], object], device: torch.device, warmup: int, iters: int, num_bytes: int,
-             peak: float) -> dict:
-    """Per-call timing (what an eager caller sees) and, on CUDA, CUDA-graph replay timing (device
-    time alone, the basis of the bandwidth target). A failure is recorded in the row, not raised."""
+# Every timed call reads a different input set, and the sets together span several times the L2
+# cache, so that a repeated call measures device memory rather than the cache (H100/H200: 50 MB L2;
+# x at B=256, N=197, C=768 bf16 is 77 MB, at B=64, N=197, C=384 only 9.7 MB).
+L2_MULTIPLE, MAX_INPUT_SETS = 3, 16
+
+
+def _input_sets(batch: int, num_tokens: int, channels: int, dtype: torch.dtype,
+                device: torch.device) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """[(x, x that requires grad)] * R, R = 1 on CPU, else enough sets to cover L2_MULTIPLE x L2."""
+    count = 1
+    if device.type == "cuda":
+        l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
+        x_bytes = batch * num_tokens * channels * torch.empty(0, dtype=dtype).element_size()
+        count = max(1, min(MAX_INPUT_SETS, -(-L2_MULTIPLE * l2_bytes // x_bytes)))
+    sets = []
+    for _ in range(count):
+        x = torch.randn(batch, num_tokens, channels, device=device, dtype=dtype)
+        sets.append((x, x.detach().clone().requires_grad_()))
+    return sets
+
+
+def _measure(call: Callable[[int], object], num_sets: int, device: torch.device, warmup: int, iters: int,
+             num_bytes: int, peak: float) -> dict:
+    """Per-call timing (what an eager caller sees; call i % num_sets reads input set i) and, on CUDA,
+    CUDA-graph timing (device time alone, the basis of the bandwidth target): one graph calls every
+    set once, and its replay time is divided by num_sets. A failure is recorded in the row, not raised."""
     result = _empty_timing()
+    result["input_sets"] = num_sets
+    turn = itertools.count()
     try:
-        stats = time_iterations(call, warmup=warmup, iters=iters, device=device)
+        stats = time_iterations(lambda: call(next(turn) % num_sets), warmup=warmup, iters=iters, device=device)
     except Exception as err:  # one failing backend must not end the run
         result["error"] = f"{type(err).__name__}: {str(err)[:500]}"
         return result
@@ -137,9 +170,11 @@ def _measure(call: Callable[[], object], device: torch.device, warmup: int, iter
                   fraction_of_peak=gbs / peak)
     if device.type == "cuda":
         try:
-            graph = time_graph_replays(call, warmup=warmup, iters=iters, device=device)
-            graph_gbs = num_bytes / (graph.median_ms * 1e-3) / 1e9
-            result.update(graph_ms=graph.median_ms, graph_bandwidth_gbs=graph_gbs,
+            graph = time_graph_replays(lambda: [call(i) for i in range(num_sets)], warmup=warmup, iters=iters,
+                                       device=device)
+            graph_ms = graph.median_ms / num_sets
+            graph_gbs = num_bytes / (graph_ms * 1e-3) / 1e9
+            result.update(graph_ms=graph_ms, graph_bandwidth_gbs=graph_gbs,
                           graph_fraction_of_peak=graph_gbs / peak)
         except Exception as err:
             result["graph_error"] = f"{type(err).__name__}: {str(err)[:300]}"
