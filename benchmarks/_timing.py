@@ -95,10 +95,19 @@ def time_graph_replays(step: Callable[[], object], *, warmup: int, iters: int,
     with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs asks
         for _ in range(max(warmup, 1)):
             step()
-    torch.cuda.current_stream(device).wait_stream(side)
+    caller_stream = torch.cuda.current_stream(device)
+    caller_stream.wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    try:
+        with torch.cuda.graph(graph):
+            try:
+                step()
+            except Exception as err:  # the capture's own "invalidated" error would hide this cause
+                raise RuntimeError(f"the step failed under CUDA graph capture: {type(err).__name__}: {err}") from err
+    finally:
+        # torch.cuda.graph ends the capture before it restores the stream: after a failed capture the
+        # capture stream could stay current and every later measurement would run on it.
+        torch.cuda.set_stream(caller_stream)
     return time_iterations(graph.replay, warmup=max(warmup, 1), iters=iters, device=device)
 
 

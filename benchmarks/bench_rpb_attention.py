@@ -209,6 +209,11 @@ def _run(device: torch.device, dtype: torch.dtype, configs: List[dict], warmup: 
         for impl in impls_for(config, impls):
             for pass_name in PASSES:
                 row = dict(case, impl=impl, backend=backends.get(impl), **{"pass": pass_name})
+                if budget.spent():  # checked per row: one config (7 impls x 2 passes) can take minutes
+                    row.update(ms=None, q1_ms=None, q3_ms=None, peak_mem_mb=None, error=budget.skip_reason())
+                    by_impl[impl, pass_name] = row
+                    rows.append(row)
+                    continue
                 try:
                     with _environment(IMPL_ENVIRONMENT.get(impl, {})):
                         row.update(_measure(_step(fns[impl], args, pass_name != "forward"), device, warmup, iters))

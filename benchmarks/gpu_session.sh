@@ -42,7 +42,7 @@ left() { local s=$((deadline - SECONDS - ${1:-0})); echo $((s > 30 ? s : 30)); }
         workers=$(python -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
         per_test=$(python -c "import pytest_timeout" 2>/dev/null && echo "--timeout=300" || echo "")
         echo "== tests ($workers $per_test), $(left) s left"
-        timeout -s INT "$(left 300)" python -m pytest -m cuda -q -rfE --durations=15 $workers $per_test tests
+        timeout -k 20 -s INT "$(left 300)" python -m pytest -m cuda -q -rfE --durations=15 $workers $per_test tests
         echo "pytest exit status $?" ;;
       ops)
         echo "== benchmarks/ops.py, $(left) s left"

@@ -217,6 +217,10 @@ def test_triton_bias_grad_accumulators_at_index_none(accumulator, num_prefix_tok
     monkeypatch.setattr(triton_backward, "POSITION_GRID_MAX_COPIES", 2)
     expected_copies = 2 if accumulator == "position-grid" else 0
     assert triton_backward.position_grid_copies(3, 2, 10) == expected_copies
+    row_map_calls = []  # the position grid's final scatter is the only user of the shared row map
+    real_row_map = triton_backward.shared_row_map
+    monkeypatch.setattr(triton_backward, "shared_row_map",
+                        lambda *args: row_map_calls.append(args) or real_row_map(*args))
     q, k, v, table, _ = make_inputs((3, 3), num_prefix_tokens, 16, batch=3)
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     out = rpb_attention(q, k, v, table, grid_size=(3, 3), num_prefix_tokens=num_prefix_tokens, backend="triton")
@@ -224,6 +228,7 @@ def test_triton_bias_grad_accumulators_at_index_none(accumulator, num_prefix_tok
     for name, got, want in zip(("dq", "dk", "dv", "dbias_table"), grads_of(out, grad_out, (q, k, v, table)),
                                grads_of(expected, grad_out, (q, k, v, table))):
         torch.testing.assert_close(got, want, **TOLERANCES[torch.float32], msg=lambda m: f"{name}: {m}")
+    assert len(row_map_calls) == (1 if accumulator == "position-grid" else 0)
 
 
 def test_bias_grad_accumulator_choice(monkeypatch):
@@ -244,9 +249,15 @@ def test_bias_grad_accumulator_choice(monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("keep_rate", [None, 0.8], ids=["index=None", "sampled"])
-def test_frozen_bias_table_skips_its_gradient(backend, deterministic, keep_rate):
-    """A table without requires_grad: dq, dk, dv still match the reference, and no table gradient
-    is produced (the backends skip the accumulation)."""
+def test_frozen_bias_table_skips_its_gradient(backend, deterministic, keep_rate, monkeypatch):
+    """A table without requires_grad: the backend is told (bias_grad=False), dq, dk, dv still match
+    the reference, and no table gradient is produced."""
+    from pss_kernels.ops.rpb_attention import torch_attention, triton_backward
+    module = triton_backward if backend == "triton" else torch_attention
+    bias_grad_flags = []
+    real_backward = module.rpb_attention_backward
+    monkeypatch.setattr(module, "rpb_attention_backward",
+                        lambda *args: bias_grad_flags.append(args[-1]) or real_backward(*args))
     q, k, v, table, index = make_inputs((4, 5), 1, 16, keep_rate=keep_rate)
     table = table.detach()
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
@@ -257,7 +268,23 @@ def test_frozen_bias_table_skips_its_gradient(backend, deterministic, keep_rate)
     for name, got, want in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad),
                                grads_of(expected, grad_out, (q, k, v))):
         torch.testing.assert_close(got, want, **TOLERANCES[torch.float32], msg=lambda m: f"{name}: {m}")
-    assert table.grad is None
+    assert table.grad is None and bias_grad_flags == [False]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("keep_rate", [None, 0.8], ids=["index=None", "sampled"])
+def test_backward_op_without_bias_grad_returns_the_same_qkv_grads_and_zeros(backend, keep_rate):
+    q, k, v, table, index = make_inputs((4, 5), 1, 16, keep_rate=keep_rate)
+    q, k, v, table = (t.detach() for t in (q, k, v, table))
+    out, lse, _ = torch.ops.pss_kernels.rpb_attention_fwd(q, k, v, table, index, [4, 5], 1, 0.25, backend, False,
+                                                         False, True)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    args = (grad_out, q, k, v, table, index, out, lse, [4, 5], 1, 0.25, backend, False)
+    with_bias = torch.ops.pss_kernels.rpb_attention_bwd(*args, True)
+    frozen = torch.ops.pss_kernels.rpb_attention_bwd(*args, False)
+    for got, want in zip(frozen[:3], with_bias[:3]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert with_bias[3].abs().sum() > 0 and torch.equal(frozen[3], torch.zeros_like(table))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -596,6 +623,7 @@ def test_triton_kernels_compile_for_sm80_and_sm90_without_a_gpu():
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(report) == 2 * 3 * 2 * 8
+    assert all(r["usage"] for r in report), "no resource usage read: Triton's bundled cuobjdump is missing"
     spilling = [r for r in report if r["usage"] and r["arch"] == 90 and r["dtype"] != "fp32"
                 and r["kernel"] != "dkdv_deterministic" and r["usage"]["stack_bytes"] > 0]
     assert not spilling, spilling
@@ -681,6 +709,17 @@ def test_gpu_deterministic_bias_grad_is_bit_identical():
     out = rpb_attention(q, k, v, table, index, grid_size=(14, 14), backend="triton")
     torch.testing.assert_close(torch.autograd.grad(out, table, torch.ones_like(out))[0], grads[0],
                                rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("accumulator", ["slices", "position-grid"])
+def test_gpu_bias_grad_accumulators_at_index_none(accumulator, monkeypatch):
+    """Both index=None accumulators on the GPU at ViT-B/DeiT-S sizes, with more images (20) than
+    position-grid copies (8), so images share copies: dbias_table and dq, dk, dv by the flash rule."""
+    from pss_kernels.ops.rpb_attention import triton_backward
+    monkeypatch.setenv(triton_backward.DBIAS_ENV_VAR, accumulator)
+    assert (triton_backward.position_grid_copies(20, 6, 197) > 0) == (accumulator == "position-grid")
+    _flash_rule_case(20, 6, 64, (14, 14), None, torch.bfloat16)
 
 
 @pytest.mark.cuda

@@ -225,6 +225,7 @@ def test_triton_kernels_lower_to_sm80_and_sm90_code():
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(report) == 10
+    assert all(entry[2] for entry in report), "no resource usage read: Triton's bundled cuobjdump is missing"
     spilling = [entry for entry in report if entry[1] == 90 and entry[2] and entry[2]["stack_bytes"] > 0]
     assert not spilling, spilling
 

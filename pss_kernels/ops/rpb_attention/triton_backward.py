@@ -298,7 +298,7 @@ def rpb_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
         return dq, dk, dv, torch.zeros_like(bias_table, memory_format=torch.contiguous_format)
     if grid_copies:
         per_head = workspace.sum(0).view(heads, num_tokens * num_tokens)
-        rows = _shared_row_map(tuple(grid_size), num_prefix_tokens, q.device)
+        rows = shared_row_map(tuple(grid_size), num_prefix_tokens, q.device)
         dbias_table = torch.zeros(num_table_rows, heads, device=q.device, dtype=torch.float32)
         dbias_table.index_add_(0, rows, per_head.t())
     else:
@@ -315,7 +315,8 @@ POSITION_GRID_MAX_BYTES = 64 * 2**20
 def position_grid_copies(batch: int, heads: int, num_tokens: int) -> int:
     """Copies C of the (H, n, n) position grid for an index=None backward, or 0 for table slices
     (PSS_KERNELS_RPB_DBIAS: "auto" = the grid whenever one copy fits in 64 MiB, "slices",
-    "position-grid" = the grid even when it is larger)."""
+    "position-grid" = the grid even when it is larger). Read, and checked, at each backward that
+    has the choice: index=None with deterministic=False (deterministic mode always uses slices)."""
     choice = os.environ.get(DBIAS_ENV_VAR, "auto") or "auto"
     if choice not in DBIAS_ACCUMULATORS:
         raise ValueError(f"{DBIAS_ENV_VAR} must be one of {DBIAS_ACCUMULATORS}, got {choice!r}")
@@ -325,8 +326,19 @@ def position_grid_copies(batch: int, heads: int, num_tokens: int) -> int:
     return max(1, min(batch, POSITION_GRID_MAX_COPIES, POSITION_GRID_MAX_BYTES // one_copy))
 
 
-@functools.lru_cache(maxsize=32)
-def _shared_row_map(grid_size: Tuple[int, int], num_prefix_tokens: int, device: torch.device) -> torch.Tensor:
-    """(n * n,) table rows of all token pairs at index=None, row-major like the position grid."""
+def shared_row_map(grid_size: Tuple[int, int], num_prefix_tokens: int, device: torch.device) -> torch.Tensor:
+    """(n * n,) table rows of all token pairs at index=None, row-major like the position grid.
+
+    Cached per device, except while a CUDA graph is being captured: a tensor made then holds its
+    values only once the graph replays, so caching it would hand garbage to later eager calls."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return _row_map(grid_size, num_prefix_tokens, device)
+    return _cached_row_map(grid_size, num_prefix_tokens, device)
+
+
+def _row_map(grid_size: Tuple[int, int], num_prefix_tokens: int, device: torch.device) -> torch.Tensor:
     positions = torch.arange(num_prefix_tokens + grid_size[0] * grid_size[1], device=device)
     return relative_index(positions[:, None], positions[None, :], grid_size, num_prefix_tokens).reshape(-1)
+
+
+_cached_row_map = functools.lru_cache(maxsize=32)(_row_map)
