@@ -246,3 +246,39 @@ def test_sampler_and_attention_backends_are_set_separately():
     model = create_model("deit_tiny", img_size=32, num_classes=10, sampler_backend="cuda", attn_backend="triton")
     assert model.sampler.backend == "cuda"
     assert {block.attn.backend for block in model.blocks} == {"triton"}
+
+
+@pytest.mark.parametrize("keep_rate", [1.0, 0.6])
+def test_training_step_on_the_triton_kernels_matches_the_torch_backends(keep_rate, monkeypatch):
+    """The whole model on the Triton kernels (the interpreter on CPU, the GPU when there is one):
+    same logits and same gradient for every parameter as on the torch backends, at rho = 1
+    (index=None) and with sampling."""
+    from pss_kernels.ops.rpb_attention import triton_backward, triton_forward
+    from pss_kernels.ops.sample_patches import triton_sample
+    launches = []
+    for module, name in ((triton_forward, "rpb_attention_forward"), (triton_backward, "rpb_attention_backward"),
+                         (triton_sample, "sample_patches_forward")):
+        def counted(*args, _real=getattr(module, name), _name=name, **kwargs):
+            launches.append(_name)
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
+    reference, kernels = tiny_model(), tiny_model(sampler_backend="triton", attn_backend="triton")
+    x = images(batch=2)
+    grads = []
+    for model in (reference, kernels):
+        model.train()
+        model.keep_rate = keep_rate
+        torch.manual_seed(5)  # drop path draws
+        logits = model(x)
+        logits.square().mean().backward()
+        grads.append((logits.detach(), {name: p.grad for name, p in model.named_parameters()}))
+    (ref_logits, ref_grads), (got_logits, got_grads) = grads
+    torch.testing.assert_close(got_logits, ref_logits, rtol=1e-4, atol=1e-5)
+    assert ref_grads.keys() == got_grads.keys()
+    for name, want in ref_grads.items():
+        torch.testing.assert_close(got_grads[name], want, rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    tables = [name for name in ref_grads if name.endswith("relative_position_bias_table")]
+    assert tables and all(ref_grads[name].abs().sum() > 0 for name in tables)
+    depth = len(kernels.blocks)  # every launch came from the Triton model (the reference ran first, on torch)
+    assert sorted(launches) == sorted(["rpb_attention_forward"] * depth + ["rpb_attention_backward"] * depth
+                                      + ["sample_patches_forward"] * (keep_rate < 1))
