@@ -140,7 +140,7 @@ def _inputs(config: dict, device: torch.device, dtype: torch.dtype, generator: t
                .requires_grad_() for _ in range(3))
     table = (0.1 * torch.randn(bias_table_rows(grid, NUM_PREFIX_TOKENS), heads, device=device,
                                generator=generator)).requires_grad_()
-    return (q, k, v, table, index, grid), num_tokens, num_positions
+    return q, k, v, table, index, grid
 
 
 def _step(fn: Callable, args: tuple, backward: bool) -> Callable[[], None]:
@@ -203,7 +203,7 @@ def _run(device: torch.device, dtype: torch.dtype, configs: List[dict], warmup: 
         if budget.spent():
             rows += _skipped_rows(config, impls, backends, dtype, budget.skip_reason())
             continue
-        args, _, _ = _inputs(config, device, dtype, generator)
+        args = _inputs(config, device, dtype, generator)
         case = _case(config, dtype)
         by_impl = {}
         for impl in impls_for(config, impls):

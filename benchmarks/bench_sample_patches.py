@@ -87,7 +87,7 @@ def run(device: Union[str, torch.device], dtype: Union[str, torch.dtype],
         inputs = None
         for keep_rate in keep_rates:
             num_kept = num_kept_tokens(num_tokens, keep_rate)
-            forward_bytes = batch * (num_tokens + num_kept) * channels * torch.empty(0, dtype=dtype).element_size()
+            forward_bytes = batch * (num_tokens + num_kept) * channels * dtype.itemsize
             case_rows = []
             for impl, fn in impls.items():
                 for name in PASSES:
@@ -143,7 +143,7 @@ def _input_sets(batch: int, num_tokens: int, channels: int, dtype: torch.dtype,
     count = 1
     if device.type == "cuda":
         l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
-        x_bytes = batch * num_tokens * channels * torch.empty(0, dtype=dtype).element_size()
+        x_bytes = batch * num_tokens * channels * dtype.itemsize
         count = max(1, min(MAX_INPUT_SETS, -(-L2_MULTIPLE * l2_bytes // x_bytes)))
     sets = []
     for _ in range(count):

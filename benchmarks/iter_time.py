@@ -137,10 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch.compile every model (default mode, static shapes): removes most host overhead, "
                              "but compiles once per keep rate and implementation (about a minute each for "
                              "vit_base on a GPU); narrow the run with --impls / --keep-rates")
+    timing.add_argument("--time-budget", type=float, metavar="SECONDS",
+                        help="start no new case after this many seconds; the cases left are reported as "
+                             "skipped (each model runs baseline, pss, eager, sdpa-bias, flex in that order). "
+                             "Default: no limit")
     backends = parser.add_argument_group("pss backends (the other implementations use no package kernel)")
     backends.add_argument("--backend", choices=BACKEND_CHOICES,
                           help="backend of both pss kernels; 'default' passes backend=None (the package's own choice: "
-                               "PSS_KERNELS_BACKEND, else each op's GPU_DEFAULT_BACKEND on GPU). Not given: PSS_KERNELS_BACKEND if set, else on GPU triton for rpb_attention and the best "
+                               "PSS_KERNELS_BACKEND, else each op's GPU_DEFAULT_BACKEND on GPU). Not given: "
+                               "PSS_KERNELS_BACKEND if set, else on GPU triton for rpb_attention and the best "
                                "available (cuda > triton) for sample_patches; on CPU the package's choice")
     backends.add_argument("--attn-backend", choices=BACKEND_CHOICES, help="rpb_attention backend (overrides --backend)")
     backends.add_argument("--sampler-backend", choices=BACKEND_CHOICES,
@@ -152,10 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
     projection.add_argument("--epochs", type=int, default=100, help="epochs of the projected run (default 100)")
     projection.add_argument("--dataset-images", type=int, default=IMAGENET_1K_TRAIN_IMAGES,
                             help=f"training images per epoch (default ImageNet-1k: {IMAGENET_1K_TRAIN_IMAGES:,})")
-    timing.add_argument("--time-budget", type=float, metavar="SECONDS",
-                        help="start no new case after this many seconds; the cases left are reported as "
-                             "skipped (each model runs baseline, pss, eager, sdpa-bias, flex in that order). "
-                             "Default: no limit")
     output = parser.add_argument_group("output")
     output.add_argument("--out-dir", type=Path,
                         help="folder for the JSON and PNG (default benchmarks/results on GPU; ./runs/iter_time "

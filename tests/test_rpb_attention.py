@@ -554,14 +554,15 @@ def test_benchmark_harness_runs_tiny_configs_on_cpu():
 # ----------------------------------------------------------------------------- GPU code generation
 
 COMPILE_SCRIPT = r"""
-import json, os, subprocess, sys, tempfile
+import json, sys
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from pss_kernels.ops.rpb_attention import triton_backward, triton_forward
 from pss_kernels.ops.rpb_attention.triton_common import dot_precision, tile_config
+sys.path.insert(0, "tests")
+from cubin_resources import resource_usage
 
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 def compile_kernel(fn, arch, dtype, constexprs, num_warps):
@@ -572,15 +573,8 @@ def compile_kernel(fn, arch, dtype, constexprs, num_warps):
         name, "fp32" if name in ("qk_scale_log2", "scale") else "i32") for name in fn.arg_names}
     source = ASTSource(fn=fn, signature=signature,
                        constexprs={(fn.arg_names.index(name),): value for name, value in constexprs.items()})
-    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, num_stages=2))
-    if not os.path.exists(CUOBJDUMP):
-        return None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(kernel.asm["cubin"])
-        cubin.flush()
-        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", cubin.name], capture_output=True, text=True).stdout
-    fields = dict(item.split(":", 1) for item in usage.split() if item.startswith(("REG:", "STACK:")))
-    return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"])}
+    return resource_usage(triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                         options=dict(num_warps=num_warps, num_stages=2)))
 
 # Every kernel variant with the tiles the launchers pick at n = 197 (ViT at 224), D = 64 and 128.
 report = []

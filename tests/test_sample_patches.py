@@ -165,26 +165,18 @@ def test_triton_unfused_path_matches_reference(scorer, order):
 
 
 CODEGEN_SCRIPT = r"""
-import inspect, json, os, subprocess, tempfile, triton
+import inspect, json, sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from pss_kernels.ops.sample_patches import triton_sample as ts
-
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+sys.path.insert(0, "tests")
+from cubin_resources import resource_usage
 
 def compile_for(kernel, pointer_types, constexprs, arch, num_warps):
     names = list(inspect.signature(kernel.fn).parameters)
     signature = {n: "constexpr" if n in constexprs else pointer_types.get(n, "i32") for n in names}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
-    if not os.path.exists(CUOBJDUMP):
-        return None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(compiled.asm["cubin"])
-        cubin.flush()
-        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", cubin.name], capture_output=True, text=True).stdout
-    fields = dict(item.split(":", 1) for item in usage.split() if item.startswith(("REG:", "STACK:")))
-    return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"])}
+    return resource_usage(triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                                         target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}))
 
 select_pointers = {"x_ptr": "*bf16", "scores_ptr": "*fp32", "x_kept_ptr": "*bf16", "index_ptr": "*i64",
                    "slot_ptr": "*i32"}
