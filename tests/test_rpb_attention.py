@@ -2,7 +2,7 @@
 every backend (triton in the interpreter on CPU) against the reference for out, dq, dk, dv,
 dbias_table and the CLS attention; determinism; argument errors; opcheck; torch.compile;
 RelPosAttention; the peers; the benchmark harness; the kernels' compilation for sm_80/sm_90.
-GPU tests (marker `cuda`) check the flash-attention error rule at ViT-B / DeiT-S shapes."""
+GPU-only checks (marker `cuda`) are in test_rpb_attention_gpu.py."""
 import json
 import os
 import subprocess
@@ -11,15 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pss_kernels import RelPosAttention, available_backends, rpb_attention, sample_patches
 from pss_kernels.ops.rpb_attention import peers
 from pss_kernels.ops.rpb_attention.reference import bias_table_rows, rpb_attention_reference
+from attention_cases import (DEVICE, HAS_CUDA, TOLERANCES, grads_of, loop_attention_float64, make_inputs,
+                             reference_cls_attention, timm_relative_position_index)
 
 REPO = Path(__file__).resolve().parents[1]
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 BACKENDS = [name for name in ("torch", "triton") if available_backends(DEVICE)[name].available]
 
 
@@ -31,77 +30,6 @@ def skip_interpreted_bf16(backend, dtype):
 
 
 # ----------------------------------------------------------------------------- oracle and inputs
-
-def timm_relative_position_index(grid_size, num_prefix_tokens):
-    """(N, N) table rows built as timm's Beit `gen_relative_position_index` builds them (meshgrid,
-    offsets, CLS rows R-3 / R-2 / R-1): independent of the arithmetic in reference.py and the kernels."""
-    grid_h, grid_w = grid_size
-    coords = torch.stack(torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")).flatten(1)
-    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).contiguous()
-    relative[:, :, 0] += grid_h - 1
-    relative[:, :, 1] += grid_w - 1
-    relative[:, :, 0] *= 2 * grid_w - 1
-    patch_rows = relative.sum(-1)
-    if num_prefix_tokens == 0:
-        return patch_rows
-    num_rows = (2 * grid_h - 1) * (2 * grid_w - 1) + 3
-    rows = torch.zeros(grid_h * grid_w + 1, grid_h * grid_w + 1, dtype=torch.long)
-    rows[1:, 1:] = patch_rows
-    rows[0, 0:] = num_rows - 3
-    rows[0:, 0] = num_rows - 2
-    rows[0, 0] = num_rows - 1
-    return rows
-
-
-def loop_attention_float64(q, k, v, bias_table, index, grid_size, num_prefix_tokens, scale):
-    """out[b, h, i] = sum_j softmax_j(q_i . k_j * scale + table[rows[pos_i, pos_j], h]) v_j, row by row."""
-    rows = timm_relative_position_index(grid_size, num_prefix_tokens)
-    q, k, v, bias_table = (t.detach().cpu().double() for t in (q, k, v, bias_table))
-    batch, heads, num_tokens, _ = q.shape
-    out = torch.empty_like(q)
-    for b in range(batch):
-        pos = index[b].cpu() if index is not None else torch.arange(num_tokens)
-        for h in range(heads):
-            for i in range(num_tokens):
-                logits = torch.stack([q[b, h, i] @ k[b, h, j] * scale + bias_table[rows[pos[i], pos[j]], h]
-                                      for j in range(num_tokens)])
-                weights = torch.exp(logits - logits.max())
-                out[b, h, i] = (weights / weights.sum()) @ v[b, h]
-    return out
-
-
-def make_inputs(grid_size, num_prefix_tokens, head_dim, *, keep_rate=None, batch=2, heads=2, dtype=torch.float32,
-                device=DEVICE, seed=0, qkv_view=True):
-    """q, k, v (views into one (B, n, 3, H, D) qkv tensor, as a model makes them: non-contiguous),
-    a random bias table, and index from sample_patches (None when keep_rate is None)."""
-    generator = torch.Generator().manual_seed(seed)
-    num_positions = num_prefix_tokens + grid_size[0] * grid_size[1]
-    index = None
-    if keep_rate is not None:
-        tokens = torch.randn(batch, num_positions, 4, generator=generator)
-        _, index = sample_patches(tokens, keep_rate, num_prefix_tokens=num_prefix_tokens)
-        index = index.to(device)
-    num_tokens = index.shape[1] if index is not None else num_positions
-    qkv = torch.randn(batch, num_tokens, 3, heads, head_dim, generator=generator).to(device=device, dtype=dtype)
-    if qkv_view:
-        q, k, v = (t.detach().requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4))
-    else:
-        q, k, v = (t.contiguous().requires_grad_() for t in qkv.permute(2, 0, 3, 1, 4))
-    table = torch.randn(bias_table_rows(grid_size, num_prefix_tokens), heads, generator=generator)
-    return q, k, v, table.to(device).requires_grad_(), index
-
-
-def grads_of(out, grad_out, leaves):
-    return torch.autograd.grad(out, leaves, grad_out)
-
-
-def reference_cls_attention(q, k, bias_table, index, grid_size, num_prefix_tokens):
-    """Head-averaged softmax row 0 of the float64 reference logits."""
-    from pss_kernels.ops.rpb_attention.reference import rpb_attention_logits
-    logits = rpb_attention_logits(q.double(), k.double(), bias_table.double(), index, grid_size,
-                                  num_prefix_tokens, q.shape[-1] ** -0.5)
-    return logits.softmax(-1)[:, :, 0, :].mean(1)
-
 
 # ----------------------------------------------------------------------------- reference
 
@@ -141,9 +69,6 @@ def test_op_torch_backend_gradcheck_float64():
 
 
 # ----------------------------------------------------------------------------- backends vs reference
-
-TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float16: dict(rtol=1e-2, atol=1e-2),
-              torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
 
 
 def check_against_reference(backend, grid_size, num_prefix_tokens, head_dim, keep_rate, dtype=torch.float32,
@@ -621,108 +546,6 @@ def test_triton_kernels_compile_for_sm80_and_sm90_without_a_gpu():
     spilling = [r for r in report if r["usage"] and r["arch"] == 90 and r["dtype"] != "fp32"
                 and r["kernel"] != "dkdv_deterministic" and r["usage"]["stack_bytes"] > 0]
     assert not spilling, spilling
-
-
-# ----------------------------------------------------------------------------- GPU (marker cuda)
-
-def _low_precision_torch_attention(q, k, v, table, index, grid_size, num_prefix_tokens):
-    """Eager attention entirely in the inputs' dtype: the 'same-dtype PyTorch' of the flash rule."""
-    from pss_kernels.ops.rpb_attention.reference import gather_bias
-    bias = gather_bias(table.to(q.dtype), index, grid_size, num_prefix_tokens)
-    logits = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + bias
-    return torch.matmul(logits.softmax(-1), v)
-
-
-def _flash_rule_case(batch, heads, head_dim, grid_size, keep_rate, dtype, seed=0):
-    q, k, v, table, index = make_inputs(grid_size, 1, head_dim, keep_rate=keep_rate, batch=batch, heads=heads,
-                                        dtype=dtype, seed=seed)
-    leaves = (q, k, v, table)
-    grad_out = torch.randn(q.shape, device=DEVICE, dtype=dtype)
-    options = dict(grid_size=grid_size, num_prefix_tokens=1)
-    exact_leaves = tuple(t.detach().double().requires_grad_() for t in leaves)
-    exact = rpb_attention_reference(*exact_leaves, index, **options)
-    exact_grads = grads_of(exact, grad_out.double(), exact_leaves)
-    baseline = _low_precision_torch_attention(q, k, v, table, index, grid_size, 1)
-    baseline_grads = grads_of(baseline, grad_out, leaves)
-    out = rpb_attention(q, k, v, table, index, backend="triton", **options)
-    kernel_grads = grads_of(out, grad_out, leaves)
-    for name, got, base, want in zip(("out", "dq", "dk", "dv", "dbias_table"), (out, *kernel_grads),
-                                     (baseline, *baseline_grads), (exact, *exact_grads)):
-        kernel_error = (got.double() - want).abs().max().item()
-        torch_error = (base.double() - want).abs().max().item()
-        assert kernel_error <= 2 * torch_error + 1e-5, (name, kernel_error, torch_error)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("heads, head_dim", [(12, 64), (6, 64)], ids=["vit_base", "deit_small"])
-@pytest.mark.parametrize("keep_rate", [None, 0.6, 0.2], ids=["n197", "n118", "n39"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_gpu_flash_rule_vit_shapes(heads, head_dim, keep_rate, dtype):
-    _flash_rule_case(8, heads, head_dim, (14, 14), keep_rate, dtype)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("head_dim", [32, 48, 80, 96, 128])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_flash_rule_head_dims(head_dim, dtype):
-    _flash_rule_case(4, 4, head_dim, (14, 14), 0.5, dtype)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("grid_size, keep_rate", [((24, 24), 0.3), ((6, 7), None), ((64, 64), None)],
-                         ids=["n173", "n43", "n4097"])
-def test_gpu_odd_lengths(grid_size, keep_rate):
-    _flash_rule_case(2 if grid_size[0] < 64 else 1, 2, 64, grid_size, keep_rate, torch.bfloat16)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("keep_rate", [None, 0.6, 0.2], ids=["n197", "n118", "n39"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_gpu_cls_attention_matches_reference(keep_rate, dtype):
-    """The optional CLS-attention output (the RETURN_CLS kernel variant) at DeiT-S shapes, against
-    the float64 softmax of the same inputs; `out` of that variant against the float64 reference."""
-    q, k, v, table, index = make_inputs((14, 14), 1, 64, keep_rate=keep_rate, batch=8, heads=6, dtype=dtype)
-    out, cls_attention = rpb_attention(q, k, v, table, index, grid_size=(14, 14), backend="triton",
-                                       return_cls_attention=True)
-    assert cls_attention.shape == (8, q.shape[2]) and cls_attention.dtype == torch.float32
-    want = reference_cls_attention(q, k, table, index, (14, 14), 1).float()
-    torch.testing.assert_close(cls_attention, want, rtol=1e-2, atol=1e-4)  # entries ~ 1/n
-    torch.testing.assert_close(cls_attention.sum(-1), torch.ones(8, device=DEVICE), rtol=0, atol=1e-3)
-    expected = rpb_attention_reference(*(t.double() for t in (q, k, v, table)), index, grid_size=(14, 14))
-    torch.testing.assert_close(out.double(), expected, **TOLERANCES[dtype])
-
-
-@pytest.mark.cuda
-def test_gpu_deterministic_bias_grad_is_bit_identical():
-    q, k, v, table, index = make_inputs((14, 14), 1, 64, keep_rate=0.6, batch=16, heads=6, dtype=torch.bfloat16)
-    grads = []
-    for _ in range(3):
-        out = rpb_attention(q, k, v, table, index, grid_size=(14, 14), backend="triton", deterministic=True)
-        grads.append(torch.autograd.grad(out, table, torch.ones_like(out))[0])
-    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
-    out = rpb_attention(q, k, v, table, index, grid_size=(14, 14), backend="triton")
-    torch.testing.assert_close(torch.autograd.grad(out, table, torch.ones_like(out))[0], grads[0],
-                               rtol=1e-3, atol=1e-3)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("accumulator", ["slices", "position-grid"])
-def test_gpu_bias_grad_accumulators_at_index_none(accumulator, monkeypatch):
-    """Both index=None accumulators on the GPU at ViT-B/DeiT-S sizes, with more images (20) than
-    position-grid copies (8), so images share copies: dbias_table and dq, dk, dv by the flash rule."""
-    from pss_kernels.ops.rpb_attention import triton_backward
-    monkeypatch.setenv(triton_backward.DBIAS_ENV_VAR, accumulator)
-    assert (triton_backward.position_grid_copies(20, 6, 197) > 0) == (accumulator == "position-grid")
-    _flash_rule_case(20, 6, 64, (14, 14), None, torch.bfloat16)
-
-
-@pytest.mark.cuda
-def test_gpu_index_none_equals_arange_index():
-    q, k, v, table, _ = make_inputs((14, 14), 1, 64, batch=4, heads=6, dtype=torch.bfloat16)
-    arange = torch.arange(197, device=DEVICE).expand(4, -1)
-    options = dict(grid_size=(14, 14), backend="triton")
-    torch.testing.assert_close(rpb_attention(q, k, v, table, None, **options),
-                               rpb_attention(q, k, v, table, arange, **options), rtol=0, atol=0)
 
 
 def test_cls_attention_drives_in_network_pruning():

@@ -1,9 +1,5 @@
-"""sample_patches (DESIGN §1): reference vs float64 oracle, every backend vs reference, the custom op.
-
-Most inputs are quantized (multiples of 1/4 in [-2, 2]): every dtype holds them exactly and
-every float32 summation order gives the same exact score, so indices can be compared exactly
-across backends and ties (frequent at these values) test the tie-break to the lower position.
-"""
+"""sample_patches: reference vs float64 oracle, every backend vs reference, the custom op.
+Inputs and the backend check live in sampling_cases.py; GPU-only checks in test_sample_patches_gpu.py."""
 import json
 import math
 
@@ -16,19 +12,8 @@ from pss_kernels import PatchSampler, num_kept_tokens, sample_patches
 from pss_kernels._backends import cuda_extension
 from pss_kernels.ops.sample_patches.peers import eager_sample_patches, topk_gather_sample_patches
 from pss_kernels.ops.sample_patches.reference import sample_patches_reference, select_indices
-
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from sampling_cases import DTYPES, SPECIAL, check_backend, given_scores, quantized, scatter_grad
 needs_cuda_extension = pytest.mark.skipif(cuda_extension() is None, reason="pss_kernels._C is not built")
-
-
-def quantized(shape, dtype=torch.float32, device="cpu", seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randint(-8, 9, shape, generator=gen) * 0.25).to(device=device, dtype=dtype)
-
-
-def given_scores(batch, num_patches, device="cpu", seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 4, (batch, num_patches), generator=gen).float().to(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,12 +50,6 @@ def topk_key_model(scores: np.ndarray) -> np.ndarray:
     ordered = np.where((bits & 0x7FFFFFFF) > 0x7F800000, 2 ** 31 - 1, ordered)  # NaN first
     positions = np.arange(scores.shape[-1], dtype=np.int64)
     return ordered * 2 ** 32 + (2 ** 32 - 1 - positions)  # exact in Python ints via int64 range
-
-
-def scatter_grad(index, grad_kept, num_tokens):
-    batch, _, channels = grad_kept.shape
-    out = torch.zeros(batch, num_tokens, channels, dtype=grad_kept.dtype, device=grad_kept.device)
-    return out.scatter(1, index[..., None].expand(-1, -1, channels), grad_kept)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,26 +98,6 @@ def test_sample_patches_returns_k_rows():
 # ---------------------------------------------------------------------------------------------
 # Backends vs the reference (CPU: triton in the interpreter; GPU tests below reuse the helper)
 # ---------------------------------------------------------------------------------------------
-def check_backend(backend, x, keep_rate, scorer="l1", num_prefix_tokens=1, order="score", scores=None,
-                  seed=None):
-    """Forward values/indices and input gradient of `backend` equal the reference's exactly."""
-    gen = (lambda: torch.Generator(device=x.device).manual_seed(seed)) if scorer == "random" else (lambda: None)
-    x = x.detach().requires_grad_()
-    x_kept, index = sample_patches(x, keep_rate, scorer=scorer, num_prefix_tokens=num_prefix_tokens, order=order,
-                                   scores=scores, generator=gen(), backend=backend)
-    ref_kept, ref_index = sample_patches_reference(x.detach(), keep_rate, scorer=scorer,
-                                                   num_prefix_tokens=num_prefix_tokens, order=order,
-                                                   scores=scores, generator=gen())
-    assert index.dtype == torch.int64 and not index.requires_grad
-    assert torch.equal(index, ref_index)
-    assert torch.equal(x_kept, ref_kept)
-    grad_kept = quantized(x_kept.shape, x.dtype, x.device, seed=7)
-    (grad_x,) = torch.autograd.grad(x_kept, x, grad_kept)
-    assert torch.equal(grad_x, scatter_grad(ref_index, grad_kept, x.shape[1]))
-    dropped = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device).scatter(1, ref_index, False)
-    assert torch.all(grad_x[dropped] == 0)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_prefix_tokens", [0, 1, 4])
 @pytest.mark.parametrize("order", ["score", "spatial"])
@@ -252,7 +211,6 @@ def test_stride_zero_gradient(backend):
 # ---------------------------------------------------------------------------------------------
 # Ties and special values: the sort key
 # ---------------------------------------------------------------------------------------------
-SPECIAL = [0.0, -0.0, 1.0, 1.0, float("nan"), float("inf"), -float("inf"), -1.0, 1e-40, -1e-40, 1.0, float("nan")]
 
 
 def test_topk_key_model_orders_like_torch_sort():
@@ -485,53 +443,3 @@ def test_peers_match_reference_on_untied_scores(peer, num_prefix_tokens):
     assert torch.equal(index, ref_index) and torch.equal(x_kept, ref_kept)
 
 
-# ---------------------------------------------------------------------------------------------
-# GPU: the cuda and triton backends on real shapes
-# ---------------------------------------------------------------------------------------------
-GPU_SHAPES = [(256, 197, 384), (256, 197, 768), (64, 577, 768), (4, 4097, 64)]
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_gpu_backend_matches_reference(backend, dtype, shape):
-    if backend == "cuda" and cuda_extension() is None:
-        pytest.skip("pss_kernels._C is not built")
-    x = quantized(shape, dtype, "cuda")
-    num_patches = shape[1] - 1
-    for scorer, order, keep_rate in (("l1", "score", 0.5), ("l2", "spatial", 0.2), ("random", "score", 0.8),
-                                     ("given", "spatial", 0.5)):
-        scores = given_scores(shape[0], num_patches, "cuda") if scorer == "given" else None
-        check_backend(backend, x, keep_rate, scorer, 1, order, scores, seed=11)
-    check_backend(backend, x, 0.3, "l1", 0, "score")
-    check_backend(backend, x, 0.3, "l2", 4, "spatial")
-    check_backend(backend, x, 0.999, "l1", 1, "score")  # k = N for N < 500: nothing dropped
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_gpu_backend_untied_normal_data(backend, dtype):
-    """randn rows: the kept scores equal the reference's top scores up to float32 summation order."""
-    if backend == "cuda" and cuda_extension() is None:
-        pytest.skip("pss_kernels._C is not built")
-    x = torch.randn(256, 197, 768, device="cuda").to(dtype)
-    x_kept, index = sample_patches(x, 0.5, backend=backend)
-    assert torch.equal(x_kept, x.gather(1, index[..., None].expand(-1, -1, 768)))
-    scores = x[:, 1:].float().abs().sum(-1)
-    kept_scores = scores.gather(1, index[:, 1:] - 1)
-    want = scores.sort(dim=1, descending=True).values[:, : index.shape[1] - 1]
-    torch.testing.assert_close(kept_scores, want, rtol=1e-5, atol=0)
-    assert torch.all(kept_scores.diff(dim=1) <= 1e-5 * kept_scores[:, 1:])
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_gpu_misaligned_and_strided_inputs(backend):
-    if backend == "cuda" and cuda_extension() is None:
-        pytest.skip("pss_kernels._C is not built")
-    check_backend(backend, quantized((8, 197, 37), torch.bfloat16, "cuda"), 0.5)  # rows not 16-byte multiples
-    storage = quantized((8 * 197 * 64 + 1,), torch.float16, "cuda")
-    check_backend(backend, storage[1:].view(8, 197, 64), 0.5)  # data pointer 2 bytes past alignment
-    check_backend(backend, quantized((8, 64, 197), torch.float32, "cuda").transpose(1, 2), 0.5)
