@@ -47,6 +47,20 @@ def test_cyclic_values_one_triangle_per_epoch():
     assert rates_of(s, [90 + t for t in steps]) == expected
 
 
+
+def test_cyclic_exact_per_step_values_and_symmetry():
+    """Unquantised, every step of an epoch: rho(s) = low + (high - low) * (1 - |2 s / E - 1|), so
+    rho(0) = low, rho(E / 2) = high and rho(s) = rho(E - s) (a phase of s / (E - 1) breaks both)."""
+    epoch = 30
+    s = Cyclic(0.2, 1.0, quantum=None, total_steps=2 * epoch, steps_per_epoch=epoch)
+    rates = np.array(rates_of(s, range(2 * epoch)))
+    phase = (np.arange(2 * epoch) % epoch) / epoch
+    np.testing.assert_allclose(rates, 0.2 + 0.8 * (1 - np.abs(2 * phase - 1)), rtol=0, atol=1e-12)
+    assert rates[0] == rates[epoch] == pytest.approx(0.2) and rates[epoch // 2] == pytest.approx(1.0)
+    for step in range(1, epoch):
+        assert rates[step] == pytest.approx(rates[epoch - step], abs=1e-12), step
+
+
 def test_cyclic_paper_shares():
     # Paper: with Cyclic(0.2, 1.0) and step 0.2, each of 0.4 ... 1.0 gets ~22 % of iterations, 0.2 ~11 %.
     s = Cyclic(0.2, 1.0, total_steps=10 * 1800, steps_per_epoch=1800)
