@@ -5,7 +5,7 @@
 // so that descending keys = descending score, ties to the lower position (DESIGN §1).
 // ordered() is the order-preserving float -> int32 map (flip the magnitude bits of negative
 // floats), with -0.0 folded onto +0.0 and every NaN ranked above +inf, as torch.sort orders
-// them. It works on the bits, so --use_fast_math (flush-to-zero comparisons) cannot change it.
+// them. It works on the bits, so flush-to-zero float comparisons could not change it.
 // Padding keys (lanes past the last patch) are kPaddingKey, below every real key.
 // The Triton backend uses the same key (pss_kernels/ops/sample_patches/triton_sample.py).
 //
