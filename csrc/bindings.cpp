@@ -17,12 +17,16 @@ PYBIND11_MODULE(_C, m) {
   });
 
   m.attr("SAMPLE_PATCHES_MAX_PATCHES") = pss::kMaxPatches;
+  m.def("sample_patches_forward_workspace_bytes", &pss::sample_patches_forward_workspace_bytes,
+        py::arg("batch"), py::arg("num_tokens"), py::arg("num_prefix"), py::arg("scorer"),
+        "Device bytes of workspace sample_patches_forward needs on the current device (0: none).");
   m.def("sample_patches_forward", &pss::sample_patches_forward, py::arg("x"), py::arg("scores"),
-        py::arg("x_kept"), py::arg("index"), py::arg("slot"), py::arg("batch"), py::arg("num_tokens"),
-        py::arg("channels"), py::arg("num_prefix"), py::arg("num_kept"), py::arg("dtype"), py::arg("scorer"),
+        py::arg("x_kept"), py::arg("index"), py::arg("slot"), py::arg("workspace"), py::arg("batch"),
+        py::arg("num_tokens"), py::arg("channels"), py::arg("num_prefix"), py::arg("num_kept"), py::arg("dtype"), py::arg("scorer"),
         py::arg("spatial"), py::arg("stream"),
         "x (B, N, C) -> x_kept (B, k, C), index (B, k) int64, slot (B, N) int32; contiguous device pointers. "
-        "dtype: 0 float32, 1 float16, 2 bfloat16; scorer: 0 l1, 1 l2, 2 given (scores (B, N - num_prefix) float32).");
+        "dtype: 0 float32, 1 float16, 2 bfloat16; scorer: 0 l1, 1 l2, 2 given (scores (B, N - num_prefix) float32); "
+        "workspace: sample_patches_forward_workspace_bytes() bytes.");
   m.def("sample_patches_backward", &pss::sample_patches_backward, py::arg("grad_kept"), py::arg("slot"),
         py::arg("grad_x"), py::arg("batch"), py::arg("num_tokens"), py::arg("num_kept"), py::arg("row_bytes"),
         py::arg("stream"), "grad_x[b, t] = grad_kept[b, slot[b, t]], or 0 where slot < 0; contiguous device pointers.");

@@ -1,12 +1,19 @@
 // sample_patches CUDA kernels (DESIGN §1, §4).
 //
-// Forward: one block per image.
-//   1. score: one warp per patch row, 16-byte vector loads when rows are 16-byte aligned,
-//      s = sum |x| (l1) or sum x^2 (l2) in float32 (or the given float32 scores);
-//   2. select: keys (patch_topk.cuh) of all patches, bitonic-sorted in shared memory
-//      (next_pow2(P) int64 keys, 64 KiB at P = 8192), which yields index and slot;
-//   3. gather: one warp per kept row, copied with 16-byte vectors.
-// Backward: one warp per token row of grad_x: the grad_kept row at slot[b, t], or zeros.
+// Forward, per image: score the patch rows (s = sum |x| for l1, sum x^2 for l2, in float32, or the
+// given float32 scores), select the top-k by the keys of patch_topk.cuh (next_pow2(P) int64 keys
+// bitonic-sorted in shared memory, 64 KiB at P = 8192), write index and slot, gather the kept rows.
+// Two plans over the same device code:
+//   fused (B >= number of SMs): select_kernel does it all, one block per image: one launch, x read once;
+//   split (B <  number of SMs): one block per image would leave most SMs idle while it scores and
+//     copies rows, so those row-parallel steps run over (row blocks, images) instead:
+//       score_rows_kernel -> float32 scores (workspace) -> select_kernel with those scores and no
+//       gather -> copy_rows_kernel with index as the row map.
+// Backward: copy_rows_kernel with slot as the row map: grad_x[b, t] = grad_kept[b, slot[b, t]], or
+// zeros where slot < 0, every row written once (no zero fill followed by a scatter).
+//
+// Rows move as opaque copy units, the widest of 16/8/4/2 bytes that divides the row size and the
+// base pointers (with_copy_unit): the fewest loads per row whatever C and the alignment are.
 #include "sampling/sample_patches.h"
 #include "sampling/patch_topk.cuh"
 
@@ -16,7 +23,6 @@
 
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 namespace pss {
@@ -24,7 +30,7 @@ namespace {
 
 constexpr int kWarp = 32;
 constexpr int kSelectThreads = 512;
-constexpr int kBackwardWarps = 8;
+constexpr int kRowWarps = 8;  // warps (= rows) per block of the row-parallel kernels
 constexpr int64_t kMaxGridY = 65535;
 constexpr size_t kDefaultSharedBytes = 48 * 1024;
 
@@ -37,31 +43,24 @@ __device__ __forceinline__ float score_term(float v) {
   return SCORER == kL1 ? fabsf(v) : v * v;
 }
 
-// sum over one row of `channels` elements by one warp; every lane gets the total.
-template <typename T, int SCORER, bool VEC16>
-__device__ float row_score(const T* __restrict__ row, int64_t channels, int lane) {
+// Sum over one row of `units` copy units of T by one warp, in float32; every lane gets the total.
+template <typename T, int SCORER, typename Unit>
+__device__ float row_score(const Unit* __restrict__ row, int64_t units, int lane) {
+  static_assert(sizeof(Unit) % sizeof(T) == 0, "a copy unit holds whole elements");
   float acc = 0.0f;
-  if constexpr (VEC16) {
-    constexpr int kPerVector = 16 / sizeof(T);
-    const uint4* vectors = reinterpret_cast<const uint4*>(row);
-#pragma unroll 4  // several 16-byte loads in flight per lane
-    for (int64_t i = lane; i < channels / kPerVector; i += kWarp) {
-      const uint4 packed = vectors[i];
-      const T* values = reinterpret_cast<const T*>(&packed);
+#pragma unroll 4  // several loads in flight per lane
+  for (int64_t i = lane; i < units; i += kWarp) {
+    const Unit packed = row[i];
+    const T* values = reinterpret_cast<const T*>(&packed);
 #pragma unroll
-      for (int j = 0; j < kPerVector; ++j) acc += score_term<SCORER>(to_float(values[j]));
+    for (int j = 0; j < static_cast<int>(sizeof(Unit) / sizeof(T)); ++j) {
+      acc += score_term<SCORER>(to_float(values[j]));
     }
-  } else {
-    for (int64_t i = lane; i < channels; i += kWarp) acc += score_term<SCORER>(to_float(row[i]));
   }
 #pragma unroll
   for (int offset = kWarp / 2; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
   return acc;
 }
-
-// Rows are moved as opaque units: 16-byte vectors when aligned, else one element.
-template <typename T, bool VEC16>
-using CopyUnit = std::conditional_t<VEC16, uint4, std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>>;
 
 template <typename Unit>
 __device__ __forceinline__ void copy_row(const Unit* __restrict__ src, Unit* __restrict__ dst, int64_t units,
@@ -70,12 +69,15 @@ __device__ __forceinline__ void copy_row(const Unit* __restrict__ src, Unit* __r
   for (int64_t i = lane; i < units; i += kWarp) dst[i] = src[i];
 }
 
-template <typename T, int SCORER, bool VEC16>
+// One block per image: keys -> top-k -> index (B, k), slot (B, N) [-> x_kept (B, k, C)].
+// Scores come from the rows of x (SCORER kL1 / kL2) or from `scores` (kGiven, float32 (B, P)).
+// x_kept == nullptr: no gather (the split plan copies the rows in copy_rows_kernel); x and x_kept
+// are then unused, and T and Unit do not matter.
+template <typename T, int SCORER, typename Unit>
 __global__ void __launch_bounds__(kSelectThreads)
-    sample_patches_forward_kernel(const T* __restrict__ x, const float* __restrict__ scores, T* __restrict__ x_kept,
-                                  int64_t* __restrict__ index, int32_t* __restrict__ slot, int64_t num_tokens,
-                                  int64_t channels, int64_t num_prefix, int64_t num_kept, uint32_t padded,
-                                  bool spatial) {
+    select_kernel(const Unit* __restrict__ x, const float* __restrict__ scores, Unit* __restrict__ x_kept,
+                  int64_t* __restrict__ index, int32_t* __restrict__ slot, int64_t num_tokens, int64_t units,
+                  int64_t num_prefix, int64_t num_kept, uint32_t padded, bool spatial) {
   extern __shared__ int64_t keys[];
   const int64_t image = blockIdx.x;
   const uint32_t thread = threadIdx.x, num_threads = blockDim.x;
@@ -83,7 +85,7 @@ __global__ void __launch_bounds__(kSelectThreads)
   const int lane = thread % kWarp;
   const uint32_t num_patches = static_cast<uint32_t>(num_tokens - num_prefix);
   const uint32_t kept_patches = static_cast<uint32_t>(num_kept - num_prefix);
-  const T* x_image = x + image * num_tokens * channels;
+  const Unit* x_image = x + image * num_tokens * units;
 
   if constexpr (SCORER == kGiven) {
     const float* image_scores = scores + image * num_patches;
@@ -92,7 +94,7 @@ __global__ void __launch_bounds__(kSelectThreads)
     }
   } else {
     for (uint32_t p = warp; p < num_patches; p += num_warps) {
-      const float score = row_score<T, SCORER, VEC16>(x_image + (num_prefix + p) * channels, channels, lane);
+      const float score = row_score<T, SCORER>(x_image + (num_prefix + p) * units, units, lane);
       if (lane == 0) keys[p] = topk_key(score, p);
     }
     for (uint32_t p = num_patches + thread; p < padded; p += num_threads) keys[p] = kPaddingKey;
@@ -113,35 +115,54 @@ __global__ void __launch_bounds__(kSelectThreads)
     slot_image[token] = static_cast<int32_t>(token);
   }
 
-  using Unit = CopyUnit<T, VEC16>;
-  const int64_t units = channels * static_cast<int64_t>(sizeof(T)) / static_cast<int64_t>(sizeof(Unit));
-  const Unit* x_units = reinterpret_cast<const Unit*>(x_image);
-  Unit* kept_units = reinterpret_cast<Unit*>(x_kept + image * num_kept * channels);
+  if (x_kept == nullptr) return;
+  Unit* kept_image = x_kept + image * num_kept * units;
   for (int64_t row = warp; row < num_kept; row += num_warps) {
     const int64_t token = row < num_prefix ? row : num_prefix + key_position(keys[row - num_prefix]);
-    copy_row(x_units + token * units, kept_units + row * units, units, lane);
+    copy_row(x_image + token * units, kept_image + row * units, units, lane);
   }
 }
 
-template <typename Unit>
-__global__ void __launch_bounds__(kBackwardWarps * kWarp)
-    sample_patches_backward_kernel(const Unit* __restrict__ grad_kept, const int32_t* __restrict__ slot,
-                                   Unit* __restrict__ grad_x, int64_t num_tokens, int64_t num_kept, int64_t units) {
+// scores[b, p] (float32 (B, P)) of patch row p of image b; grid (row blocks, images), one warp a row.
+template <typename T, int SCORER, typename Unit>
+__global__ void __launch_bounds__(kRowWarps * kWarp)
+    score_rows_kernel(const Unit* __restrict__ x, float* __restrict__ scores, int64_t num_tokens,
+                      int64_t num_prefix, int64_t units) {
   const int64_t image = blockIdx.y;
-  const int64_t token = static_cast<int64_t>(blockIdx.x) * kBackwardWarps + threadIdx.x / kWarp;
-  if (token >= num_tokens) return;
+  const int64_t patch = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;
+  const int64_t num_patches = num_tokens - num_prefix;
+  if (patch >= num_patches) return;
   const int lane = threadIdx.x % kWarp;
-  const int32_t row = slot[image * num_tokens + token];
-  Unit* dst = grad_x + (image * num_tokens + token) * units;
-  if (row >= 0) {
-    copy_row(grad_kept + (image * num_kept + row) * units, dst, units, lane);
+  const float score = row_score<T, SCORER>(x + (image * num_tokens + num_prefix + patch) * units, units, lane);
+  if (lane == 0) scores[image * num_patches + patch] = score;
+}
+
+// dst[b, r] = src[b, rows[b, r]], or zeros where rows[b, r] < 0; src (B, num_src_rows, units),
+// dst (B, num_dst_rows, units). Forward gather: rows = index (int64); backward: rows = slot
+// (int32, -1 at dropped tokens). Grid (row blocks, images), one warp a row.
+template <typename Unit, typename Row>
+__global__ void __launch_bounds__(kRowWarps * kWarp)
+    copy_rows_kernel(const Unit* __restrict__ src, const Row* __restrict__ rows, Unit* __restrict__ dst,
+                     int64_t num_src_rows, int64_t num_dst_rows, int64_t units) {
+  const int64_t image = blockIdx.y;
+  const int64_t dst_row = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;
+  if (dst_row >= num_dst_rows) return;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t src_row = rows[image * num_dst_rows + dst_row];
+  Unit* out = dst + (image * num_dst_rows + dst_row) * units;
+  if (src_row >= 0) {
+    copy_row(src + (image * num_src_rows + src_row) * units, out, units, lane);
   } else {
-    for (int64_t i = lane; i < units; i += kWarp) dst[i] = Unit{};
+    for (int64_t i = lane; i < units; i += kWarp) out[i] = Unit{};
   }
 }
 
 void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": CUDA error: " + cudaGetErrorString(err));
+}
+
+void check_shape(bool ok, const std::string& message) {
+  if (!ok) throw std::invalid_argument(message);
 }
 
 uint32_t next_pow2(int64_t n) {
@@ -150,60 +171,103 @@ uint32_t next_pow2(int64_t n) {
   return p;
 }
 
-void check_shape(bool ok, const std::string& message) {
-  if (!ok) throw std::invalid_argument(message);
+// Calls f(Unit{}) with the widest copy unit that divides `alignment` (the row size in bytes OR'ed
+// with the base pointers of every row array), of at least kMinBytes bytes (the element size: a unit
+// holds whole elements; the caller has checked that alignment is a multiple of it).
+template <int kMinBytes, typename F>
+void with_copy_unit(std::uintptr_t alignment, F&& f) {
+  static_assert(kMinBytes == 2 || kMinBytes == 4, "elements of 2 or 4 bytes");
+  if (alignment % 16 == 0) return f(uint4{});
+  if (alignment % 8 == 0) return f(uint2{});
+  if constexpr (kMinBytes == 2) {
+    if (alignment % 4 == 0) return f(uint32_t{});
+    return f(uint16_t{});
+  } else {
+    return f(uint32_t{});
+  }
+}
+
+template <typename Unit, typename Row>
+void launch_copy_rows(std::uintptr_t src, std::uintptr_t rows, std::uintptr_t dst, int64_t batch,
+                      int64_t num_src_rows, int64_t num_dst_rows, int64_t row_bytes, cudaStream_t stream,
+                      const char* what) {
+  const dim3 grid(static_cast<unsigned>((num_dst_rows + kRowWarps - 1) / kRowWarps), static_cast<unsigned>(batch));
+  copy_rows_kernel<Unit, Row><<<grid, kRowWarps * kWarp, 0, stream>>>(
+      reinterpret_cast<const Unit*>(src), reinterpret_cast<const Row*>(rows), reinterpret_cast<Unit*>(dst),
+      num_src_rows, num_dst_rows, row_bytes / static_cast<int64_t>(sizeof(Unit)));
+  check_cuda(cudaGetLastError(), what);
+}
+
+// The forward's plan: split when one block per image leaves SMs idle. The current device is x's
+// (the Python wrapper sets it), so its SM count is the one that matters.
+bool forward_splits(int64_t batch) {
+  int device = 0, num_sms = 0;
+  check_cuda(cudaGetDevice(&device), "sample_patches_forward (cudaGetDevice)");
+  check_cuda(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device),
+             "sample_patches_forward (multiprocessor count)");
+  return batch < num_sms;
 }
 
 struct ForwardArgs {
-  std::uintptr_t x, scores, x_kept, index, slot;
+  std::uintptr_t x, scores, x_kept, index, slot, workspace;
   int64_t batch, num_tokens, channels, num_prefix, num_kept;
   bool spatial;
   cudaStream_t stream;
 };
 
-template <typename T, int SCORER, bool VEC16>
-void launch_forward(const ForwardArgs& a) {
+template <typename T, int SCORER, typename Unit>
+void launch_select(const ForwardArgs& a, std::uintptr_t x, std::uintptr_t scores, std::uintptr_t x_kept) {
   const uint32_t padded = next_pow2(a.num_tokens - a.num_prefix);
   const size_t shared_bytes = padded * sizeof(int64_t);
-  auto kernel = sample_patches_forward_kernel<T, SCORER, VEC16>;
+  auto kernel = select_kernel<T, SCORER, Unit>;
   if (shared_bytes > kDefaultSharedBytes) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(shared_bytes)),
                "sample_patches_forward (shared memory opt-in)");
   }
+  const int64_t units = a.channels * static_cast<int64_t>(sizeof(T)) / static_cast<int64_t>(sizeof(Unit));
   kernel<<<static_cast<unsigned>(a.batch), kSelectThreads, shared_bytes, a.stream>>>(
-      reinterpret_cast<const T*>(a.x), reinterpret_cast<const float*>(a.scores), reinterpret_cast<T*>(a.x_kept),
-      reinterpret_cast<int64_t*>(a.index), reinterpret_cast<int32_t*>(a.slot), a.num_tokens, a.channels,
-      a.num_prefix, a.num_kept, padded, a.spatial);
-  check_cuda(cudaGetLastError(), "sample_patches_forward");
+      reinterpret_cast<const Unit*>(x), reinterpret_cast<const float*>(scores), reinterpret_cast<Unit*>(x_kept),
+      reinterpret_cast<int64_t*>(a.index), reinterpret_cast<int32_t*>(a.slot), a.num_tokens, units, a.num_prefix,
+      a.num_kept, padded, a.spatial);
+  check_cuda(cudaGetLastError(), "sample_patches_forward (select)");
+}
+
+template <typename T, int SCORER, typename Unit>
+void launch_forward(const ForwardArgs& a) {
+  if (!forward_splits(a.batch)) return launch_select<T, SCORER, Unit>(a, a.x, a.scores, a.x_kept);
+  std::uintptr_t scores = a.scores;
+  if constexpr (SCORER != kGiven) {
+    const int64_t units = a.channels * static_cast<int64_t>(sizeof(T)) / static_cast<int64_t>(sizeof(Unit));
+    const int64_t num_patches = a.num_tokens - a.num_prefix;
+    const dim3 grid(static_cast<unsigned>((num_patches + kRowWarps - 1) / kRowWarps), static_cast<unsigned>(a.batch));
+    score_rows_kernel<T, SCORER, Unit><<<grid, kRowWarps * kWarp, 0, a.stream>>>(
+        reinterpret_cast<const Unit*>(a.x), reinterpret_cast<float*>(a.workspace), a.num_tokens, a.num_prefix,
+        units);
+    check_cuda(cudaGetLastError(), "sample_patches_forward (score)");
+    scores = a.workspace;
+  }
+  launch_select<T, kGiven, Unit>(a, 0, scores, 0);
+  launch_copy_rows<Unit, int64_t>(a.x, a.index, a.x_kept, a.batch, a.num_tokens, a.num_kept,
+                                  a.channels * static_cast<int64_t>(sizeof(T)), a.stream,
+                                  "sample_patches_forward (gather)");
 }
 
 template <typename T, int SCORER>
-void dispatch_vector(const ForwardArgs& a) {
-  // 16-byte vectors need 16-byte aligned rows in x and x_kept.
-  const bool vec16 = (a.channels * sizeof(T)) % 16 == 0 && a.x % 16 == 0 && a.x_kept % 16 == 0;
-  vec16 ? launch_forward<T, SCORER, true>(a) : launch_forward<T, SCORER, false>(a);
+void dispatch_unit(const ForwardArgs& a) {
+  const std::uintptr_t alignment = a.x | a.x_kept | static_cast<std::uintptr_t>(a.channels * sizeof(T));
+  check_shape(alignment % sizeof(T) == 0, "sample_patches_forward: x and x_kept must be aligned to their elements");
+  with_copy_unit<sizeof(T)>(alignment, [&](auto unit) { launch_forward<T, SCORER, decltype(unit)>(a); });
 }
 
 template <typename T>
 void dispatch_scorer(const ForwardArgs& a, int scorer) {
   switch (scorer) {
-    case kL1: return dispatch_vector<T, kL1>(a);
-    case kL2: return dispatch_vector<T, kL2>(a);
-    case kGiven: return dispatch_vector<T, kGiven>(a);
+    case kL1: return dispatch_unit<T, kL1>(a);
+    case kL2: return dispatch_unit<T, kL2>(a);
+    case kGiven: return dispatch_unit<T, kGiven>(a);
     default: throw std::invalid_argument("sample_patches_forward: unknown scorer id " + std::to_string(scorer));
   }
-}
-
-template <typename Unit>
-void launch_backward(std::uintptr_t grad_kept, std::uintptr_t slot, std::uintptr_t grad_x, int64_t batch,
-                     int64_t num_tokens, int64_t num_kept, int64_t row_bytes, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((num_tokens + kBackwardWarps - 1) / kBackwardWarps),
-                  static_cast<unsigned>(batch));
-  sample_patches_backward_kernel<Unit><<<grid, kBackwardWarps * kWarp, 0, stream>>>(
-      reinterpret_cast<const Unit*>(grad_kept), reinterpret_cast<const int32_t*>(slot),
-      reinterpret_cast<Unit*>(grad_x), num_tokens, num_kept, row_bytes / static_cast<int64_t>(sizeof(Unit)));
-  check_cuda(cudaGetLastError(), "sample_patches_backward");
 }
 
 void check_selection(int64_t num_patches, int64_t num_kept_patches, const char* what) {
@@ -217,16 +281,22 @@ void check_selection(int64_t num_patches, int64_t num_kept_patches, const char* 
 
 }  // namespace
 
+int64_t sample_patches_forward_workspace_bytes(int64_t batch, int64_t num_tokens, int64_t num_prefix, int scorer) {
+  if (batch <= 0 || scorer == kGiven || !forward_splits(batch)) return 0;
+  return batch * (num_tokens - num_prefix) * static_cast<int64_t>(sizeof(float));
+}
+
 void sample_patches_forward(std::uintptr_t x, std::uintptr_t scores, std::uintptr_t x_kept, std::uintptr_t index,
-                            std::uintptr_t slot, int64_t batch, int64_t num_tokens, int64_t channels,
-                            int64_t num_prefix, int64_t num_kept, int dtype, int scorer, bool spatial,
-                            std::uintptr_t stream) {
+                            std::uintptr_t slot, std::uintptr_t workspace, int64_t batch, int64_t num_tokens,
+                            int64_t channels, int64_t num_prefix, int64_t num_kept, int dtype, int scorer,
+                            bool spatial, std::uintptr_t stream) {
   check_selection(num_tokens - num_prefix, num_kept - num_prefix, "sample_patches_forward");
   check_shape(batch >= 0 && channels >= 1 && num_prefix >= 0, "sample_patches_forward: bad shape");
   if (batch == 0) return;
-  const ForwardArgs args{x,         scores,   x_kept,  index,
-                         slot,      batch,    num_tokens, channels,
-                         num_prefix, num_kept, spatial, reinterpret_cast<cudaStream_t>(stream)};
+  check_shape(workspace != 0 || sample_patches_forward_workspace_bytes(batch, num_tokens, num_prefix, scorer) == 0,
+              "sample_patches_forward: this batch needs a workspace of sample_patches_forward_workspace_bytes()");
+  const ForwardArgs args{x,     scores,     x_kept,   index,      slot,     workspace, batch,
+                         num_tokens, channels, num_prefix, num_kept, spatial, reinterpret_cast<cudaStream_t>(stream)};
   switch (dtype) {
     case kFloat32: return dispatch_scorer<float>(args, scorer);
     case kFloat16: return dispatch_scorer<__half>(args, scorer);
@@ -241,13 +311,12 @@ void sample_patches_backward(std::uintptr_t grad_kept, std::uintptr_t slot, std:
                                       ", got " + std::to_string(batch));
   check_shape(row_bytes >= 2 && row_bytes % 2 == 0, "sample_patches_backward: bad row size");
   if (batch == 0 || num_tokens == 0) return;
-  const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
-  // The widest unit that divides the row and the alignment of both row arrays.
   const std::uintptr_t alignment = grad_kept | grad_x | static_cast<std::uintptr_t>(row_bytes);
-  if (alignment % 16 == 0) return launch_backward<uint4>(grad_kept, slot, grad_x, batch, num_tokens, num_kept, row_bytes, cuda_stream);
-  if (alignment % 8 == 0) return launch_backward<uint2>(grad_kept, slot, grad_x, batch, num_tokens, num_kept, row_bytes, cuda_stream);
-  if (alignment % 4 == 0) return launch_backward<uint32_t>(grad_kept, slot, grad_x, batch, num_tokens, num_kept, row_bytes, cuda_stream);
-  launch_backward<uint16_t>(grad_kept, slot, grad_x, batch, num_tokens, num_kept, row_bytes, cuda_stream);
+  check_shape(alignment % 2 == 0, "sample_patches_backward: grad_kept and grad_x must be 2-byte aligned");
+  with_copy_unit<2>(alignment, [&](auto unit) {
+    launch_copy_rows<decltype(unit), int32_t>(grad_kept, slot, grad_x, batch, num_kept, num_tokens, row_bytes,
+                                              reinterpret_cast<cudaStream_t>(stream), "sample_patches_backward");
+  });
 }
 
 void select_patches_host(std::uintptr_t scores, std::uintptr_t positions, int64_t batch, int64_t num_patches,

@@ -14,12 +14,17 @@ enum Scorer : int { kL1 = 0, kL2 = 1, kGiven = 2 };
 // Patch tokens an image may have: the block sorts next_pow2(P) int64 keys in shared memory.
 constexpr int64_t kMaxPatches = 8192;
 
+// Bytes of device workspace that sample_patches_forward needs for this call on the current device
+// (float32 scores (B, P) when the forward runs split, see sample_patches.cu; 0 when it runs fused).
+int64_t sample_patches_forward_workspace_bytes(int64_t batch, int64_t num_tokens, int64_t num_prefix, int scorer);
+
 // x (B, N, C) -> x_kept (B, k, C), index (B, k) int64, slot (B, N) int32 (row of x_kept, or -1).
-// scores: (B, N - num_prefix) float32 for scorer kGiven, else unused (may be 0).
+// scores: (B, N - num_prefix) float32 for scorer kGiven, else unused (may be 0). workspace: at least
+// sample_patches_forward_workspace_bytes() bytes (0 if that is 0), asked on the same current device.
 void sample_patches_forward(std::uintptr_t x, std::uintptr_t scores, std::uintptr_t x_kept,
-                            std::uintptr_t index, std::uintptr_t slot, int64_t batch, int64_t num_tokens,
-                            int64_t channels, int64_t num_prefix, int64_t num_kept, int dtype, int scorer,
-                            bool spatial, std::uintptr_t stream);
+                            std::uintptr_t index, std::uintptr_t slot, std::uintptr_t workspace, int64_t batch,
+                            int64_t num_tokens, int64_t channels, int64_t num_prefix, int64_t num_kept, int dtype,
+                            int scorer, bool spatial, std::uintptr_t stream);
 
 // grad_x[b, t] = grad_kept[b, slot[b, t]] or 0 where slot < 0; rows of row_bytes bytes.
 void sample_patches_backward(std::uintptr_t grad_kept, std::uintptr_t slot, std::uintptr_t grad_x,

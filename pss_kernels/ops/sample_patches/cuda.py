@@ -42,9 +42,13 @@ def sample_patches_forward(x: torch.Tensor, scores: Optional[torch.Tensor], num_
         scores = scores.to(device=x.device, dtype=torch.float32).contiguous()
         scores_ptr = scores.data_ptr()
     with torch.cuda.device(x.device):
+        # Small batches run split (score, select, gather kernels): the scores then need device memory.
+        workspace = torch.empty(ext.sample_patches_forward_workspace_bytes(batch, num_tokens, num_prefix_tokens,
+                                                                           SCORER_IDS[scorer]),
+                                dtype=torch.uint8, device=x.device)
         ext.sample_patches_forward(x.data_ptr(), scores_ptr, x_kept.data_ptr(), index.data_ptr(), slot.data_ptr(),
-                                   batch, num_tokens, channels, num_prefix_tokens, num_kept, DTYPE_IDS[x.dtype],
-                                   SCORER_IDS[scorer], order == "spatial", _stream(x.device))
+                                   workspace.data_ptr(), batch, num_tokens, channels, num_prefix_tokens, num_kept,
+                                   DTYPE_IDS[x.dtype], SCORER_IDS[scorer], order == "spatial", _stream(x.device))
     return x_kept, index, slot
 
 
