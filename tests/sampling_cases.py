@@ -47,3 +47,21 @@ def check_backend(backend, x, keep_rate, scorer="l1", num_prefix_tokens=1, order
     assert torch.equal(grad_x, scatter_grad(ref_index, grad_kept, x.shape[1]))
     dropped = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device).scatter(1, ref_index, False)
     assert torch.all(grad_x[dropped] == 0)
+
+
+def quantized_on_device(shape, dtype=torch.float32, device="cuda", seed=0):
+    """Values like quantized()'s, drawn in place on `device`: for tensors too large to draw on the host."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.empty(shape, dtype=dtype, device=device).random_(-8, 9, generator=gen).mul_(0.25)
+
+
+def subnormal_rows(shape, dtype=torch.float32, device="cpu", seed=0):
+    """quantized() values scaled to multiples of the dtype's smallest subnormal, odd token rows 2^10
+    larger (float32: every value and l1 score subnormal; bfloat16: the even rows' values). Every
+    float32 sum of them is exact, so l1 scores rank the same in any summation order, unless a kernel
+    flushes subnormals to zero."""
+    finfo = torch.finfo(dtype)
+    smallest_subnormal = finfo.smallest_normal * finfo.eps
+    row_scale = torch.where(torch.arange(shape[1]) % 2 == 1, 4.0 * 2 ** 10, 4.0) * smallest_subnormal
+    values = quantized(shape, torch.float64, seed=seed) * row_scale.double()[None, :, None]
+    return values.to(dtype).to(device)
