@@ -208,6 +208,11 @@ bool forward_splits(int64_t batch) {
   return batch < num_sms;
 }
 
+template <typename T, typename Unit>
+int64_t units_per_row(int64_t channels) {
+  return channels * static_cast<int64_t>(sizeof(T)) / static_cast<int64_t>(sizeof(Unit));
+}
+
 struct ForwardArgs {
   std::uintptr_t x, scores, x_kept, index, slot, workspace;
   int64_t batch, num_tokens, channels, num_prefix, num_kept;
@@ -225,11 +230,10 @@ void launch_select(const ForwardArgs& a, std::uintptr_t x, std::uintptr_t scores
                                     static_cast<int>(shared_bytes)),
                "sample_patches_forward (shared memory opt-in)");
   }
-  const int64_t units = a.channels * static_cast<int64_t>(sizeof(T)) / static_cast<int64_t>(sizeof(Unit));
   kernel<<<static_cast<unsigned>(a.batch), kSelectThreads, shared_bytes, a.stream>>>(
       reinterpret_cast<const Unit*>(x), reinterpret_cast<const float*>(scores), reinterpret_cast<Unit*>(x_kept),
-      reinterpret_cast<int64_t*>(a.index), reinterpret_cast<int32_t*>(a.slot), a.num_tokens, units, a.num_prefix,
-      a.num_kept, padded, a.spatial);
+      reinterpret_cast<int64_t*>(a.index), reinterpret_cast<int32_t*>(a.slot), a.num_tokens,
+      units_per_row<T, Unit>(a.channels), a.num_prefix, a.num_kept, padded, a.spatial);
   check_cuda(cudaGetLastError(), "sample_patches_forward (select)");
 }
 
@@ -238,12 +242,11 @@ void launch_forward(const ForwardArgs& a) {
   if (!forward_splits(a.batch)) return launch_select<T, SCORER, Unit>(a, a.x, a.scores, a.x_kept);
   std::uintptr_t scores = a.scores;
   if constexpr (SCORER != kGiven) {
-    const int64_t units = a.channels * static_cast<int64_t>(sizeof(T)) / static_cast<int64_t>(sizeof(Unit));
     const int64_t num_patches = a.num_tokens - a.num_prefix;
     const dim3 grid(static_cast<unsigned>((num_patches + kRowWarps - 1) / kRowWarps), static_cast<unsigned>(a.batch));
     score_rows_kernel<T, SCORER, Unit><<<grid, kRowWarps * kWarp, 0, a.stream>>>(
         reinterpret_cast<const Unit*>(a.x), reinterpret_cast<float*>(a.workspace), a.num_tokens, a.num_prefix,
-        units);
+        units_per_row<T, Unit>(a.channels));
     check_cuda(cudaGetLastError(), "sample_patches_forward (score)");
     scores = a.workspace;
   }
@@ -295,8 +298,8 @@ void sample_patches_forward(std::uintptr_t x, std::uintptr_t scores, std::uintpt
   if (batch == 0) return;
   check_shape(workspace != 0 || sample_patches_forward_workspace_bytes(batch, num_tokens, num_prefix, scorer) == 0,
               "sample_patches_forward: this batch needs a workspace of sample_patches_forward_workspace_bytes()");
-  const ForwardArgs args{x,     scores,     x_kept,   index,      slot,     workspace, batch,
-                         num_tokens, channels, num_prefix, num_kept, spatial, reinterpret_cast<cudaStream_t>(stream)};
+  const ForwardArgs args{x, scores, x_kept, index, slot, workspace, batch, num_tokens, channels,
+                         num_prefix, num_kept, spatial, reinterpret_cast<cudaStream_t>(stream)};
   switch (dtype) {
     case kFloat32: return dispatch_scorer<float>(args, scorer);
     case kFloat16: return dispatch_scorer<__half>(args, scorer);
