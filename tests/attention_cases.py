@@ -48,8 +48,8 @@ def loop_attention_float64(q, k, v, bias_table, index, grid_size, num_prefix_tok
     return out
 
 
-def make_inputs(grid_size, num_prefix_tokens, head_dim, *, keep_rate=None, batch=2, heads=2, dtype=torch.float32,
-                device=DEVICE, seed=0, qkv_view=True):
+def make_inputs(grid_size, num_prefix_tokens, head_dim, *, device, keep_rate=None, batch=2, heads=2,
+                dtype=torch.float32, seed=0, qkv_view=True):
     """q, k, v (views into one (B, n, 3, H, D) qkv tensor, as a model makes them: non-contiguous),
     a random bias table, and index from sample_patches (None when keep_rate is None)."""
     generator = torch.Generator().manual_seed(seed)

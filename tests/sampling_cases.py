@@ -7,9 +7,13 @@ backends, and ties (frequent at these values) test the tie-break to the lower po
 import torch
 
 from pss_kernels import sample_patches
+from pss_kernels._backends import cuda_extension
 from pss_kernels.ops.sample_patches.reference import sample_patches_reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The kernel backends a test runs on the `device` fixture's tensors: Triton (compiled on a GPU host,
+# interpreted on CPU), and the CUDA C++ kernels on a GPU host where pss_kernels._C is built.
+KERNEL_BACKENDS = ("triton", "cuda") if torch.cuda.is_available() and cuda_extension() is not None else ("triton",)
 SPECIAL = [0.0, -0.0, 1.0, 1.0, float("nan"), float("inf"), -float("inf"), -1.0, 1e-40, -1e-40, 1.0, float("nan")]
 
 

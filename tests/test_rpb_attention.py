@@ -3,9 +3,6 @@ every backend (triton in the interpreter on CPU) against the reference for out, 
 dbias_table and the CLS attention; determinism; argument errors; opcheck; torch.compile;
 RelPosAttention; the peers; the benchmark harness; the kernels' compilation for sm_80/sm_90.
 GPU-only checks (marker `cuda`) are in test_rpb_attention_gpu.py."""
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -71,10 +68,10 @@ def test_op_torch_backend_gradcheck_float64():
 # ----------------------------------------------------------------------------- backends vs reference
 
 
-def check_against_reference(backend, grid_size, num_prefix_tokens, head_dim, keep_rate, dtype=torch.float32,
+def check_against_reference(backend, device, grid_size, num_prefix_tokens, head_dim, keep_rate, dtype=torch.float32,
                             deterministic=False):
-    q, k, v, table, index = make_inputs(grid_size, num_prefix_tokens, head_dim, keep_rate=keep_rate, dtype=dtype)
-    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    q, k, v, table, index = make_inputs(grid_size, num_prefix_tokens, head_dim, keep_rate=keep_rate, dtype=dtype, device=device)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     options = dict(grid_size=grid_size, num_prefix_tokens=num_prefix_tokens)
     with_cls = num_prefix_tokens == 1
     result = rpb_attention(q, k, v, table, index, backend=backend, deterministic=deterministic,
@@ -100,27 +97,27 @@ def check_against_reference(backend, grid_size, num_prefix_tokens, head_dim, kee
 @pytest.mark.parametrize("head_dim", [16, 32])
 @pytest.mark.parametrize("keep_rate", [None, 0.8], ids=["index=None", "sampled"])
 @pytest.mark.parametrize("num_prefix_tokens", [0, 1])
-def test_backend_matches_reference(backend, grid_size, head_dim, keep_rate, num_prefix_tokens):
-    check_against_reference(backend, grid_size, num_prefix_tokens, head_dim, keep_rate)
+def test_backend_matches_reference(backend, grid_size, head_dim, keep_rate, num_prefix_tokens, device):
+    check_against_reference(backend, device, grid_size, num_prefix_tokens, head_dim, keep_rate)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("head_dim", [24, 40])  # padded to 32 / 64 and masked
-def test_backend_handles_head_dims_that_are_not_powers_of_two(backend, head_dim):
-    check_against_reference(backend, (4, 5), 1, head_dim, 0.8)
+def test_backend_handles_head_dims_that_are_not_powers_of_two(backend, head_dim, device):
+    check_against_reference(backend, device, (4, 5), 1, head_dim, 0.8)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_backend_half_precision_matches_reference(backend, dtype):
+def test_backend_half_precision_matches_reference(backend, dtype, device):
     skip_interpreted_bf16(backend, dtype)
-    check_against_reference(backend, (4, 5), 1, 16, 0.8, dtype=dtype)
+    check_against_reference(backend, device, (4, 5), 1, 16, 0.8, dtype=dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_deterministic_mode_is_bit_identical_and_correct(backend):
-    check_against_reference(backend, (4, 5), 1, 16, 0.8, deterministic=True)
-    q, k, v, table, index = make_inputs((4, 5), 1, 16, keep_rate=0.8)
+def test_deterministic_mode_is_bit_identical_and_correct(backend, device):
+    check_against_reference(backend, device, (4, 5), 1, 16, 0.8, deterministic=True)
+    q, k, v, table, index = make_inputs((4, 5), 1, 16, keep_rate=0.8, device=device)
 
     def bias_grad():
         out = rpb_attention(q, k, v, table, index, grid_size=(4, 5), backend=backend, deterministic=True)
@@ -130,51 +127,133 @@ def test_deterministic_mode_is_bit_identical_and_correct(backend):
     assert torch.equal(first, second)
 
 
-@pytest.mark.parametrize("accumulator", ["slices", "position-grid"])
+class GridRecorder:
+    """Stands in for a Triton kernel object and records each launch grid (on every host)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("keep_rate", [None, 0.8], ids=["index=None", "sampled"])
+def test_deterministic_mode_launches_one_program_per_image_and_head(keep_rate, monkeypatch, device):
+    """Sequential programs are what make the order fixed; the interpreter runs every program in turn,
+    so only the launch grid shows it: with an index, one dkdv program per (b, h); at index=None one
+    group of images for the image-sum kernel, whose tiles then need no atomics."""
+    from pss_kernels.ops.rpb_attention import triton_backward, triton_bias_grad
+    dkdv = GridRecorder(triton_backward._dkdv_kernel)
+    image_sum = GridRecorder(triton_bias_grad._image_sum_kernel)
+    monkeypatch.setattr(triton_backward, "_dkdv_kernel", dkdv)
+    monkeypatch.setattr(triton_bias_grad, "_image_sum_kernel", image_sum)
+    q, k, v, table, index = make_inputs((4, 5), 1, 16, keep_rate=keep_rate, batch=3, device=device)
+    out = rpb_attention(q, k, v, table, index, grid_size=(4, 5), backend="triton", deterministic=True)
+    out.backward(torch.ones_like(out))
+    batch, heads, num_tokens, _ = q.shape
+    if keep_rate is not None:
+        assert dkdv.grids == [(batch * heads,)] and image_sum.grids == []
+    else:
+        config = triton_bias_grad.tile_config("dbias", num_tokens, 16, q.dtype)
+        tiles = heads * -(-num_tokens // config.block_m) * -(-num_tokens // config.block_n)
+        assert image_sum.grids == [(tiles,)] and len(dkdv.grids) == 1 and dkdv.grids[0][0] > batch * heads
+
+
+@pytest.mark.parametrize("keep_rate", [None, 0.8], ids=["index=None", "sampled"])
+def test_padding_query_rows_stay_out_of_the_backward_with_a_large_bias(keep_rate, device):
+    """n = 21 or 17 tokens fill a second query block with padding rows (q = dO = 0). A bias of ~90 gives
+    logits of ~130 in base 2: unless the padding rows' lse is +inf, 2^130 overflows float32 and
+    inf * 0 turns dk (and the bias gradient) into NaN."""
+    q, k, v, table, index = make_inputs((4, 5), 1, 16, keep_rate=keep_rate, device=device)
+    with torch.no_grad():
+        table.mul_(3).add_(90)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).to(device)
+    out = rpb_attention(q, k, v, table, index, grid_size=(4, 5), backend="triton")
+    expected = rpb_attention_reference(q, k, v, table, index, grid_size=(4, 5))
+    torch.testing.assert_close(out, expected, **TOLERANCES[torch.float32])
+    for name, got, want in zip(("dq", "dk", "dv", "dbias_table"), grads_of(out, grad_out, (q, k, v, table)),
+                               grads_of(expected, grad_out, (q, k, v, table))):
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic_mode_at_index_none_is_bit_identical(backend, device):
+    q, k, v, table, _ = make_inputs((4, 5), 1, 16, batch=3, device=device)
+
+    def bias_grad():
+        out = rpb_attention(q, k, v, table, grid_size=(4, 5), backend=backend, deterministic=True)
+        return torch.autograd.grad(out, table, torch.ones_like(out))[0]
+
+    first = bias_grad()
+    assert torch.equal(first, bias_grad())
+    expected = rpb_attention_reference(q, k, v, table, grid_size=(4, 5))
+    torch.testing.assert_close(first, torch.autograd.grad(expected, table, torch.ones_like(expected))[0],
+                               **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("accumulator", ["slices", "position-grid", "image-sum"])
 @pytest.mark.parametrize("num_prefix_tokens", [0, 1])
-def test_triton_bias_grad_accumulators_at_index_none(accumulator, num_prefix_tokens, monkeypatch):
-    """Both dbias_table accumulators of the index=None backward (PSS_KERNELS_RPB_DBIAS), with
-    more images than position-grid copies so that copies are shared and summed."""
+def test_triton_bias_grad_accumulators_at_index_none(accumulator, num_prefix_tokens, monkeypatch, device):
+    """Every dbias_table accumulator of the index=None backward (PSS_KERNELS_RPB_DBIAS), with more
+    images than position-grid copies and than images per image-sum program, so that copies and
+    groups are shared and summed (atomics)."""
     if "triton" not in BACKENDS:
         pytest.skip("triton backend unavailable")
-    from pss_kernels.ops.rpb_attention import triton_backward
-    monkeypatch.setenv(triton_backward.DBIAS_ENV_VAR, accumulator)
-    monkeypatch.setattr(triton_backward, "POSITION_GRID_MAX_COPIES", 2)
-    expected_copies = 2 if accumulator == "position-grid" else 0
-    assert triton_backward.position_grid_copies(3, 2, 10) == expected_copies
-    row_map_calls = []  # the position grid's final scatter is the only user of the shared row map
-    real_row_map = triton_backward.shared_row_map
-    monkeypatch.setattr(triton_backward, "shared_row_map",
-                        lambda *args: row_map_calls.append(args) or real_row_map(*args))
-    q, k, v, table, _ = make_inputs((3, 3), num_prefix_tokens, 16, batch=3)
-    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    from pss_kernels.ops.rpb_attention import triton_backward, triton_bias_grad
+    monkeypatch.setenv(triton_bias_grad.DBIAS_ENV_VAR, accumulator)
+    monkeypatch.setattr(triton_bias_grad, "POSITION_GRID_MAX_COPIES", 2)
+    monkeypatch.setattr(triton_bias_grad, "IMAGE_SUM_TARGET_PROGRAMS", 4)  # 2 tiles (heads) -> 2 groups
+    chosen = []
+    real_choose = triton_backward.choose_accumulator
+    monkeypatch.setattr(triton_backward, "choose_accumulator", lambda *a, **kw: chosen.append(real_choose(*a, **kw))
+                        or chosen[-1])
+    q, k, v, table, _ = make_inputs((3, 3), num_prefix_tokens, 16, batch=3, device=device)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device)
     out = rpb_attention(q, k, v, table, grid_size=(3, 3), num_prefix_tokens=num_prefix_tokens, backend="triton")
     expected = rpb_attention_reference(q, k, v, table, grid_size=(3, 3), num_prefix_tokens=num_prefix_tokens)
     for name, got, want in zip(("dq", "dk", "dv", "dbias_table"), grads_of(out, grad_out, (q, k, v, table)),
                                grads_of(expected, grad_out, (q, k, v, table))):
         torch.testing.assert_close(got, want, **TOLERANCES[torch.float32], msg=lambda m: f"{name}: {m}")
-    assert len(row_map_calls) == (1 if accumulator == "position-grid" else 0)
+    assert chosen == [{"slices": ("slices", 0), "position-grid": ("position-grid", 2),
+                       "image-sum": ("image-sum", 2)}[accumulator]]
 
 
 def test_bias_grad_accumulator_choice(monkeypatch):
     pytest.importorskip("triton")
-    from pss_kernels.ops.rpb_attention import triton_backward
-    monkeypatch.delenv(triton_backward.DBIAS_ENV_VAR, raising=False)
-    assert triton_backward.position_grid_copies(256, 12, 197) == 8       # 1.8 MiB a copy
-    assert triton_backward.position_grid_copies(256, 12, 577) == 4       # 16 MiB a copy
-    assert triton_backward.position_grid_copies(3, 12, 197) == 3         # never more copies than images
-    assert triton_backward.position_grid_copies(256, 16, 4097) == 0      # 1 GiB a copy: table slices
-    monkeypatch.setenv(triton_backward.DBIAS_ENV_VAR, "position-grid")
-    assert triton_backward.position_grid_copies(256, 16, 4097) == 1
-    monkeypatch.setenv(triton_backward.DBIAS_ENV_VAR, "atomics")
+    from pss_kernels.ops.rpb_attention.triton_bias_grad import DBIAS_ENV_VAR, choose_accumulator
+    monkeypatch.delenv(DBIAS_ENV_VAR, raising=False)
+
+    def choose(batch, heads, num_tokens, has_index=False, deterministic=False, blocks=4):
+        return tuple(choose_accumulator(batch, heads, num_tokens, has_index=has_index, deterministic=deterministic,
+                                        query_blocks=blocks, key_blocks=blocks))
+
+    # auto: image-sum at index=None; 528 programs / (12 heads x 16 tiles) -> 2 groups of 128 images
+    assert choose(256, 12, 197) == ("image-sum", 128)
+    assert choose(256, 12, 577, blocks=10) == ("image-sum", 256)      # 1200 tiles: one group
+    assert choose(3, 12, 197, blocks=1) == ("image-sum", 1)           # never more groups than images
+    assert choose(256, 12, 197, has_index=True) == ("slices", 0)      # an index: private slices only
+    assert choose(256, 16, 4097) == ("slices", 0)                     # a 1 GiB grid: slices
+    assert choose(256, 12, 197, deterministic=True) == ("image-sum", 256)   # one group: plain stores
+    assert choose(256, 16, 4097, deterministic=True) == ("slices", 0)
+    monkeypatch.setenv(DBIAS_ENV_VAR, "position-grid")
+    assert choose(256, 12, 197) == ("position-grid", 8)               # 1.8 MiB a copy
+    assert choose(256, 12, 577) == ("position-grid", 4)               # 16 MiB a copy
+    assert choose(3, 12, 197) == ("position-grid", 3)                 # never more copies than images
+    assert choose(256, 16, 4097) == ("position-grid", 1)              # asked for: even at 1 GiB
+    assert choose(256, 12, 197, deterministic=True) == ("image-sum", 256)
+    monkeypatch.setenv(DBIAS_ENV_VAR, "slices")
+    assert choose(256, 12, 197, deterministic=True) == ("slices", 0)
+    monkeypatch.setenv(DBIAS_ENV_VAR, "atomics")
     with pytest.raises(ValueError, match="PSS_KERNELS_RPB_DBIAS must be one of"):
-        triton_backward.position_grid_copies(2, 2, 10)
+        choose(2, 2, 10)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("keep_rate", [None, 0.8], ids=["index=None", "sampled"])
-def test_frozen_bias_table_skips_its_gradient(backend, deterministic, keep_rate, monkeypatch):
+def test_frozen_bias_table_skips_its_gradient(backend, deterministic, keep_rate, monkeypatch, device):
     """A table without requires_grad: the backend is told (bias_grad=False), dq, dk, dv still match
     the reference, and no table gradient is produced."""
     from pss_kernels.ops.rpb_attention import torch_attention, triton_backward
@@ -183,9 +262,9 @@ def test_frozen_bias_table_skips_its_gradient(backend, deterministic, keep_rate,
     real_backward = module.rpb_attention_backward
     monkeypatch.setattr(module, "rpb_attention_backward",
                         lambda *args: bias_grad_flags.append(args[-1]) or real_backward(*args))
-    q, k, v, table, index = make_inputs((4, 5), 1, 16, keep_rate=keep_rate)
+    q, k, v, table, index = make_inputs((4, 5), 1, 16, keep_rate=keep_rate, device=device)
     table = table.detach()
-    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device)
     out = rpb_attention(q, k, v, table, index, grid_size=(4, 5), backend=backend, deterministic=deterministic)
     expected = rpb_attention_reference(q, k, v, table, index, grid_size=(4, 5))
     torch.testing.assert_close(out, expected, **TOLERANCES[torch.float32])
@@ -198,12 +277,12 @@ def test_frozen_bias_table_skips_its_gradient(backend, deterministic, keep_rate,
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("keep_rate", [None, 0.8], ids=["index=None", "sampled"])
-def test_backward_op_without_bias_grad_returns_the_same_qkv_grads_and_zeros(backend, keep_rate):
-    q, k, v, table, index = make_inputs((4, 5), 1, 16, keep_rate=keep_rate)
+def test_backward_op_without_bias_grad_returns_the_same_qkv_grads_and_zeros(backend, keep_rate, device):
+    q, k, v, table, index = make_inputs((4, 5), 1, 16, keep_rate=keep_rate, device=device)
     q, k, v, table = (t.detach() for t in (q, k, v, table))
     out, lse, _ = torch.ops.pss_kernels.rpb_attention_fwd(q, k, v, table, index, [4, 5], 1, 0.25, backend, False,
                                                          False, True)
-    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(device)
     args = (grad_out, q, k, v, table, index, out, lse, [4, 5], 1, 0.25, backend, False)
     with_bias = torch.ops.pss_kernels.rpb_attention_bwd(*args, True)
     frozen = torch.ops.pss_kernels.rpb_attention_bwd(*args, False)
@@ -213,9 +292,9 @@ def test_backward_op_without_bias_grad_returns_the_same_qkv_grads_and_zeros(back
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_expanded_grad_out_int32_index_and_contiguous_inputs(backend):
+def test_expanded_grad_out_int32_index_and_contiguous_inputs(backend, device):
     """out.sum() hands back a stride-0 gradient; index may be int32; q, k, v may be contiguous."""
-    q, k, v, table, index = make_inputs((4, 5), 1, 16, keep_rate=0.8, qkv_view=False)
+    q, k, v, table, index = make_inputs((4, 5), 1, 16, keep_rate=0.8, qkv_view=False, device=device)
     out = rpb_attention(q, k, v, table, index.int(), grid_size=(4, 5), backend=backend)
     expected = rpb_attention_reference(q, k, v, table, index, grid_size=(4, 5))
     for got, want in zip(torch.autograd.grad(out.sum(), (q, k, v, table)),
@@ -225,10 +304,10 @@ def test_expanded_grad_out_int32_index_and_contiguous_inputs(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_float32_table_with_half_activations(backend, dtype):
+def test_float32_table_with_half_activations(backend, dtype, device):
     """Autocast-style mixed inputs: half q, k, v and a float32 parameter table (gradient in float32)."""
     skip_interpreted_bf16(backend, dtype)
-    q, k, v, table, index = make_inputs((3, 3), 1, 16, keep_rate=0.8, dtype=dtype)
+    q, k, v, table, index = make_inputs((3, 3), 1, 16, keep_rate=0.8, dtype=dtype, device=device)
     out = rpb_attention(q, k, v, table, index, grid_size=(3, 3), backend=backend)
     assert out.dtype == dtype
     (dtable,) = torch.autograd.grad(out.float().sum(), table)
@@ -238,8 +317,8 @@ def test_float32_table_with_half_activations(backend, dtype):
     torch.testing.assert_close(dtable, want, **TOLERANCES[dtype])  # entries up to ~3, errors ~1e-3 in fp16
 
 
-def test_output_layout_makes_the_head_merge_a_view():
-    q, k, v, table, _ = make_inputs((3, 3), 1, 16)
+def test_output_layout_makes_the_head_merge_a_view(device):
+    q, k, v, table, _ = make_inputs((3, 3), 1, 16, device=device)
     out = rpb_attention(q, k, v, table, grid_size=(3, 3), backend="torch")
     merged = out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
     assert merged.data_ptr() == out.data_ptr() and merged._base is not None
@@ -247,8 +326,8 @@ def test_output_layout_makes_the_head_merge_a_view():
 
 # ----------------------------------------------------------------------------- errors
 
-def _good_arguments():
-    q, k, v, table, index = make_inputs((3, 3), 1, 16, keep_rate=0.6, device="cpu")
+def _good_arguments(device="cpu"):
+    q, k, v, table, index = make_inputs((3, 3), 1, 16, keep_rate=0.6, device=device)
     return dict(q=q.detach(), k=k.detach(), v=v.detach(), bias_table=table.detach(), index=index,
                 grid_size=(3, 3), num_prefix_tokens=1, backend="torch")
 
@@ -299,8 +378,8 @@ def test_bad_arguments_raise_naming_the_argument(name, change, error, message):
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend unavailable here")
-def test_triton_specific_errors():
-    arguments = dict(_good_arguments(), backend="triton")
+def test_triton_specific_errors(device):
+    arguments = dict(_good_arguments(device), backend="triton")
     q = arguments["q"]
     wide = q.new_zeros(*q.shape[:3], 160)
     with pytest.raises(ValueError, match="head dim D <= 128"):
@@ -313,19 +392,19 @@ def test_triton_specific_errors():
         _call(**dict(arguments, index=repeated, deterministic=True))
 
 
-def test_unchecked_bad_index_never_reads_out_of_bounds_on_triton():
-    if "triton" not in BACKENDS:
-        pytest.skip("triton backend unavailable here")
+def test_unchecked_bad_index_never_reads_out_of_bounds_on_triton(device):
     """check_index=False: the kernels clamp positions to [0, N) (triton_common.token_coordinates), so
     a bad index gives the reference's values at the clamped index, and every read/write is in bounds."""
-    arguments = dict(_good_arguments(), backend="triton", check_index=False)
+    if "triton" not in BACKENDS:
+        pytest.skip("triton backend unavailable here")
+    arguments = dict(_good_arguments(device), backend="triton", check_index=False)
     bad = arguments["index"] * 1000  # far above N = 10
     bad[:, 1] = -7  # and below 0
     leaves = [arguments[name].requires_grad_() for name in ("q", "k", "v", "bias_table")]
     out = _call(**dict(arguments, index=bad))
     expected = rpb_attention_reference(*leaves, bad.clamp(0, 9), grid_size=(3, 3))
     torch.testing.assert_close(out, expected, **TOLERANCES[torch.float32])
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(device)
     for got, want in zip(grads_of(out, grad_out, leaves), grads_of(expected, grad_out, leaves)):
         torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
 
@@ -334,10 +413,10 @@ def test_unchecked_bad_index_never_reads_out_of_bounds_on_triton():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("keep_rate, with_cls", [(None, False), (0.6, True)])
-def test_opcheck(backend, keep_rate, with_cls):
+def test_opcheck(backend, keep_rate, with_cls, device):
     if backend == "triton" and keep_rate is None:
         pytest.skip("one interpreter case is enough (slow)")
-    q, k, v, table, index = make_inputs((3, 3), 1, 16, keep_rate=keep_rate)
+    q, k, v, table, index = make_inputs((3, 3), 1, 16, keep_rate=keep_rate, device=device)
     forward_args = (q, k, v, table, index, [3, 3], 1, 0.25, backend, False, with_cls, True)
     torch.library.opcheck(torch.ops.pss_kernels.rpb_attention_fwd.default, forward_args)
     out, lse, _ = torch.ops.pss_kernels.rpb_attention_fwd(*forward_args)
@@ -348,8 +427,8 @@ def test_opcheck(backend, keep_rate, with_cls):
 
 
 @pytest.mark.parametrize("keep_rate", [None, 0.6])
-def test_torch_compile_fullgraph(keep_rate):
-    q, k, v, table, index = make_inputs((3, 3), 1, 16, keep_rate=keep_rate)
+def test_torch_compile_fullgraph(keep_rate, device):
+    q, k, v, table, index = make_inputs((3, 3), 1, 16, keep_rate=keep_rate, device=device)
 
     def attention(q, k, v, table, index):
         out, cls_attention = rpb_attention(q, k, v, table, index, grid_size=(3, 3), backend="torch",
@@ -394,18 +473,18 @@ def test_rel_pos_attention_has_timm_beit_layout_and_loads_beit_checkpoints():
 
 
 @pytest.mark.parametrize("keep_rate", [None, 0.6])
-@pytest.mark.parametrize("impl", ["pss", "eager", "sdpa-bias"])
-def test_rel_pos_attention_matches_hand_built_reference(keep_rate, impl):
+@pytest.mark.parametrize("impl", ["pss", "published", "eager-index", "sdpa-bias"])
+def test_rel_pos_attention_matches_hand_built_reference(keep_rate, impl, device):
     torch.manual_seed(0)
-    module = RelPosAttention(32, 4, (3, 3), impl=impl, backend="torch").to(DEVICE)
+    module = RelPosAttention(32, 4, (3, 3), impl=impl, backend="torch").to(device)
     with torch.no_grad():
         for parameter in module.parameters():
             parameter.normal_()
     num_positions = 10
     index = None
     if keep_rate is not None:
-        _, index = sample_patches(torch.randn(2, num_positions, 4, device=DEVICE), keep_rate)
-    x = torch.randn(2, index.shape[1] if index is not None else num_positions, 32, device=DEVICE)
+        _, index = sample_patches(torch.randn(2, num_positions, 4, device=device), keep_rate)
+    x = torch.randn(2, index.shape[1] if index is not None else num_positions, 32, device=device)
     torch.testing.assert_close(module(x, index), _hand_built_attention(module, x, index), rtol=1e-4, atol=1e-4)
 
 
@@ -431,15 +510,15 @@ def test_rel_pos_attention_rejects_bad_configuration():
 
 # ----------------------------------------------------------------------------- peers
 
-PEERS = {"eager": peers.eager_rpb_attention, "sdpa-bias": peers.sdpa_bias_rpb_attention,
-         "flex": peers.flex_rpb_attention}
+PEERS = {"published": peers.published_rpb_attention, "eager-index": peers.eager_index_rpb_attention,
+         "sdpa-bias": peers.sdpa_bias_rpb_attention, "flex": peers.flex_rpb_attention}
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("peer", PEERS)
 @pytest.mark.parametrize("keep_rate", [None, 0.8])
-def test_peer_matches_reference(peer, keep_rate):
-    q, k, v, table, index = make_inputs((4, 5), 1, 16, keep_rate=keep_rate)
+def test_peer_matches_reference(peer, keep_rate, device):
+    q, k, v, table, index = make_inputs((4, 5), 1, 16, keep_rate=keep_rate, device=device)
     expected = rpb_attention_reference(q, k, v, table, index, grid_size=(4, 5))
     try:
         out = PEERS[peer](q, k, v, table, index, grid_size=(4, 5))
@@ -478,74 +557,96 @@ def test_benchmark_harness_runs_tiny_configs_on_cpu():
 
 # ----------------------------------------------------------------------------- GPU code generation
 
-COMPILE_SCRIPT = r"""
-import json, sys
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from pss_kernels.ops.rpb_attention import triton_backward, triton_forward
-from pss_kernels.ops.rpb_attention.triton_common import dot_precision, tile_config
-sys.path.insert(0, "tests")
-from cubin_resources import resource_usage
-
-TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
-def compile_kernel(fn, arch, dtype, constexprs, num_warps):
-    pointers = {name: "*" + dtype for name in ("Q", "K", "V", "OUT", "DOUT", "DQ", "DK", "DV")}
-    pointers.update(TABLE="*fp32", INDEX="*i64", LSE="*fp32", CLS_PROBS="*fp32", DELTA="*fp32",
-                    DBIAS_SLICES="*fp32")
-    signature = {name: "constexpr" if name in constexprs else pointers.get(
-        name, "fp32" if name in ("qk_scale_log2", "scale") else "i32") for name in fn.arg_names}
-    source = ASTSource(fn=fn, signature=signature,
-                       constexprs={(fn.arg_names.index(name),): value for name, value in constexprs.items()})
-    return resource_usage(triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                                         options=dict(num_warps=num_warps, num_stages=2)))
-
-# Every kernel variant with the tiles the launchers pick at n = 197 (ViT at 224), D = 64 and 128.
-report = []
-for arch in (90, 80):
-    for torch_dtype, dtype in TYPES.items():
-        for head_dim in (64, 128):
-            for kernel, fn, variants in (
-                    ("forward", triton_forward._rpb_attention_fwd_kernel,
-                     [dict(HAS_INDEX=True, RETURN_CLS=True), dict(HAS_INDEX=False, RETURN_CLS=False)]),
-                    ("dkdv", triton_backward._dkdv_kernel,
-                     [dict(HAS_INDEX=True, BIAS_GRAD=True, DETERMINISTIC=False, POSITION_GRID=False),
-                      dict(HAS_INDEX=False, BIAS_GRAD=True, DETERMINISTIC=False, POSITION_GRID=True),
-                      dict(HAS_INDEX=True, BIAS_GRAD=False, DETERMINISTIC=False, POSITION_GRID=False)]),
-                    ("dkdv_deterministic", triton_backward._dkdv_kernel,
-                     [dict(HAS_INDEX=True, BIAS_GRAD=True, DETERMINISTIC=True, POSITION_GRID=False)]),
-                    ("dq", triton_backward._dq_kernel, [dict(HAS_INDEX=True), dict(HAS_INDEX=False)])):
-                config = tile_config(kernel, 197, head_dim, torch_dtype)
-                for variant in variants:
-                    constexprs = dict(variant, NUM_PREFIX=1, DOT_PRECISION=dot_precision(torch_dtype),
-                                      HEAD_DIM_PAD=config.head_dim_pad, BLOCK_M=config.block_m, BLOCK_N=config.block_n)
-                    usage = compile_kernel(fn, arch, dtype, constexprs, config.num_warps)
-                    report.append(dict(arch=arch, dtype=dtype, head_dim=head_dim, kernel=kernel, variant=variant,
-                                       usage=usage))
-    compile_kernel(triton_backward._delta_kernel, arch, "bf16", dict(BLOCK_M=64, HEAD_DIM_PAD=64), 4)
-print(json.dumps(report))
-"""
-
-
-@pytest.mark.skipif(HAS_CUDA, reason="the GPU tests run the kernels themselves")
-def test_triton_kernels_compile_for_sm80_and_sm90_without_a_gpu():
-    """Lower every kernel variant, with the tiles the launchers pick, to a cubin with Triton's bundled
-    ptxas: catches what the interpreter accepts but the compiler rejects (non-constexpr globals,
-    layouts, dtypes of tl.dot). On sm_90 (H100/H200) the fp16/bf16 kernels of the training path
-    must not spill registers to local memory (checked with Triton's bundled cuobjdump)."""
+@pytest.fixture(scope="module")
+def codegen():
+    """Every kernel variant the launchers make at ViT shapes (B = 256, H = 12, 14 x 14 grid; n = 39,
+    79, 197; D = 64, 128), compiled for sm_90 and sm_80 as the JIT compiles them: registers, spills,
+    layouts, grids (tests/codegen_report.py). The interpreter skips all of this."""
+    if HAS_CUDA:
+        pytest.skip("the GPU tests run the kernels themselves")
     pytest.importorskip("triton.backends.nvidia")
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=1200)
-    assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(report) == 2 * 3 * 2 * 8
-    assert all(r["usage"] for r in report), "no resource usage read: Triton's bundled cuobjdump is missing"
-    spilling = [r for r in report if r["usage"] and r["arch"] == 90 and r["dtype"] != "fp32"
-                and r["kernel"] != "dkdv_deterministic" and r["usage"]["stack_bytes"] > 0]
+    from jit_codegen import run_codegen_report
+    return run_codegen_report("rpb_attention")
+
+
+def _training_path(report):
+    """The fp16/bf16 entries for sm_90 (H100/H200): what mixed-precision training runs."""
+    return [e for e in report if e["arch"] == 90 and e["dtype"] != "fp32" and "former" not in e["variant"]]
+
+
+def test_codegen_covers_every_kernel_and_variant(codegen):
+    kernels = {(e["variant"], e["kernel"]) for e in codegen}
+    for variant in ("forward", "forward+cls", "backward", "backward frozen table", "backward deterministic"):
+        assert any(v == variant for v, _ in kernels), variant
+    names = {e["kernel"] for e in codegen}
+    assert names == {"_rpb_attention_fwd_kernel", "_cls_row_kernel", "_delta_kernel", "_dkdv_kernel", "_dq_kernel",
+                     "_image_sum_kernel", "_sum_grid_by_row_kernel"}
+    assert {e["arch"] for e in codegen} == {80, 90} and {e["dtype"] for e in codegen} == {"bf16", "fp16", "fp32"}
+
+
+def test_sm90_training_kernels_do_not_spill(codegen):
+    """No stack at D = 64 (ViT-S/B/L); at D = 128, n = 39 Triton 3.6 keeps a few bytes in dkdv with
+    every tile tried (32 x 32 x 4: 8 bytes; 32 x 16 x 2, 16 x 32 x 2: 16-24), so a little is allowed."""
+    spilling = [e for e in _training_path(codegen) if e["stack_bytes"] > (0 if e["head_dim"] <= 64 else 16)]
     assert not spilling, spilling
+    assert all(e["registers"] <= 255 for e in codegen)
+
+
+def test_sm90_tensor_core_dots_do_not_repeat_work(codegen):
+    """No dot whose warps cover more rows or columns than it has (the former forward tile did:
+    warpsPerCTA = [8, 1] on 64 rows, the second warpgroup repeating QK^T and the softmax)."""
+    repeating = [e for e in _training_path(codegen) if e["replicated_dots"]]
+    assert not repeating, repeating
+    former = [e for e in codegen if "former" in e["variant"]]
+    assert former and all(e["replicated_dots"] for e in former)  # the check sees the old defect
+
+
+def test_forward_tile_halves_the_wgmma_per_query_row(codegen):
+    def per_row(entry):
+        return entry["wgmma"] / entry["tiles"]["BLOCK_M"]
+
+    (former,) = [e for e in codegen if "former" in e["variant"]]
+    (current,) = [e for e in codegen if e["variant"] == "forward" and e["arch"] == 90 and e["dtype"] == "bf16"
+                  and e["head_dim"] == 64 and e["num_tokens"] == 197]
+    assert current["wgmma"] > 0 and per_row(current) <= per_row(former) / 2, (current, former)
+
+
+def test_grids_are_flat_with_the_blocks_of_one_head_together(codegen):
+    """1-D grids of B*H*blocks programs (split_program_id: program // blocks = b*H + h), deterministic
+    dkdv one program per (b, h), image-sum one group of images when deterministic."""
+    for e in codegen:
+        assert len(e["grid"]) == 1, e
+        bh = e["batch"] * e["heads"]
+        if e["kernel"] == "_cls_row_kernel":
+            assert e["grid"] == [bh], e
+        elif e["kernel"] in ("_rpb_attention_fwd_kernel", "_dq_kernel", "_delta_kernel"):
+            assert e["grid"] == [bh * -(-e["num_tokens"] // e["tiles"]["BLOCK_M"])], e
+        elif e["kernel"] == "_dkdv_kernel":
+            deterministic_slices = e["meta"]["DETERMINISTIC"]
+            assert deterministic_slices == (e["variant"] == "backward deterministic" and e["has_index"])
+            blocks = 1 if deterministic_slices else -(-e["num_tokens"] // e["tiles"]["BLOCK_N"])
+            assert e["grid"] == [bh * blocks], e
+        elif e["kernel"] == "_image_sum_kernel":
+            blocks_m, blocks_n = (-(-e["num_tokens"] // e["tiles"][name]) for name in ("BLOCK_M", "BLOCK_N"))
+            tiles = e["heads"] * blocks_m * blocks_n
+            groups, remainder = divmod(e["grid"][0], tiles)
+            assert remainder == 0 and e["meta"]["ATOMIC"] == (groups > 1), e
+            if e["variant"] == "backward deterministic":
+                assert groups == 1, e
+
+
+def test_bias_is_gathered_from_a_head_major_table(codegen):
+    """The table comes as an (H, R) copy: its row stride is 1, which the JIT folds into the code."""
+    for e in codegen:
+        if e["kernel"] in ("_rpb_attention_fwd_kernel", "_cls_row_kernel", "_dkdv_kernel", "_dq_kernel",
+                           "_image_sum_kernel"):
+            assert "stride_table_row" in e["folded_args"], e
+
+
+def test_activation_row_offsets_are_int64(codegen):
+    """Row index * row stride in 64 bits: a sequence-major (n, B, H, D) layout passes 2^31 elements."""
+    narrow = [e for e in codegen if e["dtype"] != "fp32" and e["int32_row_offsets"]]
+    assert not narrow, narrow
 
 
 def test_cls_attention_drives_in_network_pruning():

@@ -1,6 +1,5 @@
 """sample_patches: reference vs float64 oracle, every backend vs reference, the custom op.
 Inputs and the backend check live in sampling_cases.py; GPU-only checks in test_sample_patches_gpu.py."""
-import json
 import math
 
 import numpy as np
@@ -12,7 +11,7 @@ from pss_kernels import PatchSampler, num_kept_tokens, sample_patches
 from pss_kernels._backends import cuda_extension
 from pss_kernels.ops.sample_patches.peers import eager_sample_patches, topk_gather_sample_patches
 from pss_kernels.ops.sample_patches.reference import sample_patches_reference, select_indices
-from sampling_cases import DTYPES, SPECIAL, check_backend, given_scores, quantized, scatter_grad
+from sampling_cases import DTYPES, KERNEL_BACKENDS, SPECIAL, check_backend, given_scores, quantized, scatter_grad
 needs_cuda_extension = pytest.mark.skipif(cuda_extension() is None, reason="pss_kernels._C is not built")
 
 
@@ -96,115 +95,94 @@ def test_sample_patches_returns_k_rows():
 
 
 # ---------------------------------------------------------------------------------------------
-# Backends vs the reference (CPU: triton in the interpreter; GPU tests below reuse the helper)
+# Backends vs the reference. The device fixture: CUDA tensors on a GPU host (compiled kernels, and
+# the cuda backend where _C is built), CPU tensors and the Triton interpreter elsewhere.
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_prefix_tokens", [0, 1, 4])
 @pytest.mark.parametrize("order", ["score", "spatial"])
 @pytest.mark.parametrize("scorer", ["l1", "l2", "given", "random"])
-def test_triton_matches_reference(scorer, order, num_prefix_tokens, dtype):
-    x = quantized((2, 13, 20), dtype)
-    scores = given_scores(2, 13 - num_prefix_tokens) if scorer == "given" else None
-    check_backend("triton", x, 0.5, scorer, num_prefix_tokens, order, scores, seed=5)
+def test_kernel_backend_matches_reference(backend, scorer, order, num_prefix_tokens, dtype, device):
+    x = quantized((2, 13, 20), dtype, device)
+    scores = given_scores(2, 13 - num_prefix_tokens, device) if scorer == "given" else None
+    check_backend(backend, x, 0.5, scorer, num_prefix_tokens, order, scores, seed=5)
 
 
 @pytest.mark.parametrize("scorer", ["l1", "l2", "given"])
 @pytest.mark.parametrize("order", ["score", "spatial"])
-def test_triton_unfused_path_matches_reference(scorer, order):
+def test_triton_unfused_path_matches_reference(scorer, order, device):
     """Past FUSED_MAX_PATCHES the Triton forward runs score -> select -> wide gather."""
     from pss_kernels.ops.sample_patches import triton_sample
-    x = quantized((2, 11, 24))
-    scores = given_scores(2, 10) if scorer == "given" else None
-    x_kept, index, slot = triton_sample.sample_patches_forward(x, scores, 6, scorer, 1, order, fused=False)
+    x = quantized((2, 11, 24), device=device)
+    scores = given_scores(2, 10, device) if scorer == "given" else None
+    with torch.cuda.device_of(x):
+        x_kept, index, slot = triton_sample.sample_patches_forward(x, scores, 6, scorer, 1, order, fused=False)
     ref_kept, ref_index = sample_patches_reference(x, 6 / 11, scorer=scorer, order=order, scores=scores)
     assert torch.equal(index, ref_index) and torch.equal(x_kept, ref_kept)
-    kept_rows = torch.arange(6, dtype=torch.int32).expand(2, 6)
-    want_slot = torch.full((2, 11), -1, dtype=torch.int32).scatter(1, ref_index, kept_rows)
+    kept_rows = torch.arange(6, dtype=torch.int32, device=device).expand(2, 6)
+    want_slot = torch.full((2, 11), -1, dtype=torch.int32, device=device).scatter(1, ref_index, kept_rows)
     assert torch.equal(slot, want_slot)
 
 
-CODEGEN_SCRIPT = r"""
-import inspect, json, sys, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from pss_kernels.ops.sample_patches import triton_sample as ts
-sys.path.insert(0, "tests")
-from cubin_resources import resource_usage
-
-def compile_for(kernel, pointer_types, constexprs, arch, num_warps):
-    names = list(inspect.signature(kernel.fn).parameters)
-    signature = {n: "constexpr" if n in constexprs else pointer_types.get(n, "i32") for n in names}
-    return resource_usage(triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                                         target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}))
-
-select_pointers = {"x_ptr": "*bf16", "scores_ptr": "*fp32", "x_kept_ptr": "*bf16", "index_ptr": "*i64",
-                   "slot_ptr": "*i32"}
-unfused_pointers = dict(select_pointers, x_ptr="*fp32", x_kept_ptr="*fp32")
-report = []
-for arch in (80, 90):
-    # What the launcher runs for ViT-B at 224 (196 patches, C = 768): the fused kernel, both orders.
-    block_p, block_c, num_warps = ts.select_config(196, 768)
-    for spatial in (False, True):
-        report.append(("fused select 196x768", arch, compile_for(ts._select_kernel, select_pointers,
-            dict(SCORER=ts.SCORER_IDS["l1"], SPATIAL=spatial, GATHER=True, BLOCK_P=block_p, BLOCK_PREFIX=1,
-                 BLOCK_C=block_c, stride_xc=1, stride_sp=1), arch, num_warps)))
-    # The unfused path at the largest size (4096 patches: 1024x1024 images at patch 16).
-    block_p, block_c, num_warps = ts.select_config(4096, 768)
-    report.append(("unfused select 4096", arch, compile_for(ts._select_kernel, unfused_pointers,
-        dict(SCORER=ts.SCORER_IDS["given"], SPATIAL=False, GATHER=False, BLOCK_P=block_p, BLOCK_PREFIX=1,
-             BLOCK_C=block_c, stride_xc=1, stride_sp=1), arch, num_warps)))
-    report.append(("score", arch, compile_for(ts._score_kernel, {"x_ptr": "*bf16", "scores_ptr": "*fp32"},
-        dict(SCORER=ts.SCORER_IDS["l1"], BLOCK_R=32, BLOCK_C=128, stride_xc=1), arch, 4)))
-    report.append(("copy rows", arch, compile_for(ts._copy_rows_kernel,
-        {"src_ptr": "*fp16", "rows_ptr": "*i32", "dst_ptr": "*fp16"},
-        dict(BLOCK_R=16, BLOCK_C=256, stride_sc=1, stride_ir=1), arch, 4)))
-print(json.dumps(report))
-"""
+@pytest.fixture(scope="module")
+def codegen():
+    """Every kernel the launchers make for ViT-B at 224 / 384 / 512 px, DeiT-S and 4096 patches,
+    compiled for sm_90 and sm_80 as the JIT compiles them (tests/codegen_report.py)."""
+    if torch.cuda.is_available():
+        pytest.skip("the GPU tests run the kernels themselves")
+    pytest.importorskip("triton.backends.nvidia")
+    from jit_codegen import run_codegen_report
+    return run_codegen_report("sample_patches")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU runs compile the kernels for real")
-def test_triton_kernels_lower_to_sm80_and_sm90_code():
-    """The interpreter skips codegen; this compiles every forward/backward kernel variant the launchers
-    pick at ViT-B and at 4096 patches to cubins for A100 and H100 without a GPU (in a subprocess:
-    this one has TRITON_INTERPRET=1), and checks with Triton's cuobjdump that none spills on sm_90."""
-    import os
-    import subprocess
-    import sys
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run([sys.executable, "-c", CODEGEN_SCRIPT], env=env, capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(report) == 10
-    assert all(entry[2] for entry in report), "no resource usage read: Triton's bundled cuobjdump is missing"
-    spilling = [entry for entry in report if entry[1] == 90 and entry[2] and entry[2]["stack_bytes"] > 0]
+def test_codegen_sm90_kernels_do_not_spill(codegen):
+    assert {e["kernel"] for e in codegen} == {"_select_kernel", "_score_kernel", "_copy_rows_kernel"}
+    assert {e["arch"] for e in codegen} == {80, 90}
+    spilling = [e for e in codegen if e["arch"] == 90 and e["stack_bytes"] > 0]
     assert not spilling, spilling
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_non_contiguous_x_and_odd_shapes(backend):
-    base = quantized((2, 9, 31))  # C odd, N not a power of two
+def test_codegen_fused_path_up_to_its_limit_reads_whole_sectors(codegen):
+    """Up to FUSED_MAX_PATCHES one fused program per image (grid (B,)); its row tile reads at least
+    32 bytes per row and step (one DRAM sector). Past it: score, select and copy kernels."""
+    from pss_kernels.ops.sample_patches.triton_sample import FUSED_MAX_PATCHES
+    forward = [e for e in codegen if e["variant"] == "forward"]
+    for entry in forward:
+        fused = entry["patches"] <= FUSED_MAX_PATCHES
+        if entry["kernel"] == "_select_kernel":
+            assert entry["meta"]["GATHER"] == fused and entry["grid"] == [entry["grid"][0]], entry
+            if fused:
+                assert entry["tiles"]["BLOCK_C"] * entry["itemsize"] >= 32, entry
+        else:
+            assert not fused, entry  # a fused forward launches nothing else
+    assert {e["patches"] for e in forward if e["kernel"] == "_score_kernel"} == {4096}
+
+
+@pytest.mark.parametrize("backend", ["torch", *KERNEL_BACKENDS])
+def test_non_contiguous_x_and_odd_shapes(backend, device):
+    base = quantized((2, 9, 31), device=device)  # C odd, N not a power of two
     x = base.transpose(1, 2).contiguous().transpose(1, 2)  # same values, channel stride != 1
     assert not x.is_contiguous()
     check_backend(backend, x, 0.6)
-    check_backend(backend, quantized((1, 6, 5))[:, :, ::2], 0.5, num_prefix_tokens=0)  # B = 1, strided channels
+    check_backend(backend, quantized((1, 6, 5), device=device)[:, :, ::2], 0.5, num_prefix_tokens=0)  # B = 1
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", *KERNEL_BACKENDS])
 @pytest.mark.parametrize("order", ["score", "spatial"])
-def test_extreme_kept_counts(backend, order):
-    x = quantized((2, 13, 8))
+def test_extreme_kept_counts(backend, order, device):
+    x = quantized((2, 13, 8), device=device)
     check_backend(backend, x, 0.99, order=order)  # round(12.87) = 13: every token kept, none dropped
     check_backend(backend, x, 0.01, order=order, num_prefix_tokens=4)  # k = 5: a single patch
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_stride_zero_gradient(backend):
+@pytest.mark.parametrize("backend", ["torch", *KERNEL_BACKENDS])
+def test_stride_zero_gradient(backend, device):
     """x_kept.sum() hands backward an expanded (stride-0) gradient."""
-    x = quantized((2, 10, 12)).requires_grad_()
+    x = quantized((2, 10, 12), device=device).requires_grad_()
     x_kept, index = sample_patches(x, 0.5, backend=backend)
     x_kept.sum().backward()
-    want = torch.zeros(2, 10, 12).scatter(1, index[..., None].expand(-1, -1, 12), 1.0)
+    want = torch.zeros(2, 10, 12, device=device).scatter(1, index[..., None].expand(-1, -1, 12), 1.0)
     assert torch.equal(x.grad, want)
 
 
@@ -223,14 +201,52 @@ def test_topk_key_model_orders_like_torch_sort():
         np.testing.assert_array_equal(order, want)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", *KERNEL_BACKENDS])
 @pytest.mark.parametrize("order", ["score", "spatial"])
-def test_ties_and_special_scores(backend, order):
-    scores = torch.tensor([SPECIAL, [2.0] * len(SPECIAL)])  # second image: all tied
-    x = quantized((2, len(SPECIAL) + 1, 4))
+def test_ties_and_special_scores(backend, order, device):
+    scores = torch.tensor([SPECIAL, [2.0] * len(SPECIAL)], device=device)  # second image: all tied
+    x = quantized((2, len(SPECIAL) + 1, 4), device=device)
     _, index = sample_patches(x, 0.5, scorer="given", scores=scores, order=order, backend=backend)
     assert torch.equal(index, sample_patches_reference(x, 0.5, scorer="given", scores=scores, order=order)[1])
-    assert torch.equal(index[1], torch.arange(index.shape[1]))  # all tied: lowest positions, in order
+    assert torch.equal(index[1], torch.arange(index.shape[1], device=device))  # all tied: lowest positions, in order
+
+
+@pytest.mark.parametrize("backend", ["torch", *KERNEL_BACKENDS])
+def test_negative_zero_ties_with_positive_zero_at_the_keep_boundary(backend, device):
+    """-0.0 at position 1, +0.0 at position 2, one of them kept: they tie (torch.sort's order), so the
+    lower position wins. A sort key that stopped folding -0.0 onto +0.0 would keep position 2."""
+    scores = torch.tensor([[3.0, -0.0, 0.0, -1.0, -2.0]], device=device)
+    x = quantized((1, 6, 4), device=device)
+    _, index = sample_patches(x, 0.5, scorer="given", scores=scores, backend=backend)  # k = 3: CLS + 2 patches
+    assert index.tolist() == [[0, 1, 2]]
+    assert torch.equal(index, sample_patches_reference(x, 0.5, scorer="given", scores=scores)[1])
+
+
+@pytest.mark.parametrize("backend", ["torch", *KERNEL_BACKENDS])
+def test_given_scores_as_a_strided_view(backend, device):
+    """(B, P) scores with non-unit strides in both dimensions (a transposed, sliced view): read
+    through their strides, not as if contiguous."""
+    storage = torch.randn(10, 6, generator=torch.Generator().manual_seed(0)).to(device)  # (P, 2B)
+    scores = storage.t()[::2]  # (3, 10), strides (2, 6)
+    assert scores.stride() == (2, 6)
+    x = quantized((3, 11, 4), device=device)
+    for order in ("score", "spatial"):
+        check_backend(backend, x, 0.5, "given", 1, order, scores)
+
+
+@pytest.mark.parametrize("backend", ["torch", *KERNEL_BACKENDS])
+def test_l1_scores_accumulate_in_float32(backend, device):
+    """fp16 rows whose float32 l1 sums are 2078.5 < 2079 < 2079.5 (positions 1, 2, 3), while every fp16
+    value at that size is even: a score summed in fp16 (without the float32 cast) rounds row 2 to
+    2078 or 2080 whatever the summation order, and the tie-break by position then reorders the rows."""
+    x = torch.zeros(1, 4, 64)
+    x[0, 1:, 0] = 2048.0
+    x[0, 1, 1] = 30.5                 # 2078.5
+    x[0, 2, 1:63] = 0.5               # 2048 + 62 * 0.5 = 2079
+    x[0, 3, 1] = 31.5                 # 2079.5
+    x = x.to(device=device, dtype=torch.float16)
+    _, index = sample_patches(x, 0.99, backend=backend)  # k = round(3.96) = 4: every token, by score
+    assert index.tolist() == [[0, 3, 2, 1]]
 
 
 @needs_cuda_extension
@@ -271,29 +287,37 @@ def test_random_scorer_distinct_prefix_and_uniform():
     assert chi_square < dof + 6 * math.sqrt(2 * dof)  # ~ 6 sigma above the mean of chi2(dof)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_random_scorer_reproducible_with_generator(backend):
-    x = quantized((3, 17, 4))
+@pytest.mark.parametrize("backend", ["torch", *KERNEL_BACKENDS])
+def test_random_scorer_reproducible_with_generator(backend, device):
+    x = quantized((3, 17, 4), device=device)
 
     def draw(seed):
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator(device=device).manual_seed(seed)
         return sample_patches(x, 0.4, scorer="random", generator=gen, backend=backend)[1]
 
     assert torch.equal(draw(3), draw(3))
     assert not torch.equal(draw(3), draw(4))
     assert torch.equal(draw(3), sample_patches_reference(x, 0.4, scorer="random",
-                                                         generator=torch.Generator().manual_seed(3))[1])
+                                                         generator=torch.Generator(device=device).manual_seed(3))[1])
 
 
 # ---------------------------------------------------------------------------------------------
 # Shortcut, errors, custom op, compile
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", [None, "triton"])
-def test_keep_rate_one_returns_x_itself(backend):
-    x = quantized((2, 7, 3))
+@pytest.mark.parametrize("backend", [None, *KERNEL_BACKENDS])
+def test_keep_rate_one_returns_x_itself(backend, device):
+    x = quantized((2, 7, 3), device=device)
     x_kept, index = sample_patches(x, 1.0, backend=backend)
     assert x_kept is x
-    assert torch.equal(index, torch.arange(7).expand(2, 7))
+    assert torch.equal(index, torch.arange(7, device=device).expand(2, 7))
+
+
+def test_keep_rate_one_index_lives_on_x_device():
+    """The shortcut makes no kernel call, so nothing else puts its index on x's device (a CPU index
+    for a CUDA x would pass every CPU test): a meta tensor tells the devices apart on any host."""
+    x = torch.empty(2, 7, 3, device="meta")
+    x_kept, index = sample_patches(x, 1.0)
+    assert x_kept is x and index.device.type == "meta" and index.shape == (2, 7) and index.dtype == torch.int64
 
 
 BAD_INPUTS = [
@@ -330,19 +354,20 @@ def test_bad_input_names_the_argument(kwargs, error, message):
         sample_patches(args.pop("x"), args.pop("keep_rate"), **args)
 
 
-def test_kernel_backends_reject_too_many_patches():
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_backends_reject_too_many_patches(backend, device):
     with pytest.raises(ValueError, match="at most 8192 patch tokens.*x of shape"):
-        sample_patches(torch.zeros(1, 8194, 1), 0.5, backend="triton")
+        sample_patches(torch.zeros(1, 8194, 1, device=device), 0.5, backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", *KERNEL_BACKENDS])
 @pytest.mark.parametrize("scorer", ["l1", "given"])
-def test_opcheck(backend, scorer):
-    x = quantized((2, 9, 8)).requires_grad_()
-    scores = given_scores(2, 8) if scorer == "given" else None
+def test_opcheck(backend, scorer, device):
+    x = quantized((2, 9, 8), device=device).requires_grad_()
+    scores = given_scores(2, 8, device) if scorer == "given" else None
     opcheck(torch.ops.pss_kernels.sample_patches.default, (x, scores, 5, scorer, 1, "spatial", backend))
     _, index, slot = torch.ops.pss_kernels.sample_patches(x, scores, 5, scorer, 1, "score", backend)
-    grad_kept = quantized((2, 5, 8), seed=2).requires_grad_()
+    grad_kept = quantized((2, 5, 8), device=device, seed=2).requires_grad_()
     opcheck(torch.ops.pss_kernels.sample_patches_backward.default, (grad_kept, index, slot, 9, backend))
 
 
@@ -369,17 +394,18 @@ def test_torch_compile_fullgraph_inductor():
     assert torch.equal(x.grad, scatter_grad(index, torch.full((2, 6, 8), 3.0), 11))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_torch_compile_fullgraph_dynamic_shapes(backend):
+@pytest.mark.parametrize("backend", ["torch", *KERNEL_BACKENDS])
+def test_torch_compile_fullgraph_dynamic_shapes(backend, device):
     """aot_eager (no C++ build): the op traces with symbolic B, N and the random scorer's draw."""
     compiled = torch.compile(lambda x: sample_patches(x, 0.5, scorer="random", backend=backend),
                              fullgraph=True, backend="aot_eager", dynamic=True)
     for shape in ((2, 9, 4), (3, 12, 4)):
-        x_kept, index = compiled(quantized(shape))
+        x = quantized(shape, device=device)
+        x_kept, index = compiled(x)
         assert index.shape == (shape[0], num_kept_tokens(shape[1], 0.5))
         assert torch.all(index[:, 0] == 0) and torch.all(index[:, 1:] >= 1) and torch.all(index < shape[1])
         assert torch.all(index.sort(dim=1).values.diff(dim=1) > 0)  # distinct positions
-        assert torch.equal(x_kept, quantized(shape).gather(1, index[..., None].expand(-1, -1, 4)))
+        assert torch.equal(x_kept, x.gather(1, index[..., None].expand(-1, -1, 4)))
 
 
 # ---------------------------------------------------------------------------------------------

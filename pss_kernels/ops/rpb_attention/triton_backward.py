@@ -10,7 +10,7 @@ With P = softmax(S), S = q k^T * scale + bias (natural units), and dO the output
                                                        looping over key blocks; no atomics)
     dbias_table[r, h] = sum_{b, i, j : rel(b, i, j) = r} dS[b, h, i, j]
 
-dbias_table is accumulated by _dkdv_kernel into a float32 workspace (B*H, R): each (b, h) owns
+With an `index`, dbias_table is accumulated by _dkdv_kernel into a float32 workspace (B*H, R): each (b, h) owns
 one row-slice of R floats (a few KB, L2-resident), so no two images or heads ever touch the same
 address; the slices are summed over b at the end by torch (a fixed-order reduction). This
 replaces the "one global atomic per score element on the shared (R, H) table" design whose
@@ -34,14 +34,13 @@ shared-memory scatter, so "on chip" here means "in a private, cache-resident sli
   checks it) and costs about BLOCK_N extra reductions per tile plus less parallelism: an opt-in
   for reproducibility runs.
 
-At keep rate 1 (index=None) every image shares one (n, n) map of table rows, so there is a second
-accumulator (PSS_KERNELS_RPB_DBIAS selects; "auto" takes it whenever it fits): the "position
-grid" G (C, H, n, n) float32, G[b % C, h, i, j] += dS[b, h, i, j], then dbias_table = the
-scatter of sum_c G[c] by the shared row map (n^2 H entries, independent of B). A tile of G is
-rows of consecutive addresses: each warp's atomics are coalesced and never repeat an address
-within the warp, where a tile of a table slice repeats rows along its diagonals. C copies
-(C <= 8, C*H*n^2*4 bytes <= 64 MiB) spread the B-fold reuse of each address across images.
-Which of the two is faster is for the GPU benchmark (benchmarks/ops.py compares them).
+At keep rate 1 (index=None) every image shares one (n, n) map of table rows, so dbias_table can
+be formed from the sum of dS over images instead (triton_bias_grad.py: the "image-sum" and
+"position-grid" accumulators, PSS_KERNELS_RPB_DBIAS); deterministic=True there takes image-sum with
+one group of images, which writes with plain stores.
+
+All grids are flat, with the programs of one (b, h) next to each other (split_program_id); the
+bias is gathered from a head-major copy of the table (head_major_table).
 
 With a frozen table (bias_grad=False, e.g. bias_table.requires_grad is False) BIAS_GRAD drops the
 accumulation from the kernel: the backward then does exactly FlashAttention-2's work plus the bias
@@ -49,17 +48,15 @@ gather, which is also how benchmarks/ops.py measures what the bias gradient cost
 """
 from __future__ import annotations
 
-import functools
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .reference import relative_index
-from .triton_common import (LOG2E, biased_logits_log2, dot_precision, head_slice, head_strides, load_rows,
-                            tile_config, token_coordinates)
+from .triton_bias_grad import choose_accumulator, image_sum_grid, table_grad_from_grid
+from .triton_common import (LOG2E, bias_tile_log2, biased_logits_log2, dot_precision, head_major_table, head_slice,
+                            head_strides, load_rows, split_program_id, tile_config, token_coordinates)
 
 
 @triton.jit
@@ -68,10 +65,10 @@ def _delta_kernel(OUT, DOUT, DELTA,
                   stride_dob, stride_doh, stride_don, stride_dod,
                   num_heads, num_tokens, head_dim, BLOCK_M: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
     """delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] in float32."""
-    batch_head = tl.program_id(0)
+    batch_head, block_m = split_program_id(tl.cdiv(num_tokens, BLOCK_M))
     batch = batch_head // num_heads
     head = batch_head % num_heads
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask_m = offs_m < num_tokens
     mask_d = offs_d < head_dim
@@ -88,9 +85,9 @@ def _probs_and_logit_grads(q, k, v, dout, lse_log2, delta, coord_q, prefix_q, co
                            table_h, stride_table_row, grid_h, grid_w, qk_scale_log2,
                            NUM_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """(P, dS, rel) of a (BLOCK_M, BLOCK_N) tile, P recomputed from the saved lse (zero at padding keys)."""
-    logits, rel = biased_logits_log2(q, k, coord_q, prefix_q, coord_k, prefix_k, key_valid, table_h,
-                                     stride_table_row, grid_h, grid_w, qk_scale_log2, NUM_PREFIX, DOT_PRECISION)
-    probs = tl.exp2(logits - lse_log2[:, None])
+    bias_log2, rel = bias_tile_log2(coord_q, prefix_q, coord_k, prefix_k, key_valid, table_h, stride_table_row,
+                                    grid_h, grid_w, NUM_PREFIX)
+    probs = tl.exp2(biased_logits_log2(q, k, bias_log2, key_valid, qk_scale_log2, DOT_PRECISION) - lse_log2[:, None])
     dprobs = tl.dot(dout, tl.trans(v), input_precision=DOT_PRECISION)
     return probs, probs * (dprobs - delta[:, None]), rel
 
@@ -127,15 +124,16 @@ def _dkdv_kernel(
         stride_dob, stride_doh, stride_don, stride_dod,
         stride_table_row, stride_table_head, stride_index_b, stride_index_n,
         num_heads, num_tokens, head_dim, grid_h, grid_w, num_table_rows, qk_scale_log2, scale,
-        num_grid_copies,
+        num_grid_copies, programs_per_head,
         HAS_INDEX: tl.constexpr, NUM_PREFIX: tl.constexpr, BIAS_GRAD: tl.constexpr, DETERMINISTIC: tl.constexpr,
         POSITION_GRID: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HEAD_DIM_PAD: tl.constexpr):
-    """Program (b*H + h, g) handles key blocks g, g + G, ... (G = grid size along axis 1).
+    """Program (b*H + h) * G + g, G = programs_per_head, handles key blocks g, g + G, ... of (b, h)
+    (G = 1 in deterministic mode: one program walks all key blocks in order).
 
     DBIAS_SLICES is the bias-gradient workspace: (B*H, R) table slices, or with POSITION_GRID
-    (index=None only) the (num_grid_copies, H, n, n) position grid (module docstring)."""
-    batch_head = tl.program_id(0)
+    (index=None only) the (num_grid_copies, H, n, n) position grid (triton_bias_grad.py)."""
+    batch_head, first_block = split_program_id(programs_per_head)
     batch = batch_head // num_heads
     head = batch_head % num_heads
     q_base = head_slice(Q, batch, head, stride_qb, stride_qh)
@@ -155,7 +153,7 @@ def _dkdv_kernel(
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask_d = offs_d < head_dim
 
-    for start_n in range(tl.program_id(1) * BLOCK_N, num_tokens, tl.num_programs(1) * BLOCK_N):
+    for start_n in range(first_block * BLOCK_N, num_tokens, programs_per_head * BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < num_tokens
         k = load_rows(k_base, offs_n, mask_n, stride_kn, offs_d, mask_d, stride_kd)
@@ -187,7 +185,7 @@ def _dkdv_kernel(
                 else:
                     _accumulate_bias_grad(bias_slice, rel, logit_grads, mask_m[:, None] & mask_n[None, :],
                                           num_table_rows, BLOCK_N, NUM_PREFIX, DETERMINISTIC)
-        tile = offs_n[:, None] * head_dim + offs_d[None, :]
+        tile = offs_n.to(tl.int64)[:, None] * head_dim + offs_d[None, :]
         tile_mask = mask_n[:, None] & mask_d[None, :]
         tl.store(dk_base + tile, (dk * scale).to(DK.dtype.element_ty), mask=tile_mask)
         tl.store(dv_base + tile, dv.to(DV.dtype.element_ty), mask=tile_mask)
@@ -204,15 +202,15 @@ def _dq_kernel(
         num_heads, num_tokens, head_dim, grid_h, grid_w, qk_scale_log2, scale,
         HAS_INDEX: tl.constexpr, NUM_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
-    """Program (b*H + h, query block): dq = sum over key blocks of dS k * scale."""
-    batch_head = tl.program_id(0)
+    """Program (b*H + h) * query_blocks + query block: dq = sum over key blocks of dS k * scale."""
+    batch_head, block_m = split_program_id(tl.cdiv(num_tokens, BLOCK_M))
     batch = batch_head // num_heads
     head = batch_head % num_heads
     k_base = head_slice(K, batch, head, stride_kb, stride_kh)
     v_base = head_slice(V, batch, head, stride_vb, stride_vh)
     row_base = batch_head.to(tl.int64) * num_tokens
     table_h = TABLE + head * stride_table_head
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask_m = offs_m < num_tokens
     mask_d = offs_d < head_dim
@@ -220,7 +218,7 @@ def _dq_kernel(
                   offs_m, mask_m, stride_qn, offs_d, mask_d, stride_qd)
     dout = load_rows(head_slice(DOUT, batch, head, stride_dob, stride_doh),
                      offs_m, mask_m, stride_don, offs_d, mask_d, stride_dod)
-    lse_log2 = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0) * LOG2E
+    lse_log2 = tl.load(LSE + row_base + offs_m, mask=mask_m, other=float("inf")) * LOG2E  # padding rows: P = 0
     delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
     coord_q, prefix_q = token_coordinates(INDEX, stride_index_b, stride_index_n, batch, offs_m,
         num_tokens, grid_h, grid_w, HAS_INDEX, NUM_PREFIX)
@@ -237,7 +235,7 @@ def _dq_kernel(
             stride_table_row, grid_h, grid_w, qk_scale_log2, NUM_PREFIX, DOT_PRECISION)
         dq += tl.dot(logit_grads.to(k.dtype), k, input_precision=DOT_PRECISION)
     dq_base = DQ + batch_head.to(tl.int64) * num_tokens * head_dim  # contiguous (B, H, n, D)
-    tl.store(dq_base + offs_m[:, None] * head_dim + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+    tl.store(dq_base + offs_m.to(tl.int64)[:, None] * head_dim + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=mask_m[:, None] & mask_d[None, :])
 
 
@@ -257,88 +255,61 @@ def rpb_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
         grad_out = grad_out.contiguous()
     dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
     delta = torch.empty_like(lse)
+    table = head_major_table(bias_table)
     deterministic = deterministic and bias_grad  # dq, dk, dv use no atomics: only dbias_table needs the mode
-    grid_copies = (position_grid_copies(batch, heads, num_tokens) if bias_grad and index is None and not deterministic
-                   else 0)
-    if not bias_grad:
+    geometry = dict(HAS_INDEX=index is not None, NUM_PREFIX=num_prefix_tokens, DOT_PRECISION=dot_precision(q.dtype))
+    qk_scale_log2 = scale * LOG2E.value
+    dq_config = tile_config("dq", num_tokens, head_dim, q.dtype)
+    query_blocks = triton.cdiv(num_tokens, dq_config.block_m)
+    accumulator = None
+    if bias_grad:
+        dbias_config = tile_config("dbias", num_tokens, head_dim, q.dtype)
+        accumulator = choose_accumulator(batch, heads, num_tokens, has_index=index is not None,
+                                         deterministic=deterministic,
+                                         query_blocks=triton.cdiv(num_tokens, dbias_config.block_m),
+                                         key_blocks=triton.cdiv(num_tokens, dbias_config.block_n))
+    # What _dkdv_kernel itself accumulates: slices or the position grid; nothing for image-sum.
+    dkdv_bias_grad = accumulator is not None and accumulator.kind != "image-sum"
+    dkdv_deterministic = deterministic and dkdv_bias_grad
+    if not dkdv_bias_grad:
         workspace = lse  # stands in for an unused pointer
-    elif grid_copies:
-        workspace = torch.zeros(grid_copies, heads, num_tokens, num_tokens, device=q.device, dtype=torch.float32)
+    elif accumulator.kind == "position-grid":
+        workspace = torch.zeros(accumulator.count, heads, num_tokens, num_tokens, device=q.device,
+                                dtype=torch.float32)
     else:
         workspace = torch.zeros(batch * heads, num_table_rows, device=q.device, dtype=torch.float32)
     index_arg = index if index is not None else lse  # never read: HAS_INDEX is False
     index_strides = (index.stride(0), index.stride(1)) if index is not None else (0, 0)
     strides = (*head_strides(q), *head_strides(k), *head_strides(v), *head_strides(grad_out),
-               bias_table.stride(0), bias_table.stride(1), *index_strides)
-    geometry = dict(HAS_INDEX=index is not None, NUM_PREFIX=num_prefix_tokens, DOT_PRECISION=dot_precision(q.dtype))
-    qk_scale_log2 = scale * LOG2E.value
+               table.stride(1), table.stride(0), *index_strides)
 
-    dq_config = tile_config("dq", num_tokens, head_dim, q.dtype)
-    query_blocks = triton.cdiv(num_tokens, dq_config.block_m)
-    _delta_kernel[(batch * heads, query_blocks)](
+    _delta_kernel[(batch * heads * query_blocks,)](
         out, grad_out, delta, *head_strides(out), *head_strides(grad_out), heads, num_tokens, head_dim,
         BLOCK_M=dq_config.block_m, HEAD_DIM_PAD=dq_config.head_dim_pad, num_warps=4)
-    # Deterministic mode: one program per (b, h) walks all its key blocks in order.
-    dkdv_config = tile_config("dkdv_deterministic" if deterministic else "dkdv", num_tokens, head_dim,
-                               q.dtype)
-    key_block_programs = 1 if deterministic else triton.cdiv(num_tokens, dkdv_config.block_n)
-    _dkdv_kernel[(batch * heads, key_block_programs)](
-        q, k, v, grad_out, lse, delta, bias_table, index_arg, dk, dv, workspace, *strides,
+    # Deterministic slices: one program per (b, h) walks all its key blocks in order.
+    dkdv_config = tile_config("dkdv_deterministic" if dkdv_deterministic else "dkdv", num_tokens, head_dim, q.dtype)
+    programs_per_head = 1 if dkdv_deterministic else triton.cdiv(num_tokens, dkdv_config.block_n)
+    _dkdv_kernel[(batch * heads * programs_per_head,)](
+        q, k, v, grad_out, lse, delta, table, index_arg, dk, dv, workspace, *strides,
         heads, num_tokens, head_dim, grid_size[0], grid_size[1], num_table_rows, qk_scale_log2, scale,
-        max(grid_copies, 1), BIAS_GRAD=bias_grad, DETERMINISTIC=deterministic, POSITION_GRID=grid_copies > 0,
+        accumulator.count if dkdv_bias_grad and accumulator.kind == "position-grid" else 1, programs_per_head,
+        BIAS_GRAD=dkdv_bias_grad, DETERMINISTIC=dkdv_deterministic,
+        POSITION_GRID=dkdv_bias_grad and accumulator.kind == "position-grid",
         BLOCK_M=dkdv_config.block_m, BLOCK_N=dkdv_config.block_n,
         HEAD_DIM_PAD=dkdv_config.head_dim_pad, num_warps=dkdv_config.num_warps,
         num_stages=dkdv_config.num_stages, **geometry)
-    _dq_kernel[(batch * heads, query_blocks)](
-        q, k, v, grad_out, lse, delta, bias_table, index_arg, dq, *strides,
+    _dq_kernel[(batch * heads * query_blocks,)](
+        q, k, v, grad_out, lse, delta, table, index_arg, dq, *strides,
         heads, num_tokens, head_dim, grid_size[0], grid_size[1], qk_scale_log2, scale,
         BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n, HEAD_DIM_PAD=dq_config.head_dim_pad,
         num_warps=dq_config.num_warps, num_stages=dq_config.num_stages, **geometry)
-    if not bias_grad:
+    if accumulator is None:
         return dq, dk, dv, torch.zeros_like(bias_table, memory_format=torch.contiguous_format)
-    if grid_copies:
-        per_head = workspace.sum(0).view(heads, num_tokens * num_tokens)
-        rows = shared_row_map(tuple(grid_size), num_prefix_tokens, q.device)
-        dbias_table = torch.zeros(num_table_rows, heads, device=q.device, dtype=torch.float32)
-        dbias_table.index_add_(0, rows, per_head.t())
-    else:
+    if accumulator.kind == "slices":
         dbias_table = workspace.view(batch, heads, num_table_rows).sum(0).t()
+    else:
+        grid = (workspace.sum(0) if accumulator.kind == "position-grid" else
+                image_sum_grid(q, k, v, grad_out, lse, delta, table, grid_size, num_prefix_tokens, qk_scale_log2,
+                               accumulator.count, geometry["DOT_PRECISION"]))
+        dbias_table = table_grad_from_grid(grid, grid_size, num_prefix_tokens, num_table_rows)
     return dq, dk, dv, dbias_table.to(bias_table.dtype).contiguous()
-
-
-DBIAS_ENV_VAR = "PSS_KERNELS_RPB_DBIAS"
-DBIAS_ACCUMULATORS = ("auto", "slices", "position-grid")
-POSITION_GRID_MAX_COPIES = 8
-POSITION_GRID_MAX_BYTES = 64 * 2**20
-
-
-def position_grid_copies(batch: int, heads: int, num_tokens: int) -> int:
-    """Copies C of the (H, n, n) position grid for an index=None backward, or 0 for table slices
-    (PSS_KERNELS_RPB_DBIAS: "auto" = the grid whenever one copy fits in 64 MiB, "slices",
-    "position-grid" = the grid even when it is larger). Read, and checked, at each backward that
-    has the choice: index=None with deterministic=False (deterministic mode always uses slices)."""
-    choice = os.environ.get(DBIAS_ENV_VAR, "auto") or "auto"
-    if choice not in DBIAS_ACCUMULATORS:
-        raise ValueError(f"{DBIAS_ENV_VAR} must be one of {DBIAS_ACCUMULATORS}, got {choice!r}")
-    one_copy = heads * num_tokens * num_tokens * 4
-    if choice == "slices" or (choice == "auto" and one_copy > POSITION_GRID_MAX_BYTES):
-        return 0
-    return max(1, min(batch, POSITION_GRID_MAX_COPIES, POSITION_GRID_MAX_BYTES // one_copy))
-
-
-def shared_row_map(grid_size: Tuple[int, int], num_prefix_tokens: int, device: torch.device) -> torch.Tensor:
-    """(n * n,) table rows of all token pairs at index=None, row-major like the position grid.
-
-    Cached per device, except while a CUDA graph is being captured: a tensor made then holds its
-    values only once the graph replays, so caching it would hand garbage to later eager calls."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return _row_map(grid_size, num_prefix_tokens, device)
-    return _cached_row_map(grid_size, num_prefix_tokens, device)
-
-
-def _row_map(grid_size: Tuple[int, int], num_prefix_tokens: int, device: torch.device) -> torch.Tensor:
-    positions = torch.arange(num_prefix_tokens + grid_size[0] * grid_size[1], device=device)
-    return relative_index(positions[:, None], positions[None, :], grid_size, num_prefix_tokens).reshape(-1)
-
-
-_cached_row_map = functools.lru_cache(maxsize=32)(_row_map)

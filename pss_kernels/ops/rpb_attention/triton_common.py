@@ -65,31 +65,52 @@ def relative_index(coord_q, prefix_q, coord_k, prefix_k, grid_h, grid_w, NUM_PRE
 @triton.jit
 def head_slice(PTR, batch, head, stride_b, stride_h):
     """Pointer to the (n, D) slice of image `batch`, head `head` (int64 offsets: B*H*n*D may pass 2^31)."""
-    return PTR + batch.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
+    return PTR + tl.cast(batch, tl.int64) * stride_b + tl.cast(head, tl.int64) * stride_h
 
 
 @triton.jit
 def load_rows(BASE, offs, mask_rows, stride_n, offs_d, mask_d, stride_d):
-    """Rows `offs` of one (n, D) head slice as a (BLOCK, HEAD_DIM_PAD) tile, zero-padded."""
-    return tl.load(BASE + offs[:, None] * stride_n + offs_d[None, :] * stride_d,
+    """Rows `offs` of one (n, D) head slice as a (BLOCK, HEAD_DIM_PAD) tile, zero-padded. The row
+    offset is int64: a sequence-major layout (n, B, H, D) has stride_n = B*H*D, and n * stride_n
+    passes 2^31 at large batches."""
+    return tl.load(BASE + offs.to(tl.int64)[:, None] * stride_n + offs_d[None, :] * stride_d,
                    mask=mask_rows[:, None] & mask_d[None, :], other=0.0)
 
 
 @triton.jit
-def biased_logits_log2(q, k, coord_q, prefix_q, coord_k, prefix_k, key_valid, TABLE_H, stride_table_row,
-                       grid_h, grid_w, qk_scale_log2, NUM_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """(logits, rel) of a (BLOCK_M, BLOCK_N) tile: logits = (q k^T * scale + bias_table[rel, h]) * log2(e),
-    -inf at keys that are not `key_valid` (base 2 lets the softmax use exp2); rel = the table rows.
+def bias_tile_log2(coord_q, prefix_q, coord_k, prefix_k, key_valid, TABLE_H, stride_table_row, grid_h, grid_w,
+                   NUM_PREFIX: tl.constexpr):
+    """(bias * log2(e), rel) of a (BLOCK_M, BLOCK_N) tile: rel = the table rows of the token pairs,
+    bias = bias_table[rel, h] (0 at keys that are not `key_valid`).
 
-    q: (BLOCK_M, HEAD_DIM_PAD), k: (BLOCK_N, HEAD_DIM_PAD), coord_*/prefix_*: token_coordinates of
-    their tokens, key_valid: (BLOCK_N,); TABLE_H points at column h of the table. Padding query rows
-    carry position 0 (token_coordinates), so the bias load needs no row mask.
+    coord_*/prefix_*: token_coordinates of the query and key tokens, key_valid: (BLOCK_N,). TABLE_H
+    points at head h's row of the head-major (H, R) table copy, so stride_table_row is 1 and the 32
+    queries a warp gathers for one key lie within a few cache lines (rel varies by about Gw per
+    query row). Padding query rows carry position 0 (token_coordinates): the load needs no row mask.
     """
     rel = relative_index(coord_q[:, None], prefix_q[:, None], coord_k[None, :], prefix_k[None, :],
                          grid_h, grid_w, NUM_PREFIX)
     bias = tl.load(TABLE_H + rel * stride_table_row, mask=key_valid[None, :], other=0.0).to(tl.float32)
-    logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2 + bias * LOG2E
-    return tl.where(key_valid[None, :], logits, float("-inf")), rel
+    return bias * LOG2E, rel
+
+
+@triton.jit
+def biased_logits_log2(q, k, bias_log2, key_valid, qk_scale_log2, DOT_PRECISION: tl.constexpr):
+    """(q k^T * scale + bias) * log2(e) of a (BLOCK_M, BLOCK_N) tile, -inf at keys that are not
+    `key_valid` (base 2 lets the softmax use exp2). q: (BLOCK_M, HEAD_DIM_PAD), k: (BLOCK_N, HEAD_DIM_PAD),
+    bias_log2 from bias_tile_log2."""
+    logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2 + bias_log2
+    return tl.where(key_valid[None, :], logits, float("-inf"))
+
+
+@triton.jit
+def split_program_id(programs_per_head):
+    """(b*H + h, j) of the flat program id: the `programs_per_head` programs of one (image, head) are
+    neighbours in launch order, so the tiles they share (K and V for the query blocks, Q and dO for
+    the key blocks) are read from DRAM once and then hit L2 while they run together. (A 2-D grid
+    (B*H, blocks) puts them B*H programs apart: at ViT-B, B = 256, K/V of all heads exceed the L2.)"""
+    pid = tl.program_id(0)
+    return pid // programs_per_head, pid % programs_per_head
 
 
 class TileConfig(NamedTuple):
@@ -100,45 +121,84 @@ class TileConfig(NamedTuple):
     num_stages: int
 
 
-# (kernel, D padded <= 64) -> (BLOCK_M, BLOCK_N, num_warps) for fp16/bf16. Picked so that every
-# kernel compiles without register spills for sm_90 with Triton 3.6 and 3.9 (checked offline with
-# cuobjdump, no GPU run; on sm_80 "dkdv" spills 16-300 bytes). Not timed yet: the place to tune.
+# (kernel, D padded <= 64) -> (BLOCK_M, BLOCK_N, num_warps) for fp16/bf16, read off the sm_90 code
+# Triton 3.6 and 3.9 emit with the JIT's own argument specialisation (tests/jit_codegen.py): every
+# one compiles without register spills, and the warps of every dot tile its rows exactly. The
+# forward was (64, 64, 8): a dot that feeds a dot gets its warps along M ([8, 1]), 8 warps x 16 rows
+# cover 128 rows, so the second warpgroup repeated the first's QK^T and softmax on a 64-row tile.
+# Not timed yet: benchmarks/tune_rpb_tiles.py sweeps TILE_CANDIDATES on a GPU and prints the best.
 _TILES = {
-    ("forward", True): (64, 64, 8), ("forward", False): (64, 32, 8),
-    ("dkdv", True): (32, 64, 8), ("dkdv", False): (32, 32, 8),
-    ("dkdv_deterministic", True): (32, 16, 4), ("dkdv_deterministic", False): (32, 16, 4),
-    ("dq", True): (64, 32, 4), ("dq", False): (32, 32, 4),
+    ("forward", True): (128, 64, 8), ("forward", False): (128, 32, 8),
+    ("dkdv", True): (32, 64, 8), ("dkdv", False): (32, 64, 8),
+    ("dkdv_deterministic", True): (32, 16, 2), ("dkdv_deterministic", False): (32, 16, 2),
+    ("dq", True): (64, 32, 4), ("dq", False): (64, 32, 4),
+    ("dbias", True): (64, 64, 8), ("dbias", False): (64, 64, 8),
 }
-# float32 operands take twice the registers: the tiles above spill 3-10 KB a thread on sm_90 with
-# Triton 3.6. These spill far less there (forward <= 0.3 KB, dq none, dkdv 0.2-4.8 KB: none of the
-# float32 dkdv tiles tried is spill-free). Training runs bf16 under autocast; this is the fp32 path.
+# float32 operands take twice the registers and run as FMA dots (no tensor-core layout); these
+# spill far less on sm_90 than the tiles above (forward <= 0.3 KB, dq none, dkdv 0.2-4.8 KB: none of
+# the float32 dkdv tiles tried is spill-free). Training runs bf16 under autocast; this is the fp32 path.
 _TILES_FLOAT32 = {
     ("forward", True): (32, 32, 8), ("forward", False): (32, 16, 4),
     ("dkdv", True): (32, 32, 8), ("dkdv", False): (32, 32, 8),
     ("dq", True): (32, 32, 8), ("dq", False): (32, 32, 8),
+    ("dbias", True): (32, 32, 4), ("dbias", False): (32, 32, 4),
 }
+# Kernels whose first dot, S = Q K^T over (BLOCK_M, BLOCK_N), feeds another dot (P V, P^T dO, dS K):
+# for such a dot Triton puts every warp along the rows, and with 64 rows or more (wgmma, a warpgroup
+# of 4 warps per 64 rows) more than BLOCK_M / 16 warps repeat rows. The dbias kernel chains no dots.
+_CHAINED_S = {"forward": True, "dq": True, "dkdv": True, "dkdv_deterministic": True, "dbias": False}
 
 
-def tile_table(kernel: str, head_dim: int, dtype: torch.dtype):
-    """(table, key): the entry of _TILES or _TILES_FLOAT32 that holds this kernel's tiles (the tile
-    sweep, benchmarks/tune_rpb_tiles.py, swaps it)."""
+# Short sequences (n <= 64: rho = 0.2 at 224 px keeps 39 tokens) where the capped tile of _TILES
+# does not compile cleanly: dkdv's (32, 32, 4) and (32, 32, 2) keep 8 bytes of stack on sm_90 (the
+# latter with a frozen table), (32, 16, 2) none.
+_SHORT_TILES = {("dkdv", True): (32, 16, 2)}
+SHORT_SEQUENCE = 64
+
+
+def tile_table(kernel: str, head_dim: int, dtype: torch.dtype, num_tokens: int = 1 << 30):
+    """(table, key): the entry of _SHORT_TILES, _TILES or _TILES_FLOAT32 that holds this kernel's tiles
+    at n tokens (the tile sweep, benchmarks/tune_rpb_tiles.py, swaps it)."""
     key = (kernel, max(16, triton.next_power_of_2(head_dim)) <= 64)
-    return (_TILES_FLOAT32 if dtype == torch.float32 and key in _TILES_FLOAT32 else _TILES), key
+    if dtype == torch.float32 and key in _TILES_FLOAT32:
+        return _TILES_FLOAT32, key
+    if triton.next_power_of_2(num_tokens) <= SHORT_SEQUENCE and key in _SHORT_TILES:
+        return _SHORT_TILES, key
+    return _TILES, key
+
+
+def fit_warps(kernel: str, block_m: int, block_n: int, num_warps: int) -> int:
+    """num_warps capped so that the warps tile each tensor-core dot of the kernel without repeating work:
+    at most BLOCK_M / 16 warps for a chained S of 64 rows or more (see _CHAINED_S), and at most one per
+    256 elements of the tile (a warp's smallest tensor-core tile is 16 x 8: two of them keep it busy)."""
+    if _CHAINED_S[kernel] and block_m >= 64:
+        num_warps = min(num_warps, block_m // 16)
+    return max(1, min(num_warps, block_m * block_n // 256))
 
 
 def tile_config(kernel: str, num_tokens: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> TileConfig:
     """Tiles for one kernel at n tokens of head dim D and operand dtype.
 
     Short sequences get tiles of at most half the padded sequence (>= 16), so no tile is mostly
-    padding (n = 39 -> 32-wide tiles) and the interpreter tests (n ~ 10..21) cross tile borders.
-    The deterministic dkdv kernel uses 16-wide key tiles: its column-by-column accumulation costs
-    O(BLOCK_N) reductions per tile.
+    padding (n = 39 -> 32-wide tiles) and the interpreter tests (n ~ 10..21) cross tile borders; for
+    fp16/bf16 the warps shrink with the tile (fit_warps). The deterministic dkdv kernel uses 16-wide key tiles: its
+    column-by-column accumulation costs O(BLOCK_N) reductions per tile.
     """
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
-    table, key = tile_table(kernel, head_dim, dtype)
+    table, key = tile_table(kernel, head_dim, dtype, num_tokens)
     block_m, block_n, num_warps = table[key]
     cap = max(16, triton.next_power_of_2(num_tokens) // 2)
-    return TileConfig(min(block_m, cap), min(block_n, cap), head_dim_pad, num_warps, num_stages=2)
+    block_m, block_n = min(block_m, cap), min(block_n, cap)
+    if dtype != torch.float32:  # float32 dots are FMA loops (IEEE), laid out without warp tiles
+        num_warps = fit_warps(kernel, block_m, block_n, num_warps)
+    return TileConfig(block_m, block_n, head_dim_pad, num_warps, num_stages=2)
+
+
+def head_major_table(bias_table: torch.Tensor) -> torch.Tensor:
+    """The (H, R) contiguous copy of a (R, H) table that the kernels gather from (bias_tile_log2):
+    one head's R entries are contiguous (~3 KB at 14 x 14), where a row-major (R, H) table puts a
+    warp's 32 gathered entries 4*H bytes apart over about 12 cache lines."""
+    return bias_table.t().contiguous()
 
 
 def dot_precision(dtype: torch.dtype) -> str:

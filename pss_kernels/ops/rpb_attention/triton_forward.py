@@ -9,11 +9,14 @@ For one (image b, head h) and a block of BLOCK_M queries, loop over key blocks o
     out_i = acc_i / l_i;            lse_i = (m_i + log2 l_i) / log2(e)   (natural log, saved for backward)
 
 pos comes from `index` (HAS_INDEX) or is the token number itself (index=None, no load); the
-bias is read from the (R, H) table through its strides, so no (B, H, n, n) tensor exists.
+bias is gathered from a head-major (H, R) copy of the table, so no (B, H, n, n) tensor exists.
+The grid is flat: the query blocks of one (b, h) are neighbouring programs (split_program_id).
 
-Optional (RETURN_CLS): the programs holding query 0 make a second pass over the keys once
-its final lse is known and write softmax row 0, p_0j = 2^(s_0j - lse_0 log2 e), per head to
-cls_probs (B, H, n); the launcher averages over heads (a fixed-order reduction, deterministic).
+Optional CLS attention: _cls_row_kernel, one program per (b, h), recomputes softmax row 0 from the
+saved lse, p_0j = 2^(s_0j - lse_0 log2 e), into cls_probs (B, H, n); the launcher averages over
+heads (a fixed-order reduction, deterministic). A kernel of its own rather than a second pass of
+the forward's first query block: that pass kept q and the tiles of both loops alive, and the
+forward with it spilled on sm_90 with Triton 3.6 (72 bytes at (128, 64, 8)).
 """
 from __future__ import annotations
 
@@ -23,24 +26,22 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (LOG2E, biased_logits_log2, dot_precision, head_slice, head_strides, load_rows,
-                            tile_config, token_coordinates)
+from .triton_common import (LOG2E, bias_tile_log2, biased_logits_log2, dot_precision, head_major_table, head_slice,
+                            head_strides, load_rows, split_program_id, tile_config, token_coordinates)
 
 
 @triton.jit
 def _rpb_attention_fwd_kernel(
-        Q, K, V, TABLE, INDEX, OUT, LSE, CLS_PROBS,
+        Q, K, V, TABLE, INDEX, OUT, LSE,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_on, stride_od,
         stride_table_row, stride_table_head, stride_index_b, stride_index_n,
         num_heads, num_tokens, head_dim, grid_h, grid_w, qk_scale_log2,
-        HAS_INDEX: tl.constexpr, NUM_PREFIX: tl.constexpr, RETURN_CLS: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        HEAD_DIM_PAD: tl.constexpr):
-    batch_head = tl.program_id(0)
-    block_m = tl.program_id(1)
+        HAS_INDEX: tl.constexpr, NUM_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    batch_head, block_m = split_program_id(tl.cdiv(num_tokens, BLOCK_M))
     batch = batch_head // num_heads
     head = batch_head % num_heads
     q_base = head_slice(Q, batch, head, stride_qb, stride_qh)
@@ -66,8 +67,9 @@ def _rpb_attention_fwd_kernel(
         v = load_rows(v_base, offs_n, mask_n, stride_vn, offs_d, mask_d, stride_vd)
         coord_k, prefix_k = token_coordinates(INDEX, stride_index_b, stride_index_n, batch, offs_n,
             num_tokens, grid_h, grid_w, HAS_INDEX, NUM_PREFIX)
-        logits, _ = biased_logits_log2(q, k, coord_q, prefix_q, coord_k, prefix_k, mask_n, table_h,
-                                       stride_table_row, grid_h, grid_w, qk_scale_log2, NUM_PREFIX, DOT_PRECISION)
+        bias_log2, _ = bias_tile_log2(coord_q, prefix_q, coord_k, prefix_k, mask_n, table_h, stride_table_row,
+                                      grid_h, grid_w, NUM_PREFIX)
+        logits = biased_logits_log2(q, k, bias_log2, mask_n, qk_scale_log2, DOT_PRECISION)
         new_max = tl.maximum(row_max, tl.max(logits, axis=1))
         probs = tl.exp2(logits - new_max[:, None])
         rescale = tl.exp2(row_max - new_max)
@@ -77,26 +79,48 @@ def _rpb_attention_fwd_kernel(
 
     out = acc / row_sum[:, None]
     o_base = head_slice(OUT, batch, head, stride_ob, stride_oh)
-    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od, out.to(OUT.dtype.element_ty),
+    tl.store(o_base + offs_m.to(tl.int64)[:, None] * stride_on + offs_d[None, :] * stride_od,
+             out.to(OUT.dtype.element_ty),
              mask=mask_m[:, None] & mask_d[None, :])
     lse_log2 = row_max + tl.log2(row_sum)
     tl.store(LSE + batch_head.to(tl.int64) * num_tokens + offs_m, lse_log2 / LOG2E, mask=mask_m)
 
-    if RETURN_CLS:
-        if block_m == 0:
-            cls_base = CLS_PROBS + batch_head.to(tl.int64) * num_tokens
-            for start_n in range(0, num_tokens, BLOCK_N):
-                offs_n = start_n + tl.arange(0, BLOCK_N)
-                mask_n = offs_n < num_tokens
-                k = load_rows(k_base, offs_n, mask_n, stride_kn, offs_d, mask_d, stride_kd)
-                coord_k, prefix_k = token_coordinates(INDEX, stride_index_b, stride_index_n, batch, offs_n,
-                    num_tokens, grid_h, grid_w, HAS_INDEX, NUM_PREFIX)
-                logits, _ = biased_logits_log2(q, k, coord_q, prefix_q, coord_k, prefix_k, mask_n, table_h,
-                                               stride_table_row, grid_h, grid_w, qk_scale_log2, NUM_PREFIX,
-                                               DOT_PRECISION)
-                probs = tl.exp2(logits - lse_log2[:, None])
-                tl.store(cls_base + offs_n, tl.sum(tl.where(offs_m[:, None] == 0, probs, 0.0), axis=0),
-                         mask=mask_n)
+
+@triton.jit
+def _cls_row_kernel(
+        Q, K, TABLE, INDEX, LSE, CLS_PROBS,
+        stride_qb, stride_qh, stride_qn, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_table_row, stride_table_head, stride_index_b, stride_index_n,
+        num_heads, num_tokens, head_dim, grid_h, grid_w, qk_scale_log2,
+        HAS_INDEX: tl.constexpr, NUM_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """CLS_PROBS[b, h, j] = softmax row 0 of (b, h); query rows 1..15 pad the tile to tl.dot's 16 rows."""
+    batch_head = tl.program_id(0)
+    batch = batch_head // num_heads
+    head = batch_head % num_heads
+    k_base = head_slice(K, batch, head, stride_kb, stride_kh)
+    table_h = TABLE + head * stride_table_head
+    offs_m = tl.arange(0, 16)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask_m = offs_m < 1
+    mask_d = offs_d < head_dim
+    q = load_rows(head_slice(Q, batch, head, stride_qb, stride_qh), offs_m, mask_m, stride_qn, offs_d, mask_d,
+                  stride_qd)
+    coord_q, prefix_q = token_coordinates(INDEX, stride_index_b, stride_index_n, batch, offs_m, 1, grid_h, grid_w,
+                                          HAS_INDEX, NUM_PREFIX)
+    lse_log2 = tl.load(LSE + batch_head.to(tl.int64) * num_tokens + offs_m, mask=mask_m, other=float("inf")) * LOG2E
+    cls_base = CLS_PROBS + batch_head.to(tl.int64) * num_tokens
+    for start_n in range(0, num_tokens, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < num_tokens
+        k = load_rows(k_base, offs_n, mask_n, stride_kn, offs_d, mask_d, stride_kd)
+        coord_k, prefix_k = token_coordinates(INDEX, stride_index_b, stride_index_n, batch, offs_n,
+                                              num_tokens, grid_h, grid_w, HAS_INDEX, NUM_PREFIX)
+        bias_log2, _ = bias_tile_log2(coord_q, prefix_q, coord_k, prefix_k, mask_n, table_h, stride_table_row,
+                                      grid_h, grid_w, NUM_PREFIX)
+        probs = tl.exp2(biased_logits_log2(q, k, bias_log2, mask_n, qk_scale_log2, DOT_PRECISION) - lse_log2[:, None])
+        tl.store(cls_base + offs_n, tl.sum(probs, axis=0), mask=mask_n)  # rows 1..15 have P = 0
 
 
 def rpb_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
@@ -110,18 +134,24 @@ def rpb_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bia
     """
     batch, heads, num_tokens, head_dim = q.shape
     config = tile_config("forward", num_tokens, head_dim, q.dtype)
-    cls_probs = (torch.empty(batch, heads, num_tokens, device=q.device, dtype=torch.float32)
-                 if cls_attention is not None else lse)  # lse stands in for an unused pointer
-    index_arg = index if index is not None else lse
-    grid = (batch * heads, triton.cdiv(num_tokens, config.block_m))
-    _rpb_attention_fwd_kernel[grid](
-        q, k, v, bias_table, index_arg, out, lse, cls_probs,
+    table = head_major_table(bias_table)
+    index_arg = index if index is not None else lse  # never read: HAS_INDEX is False
+    index_strides = (index.stride(0), index.stride(1)) if index is not None else (0, 0)
+    geometry = dict(HAS_INDEX=index is not None, NUM_PREFIX=num_prefix_tokens, DOT_PRECISION=dot_precision(q.dtype),
+                    HEAD_DIM_PAD=config.head_dim_pad)
+    qk_scale_log2 = scale * LOG2E.value
+    _rpb_attention_fwd_kernel[(batch * heads * triton.cdiv(num_tokens, config.block_m),)](
+        q, k, v, table, index_arg, out, lse,
         *head_strides(q), *head_strides(k), *head_strides(v), *head_strides(out),
-        bias_table.stride(0), bias_table.stride(1),
-        index.stride(0) if index is not None else 0, index.stride(1) if index is not None else 0,
-        heads, num_tokens, head_dim, grid_size[0], grid_size[1], scale * LOG2E.value,
-        HAS_INDEX=index is not None, NUM_PREFIX=num_prefix_tokens, RETURN_CLS=cls_attention is not None,
-        DOT_PRECISION=dot_precision(q.dtype), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        HEAD_DIM_PAD=config.head_dim_pad, num_warps=config.num_warps, num_stages=config.num_stages)
+        table.stride(1), table.stride(0), *index_strides,
+        heads, num_tokens, head_dim, grid_size[0], grid_size[1], qk_scale_log2,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
+        **geometry)
     if cls_attention is not None:
+        cls_probs = torch.empty(batch, heads, num_tokens, device=q.device, dtype=torch.float32)
+        _cls_row_kernel[(batch * heads,)](
+            q, k, table, index_arg, lse, cls_probs, *head_strides(q), *head_strides(k),
+            table.stride(1), table.stride(0), *index_strides,
+            heads, num_tokens, head_dim, grid_size[0], grid_size[1], qk_scale_log2,
+            BLOCK_N=min(64, max(16, triton.next_power_of_2(num_tokens))), num_warps=4, num_stages=2, **geometry)
         torch.mean(cls_probs, dim=1, out=cls_attention)

@@ -1,0 +1,144 @@
+"""Compile every Triton kernel variant the launchers make at the shapes that train a ViT, for sm_90
+(H100/H200) and sm_80 (A100), as the JIT would (tests/jit_codegen.py), and print one JSON report.
+
+    TRITON_INTERPRET=0 python tests/codegen_report.py rpb_attention|sample_patches
+
+Each entry: op, kernel, arch, dtype, shape, variant, the launch grid, the tile constexprs,
+registers, spill (stack) bytes, tensor-core dots whose warps repeat work, fp16/bf16 row offsets
+computed in int32, and the wgmma count. Identical compilations (same kernel, specialisation and
+options) are compiled once. The codegen tests (test_rpb_attention.py, test_sample_patches.py)
+run this in a subprocess, because their own process runs Triton in the interpreter.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from jit_codegen import (capture_launches, compile_like_jit, count_instructions, int32_row_offsets,  # noqa: E402
+                         replicated_dots, resource_usage, specialisation)
+
+TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_compiled = {}
+
+
+@contextmanager
+def environment(name, value):
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = saved
+
+
+def describe(launch, arch, **labels):
+    """One report entry for a captured launch (compiling it unless an identical one was)."""
+    options, signature, constexprs, attrs = specialisation(launch, arch)
+    key = (launch.name, arch, repr(sorted(signature.items())), repr(sorted(constexprs.items())),
+           repr(sorted(attrs.items())), repr(sorted(options.__dict__.items())))
+    if key not in _compiled:
+        compiled = compile_like_jit(launch, arch)
+        _compiled[key] = dict(resource_usage(compiled), replicated_dots=replicated_dots(compiled.asm["ttgir"]),
+                              int32_row_offsets=int32_row_offsets(compiled.asm["ttgir"]),
+                              wgmma=count_instructions(compiled.asm["ptx"], "wgmma.mma_async"))
+    tiles = {name: value for name, value in launch.kwargs.items() if name.startswith("BLOCK") or name == "num_warps"}
+    folded = sorted(name for name, kind in signature.items() if kind == "constexpr" and name not in launch.kwargs)
+    meta = {name: value for name, value in launch.kwargs.items() if isinstance(value, (bool, int, str))}
+    return dict(labels, kernel=launch.name, arch=arch, grid=list(launch.grid), tiles=tiles, meta=meta,
+                folded_args=folded, **_compiled[key])
+
+
+# ----------------------------------------------------------------------------- rpb_attention
+
+RPB_CASES = [  # (arch, dtype, head dim, kept tokens n): ViT at 224 (14 x 14 grid), rho 0.2 / 0.4 / 1
+    *[(90, torch.bfloat16, 64, n) for n in (39, 79, 197)],
+    *[(90, torch.bfloat16, 128, n) for n in (39, 197)],
+    (90, torch.float16, 64, 197),
+    (90, torch.float32, 64, 197), (90, torch.float32, 128, 197),
+    (80, torch.bfloat16, 64, 197),
+]
+
+
+def rpb_attention_report(batch=256, heads=12):
+    from pss_kernels.ops.rpb_attention import triton_backward, triton_common, triton_forward
+    from pss_kernels.ops.rpb_attention.reference import bias_table_rows
+    grid_size, num_positions = (14, 14), 197
+    report = []
+    for arch, dtype, head_dim, num_tokens in RPB_CASES:
+        qkv = torch.empty(batch, num_tokens, 3, heads, head_dim, dtype=dtype)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # views of one qkv tensor, as a model makes them
+        table = torch.empty(bias_table_rows(grid_size), heads)
+        index = None if num_tokens == num_positions else torch.zeros(batch, num_tokens, dtype=torch.int64)
+        out = torch.empty(batch, num_tokens, heads, head_dim, dtype=dtype).permute(0, 2, 1, 3)
+        lse = torch.empty(batch, heads, num_tokens)
+        cls_attention = torch.empty(batch, num_tokens)
+        labels = dict(op="rpb_attention", dtype=TYPES[dtype], head_dim=head_dim, num_tokens=num_tokens,
+                      batch=batch, heads=heads, has_index=index is not None)
+        variants = [("forward", dict(cls=False)), ("forward+cls", dict(cls=True)), ("backward", {}),
+                    ("backward frozen table", dict(bias_grad=False)),
+                    ("backward deterministic", dict(deterministic=True))]
+        if index is None:
+            variants.append(("backward position-grid", dict(accumulator="position-grid")))
+        for variant, options in variants:
+            with capture_launches() as launches, environment("PSS_KERNELS_RPB_DBIAS", options.get("accumulator", "auto")):
+                if variant.startswith("forward"):
+                    triton_forward.rpb_attention_forward(q, k, v, table, index, grid_size, 1, head_dim ** -0.5, out,
+                                                         lse, cls_attention if options["cls"] else None)
+                else:
+                    triton_backward.rpb_attention_backward(out, q, k, v, table, index, out, lse, grid_size, 1,
+                                                           head_dim ** -0.5, options.get("deterministic", False),
+                                                           options.get("bias_grad", True))
+            report += [describe(launch, arch, variant=variant, **labels) for launch in launches]
+        if (arch, dtype, head_dim, index) == (90, torch.bfloat16, 64, None):
+            # The tile the forward had before: evidence that the checks below see what they claim.
+            table_entries, key = triton_common.tile_table("forward", head_dim, dtype, num_tokens)
+            saved, table_entries[key] = table_entries[key], (64, 64, 8)
+            try:
+                with capture_launches() as launches:
+                    triton_forward.rpb_attention_forward(q, k, v, table, index, grid_size, 1, head_dim ** -0.5, out,
+                                                         lse, None)
+            finally:
+                table_entries[key] = saved
+            (launch,) = launches
+            launch.kwargs["num_warps"] = 8  # as launched then, before tile_config fitted the warps to the tile
+            report.append(describe(launch, arch, variant="forward, former (64, 64, 8) tile", **labels))
+    return report
+
+
+# ----------------------------------------------------------------------------- sample_patches
+
+def sample_patches_report(batch=256):
+    from pss_kernels.ops.sample_patches import triton_sample
+    report = []
+    cases = [  # (arch, dtype, patches P, channels C, scorer, order): ViT-B at 224 / 384 / 512, DeiT-S, 1024 px
+        (90, torch.bfloat16, 196, 768, "l1", "score"), (90, torch.bfloat16, 196, 768, "l1", "spatial"),
+        (90, torch.float32, 196, 384, "l2", "score"), (90, torch.bfloat16, 576, 768, "l1", "score"),
+        (90, torch.float16, 1024, 768, "given", "spatial"), (90, torch.bfloat16, 4096, 768, "l1", "score"),
+        (80, torch.bfloat16, 196, 768, "l1", "score"), (80, torch.bfloat16, 576, 768, "l1", "score"),
+    ]
+    for arch, dtype, patches, channels, scorer, order in cases:
+        x = torch.empty(batch if patches < 4096 else 16, patches + 1, channels, dtype=dtype)
+        scores = torch.empty(x.shape[0], patches) if scorer == "given" else None
+        labels = dict(op="sample_patches", dtype=TYPES[dtype], patches=patches, channels=channels, scorer=scorer,
+                      order=order, itemsize=x.element_size())
+        with capture_launches() as launches:
+            triton_sample.sample_patches_forward(x, scores, (patches + 1) // 2, scorer, 1, order)
+            slot = torch.empty(x.shape[0], patches + 1, dtype=torch.int32)
+            triton_sample.sample_patches_backward(torch.empty(x.shape[0], (patches + 1) // 2, channels, dtype=dtype),
+                                                  slot, patches + 1)
+        report += [describe(launch, arch, variant="forward" if i < len(launches) - 1 else "backward", **labels)
+                   for i, launch in enumerate(launches)]
+    return report
+
+
+if __name__ == "__main__":
+    op = sys.argv[1]
+    print(json.dumps({"rpb_attention": rpb_attention_report, "sample_patches": sample_patches_report}[op]()))

@@ -1,0 +1,130 @@
+"""Read the GPU code of the Triton kernels without a GPU, as the JIT would compile it.
+
+`capture_launches()` replaces JITFunction.run for the duration, so calling a real launcher
+(e.g. rpb_attention_forward) with CPU tensors records each `kernel[grid](*args, **kwargs)` instead
+of running it. `compile_like_jit(launch, arch)` then compiles that launch for a CUDA target with the
+JIT's own argument specialisation (triton.runtime.jit's binder and _pack_args: pointers and ints
+divisible by 16 marked, ints equal to 1 folded into constants), so registers, spills and layouts
+are those of the code that runs, not of a hand-written all-i32 signature.
+
+Needs TRITON_INTERPRET unset (kernels decorated as JITFunction): the codegen tests run it in a
+subprocess (tests/codegen_report.py). Used from tests/ on sys.path.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import tempfile
+from typing import List, NamedTuple
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+class Launch(NamedTuple):
+    kernel: JITFunction
+    args: tuple
+    kwargs: dict
+    grid: tuple
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__
+
+
+@contextlib.contextmanager
+def capture_launches():
+    """Record every Triton kernel launch made inside the block (nothing runs)."""
+    launches: List[Launch] = []
+    real_run = JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append(Launch(self, args, dict(kwargs), tuple(grid)))
+
+    JITFunction.run = record
+    try:
+        yield launches
+    finally:
+        JITFunction.run = real_run
+
+
+def specialisation(launch: Launch, arch: int = 90):
+    """(options, signature, constexprs, attrs) exactly as JITFunction.run derives them for a launch."""
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(launch.kernel.signature, launch.kernel.params, backend)
+    kwargs = dict(launch.kwargs)
+    bound_args, specialization, options = binder(*launch.args, **kwargs)
+    return launch.kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+
+
+def compile_like_jit(launch: Launch, arch: int = 90):
+    options, signature, constexprs, attrs = specialisation(launch, arch)
+    return triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                          options=options.__dict__)
+
+
+def resource_usage(compiled) -> dict:
+    """{"registers": int, "stack_bytes": int} of a compiled kernel, read with the cuobjdump that ships
+    in Triton's NVIDIA backend (raises if it is missing: the codegen tests need the figures)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", cubin.name], capture_output=True,
+                               text=True, check=True).stdout
+    fields = dict(item.split(":", 1) for item in usage.split() if item.startswith(("REG:", "STACK:")))
+    return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"])}
+
+
+_MMA_LAYOUT = re.compile(r"^(#\w+) = #ttg\.nvidia_mma<\{versionMajor = (\d+), versionMinor = \d+, "
+                         r"warpsPerCTA = \[(\d+), (\d+)\], instrShape = \[(\d+), (\d+)(?:, \d+)?\]", re.M)
+_DOT = re.compile(r"(?:ttng\.warp_group_dot|tt\.dot) .*-> tensor<(\d+)x(\d+)x\w+, (#\w+)>")
+
+
+def replicated_dots(ttgir: str) -> List[dict]:
+    """Tensor-core dots whose warps cover more rows or columns than the dot has: those warps compute
+    the same elements again (e.g. warpsPerCTA = [8, 1] of 16-row warp tiles on a 64-row tile)."""
+    layouts = {m.group(1): tuple(int(g) for g in m.groups()[1:]) for m in _MMA_LAYOUT.finditer(ttgir)}
+    found = []
+    for match in _DOT.finditer(ttgir):
+        rows, cols, name = int(match.group(1)), int(match.group(2)), match.group(3)
+        if name not in layouts:  # an FMA dot (blocked layout): no warp tiles
+            continue
+        version, warps_m, warps_n, instr_m, instr_n = layouts[name]
+        if warps_m * instr_m > rows or warps_n * instr_n > cols:
+            found.append({"shape": [rows, cols], "warps": [warps_m, warps_n], "instr": [instr_m, instr_n],
+                          "mma_version": version})
+    return found
+
+
+_ROW_OFFSET_I32 = re.compile(r"tt\.addptr .*: tensor<\d+x1x!tt\.ptr<(?:bf16|f16)>, #\w+>, tensor<\d+x1xi32")
+
+
+def int32_row_offsets(ttgir: str) -> int:
+    """How many (rows x 1) tensors of fp16/bf16 pointers get int32 row offsets (row index * row stride
+    computed in 32 bits, which overflows for sequence-major layouts at large B * n)."""
+    return len(_ROW_OFFSET_I32.findall(ttgir))
+
+
+def count_instructions(ptx: str, mnemonic: str) -> int:
+    return len(re.findall(re.escape(mnemonic) + r"\b", ptx))
+
+
+def run_codegen_report(op: str, timeout: int = 1200) -> List[dict]:
+    """tests/codegen_report.py for `op` in a subprocess without the interpreter; its JSON report."""
+    import json
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9 warns without it; 3.6's default, explicitly
+    done = subprocess.run([sys.executable, os.path.join(here, "codegen_report.py"), op], cwd=os.path.dirname(here),
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise AssertionError(f"codegen_report.py {op} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
