@@ -1,15 +1,18 @@
 """PNG plot of an iter_time run (reads the run's JSON document).
 
 One row per model:
-  left   iteration time (ms, median; bars = interquartile range) vs keep rate rho, one line per
-         implementation, the plain-ViT baseline as a dashed horizontal line;
-  right  projected whole-run training time (hours) per schedule, one bar per implementation,
-         the baseline run as a dashed horizontal line.
+  left    iteration time (ms, median; bars = interquartile range) vs keep rate rho, one line per
+          implementation, the plain-ViT baseline as a dashed horizontal line;
+  middle  speed-up of pss over each peer (peer time / pss time) vs rho, 1 as a dashed line;
+  right   projected whole-run training time (hours) per schedule, one bar per implementation,
+          the baseline run as a dashed horizontal line.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
+
+from _iter_time_report import pss_speedups
 
 
 def plot_report(report: dict, path: Path) -> Optional[str]:
@@ -23,7 +26,7 @@ def plot_report(report: dict, path: Path) -> Optional[str]:
 
     config, results = report["config"], report["results"]
     models = config["models"]
-    fig, axes = plt.subplots(len(models), 2, figsize=(13, 4.5 * len(models)), squeeze=False)
+    fig, axes = plt.subplots(len(models), 3, figsize=(19, 4.5 * len(models)), squeeze=False)
     env = report["environment"]
     fig.suptitle(f"{report['label']}: training iteration time vs keep rate\n{env['device']} | torch {env['torch']}"
                  f" | triton {env['triton']} | CUDA {env['cuda']} | {config['amp']} | {env['date'][:10]}",
@@ -32,7 +35,8 @@ def plot_report(report: dict, path: Path) -> Optional[str]:
     colors = {impl: f"C{i}" for i, impl in enumerate(config["impls"])}
     for row, model in enumerate(models):
         _plot_iteration_times(axes[row][0], model, config, results, colors)
-        _plot_projection(axes[row][1], model, report["projection"], config["impls"], colors)
+        _plot_speedups(axes[row][1], model, report, colors)
+        _plot_projection(axes[row][2], model, report["projection"], config["impls"], colors)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -58,6 +62,19 @@ def _plot_iteration_times(ax, model: str, config: dict, results: list, colors: d
     ax.set_ylabel("iteration time (ms)")
     ax.set_ylim(bottom=0)
     ax.set_title(f"{model} @ {config['img_size']}px, batch {config['batch_sizes'][model]}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _plot_speedups(ax, model: str, report: dict, colors: dict) -> None:
+    for peer, row in pss_speedups(report, model).items():
+        points = sorted((rho, speedup) for rho, speedup in row.items() if speedup is not None)
+        if points:
+            ax.plot(*zip(*points), marker="o", color=colors[peer], label=f"over {peer}")
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="as fast as pss")
+    ax.set_xlabel("keep rate rho")
+    ax.set_ylabel("peer time / pss time (higher: pss faster)")
+    ax.set_title(f"{model}: speed-up of pss over each peer")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 

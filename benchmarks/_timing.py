@@ -53,13 +53,18 @@ def time_iterations(step: Callable[[], object], *, warmup: int, iters: int, devi
     Warm-up absorbs one-off costs (cuDNN/Triton autotuning, torch.compile, optimizer state
     allocation, the caching allocator growing to its working set).
     """
+    return TimingStats.from_samples(time_samples(step, warmup=warmup, iters=iters, device=device))
+
+
+def time_samples(step: Callable[[], object], *, warmup: int, iters: int, device: torch.device) -> List[float]:
+    """`time_iterations` without the summary: the `iters` per-call times in milliseconds, in order
+    (for callers that pool samples from several blocks, e.g. an interleaved run)."""
     if warmup < 0 or iters < 1:
         raise ValueError(f"need warmup >= 0 and iters >= 1, got warmup={warmup}, iters={iters}")
     device = torch.device(device)
     for _ in range(warmup):
         step()
     synchronize(device)
-    samples_ms: List[float] = []
     if device.type == "cuda":
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
@@ -68,13 +73,13 @@ def time_iterations(step: Callable[[], object], *, warmup: int, iters: int, devi
             step()
             end.record()
         synchronize(device)
-        samples_ms = [start.elapsed_time(end) for start, end in zip(starts, ends)]
-    else:
-        for _ in range(iters):
-            begin = time.perf_counter()
-            step()
-            samples_ms.append((time.perf_counter() - begin) * 1e3)
-    return TimingStats.from_samples(samples_ms)
+        return [start.elapsed_time(end) for start, end in zip(starts, ends)]
+    samples_ms: List[float] = []
+    for _ in range(iters):
+        begin = time.perf_counter()
+        step()
+        samples_ms.append((time.perf_counter() - begin) * 1e3)
+    return samples_ms
 
 
 def time_graph_replays(step: Callable[[], object], *, warmup: int, iters: int,

@@ -6,9 +6,16 @@
     impl      "pss" (rpb_attention; backend "triton" on CUDA, "torch" elsewhere),
               "pss-frozen-table" (the same with a table that needs no gradient: the backward
               skips the bias-gradient accumulation, so pss - pss-frozen-table is its cost),
-              "pss-dbias-slices" (keep rate 1 only: pss with PSS_KERNELS_RPB_DBIAS=slices, the
-              per-(image, head) table slices instead of the default position grid),
-              "eager" (a: dense per-image bias, eager softmax attention; the published path),
+              "pss-dbias-slices", "pss-dbias-position-grid", "pss-dbias-image-sum" (keep rate 1
+              only: pss with PSS_KERNELS_RPB_DBIAS=slices / position-grid / image-sum, the
+              bias-gradient accumulator of the Triton backward at index=None: per-(image, head)
+              table slices, the position grid, or images summed before one atomic; the torch
+              backend ignores the variable; an accumulator the kernels do not know makes the
+              row's error, and the run goes on),
+              "published" (a: eager softmax attention with the bias built as the PSS authors'
+              published code builds it: the full (N, N, H) bias copied per image, indexed twice),
+              "eager-index" (a': the same numbers, the dense per-image bias looked up once
+              through the indexed relative-position index),
               "sdpa-bias" (b: dense bias as attn_mask, SDPA EFFICIENT backend),
               "flex" (c: FlexAttention, score_mod gathering from a table that requires grad;
               compiled on CUDA), "sdpa-flash" (d: SDPA FLASH backend without any bias: the speed
@@ -19,8 +26,9 @@
     ms, q1_ms, q3_ms   median and quartiles over `iters` timed calls (benchmarks/_timing.py)
     peak_mem_mb        peak memory allocated during one call above what was allocated before it
                        (torch.cuda.max_memory_allocated, reset per case; None on CPU)
-    ms_vs_sdpa_flash, speedup_vs_eager, peak_mem_vs_sdpa_flash   ratios to peers of the same
-                       config and pass (None where a peer failed)
+    ms_vs_sdpa_flash, speedup_vs_published, speedup_vs_eager_index, peak_mem_vs_sdpa_flash
+                       ratios to peers of the same config and pass (speed-up: the peer's time /
+                       this row's; None where a peer failed)
     error     None, or "ExceptionType: message" when the impl cannot run here (rows are kept so
               a failure, e.g. of FlexAttention, is recorded rather than hidden), or why the case
               was skipped (the run's time budget was spent)
@@ -28,7 +36,8 @@
 The inputs match a training step under autocast: q, k, v in `dtype`, a float32 bias table,
 and for keep_rate < 1 the `index` that `sample_patches` returns for random tokens (score order).
 Issue-3 targets, forward+backward at n = 197, B = 256, bf16: pss <= 1.25x sdpa-flash, >= 3x
-faster than eager, faster than sdpa-bias and flex, peak memory within 10 % of sdpa-flash.
+faster than the eager peers (published and eager-index), faster than sdpa-bias and flex, peak
+memory within 10 % of sdpa-flash.
 """
 from __future__ import annotations
 
@@ -41,16 +50,23 @@ import torch.nn.functional as F
 
 from _timing import TimeBudget, dynamo_recompile_limit, time_iterations
 from pss_kernels import num_kept_tokens, rpb_attention, sample_patches
-from pss_kernels.ops.rpb_attention.peers import eager_rpb_attention, flex_rpb_attention, sdpa_bias_rpb_attention
+from pss_kernels.ops.rpb_attention.peers import (eager_index_rpb_attention, flex_rpb_attention, published_rpb_attention,
+                                                 sdpa_bias_rpb_attention)
 from pss_kernels.ops.rpb_attention.reference import bias_table_rows
 
 MODELS = {"vit_base": (12, 64), "deit_small": (6, 64)}  # name -> (heads, head_dim)
 KEEP_RATES = (0.2, 0.4, 0.6, 0.8, 1.0)  # N = 197: n = 39, 79, 118, 158, 197
-IMPLS = ("pss", "pss-frozen-table", "pss-dbias-slices", "eager", "sdpa-bias", "flex", "sdpa-flash")
+# pss with each bias-gradient accumulator of the Triton backward (PSS_KERNELS_RPB_DBIAS); the choice
+# exists at index=None only, so these rows run at keep rate 1.
+DBIAS_ACCUMULATORS = ("slices", "position-grid", "image-sum")
+DBIAS_IMPLS = tuple(f"pss-dbias-{name}" for name in DBIAS_ACCUMULATORS)
+IMPLS = ("pss", "pss-frozen-table", *DBIAS_IMPLS, "published", "eager-index", "sdpa-bias", "flex", "sdpa-flash")
 # Implementations measured under extra environment variables (read by the kernels' launchers),
-# and the keep rates they apply to (None: all).
-IMPL_ENVIRONMENT = {"pss-dbias-slices": {"PSS_KERNELS_RPB_DBIAS": "slices"}}
-IMPL_KEEP_RATES = {"pss-dbias-slices": (1.0,)}  # the accumulator choice exists at index=None only
+# and the keep rates they apply to (not listed: all).
+IMPL_ENVIRONMENT = {impl: {"PSS_KERNELS_RPB_DBIAS": name} for impl, name in zip(DBIAS_IMPLS, DBIAS_ACCUMULATORS)}
+IMPL_KEEP_RATES = {impl: (1.0,) for impl in DBIAS_IMPLS}
+# The eager peers the speed-up columns are taken against.
+SPEEDUP_PEERS = {"published": "speedup_vs_published", "eager-index": "speedup_vs_eager_index"}
 # FlexAttention is compiled with static shapes, once per (B, n, H): the issue's grid has 40 of them
 # (see _timing.dynamo_recompile_limit). Each new shape costs a compile (~10-30 s).
 FLEX_RECOMPILE_LIMIT = 128
@@ -118,8 +134,9 @@ def _attention_fns(device: torch.device) -> Dict[str, Callable]:
     return {
         "pss": pss,
         "pss-frozen-table": pss_frozen_table,
-        "pss-dbias-slices": pss,  # under IMPL_ENVIRONMENT
-        "eager": peer(eager_rpb_attention),
+        **{impl: pss for impl in DBIAS_IMPLS},  # under IMPL_ENVIRONMENT
+        "published": peer(published_rpb_attention),
+        "eager-index": peer(eager_index_rpb_attention),
         "sdpa-bias": with_sdpa("EFFICIENT_ATTENTION", peer(sdpa_bias_rpb_attention)),
         "flex": lambda q, k, v, table, index, grid_size: flex_rpb_attention(
             q, k, v, table, index, grid_size=grid_size, kernel_options=flex_options),
@@ -194,7 +211,7 @@ def _run(device: torch.device, dtype: torch.dtype, configs: List[dict], warmup: 
          impls: tuple, budget: TimeBudget) -> List[dict]:
     fns = _attention_fns(device)
     backends = {"pss": _pss_backend(device), "pss-frozen-table": _pss_backend(device),
-                "pss-dbias-slices": _pss_backend(device),
+                **{impl: _pss_backend(device) for impl in DBIAS_IMPLS},
                 "sdpa-bias": "EFFICIENT_ATTENTION", "sdpa-flash": "FLASH_ATTENTION",
                 "flex": (_flex_kernel_options() or {}).get("BACKEND", "default")}
     generator = torch.Generator(device=device).manual_seed(0)
@@ -203,7 +220,12 @@ def _run(device: torch.device, dtype: torch.dtype, configs: List[dict], warmup: 
         if budget.spent():
             rows += _skipped_rows(config, impls, backends, dtype, budget.skip_reason())
             continue
-        args = _inputs(config, device, dtype, generator)
+        try:
+            args = _inputs(config, device, dtype, generator)
+        except Exception as err:  # e.g. out of memory for the inputs: every row of the config says so
+            rows += _skipped_rows(config, impls, backends, dtype, f"making the inputs failed: {_error_text(err)}")
+            _empty_cache(device)
+            continue
         case = _case(config, dtype)
         by_impl = {}
         for impl in impls_for(config, impls):
@@ -217,23 +239,32 @@ def _run(device: torch.device, dtype: torch.dtype, configs: List[dict], warmup: 
                 try:
                     with _environment(IMPL_ENVIRONMENT.get(impl, {})):
                         row.update(_measure(_step(fns[impl], args, pass_name != "forward"), device, warmup, iters))
-                except Exception as err:  # recorded, not raised: one failing peer must not end the run
-                    row.update(ms=None, q1_ms=None, q3_ms=None, peak_mem_mb=None,
-                               error=f"{type(err).__name__}: {str(err)[:500]}")
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                except Exception as err:  # recorded, not raised: one failing row must not end the run
+                    row.update(ms=None, q1_ms=None, q3_ms=None, peak_mem_mb=None, error=_error_text(err))
+                    _empty_cache(device)
                 by_impl[impl, pass_name] = row
                 rows.append(row)
         for (impl, pass_name), row in by_impl.items():
             flash = by_impl.get(("sdpa-flash", pass_name), {})
-            eager = by_impl.get(("eager", pass_name), {})
             row["ms_vs_sdpa_flash"] = _ratio(row["ms"], flash.get("ms"))
-            row["speedup_vs_eager"] = _ratio(eager.get("ms"), row["ms"])
+            for peer, key in SPEEDUP_PEERS.items():
+                row[key] = _ratio(by_impl.get((peer, pass_name), {}).get("ms"), row["ms"])
             row["peak_mem_vs_sdpa_flash"] = _ratio(row["peak_mem_mb"], flash.get("peak_mem_mb"))
         del args
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # the next config's peak memory starts from a clean pool
+        _empty_cache(device)  # the next config's peak memory starts from a clean pool
     return rows
+
+
+def _error_text(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err)[:500]}"
+
+
+def _empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        try:
+            torch.cuda.empty_cache()
+        except Exception:  # a sticky CUDA error: the next row records it as its own error
+            pass
 
 
 def impls_for(config: dict, impls: Iterable[str]) -> List[str]:
@@ -265,6 +296,6 @@ def _case(config: dict, dtype: torch.dtype) -> dict:
 
 def _skipped_rows(config: dict, impls: tuple, backends: dict, dtype: torch.dtype, reason: str) -> List[dict]:
     return [dict(_case(config, dtype), impl=impl, backend=backends.get(impl), ms=None, q1_ms=None, q3_ms=None,
-                 peak_mem_mb=None, error=reason, ms_vs_sdpa_flash=None, speedup_vs_eager=None,
+                 peak_mem_mb=None, error=reason, ms_vs_sdpa_flash=None, **{key: None for key in SPEEDUP_PEERS.values()},
                  peak_mem_vs_sdpa_flash=None, **{"pass": pass_name})
             for impl in impls_for(config, impls) for pass_name in PASSES]

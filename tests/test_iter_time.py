@@ -13,9 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # the benchmark scripts import their helpers as top-level modules
 
-from _iter_time_report import evaluate_targets  # noqa: E402
+from _iter_time_report import evaluate_targets, format_timing_table, pss_speedups  # noqa: E402
 from _projection import mean_iteration_time, project_run, steps_per_epoch, time_at  # noqa: E402
-from _timing import TimingStats, time_iterations  # noqa: E402
+from _timing import TimingStats, time_iterations, time_samples  # noqa: E402
 
 from pss_kernels.schedules import build_schedule  # noqa: E402
 
@@ -83,6 +83,9 @@ def test_time_iterations_runs_warmup_then_timed_iterations():
     assert len(calls) == 7 and stats.iters == 4 and stats.q1_ms <= stats.median_ms <= stats.q3_ms
     with pytest.raises(ValueError, match="iters"):
         time_iterations(lambda: None, warmup=0, iters=0, device=torch.device("cpu"))
+    calls.clear()
+    samples = time_samples(lambda: calls.append(1), warmup=1, iters=3, device=torch.device("cpu"))
+    assert len(calls) == 4 and len(samples) == 3 and all(sample >= 0 for sample in samples)
 
 
 # ----------------------------------------------------------------------------- target verdicts
@@ -95,8 +98,9 @@ def test_targets_pass_and_miss_from_hand_made_results():
     report = {
         "config": {"models": ["vit_base"], "img_size": 224, "keep_rates": [1.0, 0.6, 0.2]},
         "results": [_result("baseline", 1.0, 100.0), _result("pss", 1.0, 104.0), _result("pss", 0.6, 50.0),
-                    _result("pss", 0.2, 26.0), _result("eager", 1.0, 120.0), _result("eager", 0.6, 60.0),
-                    _result("eager", 0.2, 52.0)],
+                    _result("pss", 0.2, 26.0), _result("published", 1.0, 120.0), _result("published", 0.6, 80.0),
+                    _result("published", 0.2, 78.0), _result("eager-index", 1.0, 120.0),
+                    _result("eager-index", 0.6, 60.0), _result("eager-index", 0.2, 52.0)],
         "projection": {"models": {"vit_base": {"schedules": [
             {"spec": "cyclic:0.2,1.0", "impls": {"pss": {"ratio_vs_baseline": 0.70}}}]}}},
     }
@@ -104,13 +108,17 @@ def test_targets_pass_and_miss_from_hand_made_results():
     assert verdicts == {
         "ViT-B/224 pss: t(rho=0.2) / t(rho=1)": (pytest.approx(0.25), "PASS"),
         "ViT-B/224 pss rho=1 / plain-ViT baseline": (pytest.approx(1.04), "PASS"),
-        "ViT-B/224 speed-up of pss over eager at rho=0.6": (pytest.approx(1.2), "MISS"),
-        "ViT-B/224 speed-up of pss over eager at rho=0.2": (pytest.approx(2.0), "PASS"),
+        "ViT-B/224 speed-up of pss over published at rho=0.6": (pytest.approx(1.6), "PASS"),
+        "ViT-B/224 speed-up of pss over published at rho=0.2": (pytest.approx(3.0), "PASS"),
+        "ViT-B/224 speed-up of pss over eager-index at rho=0.6": (pytest.approx(1.2), "MISS"),
+        "ViT-B/224 speed-up of pss over eager-index at rho=0.2": (pytest.approx(2.0), "PASS"),
         "ViT-B/224 projected Cyclic(0.2, 1.0) run / baseline run (pss)": (pytest.approx(0.70), "MISS"),
     }
-    report["results"] = [r for r in report["results"] if r["impl"] != "eager"]
-    statuses = [t["status"] for t in evaluate_targets(report) if "eager" in t["name"]]
-    assert statuses and all(status.startswith("n/a") for status in statuses)
+    report["results"] = [r for r in report["results"] if r["impl"] != "eager-index"]
+    statuses = {t["name"]: t["status"] for t in evaluate_targets(report) if "over" in t["name"]}
+    assert [status for name, status in statuses.items() if "eager-index" in name] == ["n/a (eager-index or pss "
+                                                                                      "not measured)"] * 2
+    assert [status for name, status in statuses.items() if "published" in name] == ["PASS", "PASS"]
     report["config"]["img_size"] = 384
     assert evaluate_targets(report) == []
 
@@ -131,33 +139,50 @@ def run_cli(out_dir: Path, *flags: str):
 
 
 def test_cli_smoke_run_writes_json_and_png(tmp_path):
+    from pss_kernels.ops.rpb_attention.peers import flex_training_unavailable
+
     stdout, stderr, report = run_cli(
-        tmp_path, "--device", "cpu", "--models", "deit_tiny", "--img-size", "32", "--batch-size", "2", "--warmup", "1",
-        "--iters", "2", "--keep-rates", "1.0,0.5", "--impls", "pss", "eager", "--schedules", "fixed:0.6",
-        "cyclic:0.2,1.0", "--epochs", "3", "--dataset-images", "1000")
-    assert "CPU smoke run" in stdout and "[5/5]" in stderr
-    assert {"benchmark", "run_kind", "label", "environment", "config", "implementations", "results", "errors",
-            "projection", "targets", "plot"} <= set(report)
+        tmp_path, "--smoke", "--device", "cpu", "--models", "deit_tiny", "--img-size", "32", "--batch-size", "2",
+        "--warmup", "1", "--iters", "2", "--keep-rates", "1.0,0.5", "--impls", "pss", "published", "eager-index",
+        "flex", "--schedules", "fixed:0.6", "cyclic:0.2,1.0", "--epochs", "3", "--dataset-images", "1000")
+    flex_reason = flex_training_unavailable(torch.device("cpu"))
+    impls = ["pss", "published", "eager-index"] + ([] if flex_reason else ["flex"])
+    assert "CPU smoke run" in stdout and f"[{1 + 2 * len(impls)}/{1 + 2 * len(impls)}]" in stderr
+    assert {"benchmark", "run_kind", "label", "environment", "config", "implementations", "unavailable", "results",
+            "errors", "projection", "targets", "plot"} <= set(report)
     assert report["run_kind"] == "cpu-smoke" and "CPU smoke run" in report["label"]
     assert report["targets"] == [] and report["errors"] == []
     assert {"device", "torch", "triton", "cuda", "date"} <= set(report["environment"])
     assert report["config"]["batch_sizes"] == {"deit_tiny": 2} and report["config"]["keep_rates"] == [1.0, 0.5]
+    assert report["config"]["impls"] == impls and report["config"]["rounds"] == 2  # at most one per iteration
+    if flex_reason:  # FlexAttention has no CPU backward in this torch: said once, with the reason, no error rows
+        assert report["unavailable"] == {"flex": flex_reason}
+        assert stdout.count("Not measured: flex") == 1 and stdout.count(flex_reason) == 1
+        assert stderr.count(flex_reason) == 1
+    else:
+        assert report["unavailable"] == {}
 
     cases = {(r["impl"], r["keep_rate"]): r for r in report["results"]}
-    assert set(cases) == {("baseline", 1.0), ("pss", 1.0), ("pss", 0.5), ("eager", 1.0), ("eager", 0.5)}
+    assert set(cases) == {("baseline", 1.0)} | {(impl, rate) for impl in impls for rate in (1.0, 0.5)}
     baseline = cases[("baseline", 1.0)]["median_ms"]
     for (impl, keep_rate), case in cases.items():
-        assert case["error"] is None and case["iters"] == 2 and case["q1_ms"] <= case["median_ms"] <= case["q3_ms"]
+        assert case["error"] is None and case["iters"] == 2 and case["rounds"] == 2
+        assert case["q1_ms"] <= case["median_ms"] <= case["q3_ms"]
         assert case["ratio_vs_baseline"] == pytest.approx(case["median_ms"] / baseline)
         assert case["ratio_vs_rho1"] == pytest.approx(case["median_ms"] / cases[(impl, 1.0)]["median_ms"])
         assert case["tokens"] == (5 if keep_rate == 1.0 else 2)  # grid 2x2 + CLS; max(2, round(0.5 * 5))
     assert cases[("pss", 0.5)]["backends"] == {"sample_patches": "torch", "rpb_attention": "torch"}
     assert cases[("pss", 1.0)]["backends"] == {"sample_patches": None, "rpb_attention": "torch"}
+    speedups = pss_speedups(report, "deit_tiny")
+    assert set(speedups) == set(impls) - {"pss"}
+    assert speedups["published"][0.5] == pytest.approx(cases[("published", 0.5)]["median_ms"]
+                                                       / cases[("pss", 0.5)]["median_ms"])
+    assert "over published" in stdout and "over eager-index" in stdout
 
     block = report["projection"]["models"]["deit_tiny"]
     assert report["projection"]["epochs"] == 3 and block["steps_per_epoch"] == 500 and block["total_steps"] == 1500
     fixed = block["schedules"][0]
-    assert fixed["spec"] == "fixed:0.6" and fixed["shares"] == {"0.6": 1.0}
+    assert fixed["spec"] == "fixed:0.6" and fixed["shares"] == {"0.6": 1.0} and set(fixed["impls"]) == set(impls)
     pss = fixed["impls"]["pss"]
     expected_ms = (cases[("pss", 0.5)]["median_ms"] + 0.2 * (cases[("pss", 1.0)]["median_ms"]
                                                               - cases[("pss", 0.5)]["median_ms"]))
@@ -168,16 +193,89 @@ def test_cli_smoke_run_writes_json_and_png(tmp_path):
     assert "outside the measured keep rates" in cyclic["error"]
 
 
-def test_cpu_runs_default_to_the_smoke_configuration_outside_benchmarks_results():
+class FakeTimer:
+    """Stands in for _timing.time_samples: records which case each block belongs to (from the step's
+    model), returns distinct fake samples, and can declare the time budget spent after some blocks."""
+
+    def __init__(self, spend_after=None):
+        self.blocks, self.spend_after = [], spend_after
+
+    def __call__(self, step, *, warmup, iters, device):
+        model = step.model
+        impl = model.blocks[0].attn.impl if model.rpb else "baseline"
+        self.blocks.append((impl, model.keep_rate, warmup, iters))
+        return [float(10 * len(self.blocks) + i) for i in range(iters)]
+
+    def spent(self, budget):
+        return self.spend_after is not None and len(self.blocks) >= self.spend_after
+
+
+def fake_run(monkeypatch, timer, *flags):
+    import iter_time
+
+    monkeypatch.setattr(iter_time, "time_samples", timer)
+    monkeypatch.setattr(iter_time.TimeBudget, "spent", lambda budget: timer.spent(budget))
+    args = iter_time.parse_args(["--device", "cpu", "--models", "deit_tiny", "--img-size", "32", "--batch-size",
+                                 "1", "--keep-rates", "1.0,0.5", "--impls", "pss,eager-index", *flags])
+    return iter_time.run(args)
+
+
+def test_cases_are_interleaved_round_by_round(monkeypatch):
+    timer = FakeTimer()
+    report = fake_run(monkeypatch, timer, "--warmup", "2", "--iters", "7", "--rounds", "3")
+    order = [("baseline", 1.0), ("pss", 1.0), ("pss", 0.5), ("eager-index", 1.0), ("eager-index", 0.5)]
+    assert [(impl, rate) for impl, rate, _, _ in timer.blocks] == order * 3
+    # Warm-up before each case's first block only; 7 iterations spread over 3 rounds as 3, 2, 2.
+    assert [(warmup, iters) for _, _, warmup, iters in timer.blocks] == [(2, 3)] * 5 + [(0, 2)] * 10
+    for position, result in enumerate(report["results"]):
+        assert (result["impl"], result["keep_rate"]) == order[position]
+        samples = ([10 * (position + 1) + i for i in range(3)] + [10 * (position + 6) + i for i in range(2)]
+                   + [10 * (position + 11) + i for i in range(2)])
+        assert result["iters"] == 7 and result["rounds"] == 3 and result["error"] is None
+        assert result["median_ms"] == pytest.approx(float(sorted(samples)[3]))
+
+
+def test_a_budget_spent_mid_run_keeps_the_rounds_each_case_got(monkeypatch):
+    timer = FakeTimer(spend_after=7)
+    report = fake_run(monkeypatch, timer, "--iters", "3", "--time-budget", "1000")
+    assert [r["rounds"] for r in report["results"]] == [2, 2, 1, 1, 1] and report["errors"] == []
+    timer = FakeTimer(spend_after=3)
+    report = fake_run(monkeypatch, timer, "--iters", "3", "--time-budget", "1000")
+    assert [r["rounds"] for r in report["results"]] == [1, 1, 1, None, None]
+    assert [r["impl"] for r in report["results"] if r["error"]] == ["eager-index", "eager-index"]
+    assert all(r["error"].startswith("skipped: the run's time budget") for r in report["results"][3:])
+
+
+def test_round_sizes_spread_the_iterations():
+    import iter_time
+
+    assert iter_time.round_sizes(50, 5) == [10] * 5 and iter_time.round_sizes(7, 3) == [3, 2, 2]
+    assert iter_time.round_sizes(8, 8) == [1] * 8 and sum(iter_time.round_sizes(11, 4)) == 11
+
+
+def test_timing_table_reads_files_written_before_rounds_existed():
+    report = {"config": {"models": ["vit_base"], "img_size": 224, "batch_sizes": {"vit_base": 128}, "amp": "bf16",
+                         "iters": 50, "warmup": 10, "keep_rates": [1.0], "impls": ["pss"]},
+              "results": []}
+    assert "median of 50 iterations after 10 warm-up" in format_timing_table(report)
+    report["config"]["rounds"] = 5
+    assert "median of 50 iterations in 5 interleaved rounds after 10 warm-up" in format_timing_table(report)
+
+
+def test_cpu_default_is_deit_tiny_at_224_interleaved_outside_benchmarks_results():
     import iter_time
 
     args = iter_time.parse_args(["--device", "cpu"])
-    assert args.smoke and args.models == ["deit_tiny"] and args.img_size == 64 and args.amp == "none"
+    assert not args.smoke and args.models == ["deit_tiny"] and args.img_size == 224 and args.amp == "none"
+    assert args.batch_sizes == {"deit_tiny": 16} and args.rounds == args.iters == 8 and args.warmup == 1
     assert args.adamw == "foreach" and not args.compile
     assert iter_time.parse_args(["--device", "cpu", "--adamw", "fused", "--compile"]).adamw == "fused"
-    assert args.batch_sizes == {"deit_tiny": iter_time.SMOKE_BATCH_SIZE}
     assert args.out_dir == Path("runs") / "iter_time" and args.out_dir.resolve() != iter_time.RESULTS_DIR
-    assert iter_time.run_label(args).startswith("CPU smoke run")
+    assert iter_time.run_kind(args) == "cpu" and iter_time.run_label(args).startswith("CPU run")
+    smoke = iter_time.parse_args(["--device", "cpu", "--smoke"])
+    assert smoke.img_size == 64 and smoke.batch_sizes == {"deit_tiny": iter_time.SMOKE_BATCH_SIZE}
+    assert iter_time.run_kind(smoke) == "cpu-smoke" and smoke.out_dir == args.out_dir
+    assert iter_time.parse_args(["--device", "cpu", "--iters", "3"]).rounds == 3
     explicit = iter_time.parse_args(["--device", "cpu", "--models", "vit_base,deit_small", "--batch-size", "4"])
     assert explicit.models == ["vit_base", "deit_small"] and explicit.batch_sizes == {"vit_base": 4, "deit_small": 4}
 
@@ -186,7 +284,7 @@ def test_spent_time_budget_reports_every_case_as_skipped():
     import iter_time
 
     args = iter_time.parse_args(["--device", "cpu", "--img-size", "32", "--keep-rates", "1.0,0.5",
-                                 "--impls", "pss,eager", "--time-budget", "0.000001"])
+                                 "--impls", "pss,eager-index", "--time-budget", "0.000001"])
     report = iter_time.run(args)
     assert len(report["results"]) == 5 and len(report["errors"]) == 5  # baseline + 2 impls x 2 rates
     assert all(r["median_ms"] is None and r["error"].startswith("skipped: the run's time budget")
@@ -225,7 +323,7 @@ def test_gpu_defaults_ask_for_the_kernels(monkeypatch):
 @pytest.mark.cuda
 def test_cli_gpu_smoke_run_uses_the_kernels(tmp_path):
     _, _, report = run_cli(tmp_path, "--smoke", "--device", "cuda", "--warmup", "2", "--iters", "3",
-                           "--impls", "pss", "eager", "sdpa-bias", "--epochs", "1")
+                           "--impls", "pss", "published", "eager-index", "sdpa-bias", "--epochs", "1")
     assert report["run_kind"] == "cuda-smoke" and report["errors"] == []
     sampled = [r for r in report["results"] if r["impl"] == "pss" and r["keep_rate"] < 1.0]
     assert sampled and all(r["backends"]["sample_patches"] in ("triton", "cuda") and
@@ -240,6 +338,8 @@ def test_cli_gpu_smoke_run_uses_the_kernels(tmp_path):
     (["--models", "resnet50"], "--models: unknown model 'resnet50'"),
     (["--img-size", "30"], "--img-size"),
     (["--iters", "0"], "--iters"),
+    (["--rounds", "0"], "--rounds"),
+    (["--iters", "2", "--rounds", "3"], "--rounds: at most --iters (2)"),
     (["--batch-size", "0"], "--batch-size"),
     (["--schedules", "sawtooth:0.2"], "--schedules"),
     (["--backend", "opencl"], "--backend"),

@@ -93,7 +93,8 @@ def test_keep_rate_one_skips_the_sampler_and_equals_the_unsampled_path():
     torch.testing.assert_close(expected, reference, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("attn_impl,sampler_impl", [("pss", "pss"), ("eager", "eager"), ("sdpa-bias", "pss")])
+@pytest.mark.parametrize("attn_impl,sampler_impl", [("pss", "pss"), ("published", "eager"), ("eager-index", "eager"),
+                                                   ("sdpa-bias", "pss")])
 @pytest.mark.parametrize("keep_rate", [0.8, 0.5, 0.2])
 def test_sampled_rpb_path_matches_hand_built_reference(keep_rate, attn_impl, sampler_impl):
     model = tiny_model(attn_impl=attn_impl, sampler_impl=sampler_impl).eval()

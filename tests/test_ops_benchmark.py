@@ -37,9 +37,16 @@ def test_cli_on_cpu_writes_json_and_plot(tmp_path):
     assert all(r["ms"] > 0 and r["error"] is None for r in sampling)
     assert all(r["graph_ms"] is None for r in sampling)  # CUDA graphs exist on CUDA only
     assert {r["impl"] for r in attention} == set(bench_rpb_attention.IMPLS)
-    for variant in ("pss-frozen-table", "pss-dbias-slices"):
+    for variant in ("pss-frozen-table", *bench_rpb_attention.DBIAS_IMPLS):  # torch backend: the variable is unused
         rows = [r for r in attention if r["impl"] == variant]
         assert rows and all(r["ms"] > 0 for r in rows), variant
+    for peer in ("published", "eager-index"):
+        rows = [r for r in attention if r["impl"] == peer]
+        assert rows and all(r["ms"] > 0 and r["error"] is None for r in rows), peer
+    key = {r["keep_rate"]: r for r in attention if r["impl"] == "pss" and r["pass"] == "forward+backward"}
+    published = {r["keep_rate"]: r for r in attention if r["impl"] == "published" and r["pass"] == "forward+backward"}
+    assert key[0.5]["speedup_vs_published"] == pytest.approx(published[0.5]["ms"] / key[0.5]["ms"])
+    assert "vs publ" in stdout and "vs e-idx" in stdout
     assert report["targets"] == []  # the targets are for the GPU shapes
     assert len(list(tmp_path.glob("ops_*.png"))) == 1
 
@@ -107,6 +114,63 @@ def test_sampling_benchmark_records_a_failing_backend_instead_of_stopping(monkey
     assert all(r["ms"] is None and "kernel exploded" in r["error"] and r["speedup_vs_eager"] is None
                for r in broken_rows)
     assert all(r["ms"] > 0 and r["speedup_vs_eager"] == 1.0 for r in rows if r["impl"] == "eager")
+
+
+def test_rpb_benchmark_runs_each_dbias_row_under_its_accumulator_and_survives_failing_rows(monkeypatch):
+    """pss-dbias-<name> runs pss with PSS_KERNELS_RPB_DBIAS=<name>; a row that raises (an accumulator
+    the kernels do not know yet, a broken peer) is recorded with its error and the run goes on."""
+    seen = []
+    real = bench_rpb_attention._attention_fns
+
+    def fns(device):
+        impls = real(device)
+
+        def pss(*args):
+            choice = os.environ.get("PSS_KERNELS_RPB_DBIAS")
+            seen.append(choice)
+            if choice == "image-sum":
+                raise ValueError("PSS_KERNELS_RPB_DBIAS must be one of ('auto', 'slices', 'position-grid')")
+            return impls["pss"](*args)
+
+        def broken(*args):
+            raise RuntimeError("peer exploded")
+
+        return {**impls, **{impl: pss for impl in bench_rpb_attention.DBIAS_IMPLS}, "published": broken}
+
+    monkeypatch.setattr(bench_rpb_attention, "_attention_fns", fns)
+    monkeypatch.delenv("PSS_KERNELS_RPB_DBIAS", raising=False)
+    rows = bench_rpb_attention.run("cpu", torch.float32, warmup=0, iters=1)
+    assert "PSS_KERNELS_RPB_DBIAS" not in os.environ  # restored after every row, failing ones included
+    assert set(seen) == {"slices", "position-grid", "image-sum"}
+    by_impl = {}
+    for row in rows:
+        by_impl.setdefault(row["impl"], []).append(row)
+    assert {r["keep_rate"] for impl in bench_rpb_attention.DBIAS_IMPLS for r in by_impl[impl]} == {1.0}
+    assert all(r["ms"] is None and r["error"].startswith("ValueError: PSS_KERNELS_RPB_DBIAS")
+               for r in by_impl["pss-dbias-image-sum"])
+    assert all(r["ms"] is None and "peer exploded" in r["error"] for r in by_impl["published"])
+    assert all(r["speedup_vs_published"] is None for r in rows)
+    for impl in ("pss", "pss-frozen-table", "pss-dbias-slices", "pss-dbias-position-grid", "eager-index",
+                 "sdpa-flash"):
+        assert by_impl[impl] and all(r["ms"] > 0 and r["error"] is None for r in by_impl[impl]), impl
+    assert all(r["speedup_vs_eager_index"] is not None for r in by_impl["pss"])
+
+
+def rpb_row(impl, ms, **changes):
+    row = dict(model="vit_base", batch=256, num_tokens=197, impl=impl, ms=ms, ms_vs_sdpa_flash=1.2,
+               speedup_vs_published=None, speedup_vs_eager_index=None, peak_mem_vs_sdpa_flash=1.05,
+               **{"pass": "forward+backward"})
+    row.update(changes)
+    return row
+
+
+def test_rpb_targets_judge_pss_against_both_eager_peers():
+    rows = [rpb_row("pss", 1.0, speedup_vs_published=4.0, speedup_vs_eager_index=2.5), rpb_row("sdpa-bias", 2.0),
+            rpb_row("flex", 0.5)]
+    verdicts = {name.split(": ", 1)[1]: met for name, _, met in ops.rpb_targets(rows)}
+    assert verdicts == {"time vs sdpa-flash <= 1.25x": True, "speed-up vs published >= 3x": True,
+                        "speed-up vs eager-index >= 3x": False, "faster than sdpa-bias (sdpa-bias ms / pss ms > 1)": True,
+                        "faster than flex (flex ms / pss ms > 1)": False, "peak memory vs sdpa-flash <= 1.10x": True}
 
 
 def test_tile_sweep_harness_in_the_interpreter(tmp_path):

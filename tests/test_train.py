@@ -19,7 +19,7 @@ from pss_kernels import evaluate as evaluate_cli
 from pss_kernels.train import CheckpointError, TrainConfig, Trainer, load_checkpoint, save_checkpoint
 from pss_kernels.train.__main__ import main as train_main
 from pss_kernels.train.checkpoint import capture_rng_state, restore_rng_state
-from pss_kernels.train.config import parse_config
+from pss_kernels.train.config import config_from_dict, config_to_dict, parse_config
 from pss_kernels.train.data import build_dataset, digits_split
 from pss_kernels.train.distributed import DistInfo, ShardedSampler
 from pss_kernels.train.optim import warmup_cosine_factor
@@ -271,14 +271,23 @@ def test_warmup_cosine_learning_rate():
 
 def test_command_line_flags():
     config = parse_config(["--model", "vit_base", "--no-rpb", "--abs-pos-embed", "--schedule", "fixed:0.6",
-                           "--epochs", "3", "--ema-decay", "0.999", "--precision", "bf16", "--attn-impl", "eager",
+                           "--epochs", "3", "--ema-decay", "0.999", "--precision", "bf16", "--attn-impl", "published",
                            "--layer-scale-init", "0", "--stop-at-step", "5"])
     assert (config.model, config.rpb, config.abs_pos_embed, config.schedule, config.epochs) == (
         "vit_base", False, True, "fixed:0.6", 3)
     assert (config.ema_decay, config.precision, config.attn_impl, config.layer_scale_init, config.stop_at_step) == (
-        0.999, "bf16", "eager", 0.0, 5)
+        0.999, "bf16", "published", 0.0, 5)
     with pytest.raises(SystemExit):
         parse_config(["--attn-impl", "fast"])
+    with pytest.raises(SystemExit):
+        parse_config(["--attn-impl", "eager"])  # renamed eager-index (issue 9)
+
+
+def test_checkpoint_configs_with_the_old_eager_attn_impl_still_load():
+    old = {**config_to_dict(TrainConfig()), "attn_impl": "eager"}
+    assert config_from_dict(old).attn_impl == "eager-index"
+    assert old["attn_impl"] == "eager"  # the checkpoint's own dict is left as it was
+    assert config_from_dict({**old, "attn_impl": "published"}).attn_impl == "published"
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -20,11 +20,12 @@ import torch
 from torch import nn
 
 from .._checks import check_choice, check_keep_rate
-from ..ops.sample_patches.module import PatchSampler
+from ..ops.rpb_attention.module import IMPLS as RELPOS_IMPLS
+from ..ops.sample_patches.module import IMPLS as SAMPLER_IMPLS, PatchSampler
 from .layers import Block, PatchEmbed
 
-ATTN_IMPLS = ("pss", "eager", "sdpa-bias", "flex")
-SAMPLER_IMPLS = ("pss", "eager")
+# "pss" = the package's kernels; the others are the peers they are measured against (peers.py).
+ATTN_IMPLS = tuple(RELPOS_IMPLS)
 
 
 class VisionTransformer(nn.Module):

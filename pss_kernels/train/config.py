@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--scorer", choices=("l1", "l2", "random"), default=defaults.scorer,
                        help="patch scoring: L1 magnitude (PSS), L2, or random (PatchDropout)")
     model.add_argument("--attn-impl", choices=ATTN_IMPLS, default=defaults.attn_impl,
-                       help="pss: fused rpb_attention; eager / sdpa-bias / flex: the peers it is measured against")
+                       help="pss: fused rpb_attention; published (the PSS authors' bias construction) / eager-index / "
+                            "sdpa-bias / flex: the peers it is measured against")
     model.add_argument("--sampler-impl", choices=SAMPLER_IMPLS, default=defaults.sampler_impl,
                        help="pss: fused sample_patches; eager: the published argsort + gather path")
     model.add_argument("--sampler-backend", choices=("torch", "triton", "cuda"),
@@ -200,11 +201,19 @@ def config_to_dict(config: TrainConfig) -> dict:
     return dataclasses.asdict(config)
 
 
+# attn_impl names of older checkpoints: "eager" became "eager-index" when the published construction
+# got a peer of its own (issue 9). The choice changes no weight, so such checkpoints still load.
+RENAMED_ATTN_IMPLS = {"eager": "eager-index"}
+
+
 def config_from_dict(values: dict) -> TrainConfig:
     """A TrainConfig from a checkpoint's dict; unknown keys (a newer writer) are an error."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"config has unknown settings {unknown}")
+    values = dict(values)
+    if values.get("attn_impl") in RENAMED_ATTN_IMPLS:
+        values["attn_impl"] = RENAMED_ATTN_IMPLS[values["attn_impl"]]
     return TrainConfig(**values)
 

@@ -19,11 +19,12 @@ import torch.nn.functional as F
 
 from ..._checks import check_choice, check_grid_size, check_int, check_tensor
 from .op import OP_BACKENDS, rpb_attention
-from .peers import eager_rpb_attention, flex_rpb_attention, sdpa_bias_rpb_attention
+from .peers import eager_index_rpb_attention, flex_rpb_attention, published_rpb_attention, sdpa_bias_rpb_attention
 from .reference import bias_table_rows
 
-IMPLS = {"pss": None, "eager": eager_rpb_attention, "sdpa-bias": sdpa_bias_rpb_attention,
-         "flex": flex_rpb_attention}
+# impl -> the peer it runs ("pss": the package's rpb_attention); see peers.py for what each one is.
+IMPLS = {"pss": None, "published": published_rpb_attention, "eager-index": eager_index_rpb_attention,
+         "sdpa-bias": sdpa_bias_rpb_attention, "flex": flex_rpb_attention}
 
 
 class RelPosAttention(nn.Module):

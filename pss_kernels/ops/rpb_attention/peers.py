@@ -1,9 +1,14 @@
 """The ways rpb_attention is done without this package's kernels: benchmark anchors (DESIGN §5)
 and alternative `RelPosAttention(impl=...)` paths. Same semantics as `rpb_attention` (DESIGN §1).
 
-- eager_rpb_attention: the published PSS / BEiT code: gather the per-image bias as a dense
-  (B, H, n, n) tensor from the (N, N) relative-position-index buffer, add it to q k^T, softmax,
-  multiply by v, all in eager PyTorch (backward scatters the dense bias gradient into the table).
+- published_rpb_attention: the bias as the PSS authors' published code builds it
+  (simmim/models/pss_vision_transformer.py, the sampling block and the `Attention` class):
+  the full (N, N, H) bias gathered from the table, copied per image, indexed twice (rows, then
+  columns by the kept positions); eager softmax attention.
+- eager_index_rpb_attention: the same numbers, the bias built more cheaply: the (N, N)
+  relative-position index indexed with the kept positions first, the table looked up once into
+  a dense (B, H, n, n) bias; eager softmax attention (backward scatters the dense bias gradient
+  into the table).
 - sdpa_bias_rpb_attention: the same dense bias passed as `attn_mask` to
   F.scaled_dot_product_attention (what timm's Beit does); the caller picks the SDPA backend
   (the benchmark uses EFFICIENT, the only fused one that takes a bias with a gradient).
@@ -12,6 +17,7 @@ and alternative `RelPosAttention(impl=...)` paths. Same semantics as `rpb_attent
 """
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 from typing import Optional, Sequence
 
@@ -30,8 +36,8 @@ def _full_relative_index(grid_size: tuple, num_prefix_tokens: int, device: torch
 
 def dense_bias(bias_table: torch.Tensor, index: Optional[torch.Tensor], grid_size: Sequence[int],
                num_prefix_tokens: int = 1) -> torch.Tensor:
-    """(B or 1, H, n, n) bias as the published code builds it: advanced indexing of the (N, N)
-    index buffer with the kept positions, then of the table."""
+    """(B or 1, H, n, n) bias, one table lookup: advanced indexing of the (N, N) index buffer with
+    the kept positions, then of the table with the (B, n, n) rows that gives."""
     rel = _full_relative_index(tuple(grid_size), num_prefix_tokens, bias_table.device)
     if index is not None:
         rel = rel[index[:, :, None], index[:, None, :]]  # (B, n, n)
@@ -40,15 +46,57 @@ def dense_bias(bias_table: torch.Tensor, index: Optional[torch.Tensor], grid_siz
     return bias_table[rel].permute(0, 3, 1, 2)
 
 
-def eager_rpb_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
-                        index: Optional[torch.Tensor] = None, *, grid_size: Sequence[int],
-                        num_prefix_tokens: int = 1, scale: Optional[float] = None) -> torch.Tensor:
-    """softmax(q k^T * scale + bias) v in eager PyTorch; logits and softmax in the bias table's
-    precision (float32 for a float32 table, as under autocast), the products in q's dtype."""
+def published_dense_bias(bias_table: torch.Tensor, index: Optional[torch.Tensor], grid_size: Sequence[int],
+                         num_prefix_tokens: int = 1) -> torch.Tensor:
+    """(B or 1, H, n, n) bias built the way the PSS authors' published code builds it.
+
+    Written from a description of simmim/models/pss_vision_transformer.py (its sampling block and
+    `Attention` class), not copied from it: the table is looked up with the whole (N, N)
+    relative_position_index into the full (N, N, H) bias, that bias is copied per image to
+    (B, N, N, H), and the copy is indexed twice, rows by the kept positions (B, n, N, H), then
+    columns (B, n, n, H). At index=None (rho = 1) the full bias is used as it is, as there.
+
+    The values are those of `dense_bias`; the work is not: the gather of N^2 H entries and the
+    (B, n, N, H) intermediate scale with N, not n. The table gradient sums the same terms in
+    another order (over images first, then over position pairs), so in float32 it agrees with
+    `dense_bias`'s to rounding, not bit for bit, when index is given.
+    """
+    rel = _full_relative_index(tuple(grid_size), num_prefix_tokens, bias_table.device)
+    num_positions = rel.shape[0]
+    full = bias_table[rel.reshape(-1)].view(num_positions, num_positions, -1)  # (N, N, H)
+    if index is None:
+        return full.permute(2, 0, 1)[None]
+    batch, num_tokens = index.shape
+    images = torch.arange(batch, device=index.device)
+    per_image = full[None].expand(batch, -1, -1, -1)  # (B, N, N, H)
+    rows = per_image[images[:, None], index]  # (B, n, N, H)
+    kept = rows[images[:, None, None], torch.arange(num_tokens, device=index.device)[None, :, None],
+                index[:, None, :]]  # (B, n, n, H)
+    return kept.permute(0, 3, 1, 2)
+
+
+def _eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                     scale: Optional[float]) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v in eager PyTorch; logits and softmax in the bias's precision
+    (float32 for a float32 table, as under autocast), the products in q's dtype."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = torch.matmul(q * scale, k.transpose(-1, -2)) + dense_bias(bias_table, index, grid_size,
-                                                                         num_prefix_tokens)
+    logits = torch.matmul(q * scale, k.transpose(-1, -2)) + bias
     return torch.matmul(logits.softmax(-1).to(v.dtype), v)
+
+
+def published_rpb_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
+                            index: Optional[torch.Tensor] = None, *, grid_size: Sequence[int],
+                            num_prefix_tokens: int = 1, scale: Optional[float] = None) -> torch.Tensor:
+    """Eager attention with the bias of `published_dense_bias`: the published PSS path."""
+    return _eager_attention(q, k, v, published_dense_bias(bias_table, index, grid_size, num_prefix_tokens), scale)
+
+
+def eager_index_rpb_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
+                              index: Optional[torch.Tensor] = None, *, grid_size: Sequence[int],
+                              num_prefix_tokens: int = 1, scale: Optional[float] = None) -> torch.Tensor:
+    """Eager attention, the dense bias looked up once through the indexed relative-position index
+    (`dense_bias`): the published path's numbers at a lower cost."""
+    return _eager_attention(q, k, v, dense_bias(bias_table, index, grid_size, num_prefix_tokens), scale)
 
 
 def sdpa_bias_rpb_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
@@ -102,3 +150,26 @@ def flex_rpb_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_t
                               kernel_options=kernel_options)
     except NotImplementedError as err:  # what flex_attention raises for unsupported devices / modes
         raise RuntimeError(f"flex_attention is unavailable: {err}") from err
+
+
+def flex_training_unavailable(device: torch.device) -> Optional[str]:
+    """Why `flex_rpb_attention` cannot train (forward + backward with a table gradient) on
+    `device`, or None. Off CUDA it runs one tiny forward + backward to find out (this torch's
+    FlexAttention has no CPU backward); on CUDA it only checks that FlexAttention exists, since a
+    probe there would compile it (tens of seconds), and failures for a shape are the caller's."""
+    device = torch.device(device)
+    try:
+        _flex_attention_for(device)
+    except RuntimeError as err:
+        return str(err)
+    if device.type == "cuda":
+        return None
+    q, k, v = (torch.zeros(1, 1, 5, 16, device=device, requires_grad=True) for _ in range(3))
+    table = torch.zeros(12, 1, device=device, requires_grad=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            flex_rpb_attention(q, k, v, table, grid_size=(2, 2)).sum().backward()
+    except RuntimeError as err:
+        return str(err)
+    return None
