@@ -58,7 +58,7 @@ from pss_kernels.ops.sample_patches import op as sample_patches_op
 from pss_kernels.schedules import build_schedule
 
 from _iter_time_plot import plot_report
-from _iter_time_report import (TARGET_MODEL, evaluate_targets, format_errors, format_projection_table,
+from _iter_time_report import (EAGER_PEERS, TARGET_MODEL, evaluate_targets, format_errors, format_projection_table,
                                format_targets, format_timing_table, format_unavailable)
 from _projection import IMAGENET_1K_TRAIN_IMAGES, project_run, steps_per_epoch
 from _timing import (TimeBudget, TimingStats, dynamo_recompile_limit, environment_info, file_slug, profile_step,
@@ -480,14 +480,29 @@ class Progress:
               f"({time.perf_counter() - self.started:.0f} s total)", file=sys.stderr, flush=True)
 
 
+def is_target_case(model_name: str, impl_name: str, keep_rate: float, keep_rates: List[float]) -> bool:
+    """The cases the targets are judged on (_iter_time_report.evaluate_targets)."""
+    return (model_name == TARGET_MODEL and impl_name in (BASELINE.name, "pss", *EAGER_PEERS)
+            and keep_rate in (1.0, min(keep_rates)))
+
+
+def ordered_cases(model_name: str, implementations: List[Implementation], args) -> List["Case"]:
+    """The cases of one model in timing order: the target cases first (the baseline, and pss and the
+    published-code peers at rho = 1 and the lowest rho), so that a time budget spent within round 1
+    still leaves the targets timed; then the rest in --impls and --keep-rates order."""
+    cases = [Case(model_name, impl, keep_rate, args) for impl in implementations
+             for keep_rate in ([1.0] if impl is BASELINE else args.keep_rates)]
+    return sorted(cases, key=lambda case: not is_target_case(model_name, case.impl.name, case.keep_rate,
+                                                             args.keep_rates))
+
+
 def run_model(model_name: str, implementations: List[Implementation], args, requested, progress: Progress,
               budget: TimeBudget) -> List[dict]:
     """Every case of one model, interleaved: round 1 warms each case up and times its first block,
     in order (baseline, then each implementation over the keep rates); each later round times one
     more block of every case in the same order. Each implementation's model is built when first
     needed and kept until the model's last round."""
-    cases = [Case(model_name, impl, keep_rate, args) for impl in implementations
-             for keep_rate in ([1.0] if impl is BASELINE else args.keep_rates)]
+    cases = ordered_cases(model_name, implementations, args)
     steps: Dict[str, TrainingStep] = {}
     build_errors: Dict[str, str] = {}
 

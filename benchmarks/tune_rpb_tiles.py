@@ -4,21 +4,23 @@ for each kernel at each kept-token count n of a ViT.
     python benchmarks/tune_rpb_tiles.py                      # GPU: bf16, D = 64, ViT-B heads, B = 256
     python benchmarks/tune_rpb_tiles.py --tokens 197 577 --time-budget 300
 
-`tile_config` (pss_kernels/ops/rpb_attention/triton_common.py) reads its tiles from `_TILES`;
-this script swaps one kernel's entry at a time, times the op (forward: the forward call;
-dkdv and dq: one backward call, the other kernels on their current tiles), and checks every
+`tile_config` (pss_kernels/ops/rpb_attention/triton_common.py) reads its tiles from `_TILES`
+(`_SHORT_TILES` for n <= 64); this script swaps one kernel's entry at a time, times the op (forward:
+the forward call; dkdv, dq and dbias, the image-sum bias gradient at keep rate 1: one backward
+call, the other kernels on their current tiles), and checks every
 candidate's outputs against the current tiles' (a tile that changes the result is reported,
 never chosen). Output: a table per kernel and n, the best tile per kernel, JSON in --out-dir.
 Tiles above half the padded n are capped by `tile_config` (n = 39 runs 32-wide tiles at most),
 so candidates that become identical at small n are timed once.
 
-Without a GPU it runs the Triton interpreter on a tiny shape (set TRITON_INTERPRET=1), which
-exercises the harness only.
+Without a GPU, or with TRITON_INTERPRET=1 set, it runs the Triton interpreter on a tiny shape,
+which exercises the harness only.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,17 +29,24 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from _timing import TimeBudget, environment_info, file_slug, time_iterations
-from pss_kernels import num_kept_tokens, rpb_attention, sample_patches
+from pss_kernels import rpb_attention, sample_patches
 from pss_kernels.ops.rpb_attention import triton_common
 from pss_kernels.ops.rpb_attention.reference import bias_table_rows
 
-KERNELS = ("forward", "dkdv", "dq")
-# (BLOCK_M, BLOCK_N, num_warps) candidates per kernel; the current entry is always timed first.
+KERNELS = ("forward", "dkdv", "dq", "dbias")
+# (BLOCK_M, BLOCK_N, num_warps) candidates per kernel, the current entry always timed first: a small
+# set, each compiled for sm_90 (Triton 3.6 and 3.9, JIT specialisation, D = 64) without register
+# spills and with warps that tile every dot exactly (tests/codegen_report.py reads the same figures),
+# so that one GPU call can time them all. tile_config caps a tile at half the padded n and fits the
+# warps to it, so at small n several candidates become one and are timed once.
 CANDIDATES = {
-    "forward": [(64, 64, 8), (64, 64, 4), (128, 64, 8), (128, 32, 8), (64, 32, 4), (32, 32, 4), (32, 64, 4)],
-    "dkdv": [(32, 64, 8), (64, 64, 8), (32, 64, 4), (16, 64, 4), (32, 32, 4), (64, 32, 4), (32, 128, 8)],
-    "dq": [(64, 32, 4), (64, 64, 8), (64, 64, 4), (128, 32, 8), (32, 32, 4), (64, 16, 4), (128, 64, 8)],
+    "forward": [(128, 64, 8), (64, 64, 4), (128, 32, 8), (64, 32, 4), (32, 32, 4)],
+    "dkdv": [(32, 64, 8), (32, 64, 4), (32, 32, 4), (16, 64, 4), (32, 16, 2)],
+    "dq": [(64, 32, 4), (64, 64, 4), (128, 32, 8), (32, 32, 4), (64, 16, 4)],
+    "dbias": [(64, 64, 8), (64, 64, 4), (128, 64, 8), (128, 32, 8), (64, 32, 4)],
 }
+# The image-sum kernel (dbias) runs at keep rate 1 only (index=None, n = every token).
+INDEX_NONE_ONLY = {"dbias"}
 
 
 def make_inputs(batch: int, heads: int, head_dim: int, grid: Tuple[int, int], num_tokens: int,
@@ -59,9 +68,9 @@ def make_inputs(batch: int, heads: int, head_dim: int, grid: Tuple[int, int], nu
 
 
 @contextmanager
-def tile_override(kernel: str, tile: Tuple[int, int, int], head_dim: int, dtype: torch.dtype):
-    """Make `tile` the kernel's entry in the table tile_config reads, for the duration."""
-    table, key = triton_common.tile_table(kernel, head_dim, dtype)
+def tile_override(kernel: str, tile: Tuple[int, int, int], head_dim: int, dtype: torch.dtype, num_tokens: int):
+    """Make `tile` the kernel's entry in the table tile_config reads at n tokens, for the duration."""
+    table, key = triton_common.tile_table(kernel, head_dim, dtype, num_tokens)
     saved = table[key]
     table[key] = tuple(tile)
     try:
@@ -70,14 +79,14 @@ def tile_override(kernel: str, tile: Tuple[int, int, int], head_dim: int, dtype:
         table[key] = saved
 
 
-def candidates(kernel: str, head_dim: int, dtype: torch.dtype) -> List[Tuple[int, int, int]]:
-    table, key = triton_common.tile_table(kernel, head_dim, dtype)
+def candidates(kernel: str, head_dim: int, dtype: torch.dtype, num_tokens: int) -> List[Tuple[int, int, int]]:
+    table, key = triton_common.tile_table(kernel, head_dim, dtype, num_tokens)
     return [table[key]] + [tile for tile in CANDIDATES[kernel] if tile != table[key]]
 
 
 def effective_tile(kernel: str, tile, num_tokens: int, head_dim: int, dtype: torch.dtype) -> Tuple[int, int, int]:
     """The tile the launcher really uses for `tile` at n tokens (tile_config caps it for small n)."""
-    with tile_override(kernel, tile, head_dim, dtype):
+    with tile_override(kernel, tile, head_dim, dtype, num_tokens):
         config = triton_common.tile_config(kernel, num_tokens, head_dim, dtype)
     return config.block_m, config.block_n, config.num_warps
 
@@ -86,7 +95,7 @@ def run_candidate(kernel: str, tile: Tuple[int, int, int], inputs, grid, warmup:
                   device: torch.device) -> Tuple[float, List[torch.Tensor]]:
     """(median ms, outputs) with `tile` as the kernel's tiles."""
     q, k, v, table, index, grad_out = inputs
-    with tile_override(kernel, tile, q.shape[-1], q.dtype):
+    with tile_override(kernel, tile, q.shape[-1], q.dtype, q.shape[2]):
         def forward():
             return rpb_attention(q, k, v, table, index, grid_size=grid, backend="triton", check_index=False)
 
@@ -111,9 +120,11 @@ def sweep(kernels, token_counts, *, batch, heads, head_dim, grid, dtype, device,
     for num_tokens in token_counts:
         inputs = make_inputs(batch, heads, head_dim, grid, num_tokens, dtype, device)
         for kernel in kernels:
+            if kernel in INDEX_NONE_ONLY and inputs[4] is not None:
+                continue
             reference = None
             seen = set()
-            for position, tile in enumerate(candidates(kernel, head_dim, dtype)):
+            for position, tile in enumerate(candidates(kernel, head_dim, dtype, num_tokens)):
                 effective = effective_tile(kernel, tile, num_tokens, head_dim, dtype)
                 row = dict(kernel=kernel, num_tokens=num_tokens, tile=list(tile), effective_tile=list(effective),
                            current=position == 0, ms=None, max_rel_error=None, error=None)
@@ -169,7 +180,8 @@ def main(argv=None) -> int:
     if args.time_budget is not None and args.time_budget <= 0:
         parser.error(f"argument --time-budget: must be > 0 seconds, got {args.time_budget}")
 
-    on_gpu = torch.cuda.is_available()
+    # TRITON_INTERPRET=1 means the harness check on CPU tensors, also on a machine with a GPU.
+    on_gpu = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
     device = torch.device("cuda" if on_gpu else "cpu")
     if on_gpu:
         dtype, head_dim = torch.bfloat16, 64

@@ -235,6 +235,22 @@ def test_cases_are_interleaved_round_by_round(monkeypatch):
         assert result["median_ms"] == pytest.approx(float(sorted(samples)[3]))
 
 
+def test_target_cases_are_timed_first():
+    """vit_base: baseline, then pss / published / eager-index at rho = 1 and the lowest rho, then the rest."""
+    import iter_time
+
+    args = iter_time.parse_args(["--device", "cpu", "--models", "vit_base,deit_small", "--keep-rates", "1.0,0.6,0.2"])
+    impls = [iter_time.BASELINE] + [iter_time.IMPLEMENTATIONS[name] for name in args.impls]
+    order = [(case.impl.name, case.keep_rate) for case in iter_time.ordered_cases("vit_base", impls, args)]
+    targets = [("baseline", 1.0), ("pss", 1.0), ("pss", 0.2), ("published", 1.0), ("published", 0.2),
+               ("eager-index", 1.0), ("eager-index", 0.2)]
+    assert order[:7] == targets and set(order[7:]) == {("pss", 0.6), ("published", 0.6), ("eager-index", 0.6)} | {
+        (impl, rate) for impl in args.impls if impl not in ("pss", "published", "eager-index")
+        for rate in (1.0, 0.6, 0.2)}
+    other = [(case.impl.name, case.keep_rate) for case in iter_time.ordered_cases("deit_small", impls, args)]
+    assert other[:4] == [("baseline", 1.0), ("pss", 1.0), ("pss", 0.6), ("pss", 0.2)]  # no targets: --impls order
+
+
 def test_a_budget_spent_mid_run_keeps_the_rounds_each_case_got(monkeypatch):
     timer = FakeTimer(spend_after=7)
     report = fake_run(monkeypatch, timer, "--iters", "3", "--time-budget", "1000")

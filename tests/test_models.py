@@ -250,7 +250,7 @@ def test_sampler_and_attention_backends_are_set_separately():
 
 
 @pytest.mark.parametrize("keep_rate", [1.0, 0.6])
-def test_training_step_on_the_triton_kernels_matches_the_torch_backends(keep_rate, monkeypatch):
+def test_training_step_on_the_triton_kernels_matches_the_torch_backends(keep_rate, monkeypatch, device):
     """The whole model on the Triton kernels (the interpreter on CPU, the GPU when there is one):
     same logits and same gradient for every parameter as on the torch backends, at rho = 1
     (index=None) and with sampling."""
@@ -263,8 +263,9 @@ def test_training_step_on_the_triton_kernels_matches_the_torch_backends(keep_rat
             launches.append(_name)
             return _real(*args, **kwargs)
         monkeypatch.setattr(module, name, counted)
-    reference, kernels = tiny_model(), tiny_model(sampler_backend="triton", attn_backend="triton")
-    x = images(batch=2)
+    reference = tiny_model().to(device)
+    kernels = tiny_model(sampler_backend="triton", attn_backend="triton").to(device)
+    x = images(batch=2).to(device)
     grads = []
     for model in (reference, kernels):
         model.train()

@@ -543,16 +543,19 @@ def test_benchmark_harness_runs_tiny_configs_on_cpu():
     rows = bench_rpb_attention.run("cpu", torch.float32, warmup=0, iters=1)
     configs = bench_rpb_attention.default_configs("cpu")
     assert len(rows) == 2 * sum(len(bench_rpb_attention.impls_for(c, bench_rpb_attention.IMPLS)) for c in configs)
-    assert {r["keep_rate"] for r in rows if r["impl"] == "pss-dbias-slices"} == {1.0}
+    assert {r["keep_rate"] for r in rows if r["impl"] in bench_rpb_attention.DBIAS_IMPLS} == {1.0}
     by_key = {(r["keep_rate"], r["impl"], r["pass"]): r for r in rows}
     for keep_rate in (0.5, 1.0):
-        for impl in ("pss", "eager"):
+        for impl in ("pss", "published", "eager-index"):
             for pass_name in ("forward", "forward+backward"):
                 row = by_key[keep_rate, impl, pass_name]
                 assert row["error"] is None and row["ms"] > 0, row
+    for impl in bench_rpb_attention.DBIAS_IMPLS:  # every accumulator runs at keep rate 1
+        assert by_key[1.0, impl, "forward+backward"]["error"] is None, impl
     assert by_key[0.5, "pss", "forward"]["num_tokens"] == 5 and by_key[1.0, "pss", "forward"]["num_tokens"] == 10
     assert all((r["ms"] is None) == (r["error"] is not None) for r in rows)
-    assert by_key[0.5, "eager", "forward"]["speedup_vs_eager"] == 1.0
+    assert by_key[0.5, "eager-index", "forward"]["speedup_vs_eager_index"] == 1.0
+    assert by_key[0.5, "published", "forward"]["speedup_vs_published"] == 1.0
 
 
 # ----------------------------------------------------------------------------- GPU code generation

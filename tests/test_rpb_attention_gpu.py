@@ -112,6 +112,7 @@ def test_gpu_index_none_equals_arange_index(device):
                                rpb_attention(q, k, v, table, arange, **options), rtol=0, atol=0)
 
 
+@pytest.mark.xdist_group("large_memory")  # ~35 GB: one worker runs every multi-GB test, one at a time
 @pytest.mark.parametrize("keep_rate", [None, 0.6], ids=["index=None", "sampled"])
 def test_gpu_offsets_past_2_31_elements(keep_rate, device):
     """q, k, v of B*H*n*D > 2^31 elements, as views of a sequence-major (n, B, 3, H, D) tensor (row stride

@@ -89,6 +89,7 @@ def test_gpu_misaligned_and_strided_inputs(gpu_backend, plan):
 
 
 @pytest.mark.cuda
+@pytest.mark.xdist_group("large_memory")  # one worker runs every multi-GB test, one at a time
 @pytest.mark.parametrize("shape", LARGE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_gpu_offsets_past_2_31_elements(gpu_backend, shape, release_cuda_memory):
     """The last images against the reference on those images alone; every image's index against
