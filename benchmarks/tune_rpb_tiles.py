@@ -3,6 +3,7 @@ for each kernel at each kept-token count n of a ViT.
 
     python benchmarks/tune_rpb_tiles.py                      # GPU: bf16, D = 64, ViT-B heads, B = 256
     python benchmarks/tune_rpb_tiles.py --tokens 197 577 --time-budget 300
+    python benchmarks/tune_rpb_tiles.py --tokens 39 197 --head-dim 128 --dtype fp16
 
 `tile_config` (pss_kernels/ops/rpb_attention/triton_common.py) reads its tiles from `_TILES`
 (`_SHORT_TILES` for n <= 64); this script swaps one kernel's entry at a time, times the op (forward:
@@ -169,6 +170,9 @@ def main(argv=None) -> int:
                         help="kept-token counts n (default: 39 79 118 158 197 on 14x14, 577 on 24x24)")
     parser.add_argument("--batch", type=int, default=None, help="default 256 on GPU, 2 on CPU")
     parser.add_argument("--heads", type=int, default=None, help="default 12 (ViT-B) on GPU, 2 on CPU")
+    parser.add_argument("--head-dim", type=int, default=None, help="default 64 on GPU, 16 on CPU")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                        help="operand dtype (default bf16 on GPU; fp32 on CPU, where the interpreter cannot multiply bf16)")
     parser.add_argument("--warmup", type=int, default=None, help="default 5 GPU, 0 CPU")
     parser.add_argument("--iters", type=int, default=None, help="default 30 GPU, 1 CPU")
     parser.add_argument("--tolerance", type=float, default=2e-2,
@@ -183,13 +187,14 @@ def main(argv=None) -> int:
     # TRITON_INTERPRET=1 means the harness check on CPU tensors, also on a machine with a GPU.
     on_gpu = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
     device = torch.device("cuda" if on_gpu else "cpu")
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if on_gpu:
-        dtype, head_dim = torch.bfloat16, 64
+        dtype, head_dim = dtypes[args.dtype or "bf16"], args.head_dim or 64
         batch, heads = args.batch or 256, args.heads or 12
         token_counts = args.tokens or [39, 79, 118, 158, 197, 577]
         warmup, iters = args.warmup if args.warmup is not None else 5, args.iters or 30
     else:  # the interpreter: float32 (it cannot multiply bf16), a tiny grid
-        dtype, head_dim = torch.float32, 16
+        dtype, head_dim = dtypes[args.dtype or "fp32"], args.head_dim or 16
         batch, heads = args.batch or 2, args.heads or 2
         token_counts = args.tokens or [10]
         warmup, iters = args.warmup or 0, args.iters or 1
