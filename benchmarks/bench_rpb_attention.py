@@ -1,4 +1,7 @@
-"""Timing and peak memory of `rpb_attention` against its peers (DESIGN §5, issue 3); no printing.
+"""Timing and peak memory of `rpb_attention` against its peers (issue 3); no printing.
+
+The peers, timed in the same run: the eager PyTorch paths, SDPA with the per-image bias as a
+dense attn_mask, FlexAttention, and SDPA FLASH without any bias (speed of light at that n).
 
 `run(device, dtype, configs, warmup, iters)` returns one row (dict) per (config, impl, pass):
 

@@ -1,4 +1,4 @@
-"""Timing of `sample_patches` backends against the eager PyTorch peers (DESIGN §5); no printing.
+"""Timing of `sample_patches` backends against the eager PyTorch peers (same run); no printing.
 
 `run(...)` returns one row (dict) per (shape, keep_rate, implementation, pass):
 

@@ -316,7 +316,7 @@ def apply_backends(model: torch.nn.Module, requested: Dict[str, Optional[str]]) 
 
 # ----------------------------------------------------------------------------- measuring
 
-# DESIGN §5 anchors on CUDA: the baseline on SDPA FLASH (the speed of light for attention at that n), the
+# Anchors on CUDA: the baseline on SDPA FLASH (the speed of light for attention at that n), the
 # dense-bias peer on SDPA EFFICIENT (the fused SDPA kernel that takes a bias with a gradient, as timm's Beit
 # gets). Elsewhere SDPA picks its own kernel.
 SDPA_BACKENDS = {BASELINE.name: "FLASH_ATTENTION", "sdpa-bias": "EFFICIENT_ATTENTION"}

@@ -1,4 +1,5 @@
-"""Per-op benchmark: `sample_patches` and `rpb_attention` against their peers (DESIGN §5).
+"""Per-op benchmark: `sample_patches` and `rpb_attention` against their peers (eager PyTorch,
+SDPA, FlexAttention), each figure a ratio against a peer timed in the same run.
 
     python benchmarks/ops.py                    # both ops, the issues' GPU grids (bf16)
     python benchmarks/ops.py --op rpb_attention --iters 50

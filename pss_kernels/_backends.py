@@ -1,8 +1,20 @@
-"""Which backends can run here, and which one an op call uses (DESIGN §3).
+"""Which backends can run here, and which one an op call uses.
 
 Backends: "torch" (pure-PyTorch reference, any device), "triton" (CUDA tensors, or CPU
 tensors under TRITON_INTERPRET=1), "cuda" (the compiled pss_kernels._C, CUDA tensors).
-`PSS_KERNELS_BACKEND` overrides the default for every op; an explicit `backend=` wins.
+Not every op has every backend: `OP_BACKENDS` lists each op's (rpb_attention has no "cuda").
+
+How an op call picks its backend:
+- `backend=` given: that backend. One the op does not have raises ValueError; one that cannot
+  run on the tensors' device raises BackendError (a RuntimeError) with the reason.
+- `backend=None` and `PSS_KERNELS_BACKEND` set: that backend *for every op that has it*; an op
+  without it (rpb_attention under PSS_KERNELS_BACKEND=cuda) keeps its own default, so one
+  variable can ask for the CUDA C++ kernels without breaking the ops that have none. Where an
+  op has the backend but it cannot run on the device, the call raises BackendError naming the
+  variable (e.g. PSS_KERNELS_BACKEND=cuda with CPU tensors). A value that is no backend at all
+  raises ValueError.
+- otherwise the op's default: on CUDA tensors its `GPU_DEFAULT_BACKEND` (the backend its GPU
+  tests and benchmarks validated, "torch" until then), on CPU tensors "torch".
 """
 from __future__ import annotations
 
@@ -16,6 +28,12 @@ import torch
 
 BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "PSS_KERNELS_BACKEND"
+# The backends each public op has; an op not listed here (a caller's own) has all of BACKENDS.
+OP_BACKENDS = {"sample_patches": ("torch", "triton", "cuda"), "rpb_attention": ("torch", "triton")}
+
+
+class BackendError(RuntimeError):
+    """A backend that exists but cannot run here (not built, not installed, wrong device)."""
 
 
 class BackendStatus(NamedTuple):
@@ -118,20 +136,25 @@ def available_backends(device: Optional[torch.device | str] = None) -> dict[str,
 
 
 def resolve_backend(op: str, backend: Optional[str], device: torch.device, gpu_default: str) -> str:
-    """The backend an op call runs on.
+    """The backend an op call runs on (the rules are in this module's docstring).
 
     `gpu_default` is the op's choice for CUDA tensors when nothing is asked for: the backend
     its GPU benchmarks showed fastest, or "torch" while its kernels have not been validated on
-    a GPU (DESIGN §3; see each op's `op.py`).
+    a GPU (see each op's `op.py`). The op's backends are `OP_BACKENDS[op]`.
     """
+    op_backends = OP_BACKENDS.get(op, BACKENDS)
     source = "backend"
     if backend is None and os.environ.get(ENV_VAR):
-        backend, source = os.environ[ENV_VAR], ENV_VAR
+        requested = os.environ[ENV_VAR]
+        if requested not in BACKENDS:
+            raise ValueError(f"{op}: {ENV_VAR} must be one of {BACKENDS} or unset, got {requested!r}")
+        if requested in op_backends:  # else: this op keeps its default
+            backend, source = requested, ENV_VAR
     if backend is None:
         return gpu_default if device.type == "cuda" else "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: {source} must be one of {BACKENDS} or None, got {backend!r}")
+    if backend not in op_backends:
+        raise ValueError(f"{op}: {source} must be one of {op_backends} or None, got {backend!r}")
     status = backend_status(backend, device)
     if not status.available:
-        raise RuntimeError(f"{op}: {source}={backend!r} is not available: {status.reason}")
+        raise BackendError(f"{op}: {source}={backend!r} is not available: {status.reason}")
     return backend

@@ -1,7 +1,7 @@
 """Argument checks shared by every op and backend: one place, one wording.
 
 Each check raises TypeError (wrong kind of thing) or ValueError (right kind, wrong value)
-and names the argument and the offending value, as DESIGN §1 asks.
+and names the argument and the offending value, so a bad call says what to fix.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Backend discovery and dispatch rules (DESIGN §3), and the README/CI contract."""
+"""Backend discovery and dispatch rules (pss_kernels._backends), and the README/CI contract."""
 import re
 from pathlib import Path
 
@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import pss_kernels
-from pss_kernels._backends import ENV_VAR, resolve_backend
+from pss_kernels._backends import ENV_VAR, BackendError, resolve_backend
+from pss_kernels.models import create_model
+from pss_kernels.ops.rpb_attention.reference import rpb_attention_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,6 +30,36 @@ def test_cpu_default_is_torch_and_env_var_overrides(monkeypatch):
     with pytest.raises(RuntimeError, match=f"{ENV_VAR}='cuda' is not available"):
         resolve_backend("op", None, cpu, gpu_default="triton")
     assert resolve_backend("op", "torch", cpu, gpu_default="triton") == "torch"  # explicit wins
+
+
+def test_global_override_applies_where_the_op_has_the_backend(monkeypatch):
+    # PSS_KERNELS_BACKEND=cuda asks for the CUDA C++ kernels; rpb_attention has none, so it keeps its
+    # default (torch on CPU) instead of failing every model forward.
+    monkeypatch.setenv(ENV_VAR, "cuda")
+    cpu = torch.device("cpu")
+    assert resolve_backend("rpb_attention", None, cpu, gpu_default="torch") == "torch"
+    assert resolve_backend("rpb_attention", None, torch.device("cuda"), gpu_default="torch") == "torch"
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 10, 8, generator=generator) for _ in range(3))
+    table = torch.randn((2 * 3 - 1) ** 2 + 3, 2, generator=generator)  # grid 3x3 with a CLS token
+    out = pss_kernels.rpb_attention(q, k, v, table, grid_size=(3, 3))
+    torch.testing.assert_close(out, rpb_attention_reference(q, k, v, table, grid_size=(3, 3)), rtol=1e-5, atol=1e-5)
+    model = create_model("deit_tiny", img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2,
+                         num_classes=3)
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 3)  # keep_rate 1: the sampler does not run
+    # An op that has the backend still takes it, and says why it cannot run here.
+    with pytest.raises(BackendError, match=f"sample_patches: {ENV_VAR}='cuda' is not available"):
+        pss_kernels.sample_patches(torch.randn(2, 5, 4), 0.5)
+    # An explicit backend the op lacks is still an error.
+    with pytest.raises(ValueError, match=r"rpb_attention: backend must be one of \('torch', 'triton'\) or None, "
+                                         r"got 'cuda'"):
+        pss_kernels.rpb_attention(q, k, v, table, grid_size=(3, 3), backend="cuda")
+
+
+def test_global_override_that_is_no_backend_is_named(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "cudnn")
+    with pytest.raises(ValueError, match=f"rpb_attention: {ENV_VAR} must be one of .* got 'cudnn'"):
+        resolve_backend("rpb_attention", None, torch.device("cpu"), gpu_default="torch")
 
 
 def test_unknown_backend_is_named():

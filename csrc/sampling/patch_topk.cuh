@@ -2,7 +2,7 @@
 //
 // Each patch p of an image gets an int64 key
 //     key(s, p) = ordered(s) * 2^32 + (2^32 - 1 - p)
-// so that descending keys = descending score, ties to the lower position (DESIGN §1).
+// so that descending keys = descending score, ties to the lower position (sample_patches' order="score").
 // ordered() is the order-preserving float -> int32 map (flip the magnitude bits of negative
 // floats), with -0.0 folded onto +0.0 and every NaN ranked above +inf, as torch.sort orders
 // them. It works on the bits, so flush-to-zero float comparisons could not change it.

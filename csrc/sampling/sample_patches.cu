@@ -1,4 +1,4 @@
-// sample_patches CUDA kernels (DESIGN §1, §4).
+// sample_patches CUDA kernels: per image, score rows in float32, select the top k, copy the kept rows.
 //
 // Forward, per image: score the patch rows (s = sum |x| for l1, sum x^2 for l2, in float32, or the
 // given float32 scores), select the top-k by the keys of patch_topk.cuh (next_pow2(P) int64 keys

@@ -1,6 +1,6 @@
 """Public `rpb_attention`: argument checks, backend dispatch and the torch.library registration.
 
-One registered boundary (DESIGN §3): `pss_kernels::rpb_attention_fwd` returns (out, lse,
+One registered boundary per direction: `pss_kernels::rpb_attention_fwd` returns (out, lse,
 cls_attention) and its autograd formula calls `pss_kernels::rpb_attention_bwd`, which returns
 the gradients of q, k, v and bias_table. Both have fake kernels, so the op traces under
 torch.compile(fullgraph=True) and passes torch.library.opcheck. The backend is chosen before
@@ -13,16 +13,16 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ..._backends import resolve_backend
+from ..._backends import OP_BACKENDS as _OP_BACKENDS, resolve_backend
 from ..._checks import FLOAT_DTYPES, check_bool, check_grid_size, check_int, check_same_device, check_tensor
 from .reference import bias_table_rows
 
 # No rpb_attention Triton kernel has run on a GPU yet (only under TRITON_INTERPRET=1), so
 # backend=None keeps CUDA tensors on the torch reference until the GPU tests and benchmarks
-# pass; then this becomes "triton" (DESIGN §3).
+# pass; then this becomes "triton" (backend=None picks the fastest validated backend per device).
 GPU_DEFAULT_BACKEND = "torch"
 
-OP_BACKENDS = ("torch", "triton")
+OP_BACKENDS = _OP_BACKENDS["rpb_attention"]  # no "cuda": this op has no CUDA C++ kernel
 TRITON_MAX_HEAD_DIM = 128  # the head dim is padded to a power of two; larger tiles would spill
 INDEX_DTYPES = (torch.int64, torch.int32)
 
@@ -31,7 +31,7 @@ def rpb_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table:
                   index: Optional[torch.Tensor] = None, *, grid_size: Sequence[int], num_prefix_tokens: int = 1,
                   scale: Optional[float] = None, backend: Optional[str] = None, deterministic: bool = False,
                   return_cls_attention: bool = False, check_index: bool = True):
-    """Attention with a relative position bias gathered per image (DESIGN §1):
+    """Attention with a relative position bias gathered per image:
 
         out[b, h] = softmax(q[b, h] k[b, h]^T * scale + bias[b, h]) v[b, h],
         bias[b, h, i, j] = bias_table[rel(index[b, i], index[b, j]), h]
@@ -50,7 +50,8 @@ def rpb_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table:
             `index` of `sample_patches`), or None for all N tokens in order (n == N), the keep-rate-1
             path, which costs no index loads.
         grid_size: (Gh, Gw). num_prefix_tokens: 0 or 1. scale: default D ** -0.5.
-        backend: "torch" | "triton" | None (per device, see `GPU_DEFAULT_BACKEND`).
+        backend: "torch" | "triton" | None (None: PSS_KERNELS_BACKEND when it names one of these,
+            else per device, see `GPU_DEFAULT_BACKEND`); "cuda" raises ValueError.
         deterministic: make dbias_table bit-identical run to run (triton: slower backward, see
             triton_backward.py; needs distinct positions within each image).
         return_cls_attention: also return the head-averaged attention of query 0 (the prefix/CLS
@@ -68,12 +69,9 @@ def rpb_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table:
         `out.transpose(1, 2).reshape(B, n, H * D)` is a free view), or (out, cls_attention).
     """
     check_tensor("q", q, ndim=4, dtypes=None)
-    if backend == "cuda":
-        raise ValueError(f"rpb_attention: backend must be one of {OP_BACKENDS} or None, got 'cuda' "
-                         "(this op has no CUDA C++ kernel)")
+    # An explicit backend="cuda" raises ValueError (no CUDA C++ kernel); PSS_KERNELS_BACKEND=cuda
+    # leaves this op on its default (pss_kernels._backends).
     chosen = resolve_backend("rpb_attention", backend, q.device, GPU_DEFAULT_BACKEND)
-    if chosen not in OP_BACKENDS:
-        raise ValueError(f"rpb_attention: backend must be one of {OP_BACKENDS}, got {chosen!r}")
     grid_size, scale = _check_arguments(q, k, v, bias_table, index, grid_size, num_prefix_tokens, scale, chosen,
                                         deterministic, return_cls_attention, check_index)
     out, _, cls_attention = torch.ops.pss_kernels.rpb_attention_fwd(

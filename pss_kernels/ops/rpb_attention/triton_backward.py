@@ -14,7 +14,7 @@ With an `index`, dbias_table is accumulated by _dkdv_kernel into a float32 works
 one row-slice of R floats (a few KB, L2-resident), so no two images or heads ever touch the same
 address; the slices are summed over b at the end by torch (a fixed-order reduction). This
 replaces the "one global atomic per score element on the shared (R, H) table" design whose
-contention makes FlexAttention's bias gradient the known 30x cliff (DESIGN §4). Triton has no
+contention makes FlexAttention's bias gradient about 30x slower than its forward. Triton has no
 shared-memory scatter, so "on chip" here means "in a private, cache-resident slice":
 
 - deterministic=False: each (b, h, key block) program adds its tile with one vector

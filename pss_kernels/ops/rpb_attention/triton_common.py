@@ -1,6 +1,6 @@
 """Triton pieces shared by the forward and backward rpb_attention kernels.
 
-Relative index without a table load (DESIGN §1, §4). Fold each patch position into one integer
+Relative index without an (N, N) index-table load. Fold each patch position into one integer
 
     a(p) = row(p) * (2Gw - 1) + col(p),     row = t // Gw, col = t % Gw, t = p - NUM_PREFIX
 

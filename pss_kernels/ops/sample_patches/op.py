@@ -1,4 +1,4 @@
-"""Public `sample_patches` (DESIGN §1): argument checks, the keep_rate == 1 shortcut, backend
+"""Public `sample_patches`: argument checks, the keep_rate == 1 shortcut, backend
 dispatch, and the torch.library custom ops that make it one opaque node under torch.compile.
 
     sample_patches(x, keep_rate, ...)                       checks; keep_rate == 1 -> (x, arange)
@@ -118,14 +118,22 @@ _sample_patches_backward_op.register_autograd(_double_backward, setup_context=_s
 def sample_patches(x: torch.Tensor, keep_rate: float, *, scorer: str = "l1", num_prefix_tokens: int = 1,
                    order: str = "score", scores: Optional[torch.Tensor] = None,
                    generator: Optional[torch.Generator] = None, backend: Optional[str] = None):
-    """Keep the top-scoring patch tokens of each image (PSS Algorithm 2). See DESIGN §1.
+    """Keep the top-scoring patch tokens of each image (PSS Algorithm 2).
 
     x (B, N, C) float32/float16/bfloat16, prefix tokens first. Returns x_kept (B, k, C) and
     index (B, k) int64 with k = max(num_prefix_tokens + 1, round(keep_rate * N)):
     index[:, :num_prefix_tokens] = arange, then the top k - num_prefix_tokens patches by score
     (descending, ties to the lower position; or ascending position with order="spatial").
     x_kept = x.gather(1, index); the gradient reaches kept tokens, dropped ones get exact zeros.
-    keep_rate == 1 returns x itself and arange(N) indices.
+    keep_rate == 1 returns x itself and arange(N) indices. keep_rate is a fraction of all N tokens,
+    prefix tokens included (N = 197: 0.5 keeps 98, 0.2 keeps 39).
+
+    Scores are taken over the non-prefix tokens, accumulated in float32: scorer="l1" sum |x| over C
+    (the paper's magnitude sorting), "l2" sum x^2, "random" uniform draws from `generator`
+    (PatchDropout), "given" the caller's `scores` of shape (B, N - num_prefix_tokens) (any
+    importance signal, e.g. rpb_attention's return_cls_attention).
+    backend: "torch" | "triton" | "cuda" | None (None: PSS_KERNELS_BACKEND if set, else per device,
+    see `GPU_DEFAULT_BACKEND`). Bad arguments raise ValueError/TypeError naming the argument and value.
     """
     check_tensor("x", x, ndim=3)
     keep_rate = check_keep_rate(keep_rate)

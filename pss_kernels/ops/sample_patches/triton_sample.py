@@ -1,4 +1,4 @@
-"""Triton kernels of `sample_patches` (DESIGN §1, §4) and their launchers.
+"""Triton kernels of `sample_patches` (score, top-k and gather fused per image) and their launchers.
 
 Notation: x (B, N, C); P0 = num_prefix_tokens; P = N - P0 patches; k kept tokens, K' = k - P0
 kept patches; slot (B, N) int32 maps every token to its row of x_kept, or -1 when dropped.
