@@ -9,6 +9,13 @@ evaluates the validation split at every keep rate rho in {1.0, 0.9, ..., 0.2} an
     sweep.png     top-1 and throughput against rho
     patches.png   a few validation images per rho with the dropped patches greyed out,
                   titled with the prediction and its probability
+
+Backends: --sampler-backend / --attn-backend (the flags of pss-train) choose them for the
+evaluation; "auto" is the package's choice for the device. Without a flag the checkpoint's
+setting is kept where it can run on the evaluation device, else the package's choice is used
+and a note says so (a checkpoint trained with triton on a GPU evaluates on a CPU). A flag that
+cannot run here, like any other problem, is a one-line error with exit status 2. The plots need
+matplotlib and --data digits scikit-learn: `pip install "pss-kernels[train]"`.
 """
 from __future__ import annotations
 
@@ -17,20 +24,24 @@ import json
 import platform
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from ._backends import OP_BACKENDS, BackendError, backend_status
 from ._checks import check_keep_rate
 from .ops.sample_patches import num_kept_tokens
 from .train.checkpoint import CheckpointError, load_checkpoint, load_state
-from .train.config import NON_NEGATIVE, POSITIVE, PRECISIONS, HelpFormatter, config_from_dict, device_flag
+from .train.config import (NON_NEGATIVE, POSITIVE, PRECISIONS, HelpFormatter, TrainConfig, config_from_dict,
+                           device_flag)
 from .train.data import DataInfo
 from .train.distributed import resolve_device
 from .train.evaluation import autocast_context, evaluate
-from .train.trainer import autocast_dtype_for, build_data, build_model
+from .train.extras import MissingDependency, require
+from .train.trainer import autocast_dtype_for, build_data, build_model, check_backend_flag
 
+SAMPLER_BACKENDS, ATTN_BACKENDS = OP_BACKENDS["sample_patches"], OP_BACKENDS["rpb_attention"]
 DEFAULT_KEEP_RATES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
 PICTURE_KEEP_RATES = (1.0, 0.8, 0.6, 0.4, 0.2)
 # A dropped pixel shows as 15 % image on mid grey: distinct from both dark and light content.
@@ -62,18 +73,56 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", type=device_flag, default="auto", help="auto, cpu or cuda")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 autocast on CUDA")
     parser.add_argument("--workers", type=NON_NEGATIVE, default=2, help="data loader processes")
+    parser.add_argument("--sampler-backend", choices=("auto",) + SAMPLER_BACKENDS,
+                        help="sample_patches backend; auto: the package's choice for the device (default: the "
+                             "checkpoint's where it can run here, else auto)")
+    parser.add_argument("--attn-backend", choices=("auto",) + ATTN_BACKENDS,
+                        help="rpb_attention backend; auto: the package's choice for the device (default: the "
+                             "checkpoint's where it can run here, else auto)")
     return parser
 
 
-def load_model_from_checkpoint(path, *, ema: bool = False, data_dir: Optional[str] = None):
-    """(model in eval mode on CPU, validation dataset, DataInfo, TrainConfig) of a checkpoint."""
-    state = load_checkpoint(path)
+def evaluation_backend(flag: str, requested: Optional[str], trained: Optional[str],
+                       device: torch.device) -> Tuple[Optional[str], Optional[str]]:
+    """(backend for the model, None = the package's choice; a note for the user or None).
+
+    `requested` is the flag's value (None: not given, "auto": the package's choice), `trained` the
+    checkpoint's setting. A requested backend that cannot run on `device` raises ValueError."""
+    if requested == "auto":
+        return None, None
+    if requested is not None:
+        check_backend_flag(flag, requested, device)
+        return requested, None
+    if trained is None:
+        return None, None
+    status = backend_status(trained, device)
+    if status.available:
+        return trained, None
+    return None, (f"the checkpoint's {flag} {trained} cannot run on {device} ({status.reason}); evaluating with "
+                  f"the package's choice instead (choose with {flag})")
+
+
+def checkpoint_config(state: dict, path) -> TrainConfig:
+    """The TrainConfig a loaded checkpoint was trained with; CheckpointError if it has none."""
     try:
-        config = config_from_dict(state["config"])
+        return config_from_dict(state["config"])
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {str(path)!r} has no usable config: {err}") from err
+
+
+def load_model_from_checkpoint(path, *, ema: bool = False, data_dir: Optional[str] = None,
+                               backends: Optional[dict] = None, state: Optional[dict] = None):
+    """(model in eval mode on CPU, validation dataset, DataInfo, TrainConfig) of a checkpoint.
+
+    `backends` maps "sampler_backend" / "attn_backend" to the backend to build the model with
+    (None = the package's choice) instead of the checkpoint's; see `evaluation_backend`.
+    `state`: the checkpoint already loaded from `path` (it is not read again)."""
+    state = load_checkpoint(path) if state is None else state
+    config = checkpoint_config(state, path)
     if data_dir is not None:
         config.data_dir = data_dir
+    for name, backend in (backends or {}).items():
+        setattr(config, name, backend)
     val_set, info = build_data(config, train=False)
     model = build_model(config, info)
     if ema and state.get("ema") is None:
@@ -166,13 +215,29 @@ def plot_kept_patches(model, images: torch.Tensor, info: DataInfo, keep_rates: S
     plt.close(fig)
 
 
+def choose_backends(args: argparse.Namespace, trained: TrainConfig, device: torch.device) -> dict:
+    """{"sampler_backend": ..., "attn_backend": ...} for the evaluation model; notes go to stderr."""
+    chosen = {}
+    for name, flag in (("sampler_backend", "--sampler-backend"), ("attn_backend", "--attn-backend")):
+        backend, note = evaluation_backend(flag, getattr(args, name), getattr(trained, name), device)
+        if note:
+            print(f"pss-evaluate: note: {note}", file=sys.stderr, flush=True)
+        chosen[name] = backend
+    return chosen
+
+
 def run(args: argparse.Namespace) -> dict:
+    require("matplotlib", "matplotlib", "pss-evaluate's plots")  # before the sweep, not after it
     checkpoint = Path(args.checkpoint)
-    out_dir = Path(args.out_dir) if args.out_dir else checkpoint.parent / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
     autocast_dtype = autocast_dtype_for(args.precision, device)
-    model, val_set, info, config = load_model_from_checkpoint(checkpoint, ema=args.ema, data_dir=args.data_dir)
+    state = load_checkpoint(checkpoint)
+    backends = choose_backends(args, checkpoint_config(state, checkpoint), device)
+    model, val_set, info, config = load_model_from_checkpoint(checkpoint, ema=args.ema, data_dir=args.data_dir,
+                                                              backends=backends, state=state)
+    del state  # the model holds the weights now
+    out_dir = Path(args.out_dir) if args.out_dir else checkpoint.parent / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
     model.to(device)
     if args.max_images is not None:
         val_set = Subset(val_set, range(min(args.max_images, len(val_set))))
@@ -183,7 +248,8 @@ def run(args: argparse.Namespace) -> dict:
         "checkpoint": str(checkpoint), "weights": "ema" if args.ema else "model", "model": config.model,
         "rpb": config.rpb, "schedule": config.schedule, "data": config.data, "img_size": info.img_size,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "precision": str(autocast_dtype or torch.float32), "results": results,
+        "torch": torch.__version__, "precision": str(autocast_dtype or torch.float32),
+        "backends": {name: backend or "auto" for name, backend in backends.items()}, "results": results,
     }
     (out_dir / "sweep.json").write_text(json.dumps(report, indent=1) + "\n")
     plot_sweep(results, f"{config.model} ({'RPB' if config.rpb else 'no RPB'}), trained with {config.schedule}",
@@ -206,7 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (CheckpointError, ValueError) as err:
+    except (CheckpointError, BackendError, MissingDependency, ValueError) as err:
         print(f"pss-evaluate: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -284,3 +284,23 @@ def test_training_step_on_the_triton_kernels_matches_the_torch_backends(keep_rat
     depth = len(kernels.blocks)  # every launch came from the Triton model (the reference ran first, on torch)
     assert sorted(launches) == sorted(["rpb_attention_forward"] * depth + ["rpb_attention_backward"] * depth
                                       + ["sample_patches_forward"] * (keep_rate < 1))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_reaches_every_attention_backward(deterministic, monkeypatch):
+    # create_model(deterministic=...) -> Block -> RelPosAttention -> rpb_attention(deterministic=...):
+    # the backward of every block gets the flag (on the triton backend it picks the ordered accumulation).
+    from pss_kernels.ops.rpb_attention import torch_attention
+    seen = []
+
+    def spy(*args, _real=torch_attention.rpb_attention_backward, **kwargs):
+        seen.append(args[11])  # (grad_out, q, k, v, table, index, out, lse, grid, prefix, scale, deterministic, ..)
+        return _real(*args, **kwargs)
+
+    monkeypatch.setattr(torch_attention, "rpb_attention_backward", spy)
+    model = tiny_model(deterministic=deterministic, attn_backend="torch").train()
+    assert {block.attn.deterministic for block in model.blocks} == {deterministic}
+    model(images(batch=2), keep_rate=0.6).sum().backward()
+    assert seen == [deterministic] * len(model.blocks)
+    with pytest.raises(TypeError, match="deterministic must be a bool"):
+        tiny_model(deterministic=1)

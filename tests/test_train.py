@@ -72,7 +72,11 @@ def test_digits_run_learns(digits_run):
     for key in ("rho", "tokens", "loss", "lr", "data_time", "compute_time", "images_per_s"):
         assert key in records[0]
     timing = summary["timing"]
-    assert set(timing["per_keep_rate"]) == {"0.2", "0.4", "0.6", "0.8", "1"}
+    # N = 17 tokens: rho 1, 0.8, 0.6, 0.4, 0.2 keep 17, 14, 10, 7, 3; every count was timed.
+    assert {k: e["keep_rates"] for k, e in timing["per_tokens"].items()} == {
+        "17": [1.0, 1.0], "14": [0.8, 0.8], "10": [0.6, 0.6], "7": [0.4, 0.4], "3": [0.2, 0.2]}
+    assert {e["source"] for e in timing["per_tokens"].values()} == {"measured"}
+    assert timing["baseline_source"] == "measured" and not timing["estimated"]
     assert timing["projected_s"] > 0 and timing["baseline_s"] > 0
     assert json.loads((out_dir / "summary.json").read_text())["params_sha256"] == summary["params_sha256"]
 
@@ -85,7 +89,7 @@ def test_evaluate_sweep_writes_json_and_pictures(digits_run, tmp_path):
     report = json.loads((tmp_path / "sweep.json").read_text())
     rates = [r["keep_rate"] for r in report["results"]]
     assert rates == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
-    # N = 17 tokens: max(2, round(rho * 17)) as in DESIGN §1.
+    # N = 17 tokens: k = max(2, round(rho * 17)), the CLS token counted in N and in k.
     assert [r["tokens"] for r in report["results"]] == [17, 15, 14, 12, 10, 8, 7, 5, 3]
     for entry in report["results"]:
         assert 0.0 <= entry["top1"] <= 100.0 and entry["images"] == 359 and entry["images_per_s"] > 0
@@ -111,9 +115,12 @@ def test_kept_patch_mask_and_grey_out():
     torch.testing.assert_close(greyed, expected)
 
 
-def test_resume_continues_bit_for_bit(tmp_path):
-    # Drop path, EMA, clipping and a mid-epoch stop: every piece of state must survive the restart.
-    settings = dict(epochs=2, drop_path=0.1, ema_decay=0.9, clip_grad=1.0, schedule="cyclic:0.2,1.0", eval_every=1)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_resume_continues_bit_for_bit(tmp_path, deterministic):
+    # Drop path, EMA, clipping and a mid-epoch stop: every piece of state must survive the restart
+    # (with --deterministic too: the mode that makes it hold on a GPU must not change it on CPU).
+    settings = dict(epochs=2, drop_path=0.1, ema_decay=0.9, clip_grad=1.0, schedule="cyclic:0.2,1.0", eval_every=1,
+                    deterministic=deterministic)
     straight = Trainer(micro_config(tmp_path / "straight", **settings), CPU).fit()
     first = Trainer(micro_config(tmp_path / "resumed", stop_at_step=17, **settings), CPU).fit()
     assert first["step"] == 17 and not first["finished"]
@@ -311,3 +318,154 @@ def test_unusable_backend_flag_is_refused_with_its_reason(tmp_path, capsys):
                        "--out-dir", str(tmp_path), "--epochs", "1", "--no-progress"])
     assert code != 0
     assert "--sampler-backend cuda cannot run on cpu" in capsys.readouterr().err
+
+
+# ---- what a user hits (issue 12) ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def micro_checkpoint(tmp_path_factory):
+    """One step of the micro model: a real checkpoint to evaluate (the weights do not matter)."""
+    out_dir = tmp_path_factory.mktemp("micro")
+    Trainer(micro_config(out_dir, epochs=1, stop_at_step=1), CPU).fit()
+    return out_dir / "checkpoint.pt"
+
+
+def one_line(err: str) -> str:
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+def test_evaluate_chooses_backends_and_reports_backend_problems_in_one_line(micro_checkpoint, tmp_path,
+                                                                            monkeypatch, capsys):
+    # A checkpoint trained with both ops on triton (on a GPU), evaluated on a CPU without the interpreter.
+    state = load_checkpoint(micro_checkpoint)
+    state["config"].update(sampler_backend="triton", attn_backend="triton")
+    path = tmp_path / "triton.pt"
+    save_checkpoint(path, state)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("PSS_KERNELS_BACKEND", raising=False)
+
+    def evaluate(name, *flags):
+        return evaluate_cli.main(["--checkpoint", str(path), "--out-dir", str(tmp_path / name), "--device", "cpu",
+                                  "--keep-rates", "1.0,0.5", "--max-images", "16", "--num-pictures", "0",
+                                  "--workers", "0", *flags])
+
+    # No flag: the checkpoint's backends cannot run here, so the package's choice runs, with a note.
+    assert evaluate("default") == 0
+    err = capsys.readouterr().err
+    assert "note: the checkpoint's --sampler-backend triton cannot run on cpu" in err
+    assert "note: the checkpoint's --attn-backend triton cannot run on cpu" in err
+    assert json.loads((tmp_path / "default" / "sweep.json").read_text())["backends"] == {
+        "sampler_backend": "auto", "attn_backend": "auto"}
+    # The flags of pss-train choose them.
+    assert evaluate("torch", "--sampler-backend", "torch", "--attn-backend", "torch") == 0
+    assert json.loads((tmp_path / "torch" / "sweep.json").read_text())["backends"] == {
+        "sampler_backend": "torch", "attn_backend": "torch"}
+    assert "note:" not in capsys.readouterr().err
+    # A backend that cannot run here: one line, exit status 2, before any output is written.
+    assert evaluate("refused", "--sampler-backend", "torch", "--attn-backend", "triton") == 2
+    assert one_line(capsys.readouterr().err).startswith(
+        "pss-evaluate: error: --attn-backend triton cannot run on cpu: triton needs CUDA tensors")
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(SystemExit):
+        evaluate_cli.build_parser().parse_args(["--checkpoint", "x", "--attn-backend", "cuda"])  # no such kernel
+    assert "invalid choice: 'cuda'" in capsys.readouterr().err
+    # The global override, where it cannot run: one line too (it was a RuntimeError traceback).
+    monkeypatch.setenv("PSS_KERNELS_BACKEND", "triton")
+    assert evaluate("override", "--sampler-backend", "auto", "--attn-backend", "auto") == 2
+    assert "PSS_KERNELS_BACKEND='triton' is not available" in one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("module, flags, package", [
+    ("sklearn.datasets", [], "scikit-learn"),  # --data digits is the default
+    ("PIL.Image", ["--data", "folder", "--data-dir", "images"], "pillow"),
+])
+def test_missing_train_extra_is_named_in_one_line(module, flags, package, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
+    code = train_main(["--device", "cpu", "--epochs", "1", "--workers", "0", "--no-progress",
+                       "--out-dir", str(tmp_path), *flags])
+    message = one_line(capsys.readouterr().err)
+    assert code == 2
+    assert message.startswith(f"pss-train: error: --data {'folder' if flags else 'digits'} needs {package}")
+    assert message.endswith(f'pip install "pss-kernels[train]" (or pip install {package})')
+
+
+def test_evaluate_without_matplotlib_says_so_before_the_sweep(micro_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    code = evaluate_cli.main(["--checkpoint", str(micro_checkpoint), "--out-dir", str(tmp_path / "eval"),
+                              "--device", "cpu", "--max-images", "8", "--workers", "0"])
+    message = one_line(capsys.readouterr().err)
+    assert code == 2 and "pss-evaluate's plots needs matplotlib" in message
+    assert 'pip install "pss-kernels[train]"' in message
+    assert not (tmp_path / "eval").exists()  # refused up front, not after minutes of sweep
+
+
+def test_deterministic_reaches_the_model_torch_and_the_checkpoint(tmp_path, monkeypatch):
+    assert parse_config(["--deterministic"]).deterministic and not parse_config([]).deterministic
+    modes = []
+    real_step = Trainer.train_step
+
+    def spy(self, *args):
+        modes.append((torch.are_deterministic_algorithms_enabled(),
+                      torch.is_deterministic_algorithms_warn_only_enabled()))
+        return real_step(self, *args)
+
+    monkeypatch.setattr(Trainer, "train_step", spy)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    trainer = Trainer(micro_config(tmp_path, epochs=1, stop_at_step=3, deterministic=True), CPU)
+    assert [block.attn.deterministic for block in trainer.model.blocks] == [True, True]
+    trainer.fit()
+    assert modes == [(True, True)] * 3
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # what cuBLAS needs for deterministic GEMMs
+    assert not torch.are_deterministic_algorithms_enabled()  # restored after the run
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["config"]["deterministic"] is True
+    with pytest.raises(CheckpointError, match="deterministic: checkpoint True, now False"):
+        Trainer(micro_config(tmp_path, epochs=1, resume="auto"), CPU)
+    # A checkpoint written before the setting existed resumes as deterministic=False.
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    del state["config"]["deterministic"]
+    save_checkpoint(tmp_path / "old" / "checkpoint.pt", state)
+    assert Trainer(micro_config(tmp_path / "old", epochs=1, resume="auto"), CPU).step == 3
+
+
+def test_evaluation_uses_every_token_whatever_the_schedule_left(tmp_path):
+    from pss_kernels.train.evaluation import evaluate
+    trainer = Trainer(micro_config(tmp_path, epochs=1, stop_at_step=2, schedule="fixed:0.2"), CPU)
+    trainer.fit()
+    model = trainer.model
+    assert model.keep_rate == 1.0  # the schedule's rate was set for each step only
+    full = evaluate(model, trainer.val_loader, device=CPU.device, keep_rate=1.0)
+    sampled = evaluate(model, trainer.val_loader, device=CPU.device, keep_rate=0.2)
+    assert full["loss"] != sampled["loss"]
+    model.keep_rate = 0.2  # what a user may leave on the model: eval mode samples too (by design)
+    record = trainer.evaluate()
+    assert record["keep_rate"] == 1.0 and (record["top1"], record["loss"]) == (full["top1"], full["loss"])
+    assert trainer.evaluate(keep_rate=0.2)["loss"] == sampled["loss"]  # unless asked
+    with pytest.raises(TypeError, match="keep_rate must be a float"):
+        evaluate(model, trainer.val_loader, device=CPU.device, keep_rate=None)  # never model.keep_rate
+
+
+def test_time_summary_printed_without_progress_and_estimated_where_untimed(tmp_path, capsys):
+    # fixed:0.5 never runs at rho = 1: the baseline is its measured time plus the measured difference of
+    # forward + backward at rho = 1, timed after training without touching weights or RNG.
+    trainer = Trainer(micro_config(tmp_path / "fixed", epochs=1, schedule="fixed:0.5"), CPU)
+    summary = trainer.fit()
+    printed = capsys.readouterr().out
+    timing = summary["timing"]
+    assert timing["baseline_source"].startswith("estimated: the measured time at the run's rate plus")
+    assert timing["baseline_s"] > 0 and timing["saving"] is not None and timing["estimated"]
+    assert timing["per_tokens"]["2"]["source"] == "measured" and timing["estimated_share"] == 0
+    assert "baseline (44 steps at rho=1):" in printed and "(estimated: the measured time" in printed
+    assert "saving vs baseline:" in printed and "(estimated)" in printed  # progress=False in MICRO
+    state = load_checkpoint(tmp_path / "fixed" / "checkpoint.pt")
+    assert torch.equal(torch.get_rng_state(), state["rng"][0]["torch"])  # the probe restored the RNG
+    assert all(p.grad is None for p in trainer.model.parameters())
+    assert all(torch.equal(value, state["model"][name]) for name, value in trainer.model.state_dict().items())
+    # A continuous schedule (quantum none): each rate is met once or twice, so none was timed per rate.
+    summary = Trainer(micro_config(tmp_path / "cosine", epochs=2, img_size=32, schedule="warmup_cosine:0.3"),
+                      CPU).fit()
+    timing = summary["timing"]
+    num_rates = sum(entry["num_keep_rates"] for entry in timing["per_tokens"].values())
+    assert num_rates > 20 and len(timing["per_tokens"]) < num_rates
+    assert timing["projected_s"] > 0 and timing["baseline_s"] > 0 and timing["saving"] is not None
+    assert "projected: n/a" not in capsys.readouterr().out

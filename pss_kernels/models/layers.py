@@ -106,12 +106,13 @@ class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, grid_size: Tuple[int, int], *, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, rpb: bool = True, layer_scale_init: Optional[float] = None,
                  drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, attn_impl: str = "pss",
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, deterministic: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         if rpb:
             self.attn = RelPosAttention(dim, num_heads, grid_size, num_prefix_tokens=1, qkv_bias=qkv_bias,
-                                        attn_drop=attn_drop, proj_drop=drop, impl=attn_impl, backend=backend)
+                                        attn_drop=attn_drop, proj_drop=drop, impl=attn_impl, backend=backend,
+                                        deterministic=deterministic)
         else:
             self.attn = PlainAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
         self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init else nn.Identity()

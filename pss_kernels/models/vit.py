@@ -29,6 +29,29 @@ ATTN_IMPLS = tuple(RELPOS_IMPLS)
 
 
 class VisionTransformer(nn.Module):
+    """ViT-style classifier whose patch sampling block keeps a fraction `keep_rate` of its tokens.
+
+    `model.keep_rate` (rho, a fraction of all N tokens, CLS included) applies in *both* training
+    and eval mode: `model.eval()` switches off dropout and stochastic depth, not sampling, so a
+    PSS-trained model can trade accuracy for throughput at inference by lowering it (dynamic
+    inference). For the full-token accuracy set `model.keep_rate = 1.0` or call
+    `model(images, keep_rate=1.0)` (a per-call rate leaves the attribute as it was). pss-train
+    evaluates at rho = 1 whatever its schedule did, and leaves `keep_rate` at 1.0 between steps.
+
+    Args (besides the ViT shape: img_size, patch_size, in_chans, num_classes, embed_dim, depth,
+    num_heads, mlp_ratio, qkv_bias, layer_scale_init, drop_rate, attn_drop_rate, drop_path_rate):
+        rpb: a relative position bias table per block (RelPosAttention); False: plain SDPA attention.
+        abs_pos_embed: an absolute position embedding added before sampling.
+        keep_rate: initial rho in (0, 1]; 1.0 skips the sampler (attention takes index=None).
+        scorer: "l1" | "l2" | "random": how the sampler ranks patches (see sample_patches).
+        attn_impl / sampler_impl: "pss" (the package's ops) or a peer they are measured against.
+        sampler_backend / attn_backend: the backend= of sample_patches / rpb_attention (None: the
+            package's choice per device, or PSS_KERNELS_BACKEND).
+        deterministic: bit-identical bias-table gradients run to run (rpb_attention's
+            deterministic=True in every block; the rest of a GPU step also needs
+            torch.use_deterministic_algorithms, which `pss-train --deterministic` turns on).
+    """
+
     num_prefix_tokens = 1  # the CLS token
 
     def __init__(self, *, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
@@ -37,7 +60,7 @@ class VisionTransformer(nn.Module):
                  layer_scale_init: Optional[float] = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, keep_rate: float = 1.0, scorer: str = "l1",
                  attn_impl: str = "pss", sampler_impl: str = "pss", sampler_backend: Optional[str] = None,
-                 attn_backend: Optional[str] = None):
+                 attn_backend: Optional[str] = None, deterministic: bool = False):
         super().__init__()
         check_choice("attn_impl", attn_impl, ATTN_IMPLS)
         check_choice("sampler_impl", sampler_impl, SAMPLER_IMPLS)
@@ -55,7 +78,7 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, self.grid_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, rpb=rpb,
                   layer_scale_init=layer_scale_init, drop=drop_rate, attn_drop=attn_drop_rate,
-                  drop_path=rate, attn_impl=attn_impl, backend=attn_backend)
+                  drop_path=rate, attn_impl=attn_impl, backend=attn_backend, deterministic=deterministic)
             for rate in drop_path_rates])
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head_drop = nn.Dropout(drop_rate)
@@ -78,7 +101,8 @@ class VisionTransformer(nn.Module):
 
     @property
     def keep_rate(self) -> float:
-        """Fraction rho of tokens (CLS included) the sampler keeps; 1.0 skips sampling."""
+        """Fraction rho of tokens (CLS included) the sampler keeps, in train and eval mode alike;
+        1.0 skips sampling."""
         return self.sampler.keep_rate
 
     @keep_rate.setter

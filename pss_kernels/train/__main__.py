@@ -4,9 +4,11 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
+from .._backends import BackendError
 from .checkpoint import CheckpointError
 from .config import parse_config
 from .distributed import init_distributed, shutdown_distributed
+from .extras import MissingDependency
 from .trainer import train
 
 
@@ -15,7 +17,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dist_info = init_distributed(config.device)
     try:
         train(config, dist_info)
-    except (CheckpointError, ValueError) as err:
+    except (CheckpointError, BackendError, MissingDependency, ValueError) as err:
         print(f"pss-train: error: {err}", file=sys.stderr)
         return 2
     finally:

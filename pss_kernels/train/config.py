@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .._backends import OP_BACKENDS
 from ..models import MODEL_CONFIGS
 from ..models.vit import ATTN_IMPLS, SAMPLER_IMPLS
 from .data import DATASETS
@@ -54,6 +55,7 @@ class TrainConfig:
     compile: bool = False
     seed: int = 0
     device: str = "auto"
+    deterministic: bool = False              # bit-exact GPU runs and resumes (slower bias-gradient pass)
     # run
     out_dir: str = "runs/pss"
     resume: Optional[str] = None
@@ -144,9 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "sdpa-bias / flex: the peers it is measured against")
     model.add_argument("--sampler-impl", choices=SAMPLER_IMPLS, default=defaults.sampler_impl,
                        help="pss: fused sample_patches; eager: the published argsort + gather path")
-    model.add_argument("--sampler-backend", choices=("torch", "triton", "cuda"),
+    model.add_argument("--sampler-backend", choices=OP_BACKENDS["sample_patches"],
                        help="sample_patches backend (default: the package's choice for the device)")
-    model.add_argument("--attn-backend", choices=("torch", "triton"),
+    model.add_argument("--attn-backend", choices=OP_BACKENDS["rpb_attention"],
                        help="rpb_attention backend (default: the package's choice for the device)")
     data = parser.add_argument_group("data")
     data.add_argument("--data", choices=DATASETS, default=defaults.data,
@@ -174,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--compile", action="store_true", help="torch.compile the model")
     optim.add_argument("--seed", type=int, default=defaults.seed, help="initial weights, data order, augmentation")
     optim.add_argument("--device", type=device_flag, default=defaults.device, help="auto, cpu or cuda")
+    optim.add_argument("--deterministic", action="store_true",
+                       help="bit-identical runs and resumes on GPU and CPU alike: rpb_attention accumulates its "
+                            "bias gradient in a fixed order (slower backward) and torch uses deterministic "
+                            "algorithms (it warns about any op without one). Without it a GPU run is not "
+                            "bit-exact, nor a multi-threaded CPU run of a large model. Stored in the checkpoint: "
+                            "a resumed run must pass it again")
     run = parser.add_argument_group("run")
     run.add_argument("--out-dir", default=defaults.out_dir,
                      help="checkpoint.pt, log.jsonl, summary.json go here")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .extras import require
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, ResizeTransform, TrainTransform
 
 DATASETS = ("digits", "synthetic", "folder")
@@ -30,10 +31,14 @@ def _split_key(key: SampleKey) -> Tuple[int, Optional[torch.Generator]]:
     return int(key), None
 
 
+def require_pillow():
+    """PIL.Image, or MissingDependency saying which extra installs it."""
+    return require("PIL.Image", "pillow", "--data folder")
+
+
 def load_image(path: Union[str, Path]) -> torch.Tensor:
     """(3, H, W) float32 in [0, 1] from a JPEG/PNG (any mode; converted to RGB)."""
-    from PIL import Image
-
+    Image = require_pillow()
     with Image.open(path) as image:
         rgb = np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
     return torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)
@@ -119,10 +124,8 @@ DIGITS_VAL_FRACTION = 0.2
 
 def digits_split(train: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 1797 digits (shipped with the package, no download) as (M, 3, 8, 8) in [0, 1],
-    split 80/20 by a fixed permutation."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
+    split 80/20 by a fixed permutation. Needs scikit-learn (the `train` extra)."""
+    digits = require("sklearn.datasets", "scikit-learn", "--data digits").load_digits()
     images = torch.from_numpy(digits.images.astype(np.float32) / 16.0)[:, None].expand(-1, 3, -1, -1)
     labels = torch.from_numpy(digits.target.astype(np.int64))
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
@@ -148,9 +151,12 @@ def build_dataset(name: str, *, train: bool, img_size: Optional[int] = None, dat
                   seed: int = 0) -> Tuple[Dataset, DataInfo]:
     """The train or validation split of `name` (see DATASETS) and its DataInfo.
 
-    folder:    `data_dir`/train and `data_dir`/val in ImageFolder layout (val uses train's classes).
+    folder:    `data_dir`/train and `data_dir`/val in ImageFolder layout (val uses train's classes);
+               needs pillow.
     synthetic: `synthetic_size` train images (a quarter of that for val), `num_classes` (default 1000).
-    digits:    scikit-learn digits upscaled to img_size (default 32), 10 classes.
+    digits:    scikit-learn digits upscaled to img_size (default 32), 10 classes; needs scikit-learn.
+    pillow and scikit-learn come with `pip install "pss-kernels[train]"`; without them a
+    MissingDependency (an ImportError) says so in one line.
     """
     if name not in DATASETS:
         raise ValueError(f"data must be one of {DATASETS}, got {name!r}")
@@ -167,6 +173,7 @@ def build_dataset(name: str, *, train: bool, img_size: Optional[int] = None, dat
         return dataset, DataInfo(classes, size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     if data_dir is None:
         raise ValueError("data='folder' needs data_dir (a directory with train/ and val/ subdirectories)")
+    require_pillow()  # here, not first in a loader worker where the error would arrive wrapped
     root = Path(data_dir)
     classes = find_classes(root / "train")
     transform = TrainTransform(size) if train else EvalTransform(size)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import check_keep_rate
 from .distributed import DistInfo, all_reduce_sum
 
 
@@ -28,11 +29,15 @@ def synchronize(device: torch.device) -> None:
 def evaluate(model: nn.Module, loader, *, device: torch.device, keep_rate: float = 1.0,
              autocast_dtype: Optional[torch.dtype] = None, dist_info: Optional[DistInfo] = None) -> dict:
     """{"top1": % correct, "loss": mean cross-entropy, "images": count (all ranks),
-    "images_per_s": this process's images / seconds spent in forward passes}.
+    "images_per_s": this process's images / seconds spent in forward passes} at `keep_rate`.
+
+    `keep_rate` goes to every forward call, so the result never depends on `model.keep_rate`
+    (which a schedule may have left below 1: the model samples in eval mode too). None is refused.
 
     `model` is the plain module (not the DDP wrapper): ranks may hold different numbers of
     batches here, and counts are summed across ranks at the end.
     """
+    keep_rate = check_keep_rate(keep_rate)
     was_training = model.training
     model.eval()
     correct = seen = 0

@@ -5,7 +5,11 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Mapping, Optional, TextIO
+from typing import Dict, Mapping, Optional, TextIO, Tuple
+
+import numpy as np
+
+from ..ops.sample_patches import num_kept_tokens
 
 
 class JsonLinesLog:
@@ -63,64 +67,171 @@ class ProgressBar:
 
 
 class KeepRateTimes:
-    """Iteration time (data + compute) summed per keep rate, skipping each rate's first
-    `warmup` iterations of a process (allocator, autotuning and compilation happen there)."""
+    """Iteration time (data + compute) summed per kept-token count k, skipping each count's first
+    `warmup` iterations of a process (allocator, autotuning and compilation happen there).
 
-    def __init__(self, warmup: int = 2):
-        self.warmup = warmup
-        self.count: Dict[float, int] = {}
-        self.total: Dict[float, float] = {}
-        self._seen_this_process: Dict[float, int] = {}
+    The cost of an iteration depends on k, not on rho itself: a continuous schedule
+    (warmup_cosine, quantum=none) has thousands of distinct rates but at most N distinct k, so
+    keying by k measures it. rho = 1 (no sampling) is the key N; a rho < 1 that keeps all N tokens
+    shares that key.
+    """
+
+    def __init__(self, num_tokens: int, warmup: int = 2):
+        self.num_tokens, self.warmup = num_tokens, warmup
+        self.count: Dict[int, int] = {}
+        self.total: Dict[int, float] = {}
+        self._seen_this_process: Dict[int, int] = {}
+
+    def tokens(self, keep_rate: float) -> int:
+        """The key of `keep_rate`: tokens kept (prefix included) out of num_tokens."""
+        return self.num_tokens if keep_rate == 1.0 else num_kept_tokens(self.num_tokens, keep_rate)
 
     def add(self, keep_rate: float, seconds: float) -> None:
-        seen = self._seen_this_process.get(keep_rate, 0)
-        self._seen_this_process[keep_rate] = seen + 1
+        key = self.tokens(keep_rate)
+        seen = self._seen_this_process.get(key, 0)
+        self._seen_this_process[key] = seen + 1
         if seen < self.warmup:
             return
-        self.count[keep_rate] = self.count.get(keep_rate, 0) + 1
-        self.total[keep_rate] = self.total.get(keep_rate, 0.0) + seconds
+        self.count[key] = self.count.get(key, 0) + 1
+        self.total[key] = self.total.get(key, 0.0) + seconds
 
-    def mean(self, keep_rate: float) -> Optional[float]:
-        count = self.count.get(keep_rate, 0)
-        return self.total[keep_rate] / count if count else None
+    def mean(self, tokens: int) -> Optional[float]:
+        count = self.count.get(tokens, 0)
+        return self.total[tokens] / count if count else None
 
     def state_dict(self) -> dict:
-        return {"count": dict(self.count), "total": dict(self.total)}
+        return {"by": "tokens", "num_tokens": self.num_tokens, "count": dict(self.count), "total": dict(self.total)}
 
     def load_state_dict(self, state: Mapping) -> None:
-        self.count, self.total = dict(state["count"]), dict(state["total"])
+        if state.get("by") == "tokens":
+            self.count, self.total = dict(state["count"]), dict(state["total"])
+            return
+        # Checkpoints before the token keying summed per keep rate: merge the rates of one k.
+        self.count, self.total = {}, {}
+        for rate, count in state["count"].items():
+            key = self.tokens(float(rate))
+            self.count[key] = self.count.get(key, 0) + count
+            self.total[key] = self.total.get(key, 0.0) + state["total"][rate]
+
+
+# How an iteration time in the summary was obtained (the "source" fields).
+MEASURED = "measured"
+INTERPOLATED = "estimated: interpolated between the measured token counts"
+EXTRAPOLATED = "estimated: least-squares line through the measured token counts"
+PROPORTIONAL = "estimated: proportional to the kept tokens (no fixed cost assumed: overstates the baseline)"
+PROBED = ("estimated: the measured time at the run's rate plus the difference of forward + backward at "
+          "rho = 1 and at that rate, timed on one batch after training")
+
+
+def _line(points) -> Tuple[float, float]:
+    """(intercept, slope) of the least-squares line through (k, t) points (at least two distinct k)."""
+    ks = np.array([k for k, _ in points], dtype=np.float64)
+    ts = np.array([t for _, t in points], dtype=np.float64)
+    slope, intercept = np.polyfit(ks, ts, 1)
+    return float(intercept), float(slope)
+
+
+def estimate_time(tokens: int, measured: Mapping[int, float]) -> Tuple[Optional[float], Optional[str]]:
+    """(iteration time at `tokens`, its source) from the measured {tokens: mean time}.
+
+    Measured: itself. Inside the measured range: linear interpolation between the two nearest
+    counts. Outside: the least-squares line through all of them, never below (above) the time of
+    the nearest measured count for more (fewer) tokens. One measured count: proportional to the
+    tokens. None measured: (None, None).
+    """
+    if tokens in measured:
+        return measured[tokens], MEASURED
+    points = sorted(measured.items())
+    if not points:
+        return None, None
+    if len(points) == 1:
+        (k0, t0), = points
+        return t0 * tokens / k0, PROPORTIONAL
+    for (lo_k, lo_t), (hi_k, hi_t) in zip(points, points[1:]):
+        if lo_k < tokens < hi_k:
+            return lo_t + (tokens - lo_k) / (hi_k - lo_k) * (hi_t - lo_t), INTERPOLATED
+    intercept, slope = _line(points)
+    estimate = intercept + slope * tokens
+    if tokens > points[-1][0]:
+        return max(estimate, points[-1][1]), EXTRAPOLATED
+    return max(0.0, min(estimate, points[0][1])), EXTRAPOLATED
 
 
 def projected_time_summary(times: KeepRateTimes, shares: Mapping[float, float], total_steps: int,
-                           baseline_steps: int) -> dict:
+                           baseline_steps: int, probed_baseline_s: Optional[float] = None) -> dict:
     """Projected wall time of the whole schedule vs full training at rho = 1.
 
-    projected = total_steps * sum_rho share(rho) * mean_time(rho);  baseline = baseline_steps * mean_time(1.0)
-    (baseline_steps = epochs * steps_per_epoch; it differs from total_steps for a budget schedule).
-    Either is None when a keep rate it needs was never timed (e.g. no rho = 1 step in a
-    fixed:0.6 run: time a baseline run with --schedule none to compare).
+    projected = total_steps * sum_k share(k) * t(k);  baseline = baseline_steps * t(N)
+    with share(k) the schedule's share of iterations keeping k tokens (its rates grouped by k) and
+    t(k) the measured mean iteration time, or an estimate labelled in the `source` fields where k
+    was never timed (see `estimate_time`; `probed_baseline_s`, an iteration time at rho = 1 from
+    the trainer's probe, takes precedence for t(N) over a proportional estimate).
+    baseline_steps = epochs * steps_per_epoch differs from total_steps for a budget schedule.
+    Every figure is None only when no iteration was timed at all.
     """
-    per_rate = {f"{rate:g}": {"share": share, "mean_iter_s": times.mean(rate), "timed_iters": times.count.get(rate, 0)}
-                for rate, share in shares.items()}
-    missing = [rate for rate in shares if times.mean(rate) is None]
-    projected = None if missing else total_steps * sum(share * times.mean(rate) for rate, share in shares.items())
-    baseline_iter = times.mean(1.0)
+    groups: Dict[int, dict] = {}
+    for rate, share in shares.items():
+        group = groups.setdefault(times.tokens(rate), {"share": 0.0, "keep_rates": []})
+        group["share"] += share
+        group["keep_rates"].append(rate)
+    measured = {k: times.mean(k) for k in times.count if times.mean(k) is not None}
+    full = times.num_tokens
+
+    def time_of(tokens: int):
+        if tokens == full and full not in measured and probed_baseline_s is not None and len(measured) < 2:
+            return probed_baseline_s, PROBED
+        return estimate_time(tokens, measured)
+
+    per_tokens, projected, estimated_share = {}, 0.0, 0.0
+    for tokens in sorted(groups, reverse=True):
+        group = groups[tokens]
+        seconds, source = time_of(tokens)
+        rates = group["keep_rates"]
+        per_tokens[str(tokens)] = {"share": group["share"], "keep_rates": [min(rates), max(rates)],
+                                   "num_keep_rates": len(rates), "mean_iter_s": seconds, "source": source,
+                                   "timed_iters": times.count.get(tokens, 0)}
+        if seconds is None:
+            projected = None
+        elif projected is not None:
+            projected += group["share"] * seconds
+        if source != MEASURED:
+            estimated_share += group["share"]
+    projected = None if projected is None else total_steps * projected
+    baseline_iter, baseline_source = time_of(full)
     baseline = None if baseline_iter is None else baseline_steps * baseline_iter
     saving = None if projected is None or baseline is None else 1.0 - projected / baseline
-    return {"total_steps": total_steps, "baseline_steps": baseline_steps, "per_keep_rate": per_rate,
-            "projected_s": projected, "baseline_s": baseline, "saving": saving, "untimed_keep_rates": missing}
+    return {"total_steps": total_steps, "baseline_steps": baseline_steps, "num_tokens": full,
+            "per_tokens": per_tokens, "projected_s": projected, "estimated_share": estimated_share,
+            "baseline_s": baseline, "baseline_source": baseline_source, "saving": saving,
+            "estimated": estimated_share > 0 or baseline_source != MEASURED}
+
+
+MAX_SUMMARY_ROWS = 12
 
 
 def format_summary(summary: Mapping) -> str:
     def hours(seconds):
-        return "n/a" if seconds is None else f"{seconds / 3600:.3f} h ({seconds:.1f} s)"
+        return "n/a (nothing timed)" if seconds is None else f"{seconds / 3600:.3f} h ({seconds:.1f} s)"
 
-    lines = [f"time per iteration by keep rate ({summary['total_steps']} steps):"]
-    for rate, entry in summary["per_keep_rate"].items():
-        mean = "untimed" if entry["mean_iter_s"] is None else f"{1e3 * entry['mean_iter_s']:.2f} ms"
-        lines.append(f"  rho={rate:<5} share={100 * entry['share']:5.1f} %  {mean}")
-    lines.append(f"projected: {hours(summary['projected_s'])}   "
-                 f"baseline ({summary['baseline_steps']} steps at rho=1): {hours(summary['baseline_s'])}")
+    rows = summary["per_tokens"]
+    lines = [f"time per iteration by kept tokens (of {summary['num_tokens']}; {summary['total_steps']} steps):"]
+    if len(rows) <= MAX_SUMMARY_ROWS:
+        for tokens, entry in rows.items():
+            low, high = entry["keep_rates"]
+            rates = f"rho={low:g}" if low == high else f"rho={low:g}..{high:g}"
+            mean = "n/a" if entry["mean_iter_s"] is None else f"{1e3 * entry['mean_iter_s']:.2f} ms"
+            note = "" if entry["source"] in (MEASURED, None) else f"  ({entry['source']})"
+            lines.append(f"  k={tokens:<5} {rates:<16} share={100 * entry['share']:5.1f} %  {mean}{note}")
+    else:
+        timed = sum(entry["source"] == MEASURED for entry in rows.values())
+        lines.append(f"  {len(rows)} token counts, {timed} timed; the rest estimated from them (see summary.json)")
+    estimated = summary["estimated_share"]
+    lines.append(f"projected: {hours(summary['projected_s'])}"
+                 + (f" ({100 * estimated:.0f} % of the steps at estimated times)" if estimated > 0 else ""))
+    source = summary["baseline_source"]
+    lines.append(f"baseline ({summary['baseline_steps']} steps at rho=1): {hours(summary['baseline_s'])}"
+                 + ("" if source in (MEASURED, None) else f" ({source})"))
     if summary["saving"] is not None:
-        lines.append(f"saving vs baseline: {100 * summary['saving']:.1f} %")
+        estimate_note = " (estimated)" if summary["estimated"] else ""
+        lines.append(f"saving vs baseline: {100 * summary['saving']:.1f} %{estimate_note}")
     return "\n".join(lines)

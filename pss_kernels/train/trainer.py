@@ -6,13 +6,20 @@ Each iteration t:
     loss = CE_smooth(model(images), labels)     (bf16 autocast on CUDA)
     AdamW step, LR step, schedule step, EMA update
 Everything random is either restored from the checkpoint (global RNGs) or a function of
-(seed, epoch, index) (data order and augmentation), so `--resume` continues bit for bit.
+(seed, epoch, index) (data order and augmentation), so `--resume` continues bit for bit on CPU;
+on a GPU it does with `deterministic=True` (`--deterministic`: ordered bias-gradient accumulation
+in rpb_attention and torch.use_deterministic_algorithms for the rest of the step).
+Evaluation runs at rho = 1 (unless asked otherwise) whatever rate the schedule is at, and
+`model.keep_rate` is 1.0 between steps: the model never samples by accident in eval mode.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import random
+import statistics
 import time
 from pathlib import Path
 from typing import Optional
@@ -23,13 +30,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from .._backends import backend_status
+from .._checks import check_keep_rate
 from ..models import create_model
 from ..models.vit import VisionTransformer
 from ..ops.sample_patches import num_kept_tokens
 from ..schedules import build_schedule
 from .checkpoint import (CheckpointError, capture_rng_state, check_config_matches, load_checkpoint, load_state,
                          restore_rng_state, save_checkpoint)
-from .config import RESUMABLE_CHANGES, TrainConfig, config_to_dict
+from .config import RESUMABLE_CHANGES, TrainConfig, config_from_dict, config_to_dict
 from .data import DataInfo, build_dataset
 from .distributed import DistInfo, ShardedSampler, all_gather_objects, barrier
 from .evaluation import autocast_context, evaluate, synchronize
@@ -49,8 +57,8 @@ def build_model(config: TrainConfig, info: DataInfo) -> VisionTransformer:
         overrides["layer_scale_init"] = config.layer_scale_init or None  # 0 switches layer scale off
     return create_model(config.model, img_size=info.img_size, num_classes=info.num_classes, rpb=config.rpb,
                         attn_impl=config.attn_impl, sampler_impl=config.sampler_impl, scorer=config.scorer,
-                        sampler_backend=config.sampler_backend,
-                        attn_backend=config.attn_backend, **overrides)
+                        sampler_backend=config.sampler_backend, attn_backend=config.attn_backend,
+                        deterministic=config.deterministic, **overrides)
 
 
 def build_data(config: TrainConfig, train: bool):
@@ -58,13 +66,42 @@ def build_data(config: TrainConfig, train: bool):
                          num_classes=config.num_classes, synthetic_size=config.synthetic_size, seed=config.seed)
 
 
+def check_backend_flag(flag: str, backend: Optional[str], device: torch.device) -> None:
+    """ValueError (one line, naming the flag and the reason) when `backend` cannot run on `device`."""
+    if backend is not None:
+        status = backend_status(backend, device)
+        if not status.available:
+            raise ValueError(f"{flag} {backend} cannot run on {device}: {status.reason}")
+
+
 def _check_backends(config: TrainConfig, device: torch.device) -> None:
     """Refuse an unusable --sampler-backend / --attn-backend before any data or model is built."""
-    for flag, backend in (("--sampler-backend", config.sampler_backend), ("--attn-backend", config.attn_backend)):
-        if backend is not None:
-            status = backend_status(backend, device)
-            if not status.available:
-                raise ValueError(f"{flag} {backend} cannot run on {device}: {status.reason}")
+    check_backend_flag("--sampler-backend", config.sampler_backend, device)
+    check_backend_flag("--attn-backend", config.attn_backend, device)
+
+
+DETERMINISTIC_CUBLAS_WORKSPACE = ":4096:8"
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """With enabled: torch.use_deterministic_algorithms(True, warn_only=True) and cudnn.benchmark off
+    for the block (restored after). torch then picks deterministic kernels (cuDNN convolutions,
+    SDPA, scatters) and warns about any op that has none (a run that warns is not bit-exact).
+    cuBLAS needs CUBLAS_WORKSPACE_CONFIG for that; it is set to :4096:8 unless already set."""
+    if not enabled:
+        yield
+        return
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", DETERMINISTIC_CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark = previous[2]
 
 
 def autocast_dtype_for(precision: str, device: torch.device) -> Optional[torch.dtype]:
@@ -144,7 +181,7 @@ class Trainer:
             self.train_model = torch.compile(self.train_model)
 
         self.step = 0
-        self.times = KeepRateTimes()
+        self.times = KeepRateTimes(self.num_tokens)
         _seed_everything(config.seed + dist_info.rank)  # dropout / drop-path masks differ across ranks
         if config.resume:
             self._resume(config.resume)
@@ -190,7 +227,12 @@ class Trainer:
             return  # nothing to resume: a fresh run
         state = load_checkpoint(path)
         try:
-            check_config_matches(state["config"], config_to_dict(self.config), RESUMABLE_CHANGES, path)
+            # Through TrainConfig: settings newer than the checkpoint compare as their defaults.
+            saved = config_to_dict(config_from_dict(state["config"]))
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"checkpoint {str(path)!r} has no usable config: {err}") from err
+        try:
+            check_config_matches(saved, config_to_dict(self.config), RESUMABLE_CHANGES, path)
             load_state(self.model, state["model"], "model", path)
             if self.ema is not None:
                 load_state(self.ema, state["ema"], "EMA", path)
@@ -209,9 +251,14 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, keep_rate: float) -> torch.Tensor:
+        # The rate is set for this forward only (an attribute, not a call argument, so a compiled or
+        # DDP-wrapped model sees it): between steps the model keeps every token, in eval mode too.
         self.model.keep_rate = keep_rate
-        with autocast_context(self.device, self.autocast_dtype):
-            logits = self.train_model(images)
+        try:
+            with autocast_context(self.device, self.autocast_dtype):
+                logits = self.train_model(images)
+        finally:
+            self.model.keep_rate = 1.0
         loss = self.criterion(logits.float(), labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -224,18 +271,25 @@ class Trainer:
             self.ema.update(self.model)
         return loss.detach()
 
-    def evaluate(self) -> dict:
-        result = {"type": "eval", "step": self.step, "epoch": self.step / self.steps_per_epoch}
+    def evaluate(self, keep_rate: float = 1.0) -> dict:
+        """Validation top-1 and loss of the model (and its EMA) at `keep_rate`, passed to every forward
+        call: the result does not depend on the rate the schedule left on the model."""
+        result = {"type": "eval", "step": self.step, "epoch": self.step / self.steps_per_epoch,
+                  "keep_rate": check_keep_rate(keep_rate)}
         models = {"": self.model, "ema_": self.ema.module if self.ema is not None else None}
         for prefix, model in models.items():
             if model is not None:
-                metrics = evaluate(model, self.val_loader, device=self.device, keep_rate=1.0,
+                metrics = evaluate(model, self.val_loader, device=self.device, keep_rate=keep_rate,
                                    autocast_dtype=self.autocast_dtype, dist_info=self.dist)
                 result.update({f"{prefix}top1": metrics["top1"], f"{prefix}loss": metrics["loss"]})
         return result
 
     def fit(self) -> dict:
         """Train until the schedule's last step (or --stop-at-step); returns the run summary."""
+        with deterministic_algorithms(self.config.deterministic):
+            return self._fit()
+
+    def _fit(self) -> dict:
         config, dist_info = self.config, self.dist
         stop = self.total_steps if config.stop_at_step is None else min(self.total_steps, config.stop_at_step)
         log = JsonLinesLog(self.out_dir / "log.jsonl") if dist_info.is_main else (
@@ -245,7 +299,7 @@ class Trainer:
             bar.message(f"pss-train: {config.model} on {config.data} ({len(self.train_set)} images), "
                         f"{self.total_steps} steps x {config.batch_size * dist_info.world_size} images, "
                         f"schedule {self.schedule!r}, mean rho {self.schedule.mean_keep_rate():.3f}")
-        last_eval = None
+        last_eval = last_batch = None
         global_batch = config.batch_size * dist_info.world_size
         start_wall = time.perf_counter()
         while self.step < stop:
@@ -261,6 +315,7 @@ class Trainer:
                 loss = self.train_step(images, labels, rho)
                 synchronize(self.device)
                 done = time.perf_counter()
+                last_batch = (images, labels)
                 data_time, compute_time = compute_start - batch_start, done - compute_start
                 self.times.add(rho, data_time + compute_time)
                 loss_value = loss.item()
@@ -294,11 +349,52 @@ class Trainer:
                 if not (config.save_every and self.step % config.save_every == 0):
                     self.save()
         bar.close()
-        return self._finish(log, last_eval, time.perf_counter() - start_wall)
+        return self._finish(log, last_eval, time.perf_counter() - start_wall, last_batch)
 
-    def _finish(self, log: Optional[JsonLinesLog], last_eval: Optional[dict], wall_s: float) -> dict:
+    PROBE_ROUNDS = 3
+
+    def _probe_baseline_iteration(self, batch) -> Optional[float]:
+        """An iteration time at rho = 1 for a run that timed exactly one token count and not N (a
+        fixed:R run): its measured time plus (forward + backward at rho = 1) - (forward + backward
+        at R), both timed on `batch` with the plain model after training (the data, optimizer and
+        EMA parts of an iteration do not depend on rho). No weight, gradient or RNG state changes.
+        None when it does not apply or rho = 1 does not fit in memory."""
+        timed = list(self.times.count)
+        if batch is None or len(timed) != 1 or timed[0] == self.num_tokens:
+            return None
+        rate = next((r for r in self.schedule.shares() if self.times.tokens(r) == timed[0]), None)
+        if rate is None:
+            return None
+        images, labels = batch
+        model, was_training, rng = self.model, self.model.training, capture_rng_state()
+        seconds = {rate: [], 1.0: []}
+        model.train()
+        try:
+            for round_index in range(self.PROBE_ROUNDS + 1):  # round 0 warms up (allocation, autotuning)
+                for keep_rate in seconds:
+                    synchronize(self.device)
+                    start = time.perf_counter()
+                    with autocast_context(self.device, self.autocast_dtype):
+                        logits = model(images, keep_rate=keep_rate)
+                    self.criterion(logits.float(), labels).backward()
+                    synchronize(self.device)
+                    if round_index:
+                        seconds[keep_rate].append(time.perf_counter() - start)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return None
+        finally:
+            model.zero_grad(set_to_none=True)
+            model.train(was_training)
+            restore_rng_state(rng)
+        difference = statistics.median(seconds[1.0]) - statistics.median(seconds[rate])
+        return self.times.mean(timed[0]) + max(0.0, difference)
+
+    def _finish(self, log: Optional[JsonLinesLog], last_eval: Optional[dict], wall_s: float, last_batch=None) -> dict:
+        probed = self._probe_baseline_iteration(last_batch) if self.dist.is_main else None
         timing = projected_time_summary(self.times, self.schedule.shares(), self.total_steps,
-                                        baseline_steps=self.config.epochs * self.steps_per_epoch)
+                                        baseline_steps=self.config.epochs * self.steps_per_epoch,
+                                        probed_baseline_s=probed)
         summary = {"type": "end", "step": self.step, "total_steps": self.total_steps,
                    "finished": self.step == self.total_steps, "wall_s": wall_s,
                    "schedule": repr(self.schedule), "mean_keep_rate": self.schedule.mean_keep_rate(),
@@ -308,8 +404,7 @@ class Trainer:
             log.close()
         if self.dist.is_main:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-            if self.config.progress:
-                print(format_summary(timing), flush=True)
+            print(format_summary(timing), flush=True)  # with --no-progress too: it is the run's result
         return summary
 
 

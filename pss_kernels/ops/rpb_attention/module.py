@@ -7,7 +7,10 @@ in the parameter layout of timm's `Beit` Attention so timm / BEiT / SimMIM check
 state_dict keys: qkv.weight, q_bias, v_bias, relative_position_bias_table (R, H), proj.weight,
 proj.bias. `index` (B, n) from the sampling block says which of the N = num_prefix_tokens +
 Gh*Gw positions each of the n tokens of x holds; None means all N in order. Attributes `impl`,
-`backend` and `check_index` (default False, see __init__) may be changed between calls.
+`backend`, `deterministic` and `check_index` (default False, see __init__) may be changed between
+calls. `deterministic=True` makes the bias-table gradient bit-identical run to run (on the triton
+backend a slower ordered accumulation instead of atomics; see rpb_attention); it applies to
+impl="pss", the peers ignore it.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..._checks import check_choice, check_grid_size, check_int, check_tensor
+from ..._checks import check_bool, check_choice, check_grid_size, check_int, check_tensor
 from .op import OP_BACKENDS, rpb_attention
 from .peers import eager_index_rpb_attention, flex_rpb_attention, published_rpb_attention, sdpa_bias_rpb_attention
 from .reference import bias_table_rows
@@ -30,7 +33,7 @@ IMPLS = {"pss": None, "published": published_rpb_attention, "eager-index": eager
 class RelPosAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, grid_size: Sequence[int], num_prefix_tokens: int = 1,
                  qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0, impl: str = "pss",
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, deterministic: bool = False):
         super().__init__()
         check_int("dim", dim, minimum=1)
         check_int("num_heads", num_heads, minimum=1)
@@ -40,6 +43,7 @@ class RelPosAttention(nn.Module):
         check_int("num_prefix_tokens", num_prefix_tokens, minimum=0, maximum=1)
         check_choice("impl", impl, IMPLS)
         check_choice("backend", backend, (None,) + OP_BACKENDS)
+        check_bool("deterministic", deterministic)
         if attn_drop != 0.0:
             # No fused kernel (nor the peers) drops attention probabilities; ViT/DeiT/BEiT recipes use 0.
             raise ValueError(f"attn_drop must be 0.0 (attention-probability dropout is not supported), got {attn_drop}")
@@ -48,6 +52,7 @@ class RelPosAttention(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         self.impl = impl
         self.backend = backend
+        self.deterministic = deterministic
         # rpb_attention's host check of `index` costs a device sync per layer; the index comes from
         # the model's own sampler, and a bad one cannot make the kernels read out of bounds anyway
         # (they clamp positions; torch indexing is bounds-checked). Set True to debug a new caller.
@@ -84,11 +89,13 @@ class RelPosAttention(nn.Module):
         table = self.relative_position_bias_table
         options = dict(grid_size=self.grid_size, num_prefix_tokens=self.num_prefix_tokens)
         if self.impl == "pss":
-            out = rpb_attention(q, k, v, table, index, backend=self.backend, check_index=self.check_index, **options)
+            out = rpb_attention(q, k, v, table, index, backend=self.backend, deterministic=self.deterministic,
+                                check_index=self.check_index, **options)
         else:
             out = IMPLS[self.impl](q, k, v, table, index, **options)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, num_tokens, dim)))
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, grid_size={self.grid_size}, "
-                f"num_prefix_tokens={self.num_prefix_tokens}, impl={self.impl!r}")
+                f"num_prefix_tokens={self.num_prefix_tokens}, impl={self.impl!r}"
+                + (", deterministic=True" if self.deterministic else ""))
