@@ -1,5 +1,5 @@
-"""The ways rpb_attention is done without this package's kernels: benchmark anchors (DESIGN §5)
-and alternative `RelPosAttention(impl=...)` paths. Same semantics as `rpb_attention` (DESIGN §1).
+"""The ways rpb_attention is done without this package's kernels: the anchors the benchmarks measure
+it against, and alternative `RelPosAttention(impl=...)` paths. Same semantics as `rpb_attention`.
 
 - published_rpb_attention: the bias as the PSS authors' published code builds it
   (simmim/models/pss_vision_transformer.py, the sampling block and the `Attention` class):
@@ -13,7 +13,7 @@ and alternative `RelPosAttention(impl=...)` paths. Same semantics as `rpb_attent
   F.scaled_dot_product_attention (what timm's Beit does); the caller picks the SDPA backend
   (the benchmark uses EFFICIENT, the only fused one that takes a bias with a gradient).
 - flex_rpb_attention: FlexAttention with a `score_mod` that gathers bias_table[rel(...), h];
-  its table gradient is accumulated with one global atomic per score (the cliff of DESIGN §4).
+  its table gradient is accumulated with one global atomic per score (the known ~30x cliff of a global atomic per score element).
 """
 from __future__ import annotations
 
