@@ -7,7 +7,9 @@
          (scored after the position embedding, as the paper's DeiT variant; skipped at rho = 1)
       -> depth x Block(x, index): attention with a relative position bias gathered per
          image from `index` (B, k), one bias table per layer
-      -> mean over the kept patch tokens (CLS excluded) -> LayerNorm -> Linear head
+      -> pool="mean" (PSS, BEiT, SimMIM): mean over the kept patch tokens (CLS excluded)
+         -> LayerNorm `fc_norm` -> Linear head
+         pool="cls" (timm ViT / DeiT): LayerNorm `norm` -> the CLS token -> Linear head
 
 With `rpb=False` every block uses plain SDPA attention without bias (the baseline ViT).
 """
@@ -26,6 +28,14 @@ from .layers import Block, PatchEmbed
 
 # "pss" = the package's kernels; the others are the peers they are measured against (peers.py).
 ATTN_IMPLS = tuple(RELPOS_IMPLS)
+POOLS = ("mean", "cls")
+
+
+def init_linear(module: nn.Linear) -> None:
+    """ViT / DeiT: truncated normal(0.02) weight, zero bias."""
+    nn.init.trunc_normal_(module.weight, std=0.02)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
 
 
 class VisionTransformer(nn.Module):
@@ -50,6 +60,11 @@ class VisionTransformer(nn.Module):
         deterministic: bit-identical bias-table gradients run to run (rpb_attention's
             deterministic=True in every block; the rest of a GPU step also needs
             torch.use_deterministic_algorithms, which `pss-train --deterministic` turns on).
+        pool: "mean" (default; PSS, BEiT, SimMIM): the mean of the kept patch tokens, then the
+            LayerNorm `fc_norm`. "cls" (timm ViT / DeiT): the final LayerNorm `norm`, then the CLS
+            token (always kept by the sampler, so this works at any keep rate). The norm's name
+            follows timm's for each, so pool="mean" state dicts are as before and a timm checkpoint
+            loads one to one (see load_pretrained).
     """
 
     num_prefix_tokens = 1  # the CLS token
@@ -60,11 +75,12 @@ class VisionTransformer(nn.Module):
                  layer_scale_init: Optional[float] = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, keep_rate: float = 1.0, scorer: str = "l1",
                  attn_impl: str = "pss", sampler_impl: str = "pss", sampler_backend: Optional[str] = None,
-                 attn_backend: Optional[str] = None, deterministic: bool = False):
+                 attn_backend: Optional[str] = None, deterministic: bool = False, pool: str = "mean"):
         super().__init__()
         check_choice("attn_impl", attn_impl, ATTN_IMPLS)
         check_choice("sampler_impl", sampler_impl, SAMPLER_IMPLS)
-        self.num_classes, self.embed_dim, self.rpb = num_classes, embed_dim, rpb
+        check_choice("pool", pool, POOLS)
+        self.num_classes, self.embed_dim, self.rpb, self.pool = num_classes, embed_dim, rpb, pool
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.grid_size = self.patch_embed.grid_size
         num_tokens = self.num_prefix_tokens + self.patch_embed.num_patches
@@ -80,7 +96,9 @@ class VisionTransformer(nn.Module):
                   layer_scale_init=layer_scale_init, drop=drop_rate, attn_drop=attn_drop_rate,
                   drop_path=rate, attn_impl=attn_impl, backend=attn_backend, deterministic=deterministic)
             for rate in drop_path_rates])
-        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        # timm's layout: one of the two is a LayerNorm, the other has no parameters.
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if pool == "cls" else nn.Identity()
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if pool == "mean" else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights()
@@ -95,9 +113,7 @@ class VisionTransformer(nn.Module):
         nn.init.zeros_(proj.bias)
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+                init_linear(module)
 
     @property
     def keep_rate(self) -> float:
@@ -139,8 +155,14 @@ class VisionTransformer(nn.Module):
         return x, index
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
-        pooled = tokens[:, self.num_prefix_tokens:].mean(dim=1)
-        return self.head(self.head_drop(self.fc_norm(pooled)))
+        """(B, k, C) tokens from forward_features -> (B, num_classes) logits."""
+        if self.pool == "cls":
+            # timm normalises every token and then takes the CLS one; LayerNorm acts per token, so
+            # normalising the CLS token alone is the same number.
+            pooled = self.norm(tokens[:, 0])
+        else:
+            pooled = self.fc_norm(tokens[:, self.num_prefix_tokens:].mean(dim=1))
+        return self.head(self.head_drop(pooled))
 
     def forward(self, images: torch.Tensor, keep_rate: Optional[float] = None) -> torch.Tensor:
         """(B, num_classes) logits; `keep_rate` overrides `model.keep_rate` for this call only."""
