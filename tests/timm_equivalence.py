@@ -90,11 +90,15 @@ def tables_of(model) -> list:
     return [name for name, _ in model.named_parameters() if name.endswith("relative_position_bias_table")]
 
 
-@torch.no_grad()
 def main() -> int:
+    with tempfile.TemporaryDirectory(prefix="pss-timm-") as folder:  # ~2 GB of checkpoints
+        return run(Path(folder))
+
+
+@torch.no_grad()
+def run(folder: Path) -> int:
     torch.manual_seed(0)
     torch.set_num_threads(min(4, torch.get_num_threads()))
-    folder = Path(tempfile.mkdtemp(prefix="pss-timm-"))
     x224 = images(224)
     cases = [("beit_base_patch16_224", 1), ("deit_small_patch16_224", 2), ("vit_base_patch16_224", 3)]
     timm_models = {}

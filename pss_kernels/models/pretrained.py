@@ -111,7 +111,8 @@ def read_checkpoint(path: Union[str, Path]) -> dict:
         raise ValueError(
             f"{str(path)!r} holds pickled objects besides tensors (SimMIM's files keep their yacs config), "
             f"which torch.load(weights_only=True) does not run: {first_line}. If you trust the file, pass "
-            f"its state dict instead: torch.load(path, weights_only=False)['model']") from None
+            f"its state dict instead: torch.load(path, map_location='cpu', weights_only=False)['model'] "
+            f"(with the pickled classes importable: pip install yacs for SimMIM's)") from None
 
 
 def unwrap(checkpoint: Mapping) -> Tuple[StateDict, bool]:
