@@ -11,13 +11,19 @@ import torch
 from .._backends import OP_BACKENDS
 from ..models import MODEL_CONFIGS
 from ..models.vit import ATTN_IMPLS, SAMPLER_IMPLS
+from .augment import RandAugmentSpec
 from .data import DATASETS
+from .optim import LR_SCALINGS, OPTIMIZERS
+from .recipes import RECIPES, recipe_settings, recipes_help
+from .transforms import INTERPOLATIONS
 
 PRECISIONS = ("auto", "bf16", "fp32")
+POOLS = ("mean", "cls")
 
 
 @dataclass
 class TrainConfig:
+    recipe: Optional[str] = None             # the preset the other fields were resolved from (recipes.py)
     # model
     model: str = "deit_small"
     img_size: Optional[int] = None          # None: the dataset's default (digits 32, else 224)
@@ -34,19 +40,36 @@ class TrainConfig:
     sampler_impl: str = "pss"
     sampler_backend: Optional[str] = None
     attn_backend: Optional[str] = None
+    pool: Optional[str] = None               # None: the model's default (mean); "cls" for timm ViT / DeiT weights
+    init_from: Optional[str] = None          # weights to start a fresh run from (models.load_pretrained)
     # data
     data: str = "digits"
     data_dir: Optional[str] = None
     num_classes: Optional[int] = None
     synthetic_size: int = 1280
     workers: int = 2
+    interpolation: str = "bilinear"          # random-resized crop, eval resize, RandAugment's geometric ops
+    # augmentation (train/augment.py, on the device; kornia)
+    rand_augment: Optional[str] = None       # timm spec, e.g. rand-m9-mstd0.5-inc1
+    color_jitter: float = 0.0                # inactive while rand_augment is on (timm)
+    random_erasing: float = 0.0              # probability per image
+    mixup: float = 0.0                       # Beta alpha; 0 disables
+    cutmix: float = 0.0                      # Beta alpha; 0 disables
+    mixup_switch_prob: float = 0.5           # CutMix instead of Mixup, per batch, when both are on
+    repeated_aug: int = 1                    # copies of each image per epoch across ranks (DeiT: 3)
     # optimisation
     epochs: int = 10
     batch_size: int = 64                     # per process
+    optimizer: str = "adamw"
+    momentum: float = 0.9                    # SGD only
     lr: float = 5e-4
     min_lr: float = 1e-5
+    warmup_lr: float = 0.0                   # LR at the start of the warm-up
+    lr_scaling: str = "none"                 # none | lr | all: which LRs are x global batch / lr_base_batch
+    lr_base_batch: int = 512
     warmup_epochs: float = 1.0
     weight_decay: float = 0.05
+    layer_decay: float = 1.0                 # block i of D: lr x layer_decay ** (D - i); 1 disables
     label_smoothing: float = 0.1
     clip_grad: float = 0.0                   # max gradient norm; 0 disables clipping
     ema_decay: float = 0.0                   # 0 disables EMA
@@ -114,6 +137,34 @@ POSITIVE, NON_NEGATIVE, NON_NEGATIVE_FLOAT = _number(int, 1), _number(int, 0), _
 FRACTION = _number(float, 0.0, below=1.0)
 
 
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def layer_decay_flag(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def rand_augment_flag(text: str) -> Optional[str]:
+    """A timm RandAugment spec (checked here), or none."""
+    if text.lower() in ("none", "off", ""):
+        return None
+    try:
+        RandAugmentSpec.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+probability.__name__ = layer_decay_flag.__name__ = "float"
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(
@@ -125,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                "  torchrun --nproc_per_node 8 -m pss_kernels.train --data folder --data-dir /imagenet "
                "--model deit_small --epochs 300 --batch-size 128 --lr 1e-3 --schedule cyclic:0.2,1.0\n"
                "schedules: see pss_kernels.schedules.build_schedule (none, fixed:R, linear:A,B, cyclic:A,B, "
-               "cosine:A,B, patchdropout[:LOW,HIGH[,P_FULL]], warmup_cosine:T, budget:F)")
+               "cosine:A,B, patchdropout[:LOW,HIGH[,P_FULL]], warmup_cosine:T, budget:F)\n" + recipes_help())
+    parser.add_argument("--recipe", choices=sorted(RECIPES),
+                        help="a paper's hyper-parameters as defaults (listed below); flags given override them")
     model = parser.add_argument_group("model")
     model.add_argument("--model", choices=sorted(MODEL_CONFIGS), default=defaults.model, help="named ViT config")
     model.add_argument("--img-size", type=POSITIVE, help="image side (default: 32 for digits, else 224)")
@@ -150,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sample_patches backend (default: the package's choice for the device)")
     model.add_argument("--attn-backend", choices=OP_BACKENDS["rpb_attention"],
                        help="rpb_attention backend (default: the package's choice for the device)")
+    model.add_argument("--pool", choices=POOLS,
+                       help="mean: mean of the patch tokens + fc_norm (PSS, BEiT, SimMIM; the model's default); "
+                            "cls: final norm + CLS token (timm ViT / DeiT)")
+    model.add_argument("--init-from", metavar="PATH",
+                       help="start a fresh run from these weights (a timm / DeiT / BEiT / SimMIM checkpoint or a "
+                            "state dict; pss_kernels.models.load_pretrained, strict=False); its report is printed and "
+                            "logged. Not read when resuming (the checkpoint holds the weights)")
     data = parser.add_argument_group("data")
     data.add_argument("--data", choices=DATASETS, default=defaults.data,
                       help="digits: scikit-learn's digits (CPU demo); synthetic: random images; folder: --data-dir")
@@ -158,14 +218,44 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--synthetic-size", type=POSITIVE, default=defaults.synthetic_size,
                       help="synthetic training images (validation: a quarter)")
     data.add_argument("--workers", type=NON_NEGATIVE, default=defaults.workers, help="data loader processes per rank")
+    data.add_argument("--interpolation", choices=INTERPOLATIONS, default=defaults.interpolation,
+                      help="resampling of the random-resized crop, the eval resize and RandAugment's geometric ops")
+    augment = parser.add_argument_group("augmentation (batched on the training device; needs kornia)")
+    augment.add_argument("--rand-augment", type=rand_augment_flag, metavar="SPEC",
+                         help="timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1 (m magnitude 0..10, n ops, mstd "
+                              "magnitude noise, inc increasing ops); none: off")
+    augment.add_argument("--color-jitter", type=NON_NEGATIVE_FLOAT, default=defaults.color_jitter,
+                         help="brightness / contrast / saturation strength; inactive with --rand-augment (timm)")
+    augment.add_argument("--random-erasing", type=probability, default=defaults.random_erasing,
+                         help="probability of erasing one box per image with per-pixel noise")
+    augment.add_argument("--mixup", type=NON_NEGATIVE_FLOAT, default=defaults.mixup, help="Mixup Beta alpha; 0: off")
+    augment.add_argument("--cutmix", type=NON_NEGATIVE_FLOAT, default=defaults.cutmix, help="CutMix Beta alpha; 0: off")
+    augment.add_argument("--mixup-switch-prob", type=probability, default=defaults.mixup_switch_prob,
+                         help="per batch, CutMix instead of Mixup when both are on")
+    augment.add_argument("--repeated-aug", type=POSITIVE, default=defaults.repeated_aug,
+                         help="repeated augmentation: each sampled image this many times per epoch, over the ranks "
+                              "(DeiT: 3; the epoch keeps its length); 1: off")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=POSITIVE, default=defaults.epochs, help="length of the run")
     optim.add_argument("--batch-size", type=POSITIVE, default=defaults.batch_size, help="per process")
-    optim.add_argument("--lr", type=NON_NEGATIVE_FLOAT, default=defaults.lr, help="peak AdamW learning rate")
+    optim.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer, help="AdamW or SGD")
+    optim.add_argument("--momentum", type=FRACTION, default=defaults.momentum, help="SGD momentum")
+    optim.add_argument("--lr", type=NON_NEGATIVE_FLOAT, default=defaults.lr,
+                       help="peak learning rate (for --lr-base-batch images with --lr-scaling)")
     optim.add_argument("--min-lr", type=NON_NEGATIVE_FLOAT, default=defaults.min_lr, help="cosine floor")
+    optim.add_argument("--warmup-lr", type=NON_NEGATIVE_FLOAT, default=defaults.warmup_lr,
+                       help="LR at the start of the linear warm-up")
+    optim.add_argument("--lr-scaling", choices=LR_SCALINGS, default=defaults.lr_scaling,
+                       help="linear scaling by global batch / --lr-base-batch of: none; lr (the peak, DeiT); all "
+                            "(peak, floor and warm-up start, SimMIM). The rule and the LRs it gives are logged")
+    optim.add_argument("--lr-base-batch", type=POSITIVE, default=defaults.lr_base_batch,
+                       help="the global batch the LR flags are meant for")
     optim.add_argument("--warmup-epochs", type=NON_NEGATIVE_FLOAT, default=defaults.warmup_epochs, help="linear LR warm-up")
     optim.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT, default=defaults.weight_decay,
-                       help="AdamW decay (not on norms, biases, CLS, position embedding, RPB tables)")
+                       help="weight decay (not on norms, biases, CLS, position embedding, RPB tables)")
+    optim.add_argument("--layer-decay", type=layer_decay_flag, default=defaults.layer_decay,
+                       help="layer-wise LR decay (BEiT / SimMIM 0.65): block i of D gets lr x decay^(D-i), the "
+                            "embeddings decay^(D+1), the head 1; 1: off")
     optim.add_argument("--label-smoothing", type=FRACTION, default=defaults.label_smoothing,
                        help="cross-entropy label smoothing")
     optim.add_argument("--clip-grad", type=NON_NEGATIVE_FLOAT, default=defaults.clip_grad, help="max grad norm; 0: off")
@@ -201,8 +291,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
-    args = build_parser().parse_args(argv)
-    return TrainConfig(**vars(args))
+    """The command line's config: a --recipe's values become the defaults, so the flags given win."""
+    parser = build_parser()
+    chosen, _ = _recipe_parser().parse_known_args(argv)
+    if chosen.recipe in RECIPES:  # an unknown name is left to the full parser's error message
+        parser.set_defaults(**recipe_settings(chosen.recipe))
+    return TrainConfig(**vars(parser.parse_args(argv)))
+
+
+def _recipe_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--recipe")
+    return parser
+
+
+def recipe_config(name: str, **overrides) -> TrainConfig:
+    """TrainConfig of recipe `name` with `overrides` (the Python form of --recipe NAME --flag ...)."""
+    return TrainConfig(**{**recipe_settings(name), **overrides})
 
 
 def config_to_dict(config: TrainConfig) -> dict:

@@ -97,12 +97,14 @@ class TensorImages(Dataset):
 
 
 class SyntheticImages(Dataset):
-    """Random N(0, 1) images and labels, generated per index from (seed, index): for speed runs.
+    """Random N(0, 1) images (uniform in [0, 1] with `unit_range`, for the device augmentation) and
+    labels, generated per index from (seed, index): for speed runs.
 
     The image is the same whichever key's seed asks for it (no augmentation)."""
 
-    def __init__(self, num_samples: int, num_classes: int, img_size: int, seed: int = 0):
+    def __init__(self, num_samples: int, num_classes: int, img_size: int, seed: int = 0, unit_range: bool = False):
         self.num_samples, self.num_classes, self.img_size, self.seed = num_samples, num_classes, img_size, seed
+        self.unit_range = unit_range
 
     def __len__(self) -> int:
         return self.num_samples
@@ -112,7 +114,8 @@ class SyntheticImages(Dataset):
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for {self.num_samples} samples")
         generator = torch.Generator().manual_seed(self.seed * self.num_samples + index)
-        image = torch.randn(3, self.img_size, self.img_size, generator=generator)
+        draw = torch.rand if self.unit_range else torch.randn
+        image = draw(3, self.img_size, self.img_size, generator=generator)
         return image, int(torch.randint(self.num_classes, (), generator=generator))
 
 
@@ -147,9 +150,13 @@ DEFAULT_IMG_SIZE = {"digits": 32, "synthetic": 224, "folder": 224}
 
 
 def build_dataset(name: str, *, train: bool, img_size: Optional[int] = None, data_dir: Optional[str] = None,
-                  num_classes: Optional[int] = None, synthetic_size: int = 1280,
-                  seed: int = 0) -> Tuple[Dataset, DataInfo]:
+                  num_classes: Optional[int] = None, synthetic_size: int = 1280, seed: int = 0,
+                  normalize: bool = True, interpolation: str = "bilinear") -> Tuple[Dataset, DataInfo]:
     """The train or validation split of `name` (see DATASETS) and its DataInfo.
+
+    normalize=False: images in [0, 1], normalised later with DataInfo's mean / std (the device
+    augmentation does that after RandAugment / colour jitter). `interpolation` (bilinear, bicubic)
+    resamples the folder images' crops and resizes.
 
     folder:    `data_dir`/train and `data_dir`/val in ImageFolder layout (val uses train's classes);
                needs pillow.
@@ -163,20 +170,21 @@ def build_dataset(name: str, *, train: bool, img_size: Optional[int] = None, dat
     size = img_size or DEFAULT_IMG_SIZE[name]
     if name == "digits":
         images, labels = digits_split(train)
-        transform = ResizeTransform(size, DIGITS_MEAN, DIGITS_STD)
+        transform = ResizeTransform(size, DIGITS_MEAN, DIGITS_STD, normalize=normalize)
         return TensorImages(images, labels, transform), DataInfo(10, size, DIGITS_MEAN, DIGITS_STD)
     if name == "synthetic":
         classes = num_classes or 1000
         count = synthetic_size if train else max(1, synthetic_size // 4)
         # Train and val draw from disjoint seed ranges.
-        dataset = SyntheticImages(count, classes, size, seed=2 * seed + (0 if train else 1))
+        dataset = SyntheticImages(count, classes, size, seed=2 * seed + (0 if train else 1), unit_range=not normalize)
         return dataset, DataInfo(classes, size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     if data_dir is None:
         raise ValueError("data='folder' needs data_dir (a directory with train/ and val/ subdirectories)")
     require_pillow()  # here, not first in a loader worker where the error would arrive wrapped
     root = Path(data_dir)
     classes = find_classes(root / "train")
-    transform = TrainTransform(size) if train else EvalTransform(size)
+    transform = (TrainTransform(size, interpolation=interpolation, normalize=normalize) if train
+                 else EvalTransform(size, interpolation=interpolation))
     dataset = ImageFolder(root / ("train" if train else "val"), transform, classes=classes)
     if num_classes is not None and num_classes != len(classes):
         raise ValueError(f"num_classes={num_classes} but {str(root / 'train')!r} has {len(classes)} classes")

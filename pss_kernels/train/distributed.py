@@ -112,15 +112,19 @@ class ShardedSampler(Sampler):
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
-    def _rank_indices(self) -> List[int]:
+    def _epoch_order(self) -> List[int]:
         if self.shuffle:
             generator = torch.Generator().manual_seed((self.seed * _SEED_MIX + self.epoch) % (1 << 63))
-            order = torch.randperm(self.num_samples, generator=generator).tolist()
-        else:
-            order = list(range(self.num_samples))
+            return torch.randperm(self.num_samples, generator=generator).tolist()
+        return list(range(self.num_samples))
+
+    def _rank_keys(self) -> List[Tuple[int, int]]:
+        """This rank's (index, augmentation seed) pairs of the whole epoch, in order."""
+        order = self._epoch_order()
         if self.drop_last:
             order = order[:self.num_samples - self.num_samples % self.world_size]
-        return order[self.rank::self.world_size]
+        return [(index, sample_seed(self.seed, self.epoch, index, self.num_samples))
+                for index in order[self.rank::self.world_size]]
 
     def samples_per_rank(self) -> int:
         """This rank's samples in a whole epoch (before any start offset)."""
@@ -129,8 +133,34 @@ class ShardedSampler(Sampler):
         return len(range(self.rank, self.num_samples, self.world_size))
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
-        for index in self._rank_indices()[self.start:]:
-            yield index, sample_seed(self.seed, self.epoch, index, self.num_samples)
+        yield from self._rank_keys()[self.start:]
 
     def __len__(self) -> int:
         return max(0, self.samples_per_rank() - self.start)
+
+
+class RepeatedAugSampler(ShardedSampler):
+    """DeiT's RASampler (repeated augmentation, Hoffer et al. 2020) with sample keys and a start offset.
+
+    Epoch e permutes range(num_samples) with the generator of ShardedSampler, repeats every index
+    `repeats` times in a row ([a, a, a, b, b, b, ...]), pads the list to a multiple of W with its own
+    start, and gives rank r positions r, r + W, ...: the copies of one image land on consecutive
+    ranks (on one rank, W = 1), each with its own augmentation seed. Each rank then takes its first
+    num_samples // W keys, so an epoch has as many steps as without repetition and covers about
+    1 / repeats of the images, each `repeats` times. (DeiT takes num_samples // 256 * 256 // W, a
+    rounding for ImageNet's size; the rest is the same.) Copy j of index i gets
+    sample_seed(seed, e, i * repeats + j, num_samples * repeats).
+    """
+
+    def __init__(self, num_samples: int, *, rank: int = 0, world_size: int = 1, repeats: int = 3, seed: int = 0,
+                 shuffle: bool = True):
+        super().__init__(num_samples, rank=rank, world_size=world_size, shuffle=shuffle, seed=seed, drop_last=True)
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
+        self.repeats = repeats
+
+    def _rank_keys(self) -> List[Tuple[int, int]]:
+        keys = [(index, sample_seed(self.seed, self.epoch, index * self.repeats + copy, self.num_samples * self.repeats))
+                for index in self._epoch_order() for copy in range(self.repeats)]
+        keys += keys[:(-len(keys)) % self.world_size]  # pad to a multiple of W (nothing when it is one)
+        return keys[self.rank::self.world_size][:self.samples_per_rank()]

@@ -1,4 +1,4 @@
-"""Top-1 accuracy (and forward throughput) of a model at one keep rate over a loader."""
+"""Top-1 / top-5 accuracy (and forward throughput) of a model at one keep rate over a loader."""
 from __future__ import annotations
 
 import contextlib
@@ -28,7 +28,8 @@ def synchronize(device: torch.device) -> None:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, *, device: torch.device, keep_rate: float = 1.0,
              autocast_dtype: Optional[torch.dtype] = None, dist_info: Optional[DistInfo] = None) -> dict:
-    """{"top1": % correct, "loss": mean cross-entropy, "images": count (all ranks),
+    """{"top1": % correct, "top5": % with the label among the 5 highest logits (all of them with
+    fewer than 5 classes), "loss": mean cross-entropy, "images": count (all ranks),
     "images_per_s": this process's images / seconds spent in forward passes} at `keep_rate`.
 
     `keep_rate` goes to every forward call, so the result never depends on `model.keep_rate`
@@ -40,7 +41,7 @@ def evaluate(model: nn.Module, loader, *, device: torch.device, keep_rate: float
     keep_rate = check_keep_rate(keep_rate)
     was_training = model.training
     model.eval()
-    correct = seen = 0
+    correct = correct5 = seen = 0
     loss_sum = forward_seconds = 0.0
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -52,12 +53,15 @@ def evaluate(model: nn.Module, loader, *, device: torch.device, keep_rate: float
         forward_seconds += time.perf_counter() - start
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
         correct += int((logits.argmax(dim=-1) == labels).sum())
+        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        correct5 += int((top5 == labels[:, None]).any(dim=-1).sum())
         seen += len(labels)
     local_images = seen
     if dist_info is not None:
-        correct, seen, loss_sum = all_reduce_sum([correct, seen, loss_sum], dist_info)
+        correct, correct5, seen, loss_sum = all_reduce_sum([correct, correct5, seen, loss_sum], dist_info)
     model.train(was_training)
     if seen == 0:
         raise ValueError("evaluate: the loader yielded no images")
-    return {"top1": 100.0 * correct / seen, "loss": loss_sum / seen, "images": int(seen),
+    return {"top1": 100.0 * correct / seen, "top5": 100.0 * correct5 / seen, "loss": loss_sum / seen,
+            "images": int(seen),
             "images_per_s": local_images / forward_seconds if forward_seconds > 0 else None}

@@ -1,5 +1,6 @@
 """The optional packages of the trainer and the evaluation sweep: the `train` extra of pyproject.toml
-(pillow for --data folder, scikit-learn for --data digits, matplotlib for pss-evaluate's plots)."""
+(pillow for --data folder, scikit-learn for --data digits, matplotlib for pss-evaluate's plots, kornia
+for the device-side augmentation, safetensors for --init-from *.safetensors)."""
 from __future__ import annotations
 
 import importlib

@@ -1,13 +1,16 @@
-"""What a run reports: a JSON-lines log, a stderr progress bar, and the projected-time summary."""
+"""What a run reports: a JSON-lines log, a stderr progress bar, the projected-time summary, FLOPs per
+iteration and peak memory."""
 from __future__ import annotations
 
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Mapping, Optional, TextIO, Tuple
+from typing import Callable, Dict, Mapping, Optional, TextIO, Tuple
 
 import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..ops.sample_patches import num_kept_tokens
 
@@ -64,6 +67,49 @@ class ProgressBar:
         if self.enabled and self.interactive:
             self.stream.write("\n")
             self.stream.flush()
+
+
+class IterationFlops:
+    """FLOPs of one training iteration (forward + backward of this process's batch) per kept-token
+    count, from PyTorch's own counter (torch.utils.flop_counter.FlopCounterMode), counted once per
+    count and cached.
+
+    The count runs on a twin of the model on the meta device (no memory, no time, no RNG drawn,
+    the real model untouched), built by `make_meta_model` with eager attention: the fused custom ops
+    are opaque to the counter, the eager peer runs the same matmuls as aten ops. The counter sees
+    matmuls and convolutions (2 FLOPs per multiply-add), not softmax, norms or the optimizer.
+    """
+
+    def __init__(self, make_meta_model: Callable[[], torch.nn.Module], batch_shape: Tuple[int, ...]):
+        self.make_meta_model, self.batch_shape = make_meta_model, tuple(batch_shape)
+        self._model: Optional[torch.nn.Module] = None
+        self.by_tokens: Dict[int, int] = {}
+
+    def __call__(self, tokens: int, keep_rate: float) -> int:
+        if tokens not in self.by_tokens:
+            with torch.random.fork_rng(devices=[]):
+                if self._model is None:
+                    with torch.device("meta"):
+                        self._model = self.make_meta_model().train()
+                images = torch.empty(self.batch_shape, device="meta")
+                with FlopCounterMode(display=False) as counter:
+                    self._model(images, keep_rate=keep_rate).float().sum().backward()
+                self._model.zero_grad(set_to_none=True)
+            self.by_tokens[tokens] = int(counter.get_total_flops())
+        return self.by_tokens[tokens]
+
+
+def peak_memory_mb(device: torch.device) -> Tuple[Optional[float], str]:
+    """(peak MiB, what was measured): CUDA's max_memory_allocated on a GPU; on the CPU the process's
+    peak resident set size (getrusage: cheap, includes everything the process ever held)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20, "cuda max_memory_allocated"
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None, "n/a"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return (peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10), "cpu peak rss"
 
 
 class KeepRateTimes:

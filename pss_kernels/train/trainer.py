@@ -1,12 +1,14 @@
-"""The training loop: a ViT, a patch sampling schedule, AdamW + warm-up/cosine LR, checkpoints.
+"""The training loop: a ViT, a patch sampling schedule, AdamW / SGD + warm-up/cosine LR, checkpoints.
 
 Each iteration t:
+    images, targets = augment(images, labels)   (device side, seeded by (seed, t, rank); optional)
     rho_t = schedule.keep_rate_at(t)            (pure function of t: same on every rank)
     model.keep_rate = rho_t                     (1.0 skips the sampler; otherwise k = round(rho_t N))
-    loss = CE_smooth(model(images), labels)     (bf16 autocast on CUDA)
-    AdamW step, LR step, schedule step, EMA update
+    loss = CE(model(images), targets)           (smoothed, or soft targets with Mixup / CutMix; bf16 autocast on CUDA)
+    optimizer step, LR step, schedule step, EMA update
 Everything random is either restored from the checkpoint (global RNGs) or a function of
-(seed, epoch, index) (data order and augmentation), so `--resume` continues bit for bit on CPU;
+(seed, epoch, index) (data order and loader augmentation) or of (seed, step, rank) (device
+augmentation), so `--resume` continues bit for bit on CPU;
 on a GPU it does with `deterministic=True` (`--deterministic`: ordered bias-gradient accumulation
 in rpb_attention and torch.use_deterministic_algorithms for the rest of the step).
 Evaluation runs at rho = 1 (unless asked otherwise) whatever rate the schedule is at, and
@@ -15,6 +17,7 @@ Evaluation runs at rho = 1 (unless asked otherwise) whatever rate the schedule i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -35,14 +38,17 @@ from ..models import create_model
 from ..models.vit import VisionTransformer
 from ..ops.sample_patches import num_kept_tokens
 from ..schedules import build_schedule
+from .augment import TrainLoss, build_device_augment, check_augment_dependencies, needs_unit_range, step_seed
 from .checkpoint import (CheckpointError, capture_rng_state, check_config_matches, load_checkpoint, load_state,
                          restore_rng_state, save_checkpoint)
 from .config import RESUMABLE_CHANGES, TrainConfig, config_from_dict, config_to_dict
 from .data import DataInfo, build_dataset
-from .distributed import DistInfo, ShardedSampler, all_gather_objects, barrier
+from .distributed import DistInfo, RepeatedAugSampler, ShardedSampler, all_gather_objects, barrier
 from .evaluation import autocast_context, evaluate, synchronize
-from .optim import ModelEma, build_lr_scheduler, build_optimizer
-from .reporting import JsonLinesLog, KeepRateTimes, ProgressBar, format_summary, projected_time_summary
+from .extras import MissingDependency
+from .optim import ModelEma, base_lr, build_lr_scheduler, build_optimizer, resolve_learning_rates
+from .reporting import (IterationFlops, JsonLinesLog, KeepRateTimes, ProgressBar, format_summary, peak_memory_mb,
+                        projected_time_summary)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -55,15 +61,36 @@ def build_model(config: TrainConfig, info: DataInfo) -> VisionTransformer:
     overrides = {name: value for name, value in overrides.items() if value is not None}
     if config.layer_scale_init is not None:
         overrides["layer_scale_init"] = config.layer_scale_init or None  # 0 switches layer scale off
+    if config.pool is not None:
+        overrides["pool"] = config.pool
     return create_model(config.model, img_size=info.img_size, num_classes=info.num_classes, rpb=config.rpb,
                         attn_impl=config.attn_impl, sampler_impl=config.sampler_impl, scorer=config.scorer,
                         sampler_backend=config.sampler_backend, attn_backend=config.attn_backend,
                         deterministic=config.deterministic, **overrides)
 
 
-def build_data(config: TrainConfig, train: bool):
+def build_data(config: TrainConfig, train: bool, normalize: bool = True):
     return build_dataset(config.data, train=train, img_size=config.img_size, data_dir=config.data_dir,
-                         num_classes=config.num_classes, synthetic_size=config.synthetic_size, seed=config.seed)
+                         num_classes=config.num_classes, synthetic_size=config.synthetic_size, seed=config.seed,
+                         normalize=normalize, interpolation=config.interpolation)
+
+
+def init_from_pretrained(model: VisionTransformer, path: str) -> str:
+    """Load `path` into `model` with models.load_pretrained(strict=False); its report's summary."""
+    try:
+        from ..models import load_pretrained
+    except ImportError as err:
+        raise MissingDependency(f"--init-from needs pss_kernels.models.load_pretrained ({err})") from None
+    return load_pretrained(model, path, strict=False).summary()
+
+
+def build_sampler(config: TrainConfig, dist_info: DistInfo, num_samples: int) -> ShardedSampler:
+    """The training sampler: DeiT's repeated augmentation with --repeated-aug > 1, else plain sharding."""
+    if config.repeated_aug > 1:
+        return RepeatedAugSampler(num_samples, rank=dist_info.rank, world_size=dist_info.world_size,
+                                  repeats=config.repeated_aug, seed=config.seed)
+    return ShardedSampler(num_samples, rank=dist_info.rank, world_size=dist_info.world_size, shuffle=True,
+                          seed=config.seed)
 
 
 def check_backend_flag(flag: str, backend: Optional[str], device: torch.device) -> None:
@@ -144,15 +171,22 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         self._check_same_config_on_every_rank()
         _check_backends(config, self.device)
+        check_augment_dependencies(config)
+        self.resume_path = self._resume_path(config.resume)
 
         _seed_everything(config.seed)  # identical initial weights on every rank
-        self.train_set, self.info = build_data(config, train=True)
+        self.train_set, self.info = build_data(config, train=True, normalize=not needs_unit_range(config))
         self.val_set, _ = build_data(config, train=False)
-        self.model = build_model(config, self.info).to(self.device)
+        self.model = build_model(config, self.info)
+        # A fresh run only: a resumed one takes its weights from the checkpoint.
+        self.init_report = init_from_pretrained(self.model, config.init_from) \
+            if config.init_from and self.resume_path is None else None
+        if self.init_report is not None and dist_info.is_main:
+            print(f"pss-train: --init-from {config.init_from}:\n{self.init_report}", flush=True)
+        self.model = self.model.to(self.device)
         self.num_tokens = 1 + self.model.patch_embed.num_patches
 
-        self.train_sampler = ShardedSampler(len(self.train_set), rank=dist_info.rank,
-                                            world_size=dist_info.world_size, shuffle=True, seed=config.seed)
+        self.train_sampler = build_sampler(config, dist_info, len(self.train_set))
         self.steps_per_epoch = self.train_sampler.samples_per_rank() // config.batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(f"batch_size={config.batch_size} exceeds the {self.train_sampler.samples_per_rank()} "
@@ -160,13 +194,25 @@ class Trainer:
         self.schedule = build_schedule(config.schedule, total_steps=config.epochs * self.steps_per_epoch,
                                        steps_per_epoch=self.steps_per_epoch)
         self.total_steps = self.schedule.total_steps  # a budget schedule sets its own length
-        self.optimizer = build_optimizer(self.model, lr=config.lr, weight_decay=config.weight_decay)
+        self.lrs = resolve_learning_rates(lr=config.lr, min_lr=config.min_lr, warmup_lr=config.warmup_lr,
+                                          scaling=config.lr_scaling, base_batch=config.lr_base_batch,
+                                          global_batch=config.batch_size * dist_info.world_size)
+        self.optimizer = build_optimizer(self.model, lr=self.lrs.lr, weight_decay=config.weight_decay,
+                                         optimizer=config.optimizer, momentum=config.momentum,
+                                         layer_decay=config.layer_decay)
         self.lr_scheduler = build_lr_scheduler(
-            self.optimizer, lr=config.lr, min_lr=config.min_lr, total_steps=self.total_steps,
+            self.optimizer, lr=self.lrs.lr, min_lr=self.lrs.min_lr, warmup_lr=self.lrs.warmup_lr,
+            total_steps=self.total_steps,
             warmup_steps=min(self.total_steps, round(config.warmup_epochs * self.steps_per_epoch)))
         self.ema = ModelEma(self.model, config.ema_decay) if config.ema_decay > 0 else None
         self.autocast_dtype = autocast_dtype_for(config.precision, self.device)
-        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.criterion = TrainLoss(config.label_smoothing)
+        augment = build_device_augment(config, self.info.mean, self.info.std, self.info.num_classes)
+        self.augment = augment.to(self.device) if augment is not None else None
+        counting = dataclasses.replace(config, attn_impl="eager-index" if config.rpb else config.attn_impl,
+                                       sampler_backend=None, attn_backend=None)
+        self.flops = IterationFlops(lambda: build_model(counting, self.info),
+                                    (config.batch_size, 3, self.info.img_size, self.info.img_size))
         self.train_loader = self._loader(self.train_set, self.train_sampler)
         self.val_loader = self._loader(self.val_set, ShardedSampler(
             len(self.val_set), rank=dist_info.rank, world_size=dist_info.world_size, shuffle=False,
@@ -183,8 +229,8 @@ class Trainer:
         self.step = 0
         self.times = KeepRateTimes(self.num_tokens)
         _seed_everything(config.seed + dist_info.rank)  # dropout / drop-path masks differ across ranks
-        if config.resume:
-            self._resume(config.resume)
+        if self.resume_path is not None:
+            self._resume(self.resume_path)
 
     # ---- set-up helpers -------------------------------------------------------------------
     def _check_same_config_on_every_rank(self) -> None:
@@ -213,6 +259,7 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "rng": rng_states,
             "timing": self.times.state_dict(),
+            "init_from": self.init_report,
         }
 
     def save(self) -> None:
@@ -221,10 +268,16 @@ class Trainer:
             save_checkpoint(self.out_dir / CHECKPOINT_NAME, state)
         barrier(self.dist)
 
-    def _resume(self, resume: str) -> None:
+    def _resume_path(self, resume: Optional[str]) -> Optional[Path]:
+        """The checkpoint to continue from; None for a fresh run (no --resume, or auto with none yet)."""
+        if not resume:
+            return None
         path = self.out_dir / CHECKPOINT_NAME if resume == "auto" else Path(resume)
         if resume == "auto" and not path.is_file():
-            return  # nothing to resume: a fresh run
+            return None
+        return path
+
+    def _resume(self, path: Path) -> None:
         state = load_checkpoint(path)
         try:
             # Through TrainConfig: settings newer than the checkpoint compare as their defaults.
@@ -240,6 +293,7 @@ class Trainer:
             load_state(self.lr_scheduler, state["lr_scheduler"], "LR scheduler", path)
             load_state(self.schedule, state["schedule"], "patch schedule", path)
             self.times.load_state_dict(state["timing"])
+            self.init_report = state.get("init_from")  # absent in checkpoints before --init-from
             self.step = int(state["step"])
             rng = state["rng"][self.dist.rank]
         except KeyError as err:
@@ -250,7 +304,8 @@ class Trainer:
         restore_rng_state(rng)
 
     # ---- the loop ---------------------------------------------------------------------------
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor, keep_rate: float) -> torch.Tensor:
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor, keep_rate: float) -> torch.Tensor:
+        """One optimizer step on a batch; `targets` are labels (B,) or soft targets (B, K)."""
         # The rate is set for this forward only (an attribute, not a call argument, so a compiled or
         # DDP-wrapped model sees it): between steps the model keeps every token, in eval mode too.
         self.model.keep_rate = keep_rate
@@ -259,7 +314,7 @@ class Trainer:
                 logits = self.train_model(images)
         finally:
             self.model.keep_rate = 1.0
-        loss = self.criterion(logits.float(), labels)
+        loss = self.criterion(logits.float(), targets)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.clip_grad > 0:
@@ -272,7 +327,7 @@ class Trainer:
         return loss.detach()
 
     def evaluate(self, keep_rate: float = 1.0) -> dict:
-        """Validation top-1 and loss of the model (and its EMA) at `keep_rate`, passed to every forward
+        """Validation top-1, top-5 and loss of the model (and its EMA) at `keep_rate`, passed to every forward
         call: the result does not depend on the rate the schedule left on the model."""
         result = {"type": "eval", "step": self.step, "epoch": self.step / self.steps_per_epoch,
                   "keep_rate": check_keep_rate(keep_rate)}
@@ -281,7 +336,8 @@ class Trainer:
             if model is not None:
                 metrics = evaluate(model, self.val_loader, device=self.device, keep_rate=keep_rate,
                                    autocast_dtype=self.autocast_dtype, dist_info=self.dist)
-                result.update({f"{prefix}top1": metrics["top1"], f"{prefix}loss": metrics["loss"]})
+                result.update({f"{prefix}top1": metrics["top1"], f"{prefix}top5": metrics["top5"],
+                               f"{prefix}loss": metrics["loss"]})
         return result
 
     def fit(self) -> dict:
@@ -298,7 +354,18 @@ class Trainer:
         if dist_info.is_main:
             bar.message(f"pss-train: {config.model} on {config.data} ({len(self.train_set)} images), "
                         f"{self.total_steps} steps x {config.batch_size * dist_info.world_size} images, "
-                        f"schedule {self.schedule!r}, mean rho {self.schedule.mean_keep_rate():.3f}")
+                        f"schedule {self.schedule!r}, mean rho {self.schedule.mean_keep_rate():.3f}"
+                        + (f", recipe {config.recipe}" if config.recipe else ""))
+            bar.message(f"learning rate: {self.lrs.rule}")
+            if config.color_jitter > 0 and config.rand_augment:
+                bar.message(f"note: --color-jitter {config.color_jitter:g} is inactive with --rand-augment "
+                            f"(timm's rule, as in DeiT's own run)")
+        if log is not None:
+            log.write({"type": "config", "step": self.step, "config": config_to_dict(config),
+                       "lr_rule": self.lrs.rule, "lr": self.lrs.lr, "min_lr": self.lrs.min_lr,
+                       "warmup_lr": self.lrs.warmup_lr})
+            if self.init_report is not None and self.step == 0:
+                log.write({"type": "init_from", "path": config.init_from, "report": self.init_report})
         last_eval = last_batch = None
         global_batch = config.batch_size * dist_info.world_size
         start_wall = time.perf_counter()
@@ -309,23 +376,28 @@ class Trainer:
             batch_start = time.perf_counter()
             for images, labels in self.train_loader:
                 images = images.to(self.device, non_blocking=True)
-                labels = labels.to(self.device, non_blocking=True)
+                targets = labels.to(self.device, non_blocking=True)
+                if self.augment is not None:
+                    seed = step_seed(config.seed, self.step, dist_info.rank, dist_info.world_size)
+                    images, targets = self.augment(images, targets, seed)
                 compute_start = time.perf_counter()
-                rho, lr = self.schedule.keep_rate, self.optimizer.param_groups[0]["lr"]
-                loss = self.train_step(images, labels, rho)
+                rho, lr = self.schedule.keep_rate, base_lr(self.optimizer)
+                loss = self.train_step(images, targets, rho)
                 synchronize(self.device)
                 done = time.perf_counter()
-                last_batch = (images, labels)
+                last_batch = (images, targets)
                 data_time, compute_time = compute_start - batch_start, done - compute_start
                 self.times.add(rho, data_time + compute_time)
                 loss_value = loss.item()
                 if not np.isfinite(loss_value):
                     raise FloatingPointError(f"loss is {loss_value} at step {self.step} (rho={rho})")
-                record = {"type": "train", "step": self.step, "epoch": epoch, "rho": rho,
-                          "tokens": num_kept_tokens(self.num_tokens, rho) if rho < 1.0 else self.num_tokens,
+                tokens = num_kept_tokens(self.num_tokens, rho) if rho < 1.0 else self.num_tokens
+                record = {"type": "train", "step": self.step, "epoch": epoch, "rho": rho, "tokens": tokens,
                           "loss": loss_value, "lr": lr,
                           "data_time": data_time, "compute_time": compute_time,
-                          "images_per_s": global_batch / (data_time + compute_time)}
+                          "images_per_s": global_batch / (data_time + compute_time),
+                          "flops": self.flops(tokens, rho) if log is not None else None,
+                          "peak_mem_mb": peak_memory_mb(self.device)[0]}
                 self.step += 1
                 if log is not None:
                     log.write(record)
@@ -344,7 +416,7 @@ class Trainer:
                     if log is not None:
                         log.write(last_eval)
                     bar.message(f"epoch {epochs_done}: val top-1 {last_eval['top1']:.2f} % "
-                                f"loss {last_eval['loss']:.4f}")
+                                f"top-5 {last_eval['top5']:.2f} % loss {last_eval['loss']:.4f}")
             if finished_epoch or self.step >= stop:
                 if not (config.save_every and self.step % config.save_every == 0):
                     self.save()
@@ -395,10 +467,16 @@ class Trainer:
         timing = projected_time_summary(self.times, self.schedule.shares(), self.total_steps,
                                         baseline_steps=self.config.epochs * self.steps_per_epoch,
                                         probed_baseline_s=probed)
+        peak_mb, peak_source = peak_memory_mb(self.device)
         summary = {"type": "end", "step": self.step, "total_steps": self.total_steps,
                    "finished": self.step == self.total_steps, "wall_s": wall_s,
                    "schedule": repr(self.schedule), "mean_keep_rate": self.schedule.mean_keep_rate(),
-                   "final_eval": last_eval, "timing": timing, "params_sha256": parameters_sha256(self.model)}
+                   "final_eval": last_eval, "timing": timing, "params_sha256": parameters_sha256(self.model),
+                   "recipe": self.config.recipe, "lr_rule": self.lrs.rule,
+                   "flops_per_iteration": {str(k): v for k, v in sorted(self.flops.by_tokens.items(), reverse=True)},
+                   "peak_mem_mb": peak_mb, "peak_mem_source": peak_source,
+                   "init_from": None if self.init_report is None else {"path": self.config.init_from,
+                                                                      "report": self.init_report}}
         if log is not None:
             log.write(summary)
             log.close()

@@ -1,6 +1,7 @@
 """Image transforms in plain torch (no torchvision): crop, resize, flip, normalise.
 
-Images are (3, H, W) float tensors in [0, 1]. Random transforms draw from the `generator`
+Images are (3, H, W) float tensors in [0, 1]. With `normalize=False` they stay in [0, 1] (for the
+device-side augmentation, which normalises after RandAugment / colour jitter: train/augment.py). Random transforms draw from the `generator`
 they are given, never from the global RNG, so a sample's augmentation is a function of its
 seed alone (the sampler derives it from (seed, epoch, index)): resumed runs and any number of
 loader workers see the same crops.
@@ -15,16 +16,21 @@ import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("bilinear", "bicubic")
 
 
-def resize(image: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize to (height, width), antialiased when shrinking."""
+def resize(image: torch.Tensor, size: Tuple[int, int], interpolation: str = "bilinear") -> torch.Tensor:
+    """Resize to (height, width), antialiased when shrinking; bicubic (DeiT's, timm's
+    RandomResizedCrop(interpolation="bicubic")) is clamped to [0, 1] as PIL's 8-bit result is."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image
-    return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    resized = F.interpolate(image[None], size=size, mode=interpolation, align_corners=False, antialias=True)[0]
+    return resized.clamp_(0.0, 1.0) if interpolation == "bicubic" else resized
 
 
-def normalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def normalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float], enabled: bool = True) -> torch.Tensor:
+    if not enabled:
+        return image
     mean_t = torch.tensor(mean, dtype=image.dtype).view(-1, 1, 1)
     std_t = torch.tensor(std, dtype=image.dtype).view(-1, 1, 1)
     return (image - mean_t) / std_t
@@ -58,31 +64,34 @@ class TrainTransform:
     """RandomResizedCrop(size) + horizontal flip (p = 0.5) + normalise (DeiT's geometric part)."""
 
     def __init__(self, size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 scale: Tuple[float, float] = (0.08, 1.0)):
+                 scale: Tuple[float, float] = (0.08, 1.0), interpolation: str = "bilinear", normalize: bool = True):
         self.size, self.mean, self.std, self.scale = size, tuple(mean), tuple(std), scale
+        self.interpolation, self.normalize = interpolation, normalize
 
     def __call__(self, image: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         if generator is None:
             raise ValueError("TrainTransform needs a generator (its randomness must not touch the global RNG)")
         top, left, h, w = random_resized_crop_box(image.shape[-2], image.shape[-1], generator, self.scale)
-        image = resize(image[:, top:top + h, left:left + w], (self.size, self.size))
+        image = resize(image[:, top:top + h, left:left + w], (self.size, self.size), self.interpolation)
         if torch.rand((), generator=generator).item() < 0.5:
             image = image.flip(-1)
-        return normalize(image, self.mean, self.std)
+        return normalize(image, self.mean, self.std, self.normalize)
 
 
 class EvalTransform:
     """Resize the shorter side to size / crop_fraction, centre crop `size`, normalise."""
 
     def __init__(self, size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 crop_fraction: float = 0.875):
+                 crop_fraction: float = 0.875, interpolation: str = "bilinear"):
         self.size, self.mean, self.std, self.crop_fraction = size, tuple(mean), tuple(std), crop_fraction
+        self.interpolation = interpolation
 
     def __call__(self, image: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         height, width = image.shape[-2:]
         short = int(round(self.size / self.crop_fraction))
         scale = short / min(height, width)
-        image = resize(image, (max(self.size, round(height * scale)), max(self.size, round(width * scale))))
+        image = resize(image, (max(self.size, round(height * scale)), max(self.size, round(width * scale))),
+                       self.interpolation)
         top = (image.shape[-2] - self.size) // 2
         left = (image.shape[-1] - self.size) // 2
         return normalize(image[:, top:top + self.size, left:left + self.size], self.mean, self.std)
@@ -91,8 +100,8 @@ class EvalTransform:
 class ResizeTransform:
     """Resize to size x size and normalise (small, pre-cropped images such as digits)."""
 
-    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float]):
-        self.size, self.mean, self.std = size, tuple(mean), tuple(std)
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], normalize: bool = True):
+        self.size, self.mean, self.std, self.normalize = size, tuple(mean), tuple(std), normalize
 
     def __call__(self, image: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        return normalize(resize(image, (self.size, self.size)), self.mean, self.std)
+        return normalize(resize(image, (self.size, self.size)), self.mean, self.std, self.normalize)
