@@ -252,7 +252,7 @@ def fit_to_model(state_dict: Mapping[str, torch.Tensor], model: VisionTransforme
         elif key.endswith("relative_position_bias_table") and value.shape[1] == target[key].shape[1]:
             attention = model.get_submodule(key.rsplit(".", 1)[0])
             out[key] = resize_rel_pos_table(value, attention.grid_size, num_prefix_tokens=attention.num_prefix_tokens)
-            if not any(key.endswith("relative_position_bias_table") for key in resized):  # one note for all blocks
+            if not any(done.endswith("relative_position_bias_table") for done in resized):  # one note for all blocks
                 notes.append(f"relative_position_bias_table: {value.shape[0]} -> {out[key].shape[0]} rows "
                              f"(offsets bicubic, 3 CLS rows kept)")
         elif key in HEAD_KEYS:
