@@ -220,12 +220,28 @@ def test_patchdropout_is_reproducible_and_order_independent():
     first = rates_of(a, range(200))
     assert rates_of(b, reversed(range(200)))[::-1] == first
     assert rates_of(other_seed, range(200)) != first
-    assert set(first) <= {0.5, 0.6, 0.7, 0.8, 0.9, 1.0}
+    assert all(0.5 <= rate <= 1.0 for rate in first)
 
 
-def test_patchdropout_distribution():
-    # P(1.0) = p_full + (1 - p_full) / 6 = 0.375; every other grid value (1 - p_full) / 6 = 0.125.
+def test_patchdropout_draws_continuously_by_default():
+    """The paper's regulariser: rho uniform in [0.5, 1] (continuous), 1 with probability p_full."""
     s = PatchDropout(0.5, 1.0, 0.25, total_steps=20000, steps_per_epoch=100)
+    rates = np.array(rates_of(s, range(20000)))
+    drawn = rates[rates < 1.0]
+    assert len(np.unique(drawn)) == len(drawn)  # no grid: (almost surely) every draw distinct
+    assert abs((rates == 1.0).mean() - 0.25) < 5 * math.sqrt(0.25 * 0.75 / 20000)
+    # Uniform on [0.5, 1]: the deciles of the drawn rates, within 5 standard errors.
+    for q in np.arange(0.1, 1.0, 0.1):
+        assert abs((drawn < 0.5 + 0.5 * q).mean() - q) < 5 * math.sqrt(q * (1 - q) / len(drawn))
+    assert s.mean_keep_rate() == pytest.approx(0.75 * 0.75 + 0.25)
+    shares = s.shares()  # 50 equal bins for the projections, p_full at 1
+    assert len(shares) == 51 and shares[1.0] == pytest.approx(0.25) and sum(shares.values()) == pytest.approx(1.0)
+    assert math.fsum(r * w for r, w in shares.items()) == pytest.approx(s.mean_keep_rate())
+
+
+def test_patchdropout_grid_distribution():
+    # P(1.0) = p_full + (1 - p_full) / 6 = 0.375; every other grid value (1 - p_full) / 6 = 0.125.
+    s = PatchDropout(0.5, 1.0, 0.25, grid_step=0.1, total_steps=20000, steps_per_epoch=100)
     expected = {0.5: 0.125, 0.6: 0.125, 0.7: 0.125, 0.8: 0.125, 0.9: 0.125, 1.0: 0.375}
     assert s.shares() == pytest.approx(expected)
     assert s.mean_keep_rate() == pytest.approx(0.75 * 0.75 + 0.25)
@@ -239,6 +255,13 @@ def test_patchdropout_distribution():
 def test_patchdropout_grid():
     s = PatchDropout(0.2, 1.0, grid_step=0.2, total_steps=10, steps_per_epoch=10)
     assert s.shares() == pytest.approx({0.2: 0.2, 0.4: 0.2, 0.6: 0.2, 0.8: 0.2, 1.0: 0.2})
+
+
+def test_patchdropout_table7_variant_keeps_half_or_all():
+    """Table 7's {0.5, 1}: build_schedule("patchdropout:0.5,1.0,grid_step=0.5")."""
+    s = build_schedule("patchdropout:0.5,1.0,grid_step=0.5", total_steps=2000, steps_per_epoch=100)
+    assert set(rates_of(s, range(2000))) == {0.5, 1.0}
+    assert s.shares() == pytest.approx({0.5: 0.5, 1.0: 0.5})
 
 
 # ---------------------------------------------------------------- warm-up then cosine
