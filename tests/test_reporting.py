@@ -61,3 +61,35 @@ def test_summary_of_a_continuous_schedule_groups_its_rates_by_tokens():
     assert sum(entry["share"] for entry in summary["per_tokens"].values()) == pytest.approx(1.0)
     assert summary["projected_s"] > 0 and summary["baseline_s"] == pytest.approx(1000 * 0.27)
     assert "n/a" not in format_summary(summary)
+
+
+def test_iteration_flops_are_the_hand_counted_matmuls_once_per_token_count():
+    import torch
+    from pss_kernels.models import create_model
+    from pss_kernels.ops.sample_patches import num_kept_tokens
+    from pss_kernels.train.reporting import IterationFlops, peak_memory_mb
+    batch, channels, depth, heads, classes, patch = 4, 32, 2, 2, 10, 8
+    built = []
+
+    def make():
+        built.append(1)
+        return create_model("deit_tiny", img_size=32, patch_size=patch, embed_dim=channels, depth=depth,
+                            num_heads=heads, num_classes=classes, attn_impl="eager-index")
+
+    flops = IterationFlops(make, (batch, 3, 32, 32))
+    patches, head_dim = 16, channels // heads
+
+    def by_hand(n):  # 2 FLOPs per multiply-add; backward = 2x forward (input and weight gradients)
+        embed = 2 * batch * patches * channels * 3 * patch * patch  # the image needs no gradient: 1x backward
+        linear = 2 * batch * n * 12 * channels * channels * depth + 2 * batch * channels * classes  # qkv+proj+mlp, head
+        attention = 2 * 2 * batch * heads * n * n * head_dim * depth  # q k^T and attn v
+        return 2 * embed + 3 * (linear + attention)
+
+    state = torch.get_rng_state()
+    for rho in (1.0, 0.5, 0.5, 1.0):
+        tokens = 17 if rho == 1.0 else num_kept_tokens(17, rho)
+        assert flops(tokens, rho) == by_hand(tokens)
+    assert sorted(flops.by_tokens) == [8, 17] and len(built) == 1  # one meta model, one count per token count
+    assert torch.equal(torch.get_rng_state(), state)
+    peak, source = peak_memory_mb(torch.device("cpu"))
+    assert source == "cpu peak rss" and peak > 10  # this process holds torch: far more than 10 MiB

@@ -68,6 +68,7 @@ def test_digits_run_learns(digits_run):
     last_epoch = np.mean([r["loss"] for r in records if r["epoch"] == DIGITS_EPOCHS - 1])
     assert last_epoch < 0.6 * first_epoch
     assert summary["final_eval"]["top1"] > 70.0, summary["final_eval"]  # chance is 10 %
+    assert summary["final_eval"]["top1"] <= summary["final_eval"]["top5"] and summary["final_eval"]["top5"] > 95.0
     assert summary["final_eval"]["loss"] < 0.7 * math.log(10)
     for key in ("rho", "tokens", "loss", "lr", "data_time", "compute_time", "images_per_s"):
         assert key in records[0]
@@ -191,12 +192,20 @@ def test_resume_with_different_settings_is_refused(tmp_path, capsys):
     assert listed == ["schedule: checkpoint 'cyclic:0.2,1.0', now 'fixed:0.5'"]
 
 
-def test_ddp_gloo_two_processes_same_rho_and_weights(tmp_path):
+# The second case: DeiT's augmentation with repeated augmentation across the two ranks.
+DDP_AUGMENT = ["--repeated-aug", "3", "--rand-augment", "rand-m9-mstd0.5-inc1", "--random-erasing", "0.25",
+               "--mixup", "0.8", "--cutmix", "1.0"]
+
+
+@pytest.mark.parametrize("extra", [[], DDP_AUGMENT], ids=["plain", "deit-augment"])
+def test_ddp_gloo_two_processes_same_rho_and_weights(tmp_path, extra):
+    if extra:
+        pytest.importorskip("kornia")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "pss_kernels.train", "--model", "deit_tiny", "--embed-dim", "16", "--depth", "2",
                "--num-heads", "2", "--patch-size", "8", "--data", "digits", "--img-size", "16", "--epochs", "1",
                "--batch-size", "16", "--schedule", "cyclic:0.2,1.0", "--drop-path", "0.1", "--workers", "0",
-               "--device", "cpu", "--out-dir", str(tmp_path), "--log-all-ranks", "--no-progress"]
+               "--device", "cpu", "--out-dir", str(tmp_path), "--log-all-ranks", "--no-progress", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -251,6 +260,14 @@ def test_image_folder_and_transforms(tmp_path):
     assert torch.equal(val_set[1][0], val_set[1][0])
     # Normalised with ImageNet statistics: the mean of uniform noise lands near (0.5 - mean) / std.
     assert abs(val_set[0][0][0].mean().item() - (0.5 - 0.485) / 0.229) < 0.3
+    # Bicubic crops for the device augmentation: in [0, 1] (clamped, as PIL's 8-bit result), not normalised.
+    bicubic, _ = build_dataset("folder", train=True, img_size=32, data_dir=str(tmp_path), interpolation="bicubic",
+                               normalize=False)
+    unit, _ = build_dataset("folder", train=True, img_size=32, data_dir=str(tmp_path), normalize=False)
+    crop = bicubic[(4, 123)][0]
+    assert crop.shape == (3, 32, 32) and 0.0 <= float(crop.min()) and float(crop.max()) <= 1.0
+    assert not torch.equal(crop, unit[(4, 123)][0])  # the same box, resampled otherwise
+    torch.testing.assert_close((unit[(4, 123)][0][0] - 0.485) / 0.229, image[0])  # normalised later: the same image
     with pytest.raises(ValueError, match="data_dir"):
         build_dataset("folder", train=True)
     with pytest.raises(ValueError, match="does not exist"):
