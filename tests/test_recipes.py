@@ -248,3 +248,10 @@ def test_pool_flag_reaches_the_model():
     assert build_model(TrainConfig(**MICRO), info).pool == "mean"
     with pytest.raises(SystemExit):
         parse_config(["--pool", "max"])
+
+
+def test_a_run_without_augmentation_needs_no_kornia(tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "kornia", None)  # `import kornia` now raises ImportError
+    trainer = Trainer(TrainConfig(**MICRO, out_dir=str(tmp_path), epochs=1, stop_at_step=1), CPU)
+    assert trainer.augment is None and trainer.fit()["step"] == 1

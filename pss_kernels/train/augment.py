@@ -9,8 +9,8 @@ batches, in this order (timm's):
 Every random parameter is drawn from the global RNGs inside `seeded_rng(seed)` (kornia's modules
 draw from them), with the seed a function of (run seed, step, rank): a resumed run augments the
 batches exactly as the uninterrupted run did, and the training RNG state (dropout, drop-path) is
-untouched. Parameters are drawn on the CPU (kornia's default) and only the images live on the
-device, so the draws are the same on every device.
+untouched. RandAugment's own draws are on the CPU; kornia's modules draw on the device the
+pipeline was moved to (`.to(device)` moves their generators), which `seeded_rng` seeds too.
 
 kornia is imported lazily: the trainer works without it while no augmentation here is asked for.
 """
@@ -378,13 +378,14 @@ class MixupCutmix(nn.Module):
     targets = keep * smooth(label) + (1 - keep) * smooth(partner's label), keep = the share of the
     image's own pixels (Mixup: lambda ~ Beta(a, a); CutMix: 1 - box area / image area).
 
-    From kornia: RandomMixUpV2 mixes the images and RandomCutMixV2 draws and pastes the box
-    (same_on_batch: one box per batch; its box lies inside the image, timm's may be clipped at the
-    border, both report the pasted area exactly). kornia lacks the rest, written here: the per-batch
-    switch between the two (each is a module of its own), Mixup's Beta(a, a) lambda (kornia draws
-    lambda uniformly, per image) and the smoothed soft targets (kornia returns (label, partner's
-    label, lambda) rows). Beware kornia's conventions, unified here: RandomMixUpV2's lambda is the
-    *partner's* weight, RandomCutMixV2's (use_correct_lambda=True) the image's own.
+    CutMix is kornia's RandomCutMixV2 (same_on_batch: one box per batch, lambda ~ Beta(a, a);
+    use_correct_lambda: it reports 1 - pasted area / image area, the image's own share). Its box
+    always lies inside the image; timm's is centred anywhere and clipped, with lambda corrected
+    to the clipped area: the same quantity, a slightly different law of box positions.
+    What kornia lacks is written here: the per-batch switch between Mixup and CutMix (each is a
+    module of its own there), the smoothed soft targets (kornia returns (label, partner's label,
+    lambda) rows), and Mixup itself: kornia's RandomMixUpV2 draws lambda uniformly and per image,
+    timm's DeiT recipe one Beta(a, a) lambda per batch, with which the mix is one lerp.
     """
 
     def __init__(self, *, mixup_alpha: float, cutmix_alpha: float, switch_prob: float, label_smoothing: float,
@@ -392,29 +393,25 @@ class MixupCutmix(nn.Module):
         super().__init__()
         if mixup_alpha <= 0 and cutmix_alpha <= 0:
             raise ValueError("MixupCutmix needs mixup_alpha > 0 or cutmix_alpha > 0")
-        augmentation = _kornia("--mixup / --cutmix").augmentation
         self.mixup_alpha, self.cutmix_alpha, self.switch_prob = mixup_alpha, cutmix_alpha, switch_prob
         self.label_smoothing, self.num_classes = label_smoothing, num_classes
-        self.mixup = augmentation.RandomMixUpV2(data_keys=["input", "class"]) if mixup_alpha > 0 else None
-        self.cutmix = augmentation.RandomCutMixV2(beta=cutmix_alpha, same_on_batch=True, use_correct_lambda=True,
-                                                  data_keys=["input", "class"]) if cutmix_alpha > 0 else None
+        self.cutmix = _kornia("--cutmix").augmentation.RandomCutMixV2(
+            beta=cutmix_alpha, same_on_batch=True, use_correct_lambda=True, data_keys=["input", "class"]) \
+            if cutmix_alpha > 0 else None
 
     def mix(self, images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mixed images, partner index (B,), keep (B,)): row i is keep[i] of image i and 1 - keep[i]
         of image partner[i]."""
-        use_cutmix = self.cutmix is not None and (self.mixup is None or float(torch.rand(())) < self.switch_prob)
+        use_cutmix = self.cutmix is not None and (self.mixup_alpha <= 0 or float(torch.rand(())) < self.switch_prob)
         if use_cutmix:
-            params = self.cutmix.forward_parameters(images.shape)
-            mixed, rows = self.cutmix(images, labels, params=params)
-            partner = params["mix_pairs"][0]  # num_mix = 1
+            mixed, rows = self.cutmix(images, labels)
+            partner = self.cutmix._params["mix_pairs"][0]  # num_mix = 1; _params: the draw kornia just used
             keep = rows[0, :, 2]
         else:
-            params = self.mixup.forward_parameters(images.shape)
-            lam = torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample()
-            params["mixup_lambdas"] = torch.full_like(params["mixup_lambdas"], 1.0 - float(lam))
-            mixed, rows = self.mixup(images, labels, params=params)
-            partner = params["mixup_pairs"]
-            keep = 1.0 - rows[:, 2]
+            lam = float(torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample())
+            partner = torch.randperm(images.shape[0])
+            mixed = images.lerp(images.index_select(0, partner.to(images.device)), 1.0 - lam)
+            keep = torch.full((images.shape[0],), lam)
         return mixed, partner.to(labels.device), keep.to(device=labels.device, dtype=torch.float32)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,9 @@ Python values only)::
     optimizer, lr_scheduler, schedule   state dicts
     rng          per rank: python, numpy, torch and cuda RNG states
     timing       per-keep-rate iteration time totals (for the projected-time summary)
+    init_from    the --init-from report of the run's start (None without it)
+
+The device augmentation has no state of its own: it is seeded per step from (seed, step, rank).
 
 Writes go to a temporary file in the target directory, are fsync'ed, then os.replace'd over
 the target, so a crash mid-write leaves the previous checkpoint intact.

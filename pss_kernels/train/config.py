@@ -10,7 +10,7 @@ import torch
 
 from .._backends import OP_BACKENDS
 from ..models import MODEL_CONFIGS
-from ..models.vit import ATTN_IMPLS, SAMPLER_IMPLS
+from ..models.vit import ATTN_IMPLS, POOLS, SAMPLER_IMPLS
 from .augment import RandAugmentSpec
 from .data import DATASETS
 from .optim import LR_SCALINGS, OPTIMIZERS
@@ -18,7 +18,6 @@ from .recipes import RECIPES, recipe_settings, recipes_help
 from .transforms import INTERPOLATIONS
 
 PRECISIONS = ("auto", "bf16", "fp32")
-POOLS = ("mean", "cls")
 
 
 @dataclass
