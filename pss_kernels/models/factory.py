@@ -16,7 +16,7 @@ def create_model(name: str, *, img_size: int = 224, num_classes: int = 1000, rpb
 
     `overrides` replace configuration fields (embed_dim, depth, num_heads, patch_size, mlp_ratio,
     qkv_bias, abs_pos_embed, layer_scale_init, drop_path_rate) or pass VisionTransformer arguments
-    (keep_rate, scorer, drop_rate, attn_drop_rate, in_chans, sampler_backend, attn_backend: the
+    (keep_rate, scorer, token_pruning, drop_rate, attn_drop_rate, in_chans, sampler_backend, attn_backend: the
     backends of sample_patches and rpb_attention, None = the package's choice per device;
     deterministic=True: bit-identical bias-table gradients, see VisionTransformer; pool="mean"
     (default, PSS / BEiT / SimMIM) or "cls" (timm ViT / DeiT)).

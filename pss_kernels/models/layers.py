@@ -2,6 +2,10 @@
 
 Token tensors are (B, n, C) with the CLS token first; `index` is the (B, n) position of each
 token in the full sequence of N = 1 + Gh*Gw tokens (None when no token was dropped).
+
+Both attention classes and the MLP can run on a prefix of their width (`active_heads`,
+`active_hidden`; Budgeted Training's growth, models/growth.py) and take the `key_mask` / `stats`
+arguments of in-network token selection (models/token_pruning.py).
 """
 from __future__ import annotations
 
@@ -11,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.rpb_attention.module import RelPosAttention
+from .._checks import check_choice
+from ..ops.rpb_attention.module import STATS, RelPosAttention, active_qkv_weight, head_stats
+from ..ops.rpb_attention.peers import cls_attention, masked_attention
 
 
 class PatchEmbed(nn.Module):
@@ -38,6 +44,8 @@ class PlainAttention(nn.Module):
 
     `index` is accepted for the same call signature as RelPosAttention and unused: without a
     relative bias, positions only enter through the absolute embedding the tokens carry.
+    `active_heads`, `key_mask` and `stats` as RelPosAttention's; stats="map" runs eager attention
+    (without attention-probability dropout), stats="cls" SDPA plus `cls_attention` (O(B H n D)).
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
@@ -46,27 +54,53 @@ class PlainAttention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
         self.num_heads, self.attn_drop = num_heads, attn_drop
+        self.active_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, index: Optional[torch.Tensor] = None, key_mask: Optional[torch.Tensor] = None,
+                stats: Optional[str] = None):
+        check_choice("stats", stats, STATS)
         batch, num_tokens, dim = x.shape
-        q, k, v = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, num_tokens, dim)))
+        heads, head_dim = self.active_heads, dim // self.num_heads
+        width = heads * head_dim
+        bias = None if self.qkv.bias is None else active_qkv_weight(self.qkv.bias, self.num_heads, heads)
+        qkv = F.linear(x, active_qkv_weight(self.qkv.weight, self.num_heads, heads), bias)
+        q, k, v = qkv.reshape(batch, num_tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        cls_attn = attention_map = None
+        if stats == "map":
+            out, probs = masked_attention(q, k, v, None, key_mask)
+            cls_attn, attention_map = head_stats(probs, stats)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if key_mask is None else key_mask[:, None],
+                                                 dropout_p=self.attn_drop if self.training else 0.0)
+            if stats == "cls":
+                cls_attn = cls_attention(q, k)
+        out = out.transpose(1, 2).reshape(batch, num_tokens, width)
+        out = self.proj(out) if heads == self.num_heads else F.linear(out, self.proj.weight[:, :width], self.proj.bias)
+        out = self.proj_drop(out)
+        return out if stats is None else (out, cls_attn, attention_map)
 
 
 class Mlp(nn.Module):
+    """fc1 -> GELU -> fc2; with `active_hidden` < hidden units only the first ones run (fc1 rows and
+    bias, fc2 columns: the compute shrinks with them)."""
+
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
+        self.active_hidden = hidden_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        hidden = self.active_hidden
+        if hidden == self.fc1.out_features:
+            return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        x = self.drop(self.act(F.linear(x, self.fc1.weight[:hidden], self.fc1.bias[:hidden])))
+        return self.drop(F.linear(x, self.fc2.weight[:, :hidden], self.fc2.bias))
 
 
 class LayerScale(nn.Module):
@@ -125,3 +159,25 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), index)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    def forward_tokens(self, x: torch.Tensor, index: Optional[torch.Tensor], key_mask: Optional[torch.Tensor],
+                       selector=None):
+        """The block with in-network token selection: (x, index, key_mask) -> the same three after it.
+
+        key_mask (B, n, n) bool or None restricts each query's keys (attention level). `selector`
+        (a models.token_pruning.TokenPruning, or None) reads this block's attention statistics
+        (`selector.stats`) and is applied after the attention residual or after the MLP
+        (`selector.after`): selector.select(x, index, key_mask, cls_attention, attention_map) ->
+        (x, index, key_mask) with fewer tokens.
+        """
+        stats = None if selector is None else selector.stats
+        out = self.attn(self.norm1(x), index, key_mask=key_mask, stats=stats)
+        if stats is not None:
+            out, cls_attn, attention_map = out
+        x = x + self.drop_path1(self.ls1(out))
+        if stats is not None and selector.after == "attention":
+            x, index, key_mask = selector.select(x, index, key_mask, cls_attn, attention_map)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        if stats is not None and selector.after == "mlp":
+            x, index, key_mask = selector.select(x, index, key_mask, cls_attn, attention_map)
+        return x, index, key_mask

@@ -12,6 +12,11 @@
          pool="cls" (timm ViT / DeiT): LayerNorm `norm` -> the CLS token -> Linear head
 
 With `rpb=False` every block uses plain SDPA attention without bias (the baseline ViT).
+
+Methods are configurations of this one model: `token_pruning` (models/token_pruning.py: Tri-Level
+E-ViT's CLS-attention selectors inside the network and its attention level) and the active widths
+that Budgeted Training grows (models/growth.py: `active_heads`, `active_hidden`, centre-cropped
+tokens through the input sampler's scorer="center").
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from .._checks import check_choice, check_keep_rate
 from ..ops.rpb_attention.module import IMPLS as RELPOS_IMPLS
 from ..ops.sample_patches.module import IMPLS as SAMPLER_IMPLS, PatchSampler
 from .layers import Block, PatchEmbed
+from .token_pruning import TokenPruning
 
 # "pss" = the package's kernels; the others are the peers they are measured against (peers.py).
 ATTN_IMPLS = tuple(RELPOS_IMPLS)
@@ -53,7 +59,12 @@ class VisionTransformer(nn.Module):
         rpb: a relative position bias table per block (RelPosAttention); False: plain SDPA attention.
         abs_pos_embed: an absolute position embedding added before sampling.
         keep_rate: initial rho in (0, 1]; 1.0 skips the sampler (attention takes index=None).
-        scorer: "l1" | "l2" | "random": how the sampler ranks patches (see sample_patches).
+        scorer: "l1" | "l2" | "random" | "center": how the sampler ranks patches (see sample_patches;
+            "center": nearest the grid centre, Budgeted Training's token crop). "given" is refused:
+            the input sampler runs before any attention, so there are no scores to give (selection
+            by CLS attention is `token_pruning`).
+        token_pruning: a TokenPruning plan (selectors inside the network; Tri-Level E-ViT), or None.
+            `model.token_keep_rate` / `model.attention_keep_rate` set its R_T / R_A.
         attn_impl / sampler_impl: "pss" (the package's ops) or a peer they are measured against.
         sampler_backend / attn_backend: the backend= of sample_patches / rpb_attention (None: the
             package's choice per device, or PSS_KERNELS_BACKEND).
@@ -75,11 +86,19 @@ class VisionTransformer(nn.Module):
                  layer_scale_init: Optional[float] = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, keep_rate: float = 1.0, scorer: str = "l1",
                  attn_impl: str = "pss", sampler_impl: str = "pss", sampler_backend: Optional[str] = None,
-                 attn_backend: Optional[str] = None, deterministic: bool = False, pool: str = "mean"):
+                 attn_backend: Optional[str] = None, deterministic: bool = False, pool: str = "mean",
+                 token_pruning: Optional[TokenPruning] = None):
         super().__init__()
         check_choice("attn_impl", attn_impl, ATTN_IMPLS)
         check_choice("sampler_impl", sampler_impl, SAMPLER_IMPLS)
         check_choice("pool", pool, POOLS)
+        if scorer == "given":
+            raise ValueError("scorer='given' needs scores from the caller, and the input sampler runs before any "
+                             "block, so the model has none to give it; rank the input by 'l1', 'l2', 'random' or "
+                             "'center', and select by CLS attention inside the network with "
+                             "token_pruning=TokenPruning(...) (models/token_pruning.py)")
+        if token_pruning is not None and not isinstance(token_pruning, TokenPruning):
+            raise TypeError(f"token_pruning must be a TokenPruning or None, got {type(token_pruning).__name__}")
         self.num_classes, self.embed_dim, self.rpb, self.pool = num_classes, embed_dim, rpb, pool
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.grid_size = self.patch_embed.grid_size
@@ -88,7 +107,8 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim)) if abs_pos_embed else None
         self.pos_drop = nn.Dropout(drop_rate)
         self.sampler = PatchSampler(check_keep_rate(keep_rate), scorer=scorer,
-                                    num_prefix_tokens=self.num_prefix_tokens, impl=sampler_impl, backend=sampler_backend)
+                                    num_prefix_tokens=self.num_prefix_tokens, impl=sampler_impl, backend=sampler_backend,
+                                    grid_size=self.grid_size)
         # Stochastic depth grows linearly with depth (DeiT / BEiT).
         drop_path_rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList([
@@ -96,6 +116,11 @@ class VisionTransformer(nn.Module):
                   layer_scale_init=layer_scale_init, drop=drop_rate, attn_drop=attn_drop_rate,
                   drop_path=rate, attn_impl=attn_impl, backend=attn_backend, deterministic=deterministic)
             for rate in drop_path_rates])
+        if token_pruning is not None:
+            token_pruning.check_depth(depth)
+            if token_pruning.backend is None:
+                token_pruning.backend = sampler_backend
+        self.token_pruning = token_pruning
         # timm's layout: one of the two is a LayerNorm, the other has no parameters.
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if pool == "cls" else nn.Identity()
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if pool == "mean" else nn.Identity()
@@ -125,6 +150,36 @@ class VisionTransformer(nn.Module):
     def keep_rate(self, value: float) -> None:
         self.sampler.keep_rate = check_keep_rate(value)
 
+    @property
+    def token_keep_rate(self) -> float:
+        """R_T of `token_pruning` (1.0 without it): the fraction of the current patch tokens each
+        in-network selector keeps; a schedule sets it each step (schedules.WarmupCosine)."""
+        return 1.0 if self.token_pruning is None else self.token_pruning.token_keep_rate
+
+    @token_keep_rate.setter
+    def token_keep_rate(self, value: float) -> None:
+        if self._has_pruning("token_keep_rate", value):
+            self.token_pruning.token_keep_rate = value
+
+    @property
+    def attention_keep_rate(self) -> float:
+        """R_A of `token_pruning` (1.0 without it): the fraction of the kept patch keys each patch
+        query attends after a selector."""
+        return 1.0 if self.token_pruning is None else self.token_pruning.attention_keep_rate
+
+    @attention_keep_rate.setter
+    def attention_keep_rate(self, value: float) -> None:
+        if self._has_pruning("attention_keep_rate", value):
+            self.token_pruning.attention_keep_rate = value
+
+    def _has_pruning(self, name: str, value: float) -> bool:
+        """True with token_pruning; without it 1.0 is accepted (a trainer hook's no-op), else refused."""
+        if self.token_pruning is not None:
+            return True
+        if value != 1.0:
+            raise ValueError(f"{name}={value!r} needs a model built with token_pruning=TokenPruning(...)")
+        return False
+
     def no_weight_decay(self) -> Set[str]:
         """Parameter names exempt from weight decay besides 1-d ones (norms, biases, layer scale)."""
         return {name for name, _ in self.named_parameters()
@@ -144,14 +199,22 @@ class VisionTransformer(nn.Module):
     def forward_features(self, images: torch.Tensor,
                          keep_rate: Optional[float] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(tokens (B, k, C) after the last block, index (B, k) int64 positions in the full sequence
-        of N = 1 + P tokens, or None when every token was kept). Patch t sits at position t + 1."""
+        of N = 1 + P tokens, or None when every token was kept). Patch t sits at position t + 1.
+        With token_pruning, k and index are those after the last selector (input sampling and
+        in-network selection composed)."""
         patches = self.patch_embed(images)
         x = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1)
         if self.pos_embed is not None:
             x = x + self.pos_embed
         x, index = self._sample(self.pos_drop(x), keep_rate)
-        for block in self.blocks:
-            x = block(x, index)
+        pruning = self.token_pruning
+        if pruning is None or not pruning.active:
+            for block in self.blocks:
+                x = block(x, index)
+            return x, index
+        reads, key_mask = pruning.reading_blocks(), None
+        for number, block in enumerate(self.blocks, start=1):
+            x, index, key_mask = block.forward_tokens(x, index, key_mask, pruning if number in reads else None)
         return x, index
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,13 @@ it against, and alternative `RelPosAttention(impl=...)` paths. Same semantics as
   (the benchmark uses EFFICIENT, the only fused one that takes a bias with a gradient).
 - flex_rpb_attention: FlexAttention with a `score_mod` that gathers bias_table[rel(...), h];
   its table gradient is accumulated with one global atomic per score (the known ~30x cliff of a global atomic per score element).
+
+Two helpers serve in-network token selection (models/token_pruning.py) on every path that is not
+the fused kernel:
+- cls_attention: the head-averaged attention of the CLS query, from q_cls and K and the CLS row of
+  the bias, in O(B H n D) (what rpb_attention(return_cls_attention=True) returns from its kernel).
+- masked_attention: eager attention whose queries see only the keys a (B, n, n) mask allows (the
+  Tri-Level attention level), returning the probabilities too.
 """
 from __future__ import annotations
 
@@ -73,6 +80,46 @@ def published_dense_bias(bias_table: torch.Tensor, index: Optional[torch.Tensor]
     kept = rows[images[:, None, None], torch.arange(num_tokens, device=index.device)[None, :, None],
                 index[:, None, :]]  # (B, n, n, H)
     return kept.permute(0, 3, 1, 2)
+
+
+def cls_attention(q: torch.Tensor, k: torch.Tensor, bias_table: Optional[torch.Tensor] = None,
+                  index: Optional[torch.Tensor] = None, *, grid_size: Optional[Sequence[int]] = None,
+                  num_prefix_tokens: int = 1, scale: Optional[float] = None) -> torch.Tensor:
+    """(B, n) float32, no gradient: mean over heads of softmax(q[:, :, 0] k^T * scale + bias[:, :, 0]).
+
+    Row 0 of the attention matrix without building it: one (B, H, n) logit row from q_cls (B, H, D)
+    and K (B, H, n, D), plus the CLS query's bias row (table row R-3 for patch keys, R-1 for the
+    CLS key, gathered through `index`); bias_table=None for attention without a bias. O(B H n D).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    with torch.no_grad():
+        compute_dtype = torch.promote_types(q.dtype, torch.float32)
+        logits = torch.einsum("bhd,bhnd->bhn", q[:, :, 0].to(compute_dtype), k.to(compute_dtype)) * scale
+        if bias_table is not None:
+            positions = index if index is not None else torch.arange(q.shape[2], device=q.device)[None]
+            rows = relative_index(positions[:, :1], positions, tuple(grid_size), num_prefix_tokens)  # (B | 1, n)
+            logits = logits + bias_table.detach().to(compute_dtype)[rows].transpose(1, 2)
+        return logits.softmax(-1).mean(1).float()
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+                     key_mask: Optional[torch.Tensor], scale: Optional[float] = None):
+    """(out (B, H, n, D) in q's dtype, probs (B, H, n, n) float32) of eager attention in which query i
+    sees key j only where key_mask[b, i, j] (bool (B, n, n); None: every key), with an optional dense
+    bias (B | 1, H, n, n). Every row must allow one key at least (the CLS key, in the model).
+
+    The logits are computed in full before the mask removes entries: a mask chosen per query saves
+    no multiply of q k^T or of probs v in dense attention (models/token_pruning.py says what it costs).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    compute_dtype = torch.promote_types(q.dtype, torch.float32)
+    logits = torch.matmul(q.to(compute_dtype) * scale, k.to(compute_dtype).transpose(-1, -2))
+    if bias is not None:
+        logits = logits + bias.to(compute_dtype)
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None], float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.matmul(probs, v.to(compute_dtype)).to(q.dtype), probs
 
 
 def _eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
