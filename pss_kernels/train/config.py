@@ -13,6 +13,7 @@ from ..models import MODEL_CONFIGS
 from ..models.vit import ATTN_IMPLS, POOLS, SAMPLER_IMPLS
 from .augment import RandAugmentSpec
 from .data import DATASETS
+from .decode import DECODERS
 from .optim import LR_SCALINGS, OPTIMIZERS
 from .recipes import RECIPES, recipe_settings, recipes_help
 from .transforms import INTERPOLATIONS
@@ -48,6 +49,7 @@ class TrainConfig:
     synthetic_size: int = 1280
     workers: int = 2
     interpolation: str = "bilinear"          # random-resized crop, eval resize, RandAugment's geometric ops
+    decoder: str = "auto"                    # JPEG decoding of --data folder (train/decode.py)
     # augmentation (train/augment.py, on the device; kornia)
     rand_augment: Optional[str] = None       # timm spec, e.g. rand-m9-mstd0.5-inc1
     color_jitter: float = 0.0                # inactive while rand_augment is on (timm)
@@ -219,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--workers", type=NON_NEGATIVE, default=defaults.workers, help="data loader processes per rank")
     data.add_argument("--interpolation", choices=INTERPOLATIONS, default=defaults.interpolation,
                       help="resampling of the random-resized crop, the eval resize and RandAugment's geometric ops")
+    data.add_argument("--decoder", choices=DECODERS, default=defaults.decoder,
+                      help="--data folder: decode only each image's crop at the smallest JPEG scale that covers it "
+                           "(auto: simplejpeg if installed, else pillow's draft mode), or pillow-full: decode "
+                           "every whole image (the slow reference; benchmarks/data.py compares them)")
     augment = parser.add_argument_group("augmentation (batched on the training device; needs kornia)")
     augment.add_argument("--rand-augment", type=rand_augment_flag, metavar="SPEC",
                          help="timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1 (m magnitude 0..10, n ops, mstd "

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .decode import read, resolve_decoder
 from .extras import require
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, ResizeTransform, TrainTransform
 
@@ -56,9 +57,14 @@ def find_classes(root: Union[str, Path]) -> List[str]:
 
 
 class ImageFolder(Dataset):
-    """root/<class name>/<image>.{jpg,jpeg,png}; classes default to the sorted subdirectory names."""
+    """root/<class name>/<image>.{jpg,jpeg,png}; classes default to the sorted subdirectory names.
 
-    def __init__(self, root: Union[str, Path], transform: Transform, classes: Optional[Sequence[str]] = None):
+    `decoder` (train/decode.py): "auto" (simplejpeg if installed, else Pillow's draft mode) and
+    "simplejpeg" / "pillow" decode only the transform's crop, at the smallest JPEG scale that covers
+    the output size; "pillow-full" decodes the whole image to float first (the pipeline as it was)."""
+
+    def __init__(self, root: Union[str, Path], transform: Transform, classes: Optional[Sequence[str]] = None,
+                 decoder: str = "auto"):
         root = Path(root)
         if not root.is_dir():
             raise ValueError(f"data directory {str(root)!r} does not exist")
@@ -72,6 +78,7 @@ class ImageFolder(Dataset):
         if not self.samples:
             raise ValueError(f"data directory {str(root)!r} has no {'/'.join(IMAGE_EXTENSIONS)} images")
         self.transform = transform
+        self.decoder = resolve_decoder(decoder)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -79,7 +86,9 @@ class ImageFolder(Dataset):
     def __getitem__(self, key: SampleKey):
         index, generator = _split_key(key)
         path, label = self.samples[index]
-        return self.transform(load_image(path), generator), label
+        if self.decoder == "pillow-full" or not hasattr(self.transform, "from_bytes"):
+            return self.transform(load_image(path), generator), label
+        return self.transform.from_bytes(read(path), generator, self.decoder), label
 
 
 class TensorImages(Dataset):
@@ -151,12 +160,13 @@ DEFAULT_IMG_SIZE = {"digits": 32, "synthetic": 224, "folder": 224}
 
 def build_dataset(name: str, *, train: bool, img_size: Optional[int] = None, data_dir: Optional[str] = None,
                   num_classes: Optional[int] = None, synthetic_size: int = 1280, seed: int = 0,
-                  normalize: bool = True, interpolation: str = "bilinear") -> Tuple[Dataset, DataInfo]:
+                  normalize: bool = True, interpolation: str = "bilinear",
+                  decoder: str = "auto") -> Tuple[Dataset, DataInfo]:
     """The train or validation split of `name` (see DATASETS) and its DataInfo.
 
     normalize=False: images in [0, 1], normalised later with DataInfo's mean / std (the device
     augmentation does that after RandAugment / colour jitter). `interpolation` (bilinear, bicubic)
-    resamples the folder images' crops and resizes.
+    resamples the folder images' crops and resizes; `decoder` decodes them (ImageFolder).
 
     folder:    `data_dir`/train and `data_dir`/val in ImageFolder layout (val uses train's classes);
                needs pillow.
@@ -185,7 +195,7 @@ def build_dataset(name: str, *, train: bool, img_size: Optional[int] = None, dat
     classes = find_classes(root / "train")
     transform = (TrainTransform(size, interpolation=interpolation, normalize=normalize) if train
                  else EvalTransform(size, interpolation=interpolation))
-    dataset = ImageFolder(root / ("train" if train else "val"), transform, classes=classes)
+    dataset = ImageFolder(root / ("train" if train else "val"), transform, classes=classes, decoder=decoder)
     if num_classes is not None and num_classes != len(classes):
         raise ValueError(f"num_classes={num_classes} but {str(root / 'train')!r} has {len(classes)} classes")
     return dataset, DataInfo(len(classes), size, IMAGENET_MEAN, IMAGENET_STD)

@@ -14,6 +14,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .decode import decode_box, image_size
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bilinear", "bicubic")
@@ -21,7 +23,14 @@ INTERPOLATIONS = ("bilinear", "bicubic")
 
 def resize(image: torch.Tensor, size: Tuple[int, int], interpolation: str = "bilinear") -> torch.Tensor:
     """Resize to (height, width), antialiased when shrinking; bicubic (DeiT's, timm's
-    RandomResizedCrop(interpolation="bicubic")) is clamped to [0, 1] as PIL's 8-bit result is."""
+    RandomResizedCrop(interpolation="bicubic")) is clamped to [0, 1] as PIL's 8-bit result is.
+    A uint8 image (a decoded crop, train/decode.py) is resized in uint8 (torch's vectorised uint8
+    path, which saturates) and comes back as float in [0, 1]: one float conversion, at the output size."""
+    if image.dtype == torch.uint8:
+        if tuple(image.shape[-2:]) != tuple(size):
+            image = F.interpolate(image[None].contiguous(), size=size, mode=interpolation, align_corners=False,
+                                  antialias=True)[0]
+        return image.float().div_(255.0)
     if tuple(image.shape[-2:]) == tuple(size):
         return image
     resized = F.interpolate(image[None], size=size, mode=interpolation, align_corners=False, antialias=True)[0]
@@ -72,7 +81,19 @@ class TrainTransform:
         if generator is None:
             raise ValueError("TrainTransform needs a generator (its randomness must not touch the global RNG)")
         top, left, h, w = random_resized_crop_box(image.shape[-2], image.shape[-1], generator, self.scale)
-        image = resize(image[:, top:top + h, left:left + w], (self.size, self.size), self.interpolation)
+        return self._finish(image[:, top:top + h, left:left + w], generator)
+
+    def from_bytes(self, data: bytes, generator: Optional[torch.Generator], decoder: str) -> torch.Tensor:
+        """The same transform of an encoded image, decoding only the crop (train/decode.py): the same
+        crop box and flip as __call__ for the same generator state."""
+        if generator is None:
+            raise ValueError("TrainTransform needs a generator (its randomness must not touch the global RNG)")
+        height, width = image_size(data, decoder)
+        box = random_resized_crop_box(height, width, generator, self.scale)
+        return self._finish(decode_box(data, (height, width), box, (self.size, self.size), decoder), generator)
+
+    def _finish(self, crop: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        image = resize(crop, (self.size, self.size), self.interpolation)
         if torch.rand((), generator=generator).item() < 0.5:
             image = image.flip(-1)
         return normalize(image, self.mean, self.std, self.normalize)
@@ -86,12 +107,19 @@ class EvalTransform:
         self.size, self.mean, self.std, self.crop_fraction = size, tuple(mean), tuple(std), crop_fraction
         self.interpolation = interpolation
 
+    def _resized_size(self, height: int, width: int) -> Tuple[int, int]:
+        scale = int(round(self.size / self.crop_fraction)) / min(height, width)
+        return max(self.size, round(height * scale)), max(self.size, round(width * scale))
+
+    def from_bytes(self, data: bytes, generator: Optional[torch.Generator], decoder: str) -> torch.Tensor:
+        """The same transform of an encoded image, decoded at the smallest scale that still covers the
+        resize (train/decode.py)."""
+        height, width = image_size(data, decoder)
+        return self(decode_box(data, (height, width), (0, 0, height, width), self._resized_size(height, width),
+                               decoder))
+
     def __call__(self, image: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        height, width = image.shape[-2:]
-        short = int(round(self.size / self.crop_fraction))
-        scale = short / min(height, width)
-        image = resize(image, (max(self.size, round(height * scale)), max(self.size, round(width * scale))),
-                       self.interpolation)
+        image = resize(image, self._resized_size(*image.shape[-2:]), self.interpolation)
         top = (image.shape[-2] - self.size) // 2
         left = (image.shape[-1] - self.size) // 2
         return normalize(image[:, top:top + self.size, left:left + self.size], self.mean, self.std)
