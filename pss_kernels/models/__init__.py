@@ -2,9 +2,13 @@
 configure it: in-network token selection (token_pruning) and Budgeted Training's growth (growth)."""
 from .configs import MODEL_CONFIGS, ViTConfig
 from .factory import create_model, create_model_for
+from .growth import (BUDGETED_STAGES, GrowthStage, NewSlice, count_flops, grow, new_parameter_slices,
+                     reset_optimizer_moments, set_stage, stage_flops, stage_keep_rates, stage_of)
 from .pretrained import LoadReport, load_pretrained
 from .token_pruning import TRI_LEVEL_PRESETS, TokenPruning, TriLevelSetting
 from .vit import VisionTransformer
 
-__all__ = ["MODEL_CONFIGS", "LoadReport", "TRI_LEVEL_PRESETS", "TokenPruning", "TriLevelSetting", "ViTConfig",
-           "VisionTransformer", "create_model", "create_model_for", "load_pretrained"]
+__all__ = ["BUDGETED_STAGES", "GrowthStage", "MODEL_CONFIGS", "LoadReport", "NewSlice", "TRI_LEVEL_PRESETS",
+           "TokenPruning", "TriLevelSetting", "ViTConfig", "VisionTransformer", "count_flops", "create_model",
+           "create_model_for", "grow", "load_pretrained", "new_parameter_slices", "reset_optimizer_moments",
+           "set_stage", "stage_flops", "stage_keep_rates", "stage_of"]
