@@ -286,14 +286,57 @@ def test_scorer_given_is_refused_at_construction_with_the_alternative():
         sampler(torch.randn(2, 17, 8))
 
 
+def test_triton_kernels_give_the_same_selection_and_gradients(device, monkeypatch):
+    """The pruned model on the Triton kernels (the interpreter on CPU): CLS attention from the
+    kernel's own CLS-row program, the selection through the Triton sampler, and, with growth's
+    active heads, a column slice of the table; same index, logits and gradients as torch."""
+    from pss_kernels.models.growth import GrowthStage, set_stage
+    from pss_kernels.ops.rpb_attention import triton_forward
+
+    cls_launches = []
+
+    def counted(*args, _real=triton_forward.rpb_attention_forward):
+        cls_launches.append(args[-1] is not None)  # the cls_attention buffer
+        return _real(*args)
+
+    monkeypatch.setattr(triton_forward, "rpb_attention_forward", counted)
+    results = []
+    for backend in ("torch", "triton"):
+        pruning = TokenPruning(blocks=(2, 3), token_keep_rate=0.6)
+        model = tiny_model(attn_backend=backend, sampler_backend=backend, token_pruning=pruning).to(device).train()
+        set_stage(model, GrowthStage(1, 2.0))
+        x = images(batch=2).to(device)
+        tokens, index = model.forward_features(x, keep_rate=0.8)
+        model.forward_head(tokens).square().mean().backward()
+        results.append((index, tokens.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (ref_index, ref_tokens, ref_grads), (index, tokens, grads) = results
+    assert cls_launches == [True, True, False, False]  # blocks 1 and 2 feed the selectors before 2 and 3
+    torch.testing.assert_close(index, ref_index, rtol=0, atol=0)
+    torch.testing.assert_close(tokens, ref_tokens, rtol=1e-4, atol=1e-5)
+    for name, want in ref_grads.items():
+        torch.testing.assert_close(grads[name], want, rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def _median_seconds(run, repeats):
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
 def measure_attention_level(batch=32, heads=6, head_dim=64, num_tokens=138, attention_keep_rate=0.3, repeats=5):
-    """Forward + backward time of one DeiT-S attention layer after the first selector at R_T = 0.7
-    (138 tokens): the fused op's torch path (what the CPU runs) and the attention level's masked
-    path (the same logits, the mask from the head-averaged map, softmax, probs v), with FLOPs."""
+    """Forward + backward of one DeiT-S attention layer after the first selector at R_T = 0.7 (138
+    tokens): the package's op (torch backend on the CPU), the same dense eager path without a mask
+    (eager-index), and the attention level's masked path; plus the selector's extra work (the
+    head-averaged map and the per-row top-k). FLOPs from FlopCounterMode (the fused op is opaque to
+    it: its matmuls are eager-index's)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from pss_kernels import rpb_attention
-    from pss_kernels.ops.rpb_attention.peers import dense_bias, masked_attention
+    from pss_kernels.ops.rpb_attention.peers import dense_bias, eager_index_rpb_attention, masked_attention
 
     grid = (14, 14)
     generator = torch.Generator().manual_seed(0)
@@ -305,32 +348,54 @@ def measure_attention_level(batch=32, heads=6, head_dim=64, num_tokens=138, atte
                                     for _ in range(batch)])], 1)
     with torch.no_grad():
         _, probs = masked_attention(q, k, v, dense_bias(table, index, grid), None)
-    key_mask = top_key_mask(probs.mean(1), None, attention_keep_rate)
+    attention_map = probs.mean(1)
+    key_mask = top_key_mask(attention_map, None, attention_keep_rate)
 
     def fused():
         rpb_attention(q, k, v, table, index, grid_size=grid, check_index=False).sum().backward()
+
+    def dense():
+        eager_index_rpb_attention(q, k, v, table, index, grid_size=grid).sum().backward()
 
     def masked():
         out, _ = masked_attention(q, k, v, dense_bias(table, index, grid), key_mask)
         out.sum().backward()
 
     results = {}
-    for name, run in (("rpb_attention (torch backend)", fused), (f"masked, R_A={attention_keep_rate}", masked)):
-        run()
+    for name, run in (("rpb_attention (torch backend)", fused), ("dense eager, no mask", dense),
+                      (f"masked, R_A={attention_keep_rate}", masked)):
         with FlopCounterMode(display=False) as counter:
-            run()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-        results[name] = (sorted(times)[len(times) // 2], counter.get_total_flops())
+            (dense if run is fused else run)()
+        results[name] = (_median_seconds(run, repeats), counter.get_total_flops())
+    results["selector: map + top-k mask"] = (_median_seconds(
+        lambda: top_key_mask(probs.mean(1), None, attention_keep_rate), repeats), 0)
+    return results
+
+
+def measure_model(batch=8, repeats=3):
+    """Forward + backward of DeiT-S at 224 px: dense, Tri-Level token level R_T = 0.7, and R_T = 0.7 with
+    R_A = 0.3 (the masked torch path in every block from the first selector on)."""
+    from pss_kernels.models.growth import count_flops
+
+    torch.manual_seed(0)
+    images = torch.randn(batch, 3, 224, 224)
+    results = {}
+    for name, rates in (("dense", None), ("R_T=0.7", (0.7, 1.0)), ("R_T=0.7, R_A=0.3", (0.7, 0.3))):
+        pruning = None if rates is None else TokenPruning(token_keep_rate=rates[0], attention_keep_rate=rates[1],
+                                                          placement="after_attention")
+        model = create_model("deit_small", token_pruning=pruning).train()
+        results[name] = (_median_seconds(lambda: model(images).sum().backward(), repeats),
+                         count_flops(model, batch_size=batch, backward=True))
     return results
 
 
 if __name__ == "__main__":
     torch.set_num_threads(2)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; forward + backward, median")
+    print("one attention layer: B=32, H=6, D=64, n=138")
     for rate in (0.4, 0.3, 0.2):
         for name, (seconds, flops) in measure_attention_level(attention_keep_rate=rate).items():
-            print(f"{name:34s} {seconds * 1e3:8.1f} ms  {flops / 1e9:7.2f} GFLOP (fwd + bwd)")
+            print(f"  {name:32s} {seconds * 1e3:8.1f} ms  {flops / 1e9:7.2f} GFLOP")
+    print("DeiT-S 224 px, batch 8 (training step without the optimizer)")
+    for name, (seconds, flops) in measure_model().items():
+        print(f"  {name:32s} {seconds * 1e3:8.1f} ms  {flops / 1e9:7.1f} GFLOP")
