@@ -39,6 +39,7 @@ from .train.data import DataInfo
 from .train.distributed import resolve_device
 from .train.evaluation import autocast_context, evaluate
 from .train.extras import MissingDependency, require
+from .train.methods import apply_method_state
 from .train.trainer import autocast_dtype_for, build_data, build_model, check_backend_flag
 
 SAMPLER_BACKENDS, ATTN_BACKENDS = OP_BACKENDS["sample_patches"], OP_BACKENDS["rpb_attention"]
@@ -128,6 +129,9 @@ def load_model_from_checkpoint(path, *, ema: bool = False, data_dir: Optional[st
     if ema and state.get("ema") is None:
         raise CheckpointError(f"checkpoint {str(path)!r} has no EMA weights (trained without --ema-decay)")
     load_state(model, state["ema"] if ema else state["model"], "EMA" if ema else "model", path)
+    # Token pruning at the rates the run ended with, the growth stage it reached (the last one, for
+    # a finished Budgeted Training run).
+    apply_method_state(model, state.get("methods"))
     return model.eval(), val_set, info, config
 
 

@@ -14,7 +14,9 @@ from ..models.vit import ATTN_IMPLS, POOLS, SAMPLER_IMPLS
 from .augment import RandAugmentSpec
 from .data import DATASETS
 from .decode import DECODERS
-from .optim import LR_SCALINGS, OPTIMIZERS
+from ..models.growth import INITS as GROWTH_INITS
+from ..models.token_pruning import PLACEMENTS, TRI_LEVEL_PRESETS
+from .optim import LR_SCALINGS, LR_SCHEDULES, OPTIMIZERS
 from .recipes import RECIPES, recipe_settings, recipes_help
 from .transforms import INTERPOLATIONS
 
@@ -75,11 +77,25 @@ class TrainConfig:
     clip_grad: float = 0.0                   # max gradient norm; 0 disables clipping
     ema_decay: float = 0.0                   # 0 disables EMA
     schedule: str = "cyclic:0.2,1.0"
+    lr_schedule: str = "cosine"              # cosine | linear | rex (Budgeted Training's LR baselines)
     precision: str = "auto"                  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False
     seed: int = 0
     device: str = "auto"
     deterministic: bool = False              # bit-exact GPU runs and resumes (slower bias-gradient pass)
+    # methods (train/methods.py, train/filtering.py): no-ops when unset
+    token_pruning: Optional[str] = None      # Tri-Level token level: a preset or R_T[,BLOCK,...]
+    attention_keep: Optional[float] = None   # Tri-Level attention level: R_A
+    pruning_placement: Optional[str] = None  # None: after_attention (the released code's)
+    pruning_warmup: Optional[str] = None     # HOLD,DECAY epochs of the R_T / R_A warm-up; None: 10/300, 100/300
+    example_keep: Optional[float] = None     # Tri-Level example level: r_e = 1 - m
+    filter_every: int = 30                   # epochs between remove-and-restore
+    filter_fraction: float = 0.05            # n: share of the data removed and restored each time
+    filter_iterations: Optional[int] = None  # None: round(m / n) + 1 (the paper's 3 for 10 %, 5 for 20 %)
+    budget: Optional[float] = None           # Budgeted Training: fraction of the full run's FLOPs
+    growth: str = "heads,mlp,tokens"         # what grows, or the stages H:R:N/H:R:N/...
+    growth_init: str = "copy"                # copy | copy-halved | random (the ablation)
+    budget_seeds: str = "rates"              # s_k of T_k = c exp(alpha s_k): rates | sample | S1,S2,S3
     # run
     out_dir: str = "runs/pss"
     resume: Optional[str] = None
@@ -163,7 +179,30 @@ def rand_augment_flag(text: str) -> Optional[str]:
     return text
 
 
-probability.__name__ = layer_decay_flag.__name__ = "float"
+def open_fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
+def keep_fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def token_pruning_flag(text: str) -> str:
+    from .methods import parse_token_pruning
+    try:
+        parse_token_pruning(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+probability.__name__ = layer_decay_flag.__name__ = open_fraction.__name__ = keep_fraction.__name__ = "float"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  torchrun --nproc_per_node 8 -m pss_kernels.train --data folder --data-dir /imagenet "
                "--model deit_small --epochs 300 --batch-size 128 --lr 1e-3 --schedule cyclic:0.2,1.0\n"
                "schedules: see pss_kernels.schedules.build_schedule (none, fixed:R, linear:A,B, cyclic:A,B, "
-               "cosine:A,B, patchdropout[:LOW,HIGH[,P_FULL]], warmup_cosine:T, budget:F)\n" + recipes_help())
+               "cosine:A,B, patchdropout[:LOW,HIGH[,P_FULL]], warmup_cosine:T, budget:F)\n" + METHODS_HELP
+               + recipes_help())
     parser.add_argument("--recipe", choices=sorted(RECIPES),
                         help="a paper's hyper-parameters as defaults (listed below); flags given override them")
     model = parser.add_argument_group("model")
@@ -193,8 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="absolute position embedding (default: the config's; on with --no-rpb)")
     model.add_argument("--layer-scale-init", type=NON_NEGATIVE_FLOAT, help="layer scale init value; 0 disables")
     model.add_argument("--drop-path", type=FRACTION, help="stochastic depth rate (default: the config's)")
-    model.add_argument("--scorer", choices=("l1", "l2", "random"), default=defaults.scorer,
-                       help="patch scoring: L1 magnitude (PSS), L2, or random (PatchDropout)")
+    model.add_argument("--scorer", choices=("l1", "l2", "random", "center"), default=None,
+                       help=f"patch scoring of the input sampler: L1 magnitude (PSS), L2, random (PatchDropout), or "
+                            f"center (the patches nearest the grid centre: Budgeted Training's token crop) (default: "
+                            f"{defaults.scorer}; random with --schedule patchdropout...)")
     model.add_argument("--attn-impl", choices=ATTN_IMPLS, default=defaults.attn_impl,
                        help="pss: fused rpb_attention; published (the PSS authors' bias construction) / eager-index / "
                             "sdpa-bias / flex: the peers it is measured against")
@@ -265,7 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cross-entropy label smoothing")
     optim.add_argument("--clip-grad", type=NON_NEGATIVE_FLOAT, default=defaults.clip_grad, help="max grad norm; 0: off")
     optim.add_argument("--ema-decay", type=float, default=defaults.ema_decay, help="EMA of weights; 0: off")
-    optim.add_argument("--schedule", default=defaults.schedule, help="patch sampling schedule spec")
+    optim.add_argument("--schedule", default=None,
+                       help=f"patch sampling schedule spec (default: {defaults.schedule}; none with a method flag "
+                            f"below). PatchDropout: patchdropout (keep rate uniform in [0.5, 1] each step) or "
+                            f"patchdropout:0.5,1.0,grid_step=0.5 (its {{0.5, 1}} variant); evaluation keeps every patch")
+    optim.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=defaults.lr_schedule,
+                       help="LR after the warm-up: cosine to --min-lr; linear: lr (1 - t/T) (Linear-LR); rex: "
+                            "lr (1 - t/T) / (1/2 + (1 - t/T)/2) (REX). Budgeted Training's baselines: compress "
+                            "--epochs to the budget (e.g. half the epochs for 50 %%)")
     optim.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
                        help="auto: bf16 autocast on CUDA, fp32 on CPU")
     optim.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -277,6 +326,43 @@ def build_parser() -> argparse.ArgumentParser:
                             "algorithms (it warns about any op without one). Without it a GPU run is not "
                             "bit-exact, nor a multi-threaded CPU run of a large model. Stored in the checkpoint: "
                             "a resumed run must pass it again")
+    tri = parser.add_argument_group("Tri-Level E-ViT (Kong et al. 2023): token, attention and example levels")
+    tri.add_argument("--token-pruning", type=token_pruning_flag, metavar="PRESET|R_T[,BLOCK,...]",
+                     help=f"token level: selectors keep the top R_T of the patch tokens by the CLS attention "
+                          f"(presets {', '.join(TRI_LEVEL_PRESETS)}; blocks 1-based, default 4,7,10 scaled to the "
+                          f"depth); R_T warms up from 1 by a cosine (hold 10/300 of the run, decay over 100/300)")
+    tri.add_argument("--attention-keep", type=keep_fraction, metavar="R_A",
+                     help="attention level: each patch query attends its top R_A of the kept keys after a selector "
+                          "(paper 0.2-0.4; a mask on the dense torch path: it saves no FLOPs), warmed up as R_T")
+    tri.add_argument("--pruning-placement", choices=PLACEMENTS,
+                     help="after_attention (default; the released code): a selector inside its block after the "
+                          "attention; before_block: before the block, on the previous block's attention")
+    tri.add_argument("--pruning-warmup", metavar="HOLD,DECAY", help="R_T / R_A warm-up in epochs (e.g. 10,100)")
+    tri.add_argument("--example-keep", type=open_fraction, metavar="R_E",
+                     help="example level: train on a subset of R_E of the examples (paper 0.7-0.9): m = 1 - R_E "
+                          "dropped at random at the start, then remove-and-restore by forgetting events")
+    tri.add_argument("--filter-every", type=POSITIVE, default=defaults.filter_every,
+                     help="epochs between remove-and-restore")
+    tri.add_argument("--filter-fraction", type=open_fraction, default=defaults.filter_fraction,
+                     help="share of the data removed (least forgotten) and restored (at random) each time")
+    tri.add_argument("--filter-iterations", type=NON_NEGATIVE,
+                     help="how many remove-and-restore rounds (default round(m / n) + 1: the paper's 3 for "
+                          "R_E 0.9, 5 for 0.8)")
+    budgeted = parser.add_argument_group("Budgeted Training (Xia et al. 2023)")
+    budgeted.add_argument("--budget", type=keep_fraction, metavar="FRACTION",
+                          help="train within this fraction of the FLOPs of --epochs at full size: 3 stages that grow "
+                               "the model (--growth), lengths from the budget solver (alpha 2) with per-stage FLOPs of "
+                               "the real model, weights copied into the new parts and their AdamW moments reset")
+    budgeted.add_argument("--growth", default=defaults.growth, metavar="DIMS|STAGES",
+                          help="which of heads,mlp,tokens grow (the paper's Table 6 stages for deit_tiny/small/base "
+                               "at 14x14 patches, else heads H/3, 2H/3, H, MLP ratio r/4, r/2, r, tokens 50/75/100 %%"
+                               " by centre crop), or the stages as HEADS:MLP_RATIO:TOKENS/... ('all' tokens)")
+    budgeted.add_argument("--growth-init", choices=GROWTH_INITS, default=defaults.growth_init,
+                          help="new parts: copy the active ones (the paper), copy-halved (function-preserving "
+                               "x0.5), random (the ablation)")
+    budgeted.add_argument("--budget-seeds", default=defaults.budget_seeds, metavar="rates|sample|S1,S2,S3",
+                          help="the s_k of the stage lengths T_k = c exp(2 s_k): the stage keep rates (where tokens "
+                               "grow; else 0.5, 0.75, 1), the paper's sorted U(0, 1) draws from --seed, or given")
     run = parser.add_argument_group("run")
     run.add_argument("--out-dir", default=defaults.out_dir,
                      help="checkpoint.pt, log.jsonl, summary.json go here")
@@ -295,13 +381,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+METHODS_HELP = (
+    "methods (one flag each; without --schedule the input keeps every token):\n"
+    "  PSS                 --schedule fixed:0.6 | linear:0.2,1.0 | cyclic:0.2,1.0 [--scorer l1|random]\n"
+    "  PatchDropout        --schedule patchdropout  |  patchdropout:0.5,1.0,grid_step=0.5  (scorer random)\n"
+    "  Tri-Level token     --token-pruning tri-level/0.7   (or 0.7,4,7,10)\n"
+    "  Tri-Level attention --attention-keep 0.3\n"
+    "  Tri-Level example   --example-keep 0.9 [--filter-every 30 --filter-fraction 0.05]\n"
+    "  Tri-Level, all      --token-pruning tri-level/0.8 --attention-keep 0.3 --example-keep 0.8\n"
+    "  Budgeted Training   --budget 0.5 [--growth heads,mlp,tokens --growth-init copy]\n"
+    "  LR baselines        --schedule none --lr-schedule linear|rex --epochs <epochs x budget>\n")
+
+METHOD_FIELDS = ("token_pruning", "attention_keep", "example_keep", "budget")
+
+
 def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
-    """The command line's config: a --recipe's values become the defaults, so the flags given win."""
+    """The command line's config: a --recipe's values become the defaults, so the flags given win.
+    Without --schedule: the recipe's or the default schedule, or "none" when a method flag
+    (--token-pruning, --attention-keep, --example-keep, --budget) is given. Without --scorer:
+    random for a patchdropout schedule, else l1."""
     parser = build_parser()
     chosen, _ = _recipe_parser().parse_known_args(argv)
-    if chosen.recipe in RECIPES:  # an unknown name is left to the full parser's error message
-        parser.set_defaults(**recipe_settings(chosen.recipe))
-    return TrainConfig(**vars(parser.parse_args(argv)))
+    recipe = recipe_settings(chosen.recipe) if chosen.recipe in RECIPES else {}
+    if recipe:  # an unknown name is left to the full parser's error message
+        parser.set_defaults(**recipe)
+    values = vars(parser.parse_args(argv))
+    if values["schedule"] is None:
+        method = any(values[name] is not None for name in METHOD_FIELDS)
+        values["schedule"] = recipe.get("schedule") or ("none" if method else TrainConfig.schedule)
+    if values["scorer"] is None:  # PatchDropout samples at random: its schedule implies the scorer
+        patchdropout = values["schedule"].strip().lower().startswith("patchdropout")
+        values["scorer"] = recipe.get("scorer") or ("random" if patchdropout else TrainConfig.scorer)
+    return TrainConfig(**values)
 
 
 def _recipe_parser() -> argparse.ArgumentParser:

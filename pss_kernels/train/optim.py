@@ -1,5 +1,13 @@
 """Optimisers with the usual ViT weight-decay exemptions and layer-wise LR decay, the LR rule
-(linear scaling by the global batch), warm-up + cosine LR, and a weight EMA."""
+(linear scaling by the global batch), warm-up + cosine / linear / REX LR, and a weight EMA.
+
+LR shapes after the linear warm-up (`--lr-schedule`), with p = t / T the progress over the T
+steps after the warm-up:
+    cosine   eta = eta_min + (eta_0 - eta_min) (1 + cos(pi p)) / 2          (DeiT; eta_min = --min-lr)
+    linear   eta = eta_0 (1 - p)                                            (Linear-LR, Li et al. 2020)
+    rex      eta = eta_0 (1 - p) / (1/2 + (1 - p) / 2)                      (REX, Chen et al. 2022)
+linear and rex are Budgeted Training's baselines (Xia et al. 2023, Eq. 9) as the paper writes them:
+they decay to 0, not to --min-lr; the budget is met by compressing --epochs."""
 from __future__ import annotations
 
 import copy
@@ -14,6 +22,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCALINGS = ("none", "lr", "all")
+LR_SCHEDULES = ("cosine", "linear", "rex")
 
 
 @dataclass(frozen=True)
@@ -104,12 +113,42 @@ def warmup_cosine_factor(step: int, *, warmup_steps: int, total_steps: int, min_
     return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _decay_progress(step: int, warmup_steps: int, total_steps: int) -> float:
+    """p in [0, 1]: how far `step` is through the steps after the warm-up."""
+    return min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+
+
+def warmup_linear_factor(step: int, *, warmup_steps: int, total_steps: int, warmup_factor: float = 0.0,
+                         min_factor: float = 0.0) -> float:
+    """Linear-LR (Li et al. 2020; Budgeted Training's Eq. 9): 1 - p after the warm-up, down to 0.
+    `min_factor` is accepted for a common signature and unused (the paper's formula has no floor)."""
+    if step < warmup_steps:
+        return warmup_factor + (1.0 - warmup_factor) * (step + 1) / warmup_steps
+    return 1.0 - _decay_progress(step, warmup_steps, total_steps)
+
+
+def warmup_rex_factor(step: int, *, warmup_steps: int, total_steps: int, warmup_factor: float = 0.0,
+                      min_factor: float = 0.0) -> float:
+    """REX (Chen et al. 2022; Budgeted Training's Eq. 9): (1 - p) / (1/2 + (1 - p) / 2) after the
+    warm-up, down to 0. `min_factor` unused, as warmup_linear_factor's."""
+    if step < warmup_steps:
+        return warmup_factor + (1.0 - warmup_factor) * (step + 1) / warmup_steps
+    remaining = 1.0 - _decay_progress(step, warmup_steps, total_steps)
+    return remaining / (0.5 + 0.5 * remaining)
+
+
+LR_FACTORS = {"cosine": warmup_cosine_factor, "linear": warmup_linear_factor, "rex": warmup_rex_factor}
+
+
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, *, lr: float, min_lr: float, warmup_steps: int,
-                       total_steps: int, warmup_lr: float = 0.0) -> LambdaLR:
+                       total_steps: int, warmup_lr: float = 0.0, shape: str = "cosine") -> LambdaLR:
     """Stepped once per iteration; one factor for every group, so a group's LR is its own peak
-    (lr x lr_scale) times the factor, its floor min_lr x lr_scale (as BEiT's scheduler). The factor
-    is a partial of a module function: the scheduler's state_dict holds only counters."""
-    factor = partial(warmup_cosine_factor, warmup_steps=warmup_steps, total_steps=total_steps,
+    (lr x lr_scale) times the factor, its floor min_lr x lr_scale (as BEiT's scheduler; cosine only).
+    `shape`: cosine, linear or rex (LR_SCHEDULES; see the module docstring). The factor is a partial
+    of a module function: the scheduler's state_dict holds only counters."""
+    if shape not in LR_FACTORS:
+        raise ValueError(f"lr schedule must be one of {LR_SCHEDULES}, got {shape!r}")
+    factor = partial(LR_FACTORS[shape], warmup_steps=warmup_steps, total_steps=total_steps,
                      min_factor=min_lr / lr if lr > 0 else 0.0, warmup_factor=warmup_lr / lr if lr > 0 else 0.0)
     return LambdaLR(optimizer, factor)
 

@@ -13,6 +13,11 @@ on a GPU it does with `deterministic=True` (`--deterministic`: ordered bias-grad
 in rpb_attention and torch.use_deterministic_algorithms for the rest of the step).
 Evaluation runs at rho = 1 (unless asked otherwise) whatever rate the schedule is at, and
 `model.keep_rate` is 1.0 between steps: the model never samples by accident in eval mode.
+
+Methods are hooks (train/methods.py, train/filtering.py; none without their flags): before each
+step the token-pruning warm-up sets R_T / R_A and growth grows the model at a stage boundary; the
+example filter counts each step's examples and at epoch ends folds the counts and removes and
+restores examples. Their state is in the checkpoint under "methods".
 """
 from __future__ import annotations
 
@@ -34,7 +39,8 @@ from torch.utils.data import DataLoader
 
 from .._backends import backend_status
 from .._checks import check_keep_rate
-from ..models import create_model
+from ..models import MODEL_CONFIGS, create_model
+from ..models.growth import set_stage
 from ..models.vit import VisionTransformer
 from ..ops.sample_patches import num_kept_tokens
 from ..schedules import build_schedule
@@ -46,6 +52,9 @@ from .data import DataInfo, build_dataset
 from .distributed import DistInfo, RepeatedAugSampler, ShardedSampler, all_gather_objects, barrier
 from .evaluation import autocast_context, evaluate, synchronize
 from .extras import MissingDependency
+from .filtering import ClsAttentionCapture, ExampleFilter, IndexedDataset, SubsetSampler
+from .methods import (GrowthHook, PruningHook, block_tokens, build_token_pruning, cost_key, growth_stages, key_shares,
+                      solve_growth_budget)
 from .optim import ModelEma, base_lr, build_lr_scheduler, build_optimizer, resolve_learning_rates
 from .reporting import (IterationFlops, JsonLinesLog, KeepRateTimes, ProgressBar, format_summary, peak_memory_mb,
                         projected_time_summary)
@@ -63,10 +72,12 @@ def build_model(config: TrainConfig, info: DataInfo) -> VisionTransformer:
         overrides["layer_scale_init"] = config.layer_scale_init or None  # 0 switches layer scale off
     if config.pool is not None:
         overrides["pool"] = config.pool
+    depth = config.depth or MODEL_CONFIGS[config.model].depth
     return create_model(config.model, img_size=info.img_size, num_classes=info.num_classes, rpb=config.rpb,
                         attn_impl=config.attn_impl, sampler_impl=config.sampler_impl, scorer=config.scorer,
                         sampler_backend=config.sampler_backend, attn_backend=config.attn_backend,
-                        deterministic=config.deterministic, **overrides)
+                        deterministic=config.deterministic, token_pruning=build_token_pruning(config, depth),
+                        **overrides)
 
 
 def build_data(config: TrainConfig, train: bool, normalize: bool = True):
@@ -186,13 +197,34 @@ class Trainer:
         self.model = self.model.to(self.device)
         self.num_tokens = 1 + self.model.patch_embed.num_patches
 
-        self.train_sampler = build_sampler(config, dist_info, len(self.train_set))
+        self.filter = None
+        if config.example_keep is not None:
+            self.filter = ExampleFilter(len(self.train_set), keep=config.example_keep, period=config.filter_every,
+                                        fraction=config.filter_fraction, iterations=config.filter_iterations,
+                                        seed=config.seed, device=self.device, dist_info=dist_info,
+                                        last_epoch=config.epochs)
+            self.train_set = IndexedDataset(self.train_set)
+            self.train_sampler = SubsetSampler(build_sampler(config, dist_info, self.filter.kept), self.filter)
+        else:
+            self.train_sampler = build_sampler(config, dist_info, len(self.train_set))
         self.steps_per_epoch = self.train_sampler.samples_per_rank() // config.batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(f"batch_size={config.batch_size} exceeds the {self.train_sampler.samples_per_rank()} "
                              f"training images per process: no full batch per epoch")
-        self.schedule = build_schedule(config.schedule, total_steps=config.epochs * self.steps_per_epoch,
-                                       steps_per_epoch=self.steps_per_epoch)
+        # The full-size run the time summary compares with: every example, every token, full width.
+        self.full_steps_per_epoch = (len(self.train_set) // dist_info.world_size) // config.batch_size
+        self.stages = self.stage_flops = None
+        if config.budget is not None:
+            if config.schedule not in ("none", "baseline"):
+                raise ValueError(f"--budget sets the input keep rate of each growth stage; it does not combine "
+                                 f"with --schedule {config.schedule} (use --schedule none, or leave it out)")
+            self.stages = growth_stages(config.growth, config.model, self.model)
+            self.schedule, self.stage_flops = solve_growth_budget(
+                config, self.model, self.stages, total_steps=config.epochs * self.steps_per_epoch,
+                steps_per_epoch=self.steps_per_epoch)
+        else:
+            self.schedule = build_schedule(config.schedule, total_steps=config.epochs * self.steps_per_epoch,
+                                           steps_per_epoch=self.steps_per_epoch)
         self.total_steps = self.schedule.total_steps  # a budget schedule sets its own length
         self.lrs = resolve_learning_rates(lr=config.lr, min_lr=config.min_lr, warmup_lr=config.warmup_lr,
                                           scaling=config.lr_scaling, base_batch=config.lr_base_batch,
@@ -202,9 +234,21 @@ class Trainer:
                                          layer_decay=config.layer_decay)
         self.lr_scheduler = build_lr_scheduler(
             self.optimizer, lr=self.lrs.lr, min_lr=self.lrs.min_lr, warmup_lr=self.lrs.warmup_lr,
-            total_steps=self.total_steps,
+            total_steps=self.total_steps, shape=config.lr_schedule,
             warmup_steps=min(self.total_steps, round(config.warmup_epochs * self.steps_per_epoch)))
         self.ema = ModelEma(self.model, config.ema_decay) if config.ema_decay > 0 else None
+        self.hooks = []  # the methods' step / epoch hooks (train/methods.py); empty without method flags
+        if self.model.token_pruning is not None:
+            self.hooks.append(PruningHook(self.model, config, total_steps=self.total_steps,
+                                          steps_per_epoch=self.steps_per_epoch))
+        self.growth = None
+        if self.stages is not None:
+            self.growth = GrowthHook(self.model, config, self.stages, self.schedule, self.optimizer, self.ema)
+            self.hooks.append(self.growth)
+        self.cls_capture = None
+        if self.filter is not None:
+            self.hooks.append(self.filter)
+            self.cls_capture = ClsAttentionCapture(self.model)
         self.autocast_dtype = autocast_dtype_for(config.precision, self.device)
         self.criterion = TrainLoss(config.label_smoothing)
         augment = build_device_augment(config, self.info.mean, self.info.std, self.info.num_classes)
@@ -222,8 +266,13 @@ class Trainer:
         if dist_info.enabled:
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        self.key_shares = self.key_settings = None
+        if self.hooks and any(hasattr(hook, "values") for hook in self.hooks):
+            self.key_shares, self.key_settings = key_shares(
+                self.schedule, self.hooks, self.num_tokens, self.model.token_pruning, self.total_steps,
+                None if self.stages is None else len(self.stages) - 1)
         if config.compile:
-            _raise_recompile_limit(len(self.schedule.shares()))
+            _raise_recompile_limit(len(self.key_shares) if self.key_shares else len(self.schedule.shares()))
             self.train_model = torch.compile(self.train_model)
 
         self.step = 0
@@ -263,6 +312,7 @@ class Trainer:
             "rng": rng_states,
             "timing": self.times.state_dict(),
             "init_from": self.init_report,
+            "methods": {hook.name: hook.state_dict() for hook in self.hooks},
         }
 
     def save(self) -> None:
@@ -296,6 +346,15 @@ class Trainer:
             load_state(self.lr_scheduler, state["lr_scheduler"], "LR scheduler", path)
             load_state(self.schedule, state["schedule"], "patch schedule", path)
             self.times.load_state_dict(state["timing"])
+            methods = state.get("methods", {})  # absent in checkpoints before the method hooks
+            for hook in self.hooks:
+                if hook.name not in methods:
+                    raise CheckpointError(f"checkpoint {str(path)!r} has no {hook.name} state")
+                try:
+                    hook.load_state_dict(methods[hook.name])
+                except (ValueError, RuntimeError) as err:
+                    raise CheckpointError(f"checkpoint {str(path)!r}: the {hook.name} state does not fit this "
+                                          f"run: {err}") from err
             self.init_report = state.get("init_from")  # absent in checkpoints before --init-from
             self.step = int(state["step"])
             rng = state["rng"][self.dist.rank]
@@ -317,6 +376,7 @@ class Trainer:
                 logits = self.train_model(images)
         finally:
             self.model.keep_rate = 1.0
+        self.last_logits = logits.detach()
         loss = self.criterion(logits.float(), targets)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -377,20 +437,27 @@ class Trainer:
             self.train_sampler.set_epoch(epoch, start=batch_in_epoch * config.batch_size)
             self.train_model.train()
             batch_start = time.perf_counter()
-            for images, labels in self.train_loader:
+            for batch in self.train_loader:
+                images, labels = batch[0], batch[1]
                 images = images.to(self.device, non_blocking=True)
                 targets = labels.to(self.device, non_blocking=True)
+                hard_labels = targets
                 if self.augment is not None:
                     seed = step_seed(config.seed, self.step, dist_info.rank, dist_info.world_size)
                     images, targets = self.augment(images, targets, seed)
                 compute_start = time.perf_counter()
+                for hook in self.hooks:
+                    hook.before_step(self.step)
                 rho, lr = self.schedule.keep_rate, base_lr(self.optimizer)
                 loss = self.train_step(images, targets, rho)
+                if self.filter is not None:
+                    self.filter.observe(batch[2], self.last_logits.argmax(-1) == hard_labels, self.cls_capture.take())
                 synchronize(self.device)
                 done = time.perf_counter()
                 last_batch = (images, targets)
                 data_time, compute_time = compute_start - batch_start, done - compute_start
-                self.times.add(rho, data_time + compute_time)
+                key = self.cost_key(rho)
+                self.times.add_key(key, data_time + compute_time)
                 loss_value = loss.item()
                 if not np.isfinite(loss_value):
                     raise FloatingPointError(f"loss is {loss_value} at step {self.step} (rho={rho})")
@@ -399,8 +466,14 @@ class Trainer:
                           "loss": loss_value, "lr": lr,
                           "data_time": data_time, "compute_time": compute_time,
                           "images_per_s": global_batch / (data_time + compute_time),
-                          "flops": self.flops(tokens, rho) if log is not None else None,
+                          "flops": self.count_flops(key, rho) if log is not None else None,
                           "peak_mem_mb": peak_memory_mb(self.device)[0]}
+                if self.hooks:
+                    record["key"] = key
+                    record["block_tokens"] = block_tokens(self.model.token_pruning, len(self.model.blocks), tokens,
+                                                          self.model.token_keep_rate)
+                    for hook in self.hooks:
+                        record.update(hook.record())
                 self.step += 1
                 if log is not None:
                     log.write(record)
@@ -414,6 +487,13 @@ class Trainer:
             finished_epoch = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
             if finished_epoch:
                 epochs_done = -(-self.step // self.steps_per_epoch)
+                for hook in self.hooks:
+                    event = hook.end_epoch(epochs_done)
+                    if event is not None:
+                        if log is not None:
+                            log.write({**event, "step": self.step})
+                        bar.message(f"epoch {epochs_done}: example filter round {event['iteration']}: removed "
+                                    f"{event['removed']}, restored {event['restored']} of {event['subset']}")
                 if self.step == self.total_steps or (config.eval_every and epochs_done % config.eval_every == 0):
                     last_eval = self.evaluate()
                     if log is not None:
@@ -426,6 +506,25 @@ class Trainer:
         bar.close()
         return self._finish(log, last_eval, time.perf_counter() - start_wall, last_batch)
 
+    def cost_key(self, rho: float):
+        """The step's cost key (train/methods.cost_key): its kept-token count without methods."""
+        if not self.hooks:
+            return num_kept_tokens(self.num_tokens, rho) if rho < 1.0 else self.num_tokens
+        return cost_key(self.num_tokens, rho, self.model.token_pruning, self.model.token_keep_rate,
+                        self.model.attention_keep_rate, None if self.growth is None else self.growth.stage,
+                        None if self.growth is None else len(self.stages) - 1)
+
+    def count_flops(self, key, rho: float, settings: Optional[dict] = None):
+        """FLOPs of an iteration at `key`: the model's current method state, or `settings` (a
+        key_settings entry: keep_rate, token_keep_rate, attention_keep_rate, stage)."""
+        if settings is None:
+            settings = {"keep_rate": rho, "token_keep_rate": self.model.token_keep_rate,
+                        "attention_keep_rate": self.model.attention_keep_rate,
+                        "stage": None if self.growth is None else self.growth.stage}
+        stage = None if settings.get("stage") is None or self.stages is None else self.stages[settings["stage"]]
+        return self.flops(key, settings["keep_rate"], token_keep_rate=settings.get("token_keep_rate", 1.0),
+                          attention_keep_rate=settings.get("attention_keep_rate", 1.0), stage=stage)
+
     PROBE_ROUNDS = 3
 
     def _probe_baseline_iteration(self, batch) -> Optional[float]:
@@ -435,7 +534,7 @@ class Trainer:
         EMA parts of an iteration do not depend on rho). No weight, gradient or RNG state changes.
         None when it does not apply or rho = 1 does not fit in memory."""
         timed = list(self.times.count)
-        if batch is None or len(timed) != 1 or timed[0] == self.num_tokens:
+        if batch is None or self.hooks or len(timed) != 1 or timed[0] == self.num_tokens:
             return None
         rate = next((r for r in self.schedule.shares() if self.times.tokens(r) == timed[0]), None)
         if rate is None:
@@ -467,16 +566,23 @@ class Trainer:
 
     def _finish(self, log: Optional[JsonLinesLog], last_eval: Optional[dict], wall_s: float, last_batch=None) -> dict:
         probed = self._probe_baseline_iteration(last_batch) if self.dist.is_main else None
+        key_flops = None
+        if self.key_shares is not None:
+            full = {"keep_rate": 1.0, "stage": None if self.stages is None else len(self.stages) - 1}
+            key_flops = {key: self.count_flops(key, settings["keep_rate"], settings)
+                         for key, settings in [*self.key_settings.items(), (self.num_tokens, full)]}
         timing = projected_time_summary(self.times, self.schedule.shares(), self.total_steps,
-                                        baseline_steps=self.config.epochs * self.steps_per_epoch,
-                                        probed_baseline_s=probed)
+                                        baseline_steps=self.config.epochs * self.full_steps_per_epoch,
+                                        probed_baseline_s=probed, key_shares=self.key_shares, key_flops=key_flops)
         peak_mb, peak_source = peak_memory_mb(self.device)
         summary = {"type": "end", "step": self.step, "total_steps": self.total_steps,
                    "finished": self.step == self.total_steps, "wall_s": wall_s,
                    "schedule": repr(self.schedule), "mean_keep_rate": self.schedule.mean_keep_rate(),
                    "final_eval": last_eval, "timing": timing, "params_sha256": parameters_sha256(self.model),
                    "recipe": self.config.recipe, "lr_rule": self.lrs.rule,
-                   "flops_per_iteration": {str(k): v for k, v in sorted(self.flops.by_tokens.items(), reverse=True)},
+                   "flops_per_iteration": {str(k): v for k, v in sorted(self.flops.by_tokens.items(),
+                                                                        key=lambda kv: str(kv[0]), reverse=True)},
+                   "methods": self._methods_summary(),
                    "peak_mem_mb": peak_mb, "peak_mem_source": peak_source,
                    "init_from": None if self.init_report is None else {"path": self.config.init_from,
                                                                       "report": self.init_report}}
@@ -486,6 +592,28 @@ class Trainer:
         if self.dist.is_main:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
             print(format_summary(timing), flush=True)  # with --no-progress too: it is the run's result
+        return summary
+
+
+    def _methods_summary(self) -> dict:
+        """What the method hooks did, for summary.json (None entries for the methods not used)."""
+        summary = {"token_pruning": None, "growth": None, "filtering": None, "lr_schedule": self.config.lr_schedule}
+        pruning = self.model.token_pruning
+        if pruning is not None:
+            summary["token_pruning"] = {"blocks": list(pruning.blocks), "placement": pruning.placement,
+                                        "token_keep_rate": self.model.token_keep_rate,
+                                        "attention_keep_rate": self.model.attention_keep_rate}
+        if self.growth is not None:
+            summary["growth"] = {"stage": self.growth.stage, "init": self.growth.init,
+                                 "stages": [[s.num_heads, s.mlp_ratio, s.num_patches] for s in self.stages],
+                                 "stage_steps": list(self.schedule.stage_steps),
+                                 "stage_flops_per_image": list(self.stage_flops),
+                                 "moments_reset": list(self.growth.moments_reset), "budget": self.config.budget}
+        if self.filter is not None:
+            summary["filtering"] = {"subset": self.filter.kept, "examples": self.filter.num_examples,
+                                    "rounds": [{"epoch": h["epoch"], "removed": len(h["removed"]),
+                                                "restored": len(h["restored"])} for h in self.filter.history],
+                                    "forgetting_events": int(self.filter.forgetting.sum())}
         return summary
 
 
