@@ -1,0 +1,377 @@
+"""`pss-compare` (or `python benchmarks/methods.py`): every token-reduction method of the seed papers
+trained on the same data, model, epochs (or compute budget) and seed, side by side.
+
+    pss-compare                                       # CPU: digits, ~15 min on 2 cores (see --jobs)
+    pss-compare --data-dir /imagenet                  # GPU: any ImageFolder with train/ and val/
+    pss-compare --methods baseline,pss-cyclic-magnitude,pss-cyclic-random
+    pss-compare --quick                               # CI smoke: a tiny model, a few steps
+
+Each method is one `pss-train` run (flags in METHODS; the model, data and optimisation flags are
+shared, `--train-args` appends more to every run) in its own process (its own peak memory), then
+`pss-evaluate`'s dynamic-inference sweep over rho on its checkpoint. One progress line per run.
+Reported per method, in one table (methods.md), methods.json and two plots:
+- wall time of the training loop, mean input tokens per step, mean tokens per block (with
+  token pruning), training FLOPs (forward + backward, PyTorch's counter, summed over the steps) and
+  their ratio to the baseline's, peak memory, steps, top-1 at rho = 1 and at each sweep rate;
+- methods_time.png: top-1 against wall time (the PSS paper's Fig. 1 left);
+- methods_sweep.png: top-1 against the inference keep rate rho (Fig. 1 right).
+Methods evaluate as they train: Tri-Level at its final R_T / R_A, Budgeted Training at its last
+(full) stage; the sweep lowers the input rho on top.
+
+Nothing is hidden: magnitude (L1) and random sampling of each PSS schedule sit in adjacent rows and
+in `magnitude_vs_random` of the JSON, with the difference, so a dataset where the magnitude
+ranking fails (e.g. digits, whose background is exactly zero) shows it.
+
+Output (relative to the working directory, as pss-train's runs/pss): the per-run directories under
+runs/methods/<method>; the table, JSON and plots in runs/methods on CPU and in benchmarks/results
+(methods-<device>-<date>.*) on a GPU (--out-dir overrides).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+# The directory holding the pss_kernels package: subprocess runs import the same copy.
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    family: str
+    flags: Callable[[argparse.Namespace], List[str]]
+
+
+def _filter_flags(keep: float):
+    def flags(args):
+        # The paper filters every 30 of 300 epochs: every tenth of the run.
+        return ["--example-keep", str(keep), "--filter-every", str(max(1, round(args.epochs * 30 / 300)))]
+    return flags
+
+
+def _budget_epochs(args) -> str:
+    return str(max(1, round(args.epochs * args.budget)))
+
+
+METHODS: Dict[str, Method] = {
+    "baseline": Method("baseline (every token)", "baseline", lambda a: ["--schedule", "none"]),
+    "pss-fixed-magnitude": Method("PSS Fixed(0.6), magnitude", "pss", lambda a: ["--schedule", "fixed:0.6",
+                                                                                   "--scorer", "l1"]),
+    "pss-fixed-random": Method("PSS Fixed(0.6), random", "pss", lambda a: ["--schedule", "fixed:0.6",
+                                                                             "--scorer", "random"]),
+    "pss-linear-magnitude": Method("PSS Linear(0.2, 1.0), magnitude", "pss",
+                                   lambda a: ["--schedule", "linear:0.2,1.0", "--scorer", "l1"]),
+    "pss-linear-random": Method("PSS Linear(0.2, 1.0), random", "pss",
+                                lambda a: ["--schedule", "linear:0.2,1.0", "--scorer", "random"]),
+    "pss-cyclic-magnitude": Method("PSS Cyclic(0.2, 1.0), magnitude", "pss",
+                                   lambda a: ["--schedule", "cyclic:0.2,1.0", "--scorer", "l1"]),
+    "pss-cyclic-random": Method("PSS Cyclic(0.2, 1.0), random", "pss",
+                                lambda a: ["--schedule", "cyclic:0.2,1.0", "--scorer", "random"]),
+    "patchdropout": Method("PatchDropout, rho ~ U[0.5, 1]", "patchdropout", lambda a: ["--schedule", "patchdropout"]),
+    "patchdropout-grid": Method("PatchDropout, rho in {0.5, 1}", "patchdropout",
+                                lambda a: ["--schedule", "patchdropout:0.5,1.0,grid_step=0.5"]),
+    "tri-level-token": Method("Tri-Level token, R_T 0.7", "tri-level", lambda a: ["--token-pruning", "0.7"]),
+    "tri-level-attention": Method("Tri-Level attention, R_A 0.3", "tri-level", lambda a: ["--attention-keep", "0.3"]),
+    "tri-level-example": Method("Tri-Level example, r_e 0.8", "tri-level", _filter_flags(0.8)),
+    "tri-level-all": Method("Tri-Level/0.8, all three (R_A 0.3)", "tri-level",
+                            lambda a: ["--token-pruning", "0.8", "--attention-keep", "0.3"] + _filter_flags(0.8)(a)),
+    "budgeted": Method("Budgeted Training (heads, MLP, tokens)", "budgeted",
+                       lambda a: ["--budget", str(a.budget)]),
+    "budget-lr-cosine": Method("compressed epochs, cosine LR", "budgeted",
+                               lambda a: ["--schedule", "none", "--epochs", _budget_epochs(a)]),
+    "budget-lr-linear": Method("compressed epochs, Linear-LR", "budgeted",
+                               lambda a: ["--schedule", "none", "--epochs", _budget_epochs(a), "--lr-schedule",
+                                          "linear"]),
+    "budget-lr-rex": Method("compressed epochs, REX LR", "budgeted",
+                            lambda a: ["--schedule", "none", "--epochs", _budget_epochs(a), "--lr-schedule", "rex"]),
+}
+# The issue's list: baseline; PSS x magnitude / random; PatchDropout; Tri-Level's levels and all
+# three; Budgeted Training. `--methods all` adds the {0.5, 1} PatchDropout and the LR baselines.
+DEFAULT_METHODS = ("baseline", "pss-fixed-magnitude", "pss-fixed-random", "pss-linear-magnitude",
+                   "pss-linear-random", "pss-cyclic-magnitude", "pss-cyclic-random", "patchdropout",
+                   "tri-level-token", "tri-level-attention", "tri-level-example", "tri-level-all", "budgeted")
+SWEEP_RATES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
+
+# Shared settings. CPU: deit_tiny narrowed to 64 channels and 4 blocks on digits at 32 px with
+# patch 4 (64 patches, as the issue's trial), 10 epochs: ~1 min per method on one core. GPU: DeiT-S
+# at 224 px on an ImageFolder.
+CPU_SETTINGS = dict(data="digits", model="deit_tiny", embed_dim=64, depth=4, num_heads=4, patch_size=4, img_size=32,
+                    epochs=10, batch_size=64, lr=2e-3, warmup_epochs=1.0, drop_path=0.0, workers=0)
+GPU_SETTINGS = dict(data="folder", model="deit_small", embed_dim=None, depth=None, num_heads=None, patch_size=16,
+                    img_size=224, epochs=30, batch_size=128, lr=1e-3, warmup_epochs=3.0, drop_path=0.1, workers=8)
+QUICK_SETTINGS = dict(data="digits", model="deit_tiny", embed_dim=16, depth=4, num_heads=2, patch_size=8, img_size=16,
+                      epochs=3, batch_size=128, lr=2e-3, warmup_epochs=0.5, drop_path=0.0, workers=0)
+QUICK_SWEEP = (1.0, 0.6, 0.2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pss-compare", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="methods:\n" + "\n".join(f"  {name:22s} {m.label}"
+                                                                      for name, m in METHODS.items()))
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help="comma-separated names (see below), or 'all' (default: the issue's list)")
+    parser.add_argument("--quick", action="store_true", help="CI smoke: a tiny model for 3 epochs, 3 sweep rates")
+    parser.add_argument("--data", choices=("digits", "synthetic", "folder"),
+                        help="default: folder with --data-dir, else digits")
+    parser.add_argument("--data-dir", help="ImageFolder root with train/ and val/ (implies --data folder)")
+    for name in ("model", "embed_dim", "depth", "num_heads", "patch_size", "img_size", "epochs", "batch_size", "lr",
+                 "warmup_epochs", "drop_path", "workers"):
+        kind = {"model": str, "lr": float, "warmup_epochs": float, "drop_path": float}.get(name, int)
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, help="shared by every run (default: the "
+                            "CPU / GPU / quick settings in this file)")
+    parser.add_argument("--budget", type=float, default=0.5,
+                        help="Budgeted Training's budget, a fraction of the FLOPs of --epochs at full size")
+    parser.add_argument("--seed", type=int, default=0, help="the same seed for every run")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--keep-rates", default=None, help="sweep rates (default: 1.0, 0.9, ..., 0.2)")
+    parser.add_argument("--train-args", default="", help="more pss-train flags for every run (one string)")
+    parser.add_argument("--out-dir", help="table, JSON and plots (default: runs/methods on CPU, benchmarks/results "
+                                          "on a GPU)")
+    parser.add_argument("--runs-dir", help="per-run directories (default: runs/methods)")
+    parser.add_argument("--threads", type=int, help="torch threads per run (OMP_NUM_THREADS; default: cores / jobs)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time (CPU: 2 on 2 cores, each on one thread; the wall time of each run is "
+                             "then its own core's)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="train and sweep in this process (tests; peak memory is then the process's)")
+    return parser
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the shared settings: --quick, else GPU for a folder on CUDA, else CPU; flags given win."""
+    import torch
+    cuda = args.device in ("auto", "cuda") and torch.cuda.is_available()
+    if args.data is None:
+        args.data = "folder" if args.data_dir else "digits"
+    base = QUICK_SETTINGS if args.quick else (GPU_SETTINGS if cuda and args.data == "folder" else CPU_SETTINGS)
+    for name, value in base.items():
+        if name != "data" and getattr(args, name) is None:
+            setattr(args, name, value)
+    args.cuda = cuda
+    names = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"pss-compare: unknown methods {unknown}; known: {', '.join(METHODS)}")
+    args.method_names = names
+    rates = QUICK_SWEEP if args.quick else SWEEP_RATES
+    args.sweep_rates = [float(r) for r in args.keep_rates.split(",")] if args.keep_rates else list(rates)
+    args.runs_dir = Path(args.runs_dir or Path("runs") / "methods")
+    default_out = Path("benchmarks") / "results" if cuda else Path("runs") / "methods"
+    args.out_dir = Path(args.out_dir or default_out)
+    if args.threads is None:
+        args.threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    return args
+
+
+def shared_flags(args) -> List[str]:
+    flags = ["--data", args.data, "--model", args.model, "--seed", str(args.seed), "--device", args.device,
+             "--eval-every", "0", "--no-progress"]
+    if args.data_dir:
+        flags += ["--data-dir", args.data_dir]
+    for name in ("embed_dim", "depth", "num_heads", "patch_size", "img_size", "epochs", "batch_size", "lr",
+                 "warmup_epochs", "drop_path", "workers"):
+        value = getattr(args, name)
+        if value is not None:
+            flags += ["--" + name.replace("_", "-"), str(value)]
+    return flags + shlex.split(args.train_args)
+
+
+def train_argv(name: str, args) -> List[str]:
+    """pss-train's flags for method `name`: the shared ones, then the method's (which win)."""
+    return shared_flags(args) + METHODS[name].flags(args) + ["--out-dir", str(args.runs_dir / name)]
+
+
+def _run(module: str, argv: List[str], args, log_path: Path) -> None:
+    if args.in_process:
+        import importlib
+        import torch
+        threads = torch.get_num_threads()
+        torch.set_num_threads(args.threads)
+        try:
+            entry = "pss_kernels.train.__main__" if module == "pss_kernels.train" else module
+            status = importlib.import_module(entry).main(argv)
+        finally:
+            torch.set_num_threads(threads)
+        if status:
+            raise RuntimeError(f"{module} {' '.join(argv)} exited with {status}")
+        return
+    path = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": path}
+    with open(log_path, "w") as log:
+        result = subprocess.run([sys.executable, "-m", module, *argv], env=env, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode:
+        tail = log_path.read_text()[-2000:]
+        raise RuntimeError(f"{module} exited with {result.returncode}; the end of {log_path}:\n{tail}")
+
+
+def collect(name: str, run_dir: Path) -> dict:
+    """One method's row from its run directory: summary.json, log.jsonl, eval/sweep.json."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = [json.loads(line) for line in open(run_dir / "log.jsonl")]
+    train = [r for r in records if r["type"] == "train"]
+    flops = [r.get("flops") for r in train]
+    sweep = json.loads((run_dir / "eval" / "sweep.json").read_text())["results"]
+    return {
+        "method": name, "label": METHODS[name].label, "family": METHODS[name].family,
+        "flags": [],  # filled by the caller
+        "steps": len(train), "wall_s": summary["wall_s"],
+        "mean_tokens": sum(r["tokens"] for r in train) / len(train),
+        "mean_block_tokens": sum(r.get("block_tokens", r["tokens"]) for r in train) / len(train),
+        "train_flops": None if any(f is None for f in flops) else float(sum(flops)),
+        "peak_mem_mb": summary["peak_mem_mb"], "peak_mem_source": summary["peak_mem_source"],
+        "top1": summary["final_eval"]["top1"], "top5": summary["final_eval"]["top5"],
+        "sweep": [{"keep_rate": s["keep_rate"], "tokens": s["tokens"], "top1": s["top1"],
+                   "images_per_s": s["images_per_s"]} for s in sweep],
+        "methods": summary.get("methods"), "schedule": summary["schedule"],
+        "projected_saving": summary["timing"]["saving"],
+    }
+
+
+def run_method(name: str, args, index: int, total: int) -> dict:
+    run_dir = args.runs_dir / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("checkpoint.pt", "log.jsonl", "summary.json"):  # a rerun starts afresh
+        (run_dir / stale).unlink(missing_ok=True)
+    argv = train_argv(name, args)
+    start = time.perf_counter()
+    _run("pss_kernels.train", argv, args, run_dir / "train.out")
+    _run("pss_kernels.evaluate", ["--checkpoint", str(run_dir / "checkpoint.pt"), "--out-dir", str(run_dir / "eval"),
+                                  "--num-pictures", "0", "--workers", "0", "--device", args.device,
+                                  "--keep-rates", ",".join(str(r) for r in args.sweep_rates)],
+         args, run_dir / "evaluate.out")
+    row = collect(name, run_dir)
+    row["flags"] = METHODS[name].flags(args)
+    row["total_s"] = time.perf_counter() - start
+    tflop = "n/a" if row["train_flops"] is None else f"{row['train_flops'] / 1e9:,.0f} GFLOP"
+    print(f"[{index}/{total}] {name:22s} {row['wall_s']:7.1f} s  top-1 {row['top1']:5.1f} %  "
+          f"tokens {row['mean_tokens']:5.1f} (blocks {row['mean_block_tokens']:5.1f})  {tflop}  "
+          f"{row['steps']} steps", flush=True)
+    return row
+
+
+def magnitude_vs_random(rows: Sequence[dict]) -> List[dict]:
+    by_name = {row["method"]: row for row in rows}
+    pairs = []
+    for schedule in ("fixed", "linear", "cyclic"):
+        magnitude, random = by_name.get(f"pss-{schedule}-magnitude"), by_name.get(f"pss-{schedule}-random")
+        if magnitude and random:
+            pairs.append({"schedule": schedule, "magnitude_top1": magnitude["top1"], "random_top1": random["top1"],
+                          "random_minus_magnitude": random["top1"] - magnitude["top1"]})
+    return pairs
+
+
+def table(rows: Sequence[dict], sweep_rates: Sequence[float]) -> str:
+    baseline = next((r for r in rows if r["method"] == "baseline"), None)
+    shown = [r for r in sweep_rates if r < 1.0][:4]
+    head = ("| method | wall s | tokens / step | tokens / block | train GFLOP | vs baseline | peak MiB | top-1 "
+            "@ rho 1 | " + " | ".join(f"@ {r:g}" for r in shown) + " |")
+    lines = [head, "|" + "---|" * (8 + len(shown))]
+    for row in rows:
+        flops = "n/a" if row["train_flops"] is None else f"{row['train_flops'] / 1e9:,.0f}"
+        ratio = ("" if baseline is None or not row["train_flops"] or not baseline["train_flops"]
+                 else f"{row['train_flops'] / baseline['train_flops']:.2f}x")
+        sweep = {s["keep_rate"]: s["top1"] for s in row["sweep"]}
+        memory = "n/a" if row["peak_mem_mb"] is None else f"{row['peak_mem_mb']:.0f}"
+        lines.append(f"| {row['method']} | {row['wall_s']:.1f} | {row['mean_tokens']:.1f} | "
+                     f"{row['mean_block_tokens']:.1f} | {flops} | {ratio} | {memory} | {row['top1']:.1f} | "
+                     + " | ".join(f"{sweep[r]:.1f}" if r in sweep else "" for r in shown) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[dict], out_time: Path, out_sweep: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    markers = {"baseline": "*", "pss": "o", "patchdropout": "s", "tri-level": "^", "budgeted": "D"}
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for row in rows:
+        hollow = row["method"].endswith("-random")
+        ax.scatter(row["wall_s"], row["top1"], marker=markers[row["family"]], s=70,
+                   facecolors="none" if hollow else None, edgecolors="C0" if hollow else None)
+        ax.annotate(row["method"], (row["wall_s"], row["top1"]), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")
+    ax.set(xlabel="training wall time (s)", ylabel="top-1 at rho = 1 (%)",
+           title=f"accuracy against training time ({title})")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_time, dpi=120)
+    plt.close(fig)
+
+    colours = plt.get_cmap("tab20").colors
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for i, row in enumerate(rows):
+        sweep = sorted(row["sweep"], key=lambda s: s["keep_rate"])
+        style = "--" if row["method"].endswith("-random") else "-"
+        ax.plot([s["keep_rate"] for s in sweep], [s["top1"] for s in sweep], style,
+                marker=markers[row["family"]], ms=4, label=row["method"], color=colours[i % len(colours)])
+    ax.set(xlabel="inference keep rate rho", ylabel="top-1 (%)", title=f"dynamic inference ({title})")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out_sweep, dpi=120)
+    plt.close(fig)
+
+
+def environment(args) -> dict:
+    import torch
+    device = torch.cuda.get_device_name(0) if args.cuda else (platform.processor() or "cpu")
+    return {"device": device, "cpu_count": os.cpu_count(), "threads_per_run": args.threads, "jobs": args.jobs,
+            "torch": torch.__version__, "python": platform.python_version(),
+            "date": datetime.date.today().isoformat()}
+
+
+def run(args: argparse.Namespace) -> dict:
+    args = resolve(args)
+    args.runs_dir.mkdir(parents=True, exist_ok=True)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    names = args.method_names
+    print(f"pss-compare: {len(names)} methods on {args.data} ({args.model}, {args.epochs} epochs, batch "
+          f"{args.batch_size}, seed {args.seed}); runs in {args.runs_dir}", flush=True)
+    start = time.perf_counter()
+    if args.jobs > 1 and not args.in_process:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(args.jobs) as pool:
+            futures = [pool.submit(run_method, name, args, i + 1, len(names)) for i, name in enumerate(names)]
+            rows = [future.result() for future in futures]
+    else:
+        rows = [run_method(name, args, i + 1, len(names)) for i, name in enumerate(names)]
+    env = environment(args)
+    report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "environment": env, "total_s": time.perf_counter() - start, "results": rows,
+              "magnitude_vs_random": magnitude_vs_random(rows)}
+    stem = "methods" if not args.cuda else f"methods-{env['device'].replace(' ', '_')}-{env['date']}"
+    (args.out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    text = table(rows, args.sweep_rates)
+    pairs = "\n".join(f"PSS {p['schedule']}: magnitude {p['magnitude_top1']:.1f} %, random {p['random_top1']:.1f} % "
+                      f"(random - magnitude {p['random_minus_magnitude']:+.1f})" for p in report["magnitude_vs_random"])
+    header = (f"{args.model} on {args.data}, {args.epochs} epochs, seed {args.seed}, {env['device']}, "
+              f"{args.threads} thread(s) per run, {args.jobs} at a time; total {report['total_s'] / 60:.1f} min")
+    (args.out_dir / f"{stem}.md").write_text(f"{header}\n\n{text}\n\n{pairs}\n")
+    plot(rows, args.out_dir / f"{stem}_time.png", args.out_dir / f"{stem}_sweep.png", f"{args.model}, {args.data}")
+    print(text)
+    if pairs:
+        print(pairs)
+    print(f"pss-compare: {header}\nwrote {args.out_dir / stem}.json, .md, _time.png, _sweep.png", flush=True)
+    return report
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    run(build_parser().parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
