@@ -50,10 +50,16 @@ given those fractions of total_steps are used.
 
 StagedSchedule / solve_budget (Budgeted Training for Vision Transformer, Xia et al. 2023):
 K stages at keep rates s_1 < ... < s_K with lengths ``T_k = c * exp(alpha * s_k)``, c chosen so that
-``sum_k T_k * cost(s_k) = budget * total_steps * cost(1)``.
+``sum_k T_k * cost(s_k) = budget * total_steps * cost(1)``; `sample_seeds` draws the paper's s_k,
+`implied_seeds` recovers those of a published schedule.
+
+In pss-train (train/methods.py): `--token-pruning` / `--attention-keep` warm R_T and R_A up with
+WarmupCosine (quantum 0.05, the selectors' grid); `--budget` runs a StagedSchedule from
+solve_budget over the growth stages (costs: count_flops of the model at each stage), whose keep
+rates are the stages' centre-cropped tokens.
 """
 from .base import KeepRateSchedule
-from .budget import StagedSchedule, solve_budget
+from .budget import StagedSchedule, implied_seeds, sample_seeds, solve_budget
 from .patchdropout import PatchDropout
 from .pss import Cosine, Cyclic, Fixed, Linear
 from .spec import build_schedule
@@ -69,5 +75,7 @@ __all__ = [
     "WarmupCosine",
     "StagedSchedule",
     "solve_budget",
+    "sample_seeds",
+    "implied_seeds",
     "build_schedule",
 ]

@@ -140,9 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                                           "on a GPU)")
     parser.add_argument("--runs-dir", help="per-run directories (default: runs/methods)")
     parser.add_argument("--threads", type=int, help="torch threads per run (OMP_NUM_THREADS; default: cores / jobs)")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="runs at a time (CPU: 2 on 2 cores, each on one thread; the wall time of each run is "
-                             "then its own core's)")
+    parser.add_argument("--jobs", type=int,
+                        help="runs at a time (default: on CPU one per core up to 2, each on one thread, so each "
+                             "run's wall time is its own core's; on a GPU 1)")
     parser.add_argument("--in-process", action="store_true",
                         help="train and sweep in this process (tests; peak memory is then the process's)")
     return parser
@@ -169,6 +169,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.runs_dir = Path(args.runs_dir or Path("runs") / "methods")
     default_out = Path("benchmarks") / "results" if cuda else Path("runs") / "methods"
     args.out_dir = Path(args.out_dir or default_out)
+    if args.jobs is None:
+        args.jobs = 1 if cuda or args.in_process else max(1, min(2, os.cpu_count() or 1))
     if args.threads is None:
         args.threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     return args
@@ -309,13 +311,18 @@ def plot(rows: Sequence[dict], out_time: Path, out_sweep: Path, title: str) -> N
     fig.savefig(out_time, dpi=120)
     plt.close(fig)
 
-    colours = plt.get_cmap("tab20").colors
+    # One colour per method, shared by the magnitude (solid) and random (dashed) runs of a PSS schedule.
+    colours, palette = {}, list(plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2])
+    for row in rows:
+        colours.setdefault(row["method"].rsplit("-", 1)[0] if row["family"] == "pss" else row["method"],
+                           palette[len(colours) % len(palette)])
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for i, row in enumerate(rows):
+    for row in rows:
         sweep = sorted(row["sweep"], key=lambda s: s["keep_rate"])
         style = "--" if row["method"].endswith("-random") else "-"
+        colour = colours[row["method"].rsplit("-", 1)[0] if row["family"] == "pss" else row["method"]]
         ax.plot([s["keep_rate"] for s in sweep], [s["top1"] for s in sweep], style,
-                marker=markers[row["family"]], ms=4, label=row["method"], color=colours[i % len(colours)])
+                marker=markers[row["family"]], ms=4, label=row["method"], color=colour)
     ax.set(xlabel="inference keep rate rho", ylabel="top-1 (%)", title=f"dynamic inference ({title})")
     ax.invert_xaxis()
     ax.grid(alpha=0.3)
@@ -352,7 +359,8 @@ def run(args: argparse.Namespace) -> dict:
     report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "environment": env, "total_s": time.perf_counter() - start, "results": rows,
               "magnitude_vs_random": magnitude_vs_random(rows)}
-    stem = "methods" if not args.cuda else f"methods-{env['device'].replace(' ', '_')}-{env['date']}"
+    # GPU results are committed under benchmarks/results: one file per device and date.
+    stem = "methods" if args.quick or not args.cuda else f"methods-{env['device'].replace(' ', '_')}-{env['date']}"
     (args.out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     text = table(rows, args.sweep_rates)
     pairs = "\n".join(f"PSS {p['schedule']}: magnitude {p['magnitude_top1']:.1f} %, random {p['random_top1']:.1f} % "

@@ -40,7 +40,6 @@ from torch.utils.data import DataLoader
 from .._backends import backend_status
 from .._checks import check_keep_rate
 from ..models import MODEL_CONFIGS, create_model
-from ..models.growth import set_stage
 from ..models.vit import VisionTransformer
 from ..ops.sample_patches import num_kept_tokens
 from ..schedules import build_schedule
