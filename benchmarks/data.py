@@ -141,6 +141,9 @@ def main(argv=None) -> dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, help="ImageFolder root with train/ (default: a generated folder)")
     parser.add_argument("--images", type=int, default=None, help="generated training JPEGs (default 1024 GPU, 160 CPU; reused epoch after epoch)")
+    parser.add_argument("--source-size", default="375x500", metavar="HxW",
+                        help="size of the generated JPEGs (default 375x500, ImageNet's typical; larger photos gain "
+                             "more from the reduced-scale decode)")
     parser.add_argument("--decoders", nargs="+", choices=DECODERS, default=["pillow-full", "auto"],
                         help="decoders to compare (default: pillow-full auto)")
     parser.add_argument("--workers", nargs="+", type=int, default=None,
@@ -169,8 +172,9 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         data_dir = args.data_dir
         if data_dir is None:
-            print(f"  writing {images} JPEGs (500 x 375) to a temporary folder", file=sys.stderr, flush=True)
-            data_dir = make_jpeg_folder(Path(scratch), images)
+            height, width = (int(v) for v in args.source_size.lower().split("x"))
+            print(f"  writing {images} JPEGs ({width} x {height}) to a temporary folder", file=sys.stderr, flush=True)
+            data_dir = make_jpeg_folder(Path(scratch), images, size=(height, width))
         loader_rows = []
         for decoder in args.decoders:
             for count in workers:
@@ -189,7 +193,7 @@ def main(argv=None) -> dict:
                  **{f"{decoder}_feeds_fraction": min(1.0, b["images_per_s"] / m["images_per_s"])
                     for decoder, b in best.items()}} for m in model_rows]
     report = {"benchmark": "data", "label": label, "environment": {**env, "cpu_cores": os.cpu_count()},
-              "config": {"data_dir": str(args.data_dir) if args.data_dir else f"generated ({images} JPEGs 500x375)",
+              "config": {"data_dir": str(args.data_dir) if args.data_dir else f"generated ({images} JPEGs {args.source_size})",
                          "img_size": args.img_size, "batch_size": batch_size, "batches": batches,
                          "model": model_name, "keep_rates": args.keep_rates, "workers": workers,
                          "decoders": args.decoders},

@@ -51,7 +51,10 @@ def warmup_cosine(step, target, hold, decay, quantum=0.05):
 
 # ---- command line ---------------------------------------------------------------------------------
 def test_method_flags_parse_with_their_defaults_and_are_in_help(capsys):
-    assert parse_config([]).schedule == "cyclic:0.2,1.0" and parse_config([]).scorer == "l1"
+    assert parse_config([]).schedule == "cyclic:0.2,1.0"
+    # digits (the default data): random sampling, where magnitude fails; any other data: l1 (the paper's)
+    assert parse_config([]).scorer == "random" and parse_config(["--data", "synthetic"]).scorer == "l1"
+    assert parse_config(["--scorer", "l1"]).scorer == "l1"
     for flags in (["--token-pruning", "tri-level/0.7"], ["--attention-keep", "0.3"], ["--example-keep", "0.9"],
                   ["--budget", "0.5"]):
         assert parse_config(flags).schedule == "none", flags  # a method alone keeps every input token
@@ -348,3 +351,13 @@ def test_each_method_flag_trains_and_evaluates_end_to_end(tmp_path, name, capsys
     sweep = json.loads((tmp_path / "eval" / "sweep.json").read_text())["results"]
     # pss-evaluate rebuilt the model as it trained (R_T / R_A, the last growth stage): the same top-1.
     assert sweep[0]["keep_rate"] == 1.0 and sweep[0]["top1"] == summary["final_eval"]["top1"]
+
+
+def test_digits_run_with_magnitude_sampling_says_why_it_fails(tmp_path, capsys):
+    """On digits the command line defaults to random sampling; asking for l1 there gets a note."""
+    flags = TINY_FLAGS + ["--epochs", "1", "--stop-at-step", "1", "--schedule", "fixed:0.5", "--out-dir",
+                          str(tmp_path)]
+    assert train_main(flags + ["--scorer", "l1"]) == 0
+    assert "magnitude (l1) sampling fails on digits" in capsys.readouterr().err
+    assert train_main(flags + ["--out-dir", str(tmp_path / "random")]) == 0
+    assert "sampling fails on digits" not in capsys.readouterr().err

@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--scorer", choices=("l1", "l2", "random", "center"), default=None,
                        help=f"patch scoring of the input sampler: L1 magnitude (PSS), L2, random (PatchDropout), or "
                             f"center (the patches nearest the grid centre: Budgeted Training's token crop) (default: "
-                            f"{defaults.scorer}; random with --schedule patchdropout...)")
+                            f"{defaults.scorer}; random with --schedule patchdropout and with --data digits, where magnitude "
+                            f"sampling fails)")
     model.add_argument("--attn-impl", choices=ATTN_IMPLS, default=defaults.attn_impl,
                        help="pss: fused rpb_attention; published (the PSS authors' bias construction) / eager-index / "
                             "sdpa-bias / flex: the peers it is measured against")
@@ -393,13 +394,18 @@ METHODS_HELP = (
     "  LR baselines        --schedule none --lr-schedule linear|rex --epochs <epochs x budget>\n")
 
 METHOD_FIELDS = ("token_pruning", "attention_keep", "example_keep", "budget")
+# Why --data digits defaults to --scorer random (measured with pss-compare; README, "Which schedule to pick").
+MAGNITUDE_FAILS_ON_DIGITS = (
+    "magnitude (l1) sampling fails on digits: a patch's L1 score is its brightness, so the kept patches are "
+    "the brightest, near-identical stroke pixels, and the dark patches that the rho = 1 evaluation adds were "
+    "never seen in training; --scorer random learns (README, 'Which schedule to pick')")
 
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     """The command line's config: a --recipe's values become the defaults, so the flags given win.
     Without --schedule: the recipe's or the default schedule, or "none" when a method flag
     (--token-pruning, --attention-keep, --example-keep, --budget) is given. Without --scorer:
-    random for a patchdropout schedule, else l1."""
+    random for a patchdropout schedule and for --data digits (MAGNITUDE_FAILS_ON_DIGITS), else l1."""
     parser = build_parser()
     chosen, _ = _recipe_parser().parse_known_args(argv)
     recipe = recipe_settings(chosen.recipe) if chosen.recipe in RECIPES else {}
@@ -409,9 +415,12 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     if values["schedule"] is None:
         method = any(values[name] is not None for name in METHOD_FIELDS)
         values["schedule"] = recipe.get("schedule") or ("none" if method else TrainConfig.schedule)
-    if values["scorer"] is None:  # PatchDropout samples at random: its schedule implies the scorer
+    if values["scorer"] is None:
+        # PatchDropout samples at random: its schedule implies the scorer. On digits magnitude sampling
+        # fails (MAGNITUDE_FAILS_ON_DIGITS), so its demo runs random sampling unless asked otherwise.
         patchdropout = values["schedule"].strip().lower().startswith("patchdropout")
-        values["scorer"] = recipe.get("scorer") or ("random" if patchdropout else TrainConfig.scorer)
+        values["scorer"] = recipe.get("scorer") or ("random" if patchdropout or values["data"] == "digits"
+                                                    else TrainConfig.scorer)
     return TrainConfig(**values)
 
 

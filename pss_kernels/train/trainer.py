@@ -21,6 +21,8 @@ restores examples. Their state is in the checkpoint under "methods".
 """
 from __future__ import annotations
 
+import sys
+
 import contextlib
 import dataclasses
 import hashlib
@@ -46,7 +48,7 @@ from ..schedules import build_schedule
 from .augment import TrainLoss, build_device_augment, check_augment_dependencies, needs_unit_range, step_seed
 from .checkpoint import (CheckpointError, capture_rng_state, check_config_matches, load_checkpoint, load_state,
                          restore_rng_state, save_checkpoint)
-from .config import RESUMABLE_CHANGES, TrainConfig, config_from_dict, config_to_dict
+from .config import MAGNITUDE_FAILS_ON_DIGITS, RESUMABLE_CHANGES, TrainConfig, config_from_dict, config_to_dict
 from .data import DataInfo, build_dataset
 from .distributed import DistInfo, RepeatedAugSampler, ShardedSampler, all_gather_objects, barrier
 from .evaluation import autocast_context, evaluate, synchronize
@@ -419,6 +421,9 @@ class Trainer:
                         f"schedule {self.schedule!r}, mean rho {self.schedule.mean_keep_rate():.3f}"
                         + (f", recipe {config.recipe}" if config.recipe else ""))
             bar.message(f"learning rate: {self.lrs.rule}")
+            if config.data == "digits" and config.scorer == "l1" and self.schedule.mean_keep_rate() < 1.0:
+                # A warning about the run's outcome: printed with --no-progress too.
+                print(f"pss-train: note: {MAGNITUDE_FAILS_ON_DIGITS}", file=sys.stderr, flush=True)
             if config.color_jitter > 0 and config.rand_augment:
                 bar.message(f"note: --color-jitter {config.color_jitter:g} is inactive with --rand-augment "
                             f"(timm's rule, as in DeiT's own run)")
