@@ -412,16 +412,26 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     if recipe:  # an unknown name is left to the full parser's error message
         parser.set_defaults(**recipe)
     values = vars(parser.parse_args(argv))
-    if values["schedule"] is None:
-        method = any(values[name] is not None for name in METHOD_FIELDS)
+    return TrainConfig(**resolve_implied(values, recipe))
+
+
+def resolve_implied(values: dict, recipe: dict) -> dict:
+    """Fill the settings that other settings imply, where `values` leaves them None or out: the
+    schedule ("none" when a method flag is given, else the recipe's or the default) and the scorer
+    (random for a patchdropout schedule and for digits, else l1). The command line and
+    recipe_config both resolve through here, so a flag set and its Python form agree."""
+    values = dict(values)
+    if values.get("schedule") is None:
+        method = any(values.get(name) is not None for name in METHOD_FIELDS)
         values["schedule"] = recipe.get("schedule") or ("none" if method else TrainConfig.schedule)
-    if values["scorer"] is None:
+    if values.get("scorer") is None:
         # PatchDropout samples at random: its schedule implies the scorer. On digits magnitude sampling
         # fails (MAGNITUDE_FAILS_ON_DIGITS), so its demo runs random sampling unless asked otherwise.
         patchdropout = values["schedule"].strip().lower().startswith("patchdropout")
-        values["scorer"] = recipe.get("scorer") or ("random" if patchdropout or values["data"] == "digits"
+        data = values.get("data", TrainConfig.data)
+        values["scorer"] = recipe.get("scorer") or ("random" if patchdropout or data == "digits"
                                                     else TrainConfig.scorer)
-    return TrainConfig(**values)
+    return values
 
 
 def _recipe_parser() -> argparse.ArgumentParser:
@@ -432,7 +442,8 @@ def _recipe_parser() -> argparse.ArgumentParser:
 
 def recipe_config(name: str, **overrides) -> TrainConfig:
     """TrainConfig of recipe `name` with `overrides` (the Python form of --recipe NAME --flag ...)."""
-    return TrainConfig(**{**recipe_settings(name), **overrides})
+    recipe = recipe_settings(name)
+    return TrainConfig(**resolve_implied({**recipe, **overrides}, recipe))
 
 
 def config_to_dict(config: TrainConfig) -> dict:
