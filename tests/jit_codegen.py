@@ -123,6 +123,9 @@ def run_codegen_report(op: str, timeout: int = 1200) -> List[dict]:
     here = os.path.dirname(os.path.abspath(__file__))
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9 warns without it; 3.6's default, explicitly
+    # The package from this checkout, installed or not (a script's sys.path starts at its own folder).
+    repo = os.path.dirname(here)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, os.path.join(here, "codegen_report.py"), op], cwd=os.path.dirname(here),
                           env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
