@@ -169,7 +169,7 @@ def evaluate_targets(report: dict) -> List[dict]:
 
 
 def format_targets(targets: List[dict]) -> str:
-    lines = ["Targets (issue 5, ViT-B at 224 on an H100/H200):"]
+    lines = ["Targets (ViT-B at 224 on an H100/H200):"]
     for target in targets:
         sign = "<=" if target["better"] == "lower" else ">="
         published = f"  (published {target['published']:g})" if target["published"] is not None else ""

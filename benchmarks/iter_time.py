@@ -1,7 +1,7 @@
 """The main job: ViT training-iteration time per keep rate, against the peers, and what it means
 for a whole training run under a Patch Sampling Schedule.
 
-    python benchmarks/iter_time.py                 # GPU: vit_base + deit_small at 224 (issue 5)
+    python benchmarks/iter_time.py                 # GPU: vit_base + deit_small at 224
                                                    # CPU: deit_tiny at 224, batch 16 (~3 min on 2 cores)
     python benchmarks/iter_time.py --img-size 384
     python benchmarks/iter_time.py --smoke         # tiny configuration, any device, well under a minute

@@ -1,10 +1,10 @@
 """Per-op benchmark: `sample_patches` and `rpb_attention` against their peers (eager PyTorch,
 SDPA, FlexAttention), each figure a ratio against a peer timed in the same run.
 
-    python benchmarks/ops.py                    # both ops, the issues' GPU grids (bf16)
+    python benchmarks/ops.py                    # both ops, the GPU grids of the targets (bf16)
     python benchmarks/ops.py --op rpb_attention --iters 50
 
-On a GPU it runs the grids of issues 2 and 3 and checks their targets; without one it runs
+On a GPU it runs the ViT-B / DeiT-S grids and checks the targets; without one it runs
 tiny shapes with the torch backend so the harness itself is exercised (a CPU smoke run,
 labelled as such). Output: a table on stdout, a JSON file and a PNG plot. GPU results go to
 benchmarks/results/ (committed), CPU smoke results to runs/ (not committed).
