@@ -59,10 +59,15 @@ def check_grid_size(grid_size) -> tuple:
     return tuple(grid_size)
 
 
+def check_rate(name: str, value) -> float:
+    """`value` as a float in (0, 1]; the errors name the argument `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float in (0, 1], got {value!r}")
+    value = float(value)
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {value}")
+    return value
+
+
 def check_keep_rate(keep_rate) -> float:
-    if isinstance(keep_rate, bool) or not isinstance(keep_rate, (int, float)):
-        raise TypeError(f"keep_rate must be a float in (0, 1], got {keep_rate!r}")
-    keep_rate = float(keep_rate)
-    if not 0.0 < keep_rate <= 1.0:
-        raise ValueError(f"keep_rate must be in (0, 1], got {keep_rate}")
-    return keep_rate
+    return check_rate("keep_rate", keep_rate)

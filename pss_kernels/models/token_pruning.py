@@ -51,21 +51,12 @@ from typing import Dict, FrozenSet, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .._checks import check_choice, check_int
+from .._checks import check_choice, check_int, check_rate
 from ..ops.sample_patches.op import sample_patches
 
 TRI_LEVEL_BLOCKS = (4, 7, 10)
 PLACEMENTS = ("before_block", "after_attention")
 DEFAULT_QUANTUM = 0.05
-
-
-def _check_rate(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float in (0, 1], got {value!r}")
-    value = float(value)
-    if not 0.0 < value <= 1.0:
-        raise ValueError(f"{name} must be in (0, 1], got {value}")
-    return value
 
 
 def quantise(rate: float, quantum: Optional[float]) -> float:
@@ -132,7 +123,7 @@ class TokenPruning(nn.Module):
             raise ValueError(f"blocks must be strictly ascending, got {blocks}")
         check_choice("placement", placement, PLACEMENTS)
         if quantum is not None:
-            quantum = _check_rate("quantum", quantum)
+            quantum = check_rate("quantum", quantum)
         self.blocks, self.placement, self.quantum, self.backend = blocks, placement, quantum, backend
         self.token_keep_rate = token_keep_rate
         self.attention_keep_rate = attention_keep_rate
@@ -144,7 +135,7 @@ class TokenPruning(nn.Module):
 
     @token_keep_rate.setter
     def token_keep_rate(self, value: float) -> None:
-        self._token_keep_rate = _check_rate("token_keep_rate", value)
+        self._token_keep_rate = check_rate("token_keep_rate", value)
 
     @property
     def attention_keep_rate(self) -> float:
@@ -153,7 +144,7 @@ class TokenPruning(nn.Module):
 
     @attention_keep_rate.setter
     def attention_keep_rate(self, value: float) -> None:
-        self._attention_keep_rate = _check_rate("attention_keep_rate", value)
+        self._attention_keep_rate = check_rate("attention_keep_rate", value)
 
     @property
     def active(self) -> bool:

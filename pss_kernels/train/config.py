@@ -154,18 +154,24 @@ POSITIVE, NON_NEGATIVE, NON_NEGATIVE_FLOAT = _number(int, 1), _number(int, 0), _
 FRACTION = _number(float, 0.0, below=1.0)
 
 
-def probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
+def _interval(low: float, high: float, *, open_low: bool, open_high: bool):
+    """argparse type: a float in the interval from low to high (each end open or closed)."""
+    shown = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+
+    def parse(text: str) -> float:
+        value = float(text)
+        above = value > low if open_low else value >= low
+        below = value < high if open_high else value <= high
+        if not (above and below):
+            raise argparse.ArgumentTypeError(f"must be in {shown}, got {text}")
+        return value
+    parse.__name__ = "float"  # argparse's "invalid float value" wording for non-numbers
+    return parse
 
 
-def layer_decay_flag(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+probability = _interval(0.0, 1.0, open_low=False, open_high=False)
+keep_fraction = _interval(0.0, 1.0, open_low=True, open_high=False)
+open_fraction = _interval(0.0, 1.0, open_low=True, open_high=True)
 
 
 def rand_augment_flag(text: str) -> Optional[str]:
@@ -179,20 +185,6 @@ def rand_augment_flag(text: str) -> Optional[str]:
     return text
 
 
-def open_fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
-    return value
-
-
-def keep_fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
 def token_pruning_flag(text: str) -> str:
     from .methods import parse_token_pruning
     try:
@@ -200,9 +192,6 @@ def token_pruning_flag(text: str) -> str:
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return text
-
-
-probability.__name__ = layer_decay_flag.__name__ = open_fraction.__name__ = keep_fraction.__name__ = "float"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -301,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--warmup-epochs", type=NON_NEGATIVE_FLOAT, default=defaults.warmup_epochs, help="linear LR warm-up")
     optim.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT, default=defaults.weight_decay,
                        help="weight decay (not on norms, biases, CLS, position embedding, RPB tables)")
-    optim.add_argument("--layer-decay", type=layer_decay_flag, default=defaults.layer_decay,
+    optim.add_argument("--layer-decay", type=keep_fraction, default=defaults.layer_decay,
                        help="layer-wise LR decay (BEiT / SimMIM 0.65): block i of D gets lr x decay^(D-i), the "
                             "embeddings decay^(D+1), the head 1; 1: off")
     optim.add_argument("--label-smoothing", type=FRACTION, default=defaults.label_smoothing,
