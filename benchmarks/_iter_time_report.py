@@ -98,9 +98,13 @@ def format_unavailable(report: dict) -> str:
 
 def format_projection_table(report: dict) -> str:
     projection = report["projection"]
+    env = report["environment"]
+    if env["device_type"] == "cuda":
+        device = f"one {env['device']} at the batch above (with G GPUs divide by G"
+    else:
+        device = f"this {env['device']} at the batch above (a CPU run, not a GPU projection"
     lines = [f"Projected training time: {projection['dataset']} ({projection['dataset_images']:,} images), "
-             f"{projection['epochs']} epochs, one GPU at the batch above "
-             f"(with G GPUs divide by G; data loading and communication not included)"]
+             f"{projection['epochs']} epochs, {device}; data loading and communication not included)"]
     for model, block in projection["models"].items():
         baseline = block["baseline"]
         baseline_text = (f"baseline {baseline['epoch_hours'] * 60:.1f} min/epoch, {baseline['run_hours']:.1f} h/run"
@@ -126,7 +130,7 @@ def format_projection_table(report: dict) -> str:
 def _target(name: str, measured: Optional[float], threshold: float, better: str, published=None,
             missing: str = "") -> dict:
     if measured is None:
-        status = f"n/a ({missing})"
+        status = f"NOT MEASURED ({missing})"
     else:
         passed = measured <= threshold if better == "lower" else measured >= threshold
         status = "PASS" if passed else "MISS"

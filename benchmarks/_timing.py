@@ -150,6 +150,10 @@ class TimeBudget:
     def spent(self) -> bool:
         return self.seconds is not None and self.elapsed() >= self.seconds
 
+    def left(self) -> float:
+        """Seconds left (infinity without a limit)."""
+        return float("inf") if self.seconds is None else max(0.0, self.seconds - self.elapsed())
+
     def skip_reason(self) -> str:
         return f"skipped: the run's time budget of {self.seconds:g} s was spent"
 

@@ -1,28 +1,32 @@
-"""Timing and peak memory of `rpb_attention` against its peers (issue 3); no printing.
+"""Timing and peak memory of `rpb_attention` against its peers; no printing.
 
 The peers, timed in the same run: the eager PyTorch paths, SDPA with the per-image bias as a
 dense attn_mask, FlexAttention, and SDPA FLASH without any bias (speed of light at that n).
 
-`run(device, dtype, configs, warmup, iters)` returns one row (dict) per (config, impl, pass):
+`run(device, dtype, configs, warmup, iters, impls, budget, on_row)` returns one row (dict) per
+(config, impl, pass), in that order (impls in the order given), and hands each to `on_row` as it is
+done (so a caller can save partial results); `add_ratios(rows)` then fills the ratio columns:
 
     model, heads, head_dim, batch, grid, keep_rate, num_tokens (n), num_positions (N)
     impl      "pss" (rpb_attention; backend "triton" on CUDA, "torch" elsewhere),
               "pss-frozen-table" (the same with a table that needs no gradient: the backward
               skips the bias-gradient accumulation, so pss - pss-frozen-table is its cost),
-              "pss-dbias-slices", "pss-dbias-position-grid", "pss-dbias-image-sum" (keep rate 1
-              only: pss with PSS_KERNELS_RPB_DBIAS=slices / position-grid / image-sum, the
-              bias-gradient accumulator of the Triton backward at index=None: per-(image, head)
-              table slices, the position grid, or images summed before one atomic; the torch
-              backend ignores the variable; an accumulator the kernels do not know makes the
-              row's error, and the run goes on),
+              "pss-dbias-slices", "pss-dbias-position-grid", "pss-dbias-csr" (every keep rate),
+              "pss-dbias-image-sum" (keep rate 1 only): pss with PSS_KERNELS_RPB_DBIAS set to that
+              bias-gradient accumulator of the Triton backward (triton_bias_grad.py; the torch backend
+              ignores the variable; an accumulator the kernels do not know makes the row's error),
+              "pss-sdpa" (rpb_attention(backend="sdpa"): the construction from PyTorch's own kernels
+              that backend=None runs until a kernel is validated: the bias gathered in the activation
+              dtype into SDPA's memory-efficient kernel, one sort-based table scatter),
               "published" (a: eager softmax attention with the bias built as the PSS authors'
               published code builds it: the full (N, N, H) bias copied per image, indexed twice),
               "eager-index" (a': the same numbers, the dense per-image bias looked up once
               through the indexed relative-position index),
-              "sdpa-bias" (b: dense bias as attn_mask, SDPA EFFICIENT backend),
+              "sdpa-bias" (b: dense float32-gathered bias as attn_mask, SDPA EFFICIENT backend),
               "flex" (c: FlexAttention, score_mod gathering from a table that requires grad;
-              compiled on CUDA), "sdpa-flash" (d: SDPA FLASH backend without any bias: the speed
-              of light for attention at this n)
+              compiled on CUDA, each row under `flex_timeout` seconds, compilation included),
+              "sdpa-flash" (d: SDPA FLASH backend without any bias: the speed of light for
+              attention at this n)
     backend   the pss backend, the SDPA backend, or flex's kernel_options BACKEND
     pass      "forward" (with autograd recording, as in training) or "forward+backward"
               (gradients of q, k, v and, where there is one, the bias table)
@@ -31,16 +35,17 @@ dense attn_mask, FlexAttention, and SDPA FLASH without any bias (speed of light 
                        (torch.cuda.max_memory_allocated, reset per case; None on CPU)
     ms_vs_sdpa_flash, speedup_vs_published, speedup_vs_eager_index, peak_mem_vs_sdpa_flash
                        ratios to peers of the same config and pass (speed-up: the peer's time /
-                       this row's; None where a peer failed)
+                       this row's; None where a peer failed or was not run)
     error     None, or "ExceptionType: message" when the impl cannot run here (rows are kept so
               a failure, e.g. of FlexAttention, is recorded rather than hidden), or why the case
-              was skipped (the run's time budget was spent)
+              was skipped (the run's time budget was spent, a flex row timed out before)
 
 The inputs match a training step under autocast: q, k, v in `dtype`, a float32 bias table,
 and for keep_rate < 1 the `index` that `sample_patches` returns for random tokens (score order).
-Issue-3 targets, forward+backward at n = 197, B = 256, bf16: pss <= 1.25x sdpa-flash, >= 3x
-faster than the eager peers (published and eager-index), faster than sdpa-bias and flex, peak
-memory within 10 % of sdpa-flash.
+Targets (benchmarks/ops.py), forward+backward at ViT-B shapes, B = 256, bf16: at n = 197 pss <=
+1.25x sdpa-flash, >= 3x faster than the eager peers, faster than sdpa-bias and flex, peak memory
+within 10 % of sdpa-flash; at every keep rate the bias gradient (pss - pss-frozen-table) <= 10 % of
+the attention backward.
 """
 from __future__ import annotations
 
@@ -58,16 +63,20 @@ from pss_kernels.ops.rpb_attention.peers import (eager_index_rpb_attention, flex
 from pss_kernels.ops.rpb_attention.reference import bias_table_rows
 
 MODELS = {"vit_base": (12, 64), "deit_small": (6, 64)}  # name -> (heads, head_dim)
-KEEP_RATES = (0.2, 0.4, 0.6, 0.8, 1.0)  # N = 197: n = 39, 79, 118, 158, 197
-# pss with each bias-gradient accumulator of the Triton backward (PSS_KERNELS_RPB_DBIAS); the choice
-# exists at index=None only, so these rows run at keep rate 1.
-DBIAS_ACCUMULATORS = ("slices", "position-grid", "image-sum")
+KEEP_RATES = (1.0, 0.6, 0.2, 0.8, 0.4)  # N = 197: n = 197, 118, 39, 158, 79 (the target keep rates first)
+TARGET_KEEP_RATES = (1.0, 0.6, 0.2)
+# pss with each bias-gradient accumulator of the Triton backward (PSS_KERNELS_RPB_DBIAS); image-sum
+# needs the shared row map of index=None, so its rows run at keep rate 1 only.
+DBIAS_ACCUMULATORS = ("position-grid", "csr", "slices", "image-sum")
 DBIAS_IMPLS = tuple(f"pss-dbias-{name}" for name in DBIAS_ACCUMULATORS)
-IMPLS = ("pss", "pss-frozen-table", *DBIAS_IMPLS, "published", "eager-index", "sdpa-bias", "flex", "sdpa-flash")
+# In timing order: the main comparison first, so that a run cut short still has it.
+IMPLS = ("pss", "sdpa-flash", "pss-frozen-table", "pss-sdpa", "sdpa-bias", "published", "eager-index", *DBIAS_IMPLS,
+         "flex")
 # Implementations measured under extra environment variables (read by the kernels' launchers),
 # and the keep rates they apply to (not listed: all).
 IMPL_ENVIRONMENT = {impl: {"PSS_KERNELS_RPB_DBIAS": name} for impl, name in zip(DBIAS_IMPLS, DBIAS_ACCUMULATORS)}
-IMPL_KEEP_RATES = {impl: (1.0,) for impl in DBIAS_IMPLS}
+IMPL_KEEP_RATES = {"pss-dbias-image-sum": (1.0,)}
+FLEX_TIMEOUT_S = 150.0  # one flex row, its torch.compile included (30-90 s for a new shape)
 # The eager peers the speed-up columns are taken against.
 SPEEDUP_PEERS = {"published": "speedup_vs_published", "eager-index": "speedup_vs_eager_index"}
 # FlexAttention is compiled with static shapes, once per (B, n, H): the issue's grid has 40 of them
@@ -78,19 +87,22 @@ NUM_PREFIX_TOKENS = 1
 
 
 def default_configs(device) -> List[dict]:
-    """The issue's grid on CUDA (ViT-B and DeiT-S, B 128/256, 14x14 and 24x24 grids, five keep
-    rates), the target cases (B = 256, 14x14, n = 197) first so that a run cut short by its time
-    budget still judges the targets; on CPU one tiny shape at two keep rates, to exercise the harness."""
+    """The grid on CUDA (ViT-B and DeiT-S, B 256/128, 14x14 and 24x24 grids, five keep rates), the
+    target cases (ViT-B, B = 256, 14x14 at keep rates 1, 0.6, 0.2) first, then DeiT-S at those, so that
+    a run cut short by its time budget still judges the targets; on CPU one tiny shape at two keep
+    rates, to exercise the harness."""
     if torch.device(device).type != "cuda":
-        return [dict(model="tiny", heads=2, head_dim=16, batch=2, grid=(3, 3), keep_rate=rate) for rate in (0.5, 1.0)]
+        return [dict(model="tiny", heads=2, head_dim=16, batch=2, grid=(3, 3), keep_rate=rate) for rate in (1.0, 0.5)]
     configs = [dict(model=model, heads=heads, head_dim=head_dim, batch=batch, grid=grid, keep_rate=rate)
-               for model, (heads, head_dim) in MODELS.items() for batch in (128, 256)
+               for model, (heads, head_dim) in MODELS.items() for batch in (256, 128)
                for grid in ((14, 14), (24, 24)) for rate in KEEP_RATES]
-    return sorted(configs, key=lambda c: not is_target_config(c))  # stable: the rest keep their order
+    return sorted(configs, key=lambda c: (not is_target_config(c), not is_target_config(dict(c, model="vit_base"))))
 
 
 def is_target_config(config: dict) -> bool:
-    return config["batch"] == 256 and tuple(config["grid"]) == (14, 14) and config["keep_rate"] == 1.0
+    """ViT-B at B = 256 on the 14 x 14 grid at keep rates 1, 0.6 and 0.2: the cases the targets judge."""
+    return (config["model"] == "vit_base" and config["batch"] == 256 and tuple(config["grid"]) == (14, 14)
+            and config["keep_rate"] in TARGET_KEEP_RATES)
 
 
 def _sdpa_backend(name: str):
@@ -123,6 +135,9 @@ def _attention_fns(device: torch.device) -> Dict[str, Callable]:
         return rpb_attention(q, k, v, table, index, grid_size=grid_size, backend=backend, check_index=False)
 
     def with_sdpa(name, fn):
+        if device.type != "cuda":  # the anchors are CUDA kernels; on CPU SDPA picks its own
+            return fn
+
         def call(*args):
             with _sdpa_backend(name):
                 return fn(*args)
@@ -134,9 +149,13 @@ def _attention_fns(device: torch.device) -> Dict[str, Callable]:
     def pss_frozen_table(q, k, v, table, index, grid_size):
         return pss(q, k, v, table.detach(), index, grid_size)
 
+    def pss_sdpa(q, k, v, table, index, grid_size):
+        return rpb_attention(q, k, v, table, index, grid_size=grid_size, backend="sdpa", check_index=False)
+
     return {
         "pss": pss,
         "pss-frozen-table": pss_frozen_table,
+        "pss-sdpa": pss_sdpa,
         **{impl: pss for impl in DBIAS_IMPLS},  # under IMPL_ENVIRONMENT
         "published": peer(published_rpb_attention),
         "eager-index": peer(eager_index_rpb_attention),
@@ -200,62 +219,127 @@ def _ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional
 
 
 def run(device, dtype: torch.dtype, configs: Optional[Iterable[dict]] = None, warmup: int = 5,
-        iters: int = 20, impls: Iterable[str] = IMPLS, budget: Optional[TimeBudget] = None) -> List[dict]:
-    """Time every impl on every config (see the module docstring for the rows). Once `budget` is
-    spent, the remaining configs come back as rows with ms None and the reason in `error`."""
+        iters: int = 20, impls: Iterable[str] = IMPLS, budget: Optional[TimeBudget] = None,
+        on_row: Optional[Callable[[dict], None]] = None, flex_timeout: float = FLEX_TIMEOUT_S) -> List[dict]:
+    """Time every impl on every config (see the module docstring for the rows), each row handed to
+    `on_row` once done. Once `budget` is spent, the remaining rows come back with ms None and the
+    reason in `error`. The ratio columns are filled here over these rows (add_ratios); a caller that
+    joins rows of several runs calls add_ratios on the whole."""
     device = torch.device(device)
     configs = default_configs(device) if configs is None else list(configs)
     budget = budget or TimeBudget(None)
     with dynamo_recompile_limit(FLEX_RECOMPILE_LIMIT):
-        return _run(device, dtype, configs, warmup, iters, tuple(impls), budget)
+        rows = _run(device, dtype, configs, warmup, iters, tuple(impls), budget, on_row or (lambda row: None),
+                    flex_timeout)
+    add_ratios(rows)
+    return rows
+
+
+class RowTimeout(Exception):
+    """A row ran past its own time limit (flex_timeout)."""
+
+
+@contextmanager
+def _time_limit(seconds: Optional[float]):
+    """Raise RowTimeout in this (main) thread after `seconds` (SIGALRM; no limit where there is none)."""
+    import signal
+    import threading
+    if not seconds or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise RowTimeout(f"timed out after {seconds:g} s (compilation included)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _run(device: torch.device, dtype: torch.dtype, configs: List[dict], warmup: int, iters: int,
-         impls: tuple, budget: TimeBudget) -> List[dict]:
+         impls: tuple, budget: TimeBudget, on_row: Callable[[dict], None], flex_timeout: float) -> List[dict]:
     fns = _attention_fns(device)
-    backends = {"pss": _pss_backend(device), "pss-frozen-table": _pss_backend(device),
+    backends = {"pss": _pss_backend(device), "pss-frozen-table": _pss_backend(device), "pss-sdpa": "sdpa",
                 **{impl: _pss_backend(device) for impl in DBIAS_IMPLS},
                 "sdpa-bias": "EFFICIENT_ATTENTION", "sdpa-flash": "FLASH_ATTENTION",
                 "flex": (_flex_kernel_options() or {}).get("BACKEND", "default")}
     generator = torch.Generator(device=device).manual_seed(0)
     rows = []
+    flex_failed = None  # a flex row that timed out: the later ones would compile again, and time out again
+
+    def finish(row):
+        rows.append(row)
+        on_row(row)
+
     for config in configs:
         if budget.spent():
-            rows += _skipped_rows(config, impls, backends, dtype, budget.skip_reason())
+            for row in _skipped_rows(config, impls, backends, dtype, budget.skip_reason()):
+                finish(row)
             continue
         try:
             args = _inputs(config, device, dtype, generator)
         except Exception as err:  # e.g. out of memory for the inputs: every row of the config says so
-            rows += _skipped_rows(config, impls, backends, dtype, f"making the inputs failed: {_error_text(err)}")
+            for row in _skipped_rows(config, impls, backends, dtype, f"making the inputs failed: {_error_text(err)}"):
+                finish(row)
             _empty_cache(device)
             continue
         case = _case(config, dtype)
-        by_impl = {}
         for impl in impls_for(config, impls):
             for pass_name in PASSES:
                 row = dict(case, impl=impl, backend=backends.get(impl), **{"pass": pass_name})
-                if budget.spent():  # checked per row: one config (7 impls x 2 passes) can take minutes
-                    row.update(ms=None, q1_ms=None, q3_ms=None, peak_mem_mb=None, error=budget.skip_reason())
-                    by_impl[impl, pass_name] = row
-                    rows.append(row)
+                skip = budget.skip_reason() if budget.spent() else (
+                    f"skipped: an earlier flex row failed ({flex_failed})" if impl == "flex" and flex_failed else None)
+                if skip:  # checked per row: one config (a dozen impls x 2 passes) can take minutes
+                    row.update(ms=None, q1_ms=None, q3_ms=None, peak_mem_mb=None, error=skip)
+                    finish(row)
                     continue
+                limit = min(flex_timeout, max(1.0, budget.left())) if impl == "flex" else None
                 try:
-                    with _environment(IMPL_ENVIRONMENT.get(impl, {})):
+                    with _environment(IMPL_ENVIRONMENT.get(impl, {})), _time_limit(limit):
                         row.update(_measure(_step(fns[impl], args, pass_name != "forward"), device, warmup, iters))
                 except Exception as err:  # recorded, not raised: one failing row must not end the run
                     row.update(ms=None, q1_ms=None, q3_ms=None, peak_mem_mb=None, error=_error_text(err))
+                    if impl == "flex" and _caused_by(err, RowTimeout):  # torch.compile may wrap it
+                        flex_failed = row["error"]
                     _empty_cache(device)
-                by_impl[impl, pass_name] = row
-                rows.append(row)
-        for (impl, pass_name), row in by_impl.items():
-            flash = by_impl.get(("sdpa-flash", pass_name), {})
-            row["ms_vs_sdpa_flash"] = _ratio(row["ms"], flash.get("ms"))
-            for peer, key in SPEEDUP_PEERS.items():
-                row[key] = _ratio(by_impl.get((peer, pass_name), {}).get("ms"), row["ms"])
-            row["peak_mem_vs_sdpa_flash"] = _ratio(row["peak_mem_mb"], flash.get("peak_mem_mb"))
+                finish(row)
         del args
         _empty_cache(device)  # the next config's peak memory starts from a clean pool
     return rows
+
+
+def _caused_by(err: BaseException, kind: type) -> bool:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kind):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
+RATIO_KEYS = ("ms_vs_sdpa_flash", *SPEEDUP_PEERS.values(), "peak_mem_vs_sdpa_flash")
+
+
+def add_ratios(rows: List[dict]) -> None:
+    """Fill each row's ratio columns from the rows of the same config and pass (in place)."""
+    def case_key(row):
+        return (row["model"], row["batch"], tuple(row["grid"]), row["keep_rate"], row["dtype"], row["pass"])
+
+    by_case: Dict[tuple, Dict[str, dict]] = {}
+    for row in rows:
+        by_case.setdefault(case_key(row), {})[row["impl"]] = row
+    for row in rows:
+        peers = by_case[case_key(row)]
+        flash = peers.get("sdpa-flash", {})
+        row["ms_vs_sdpa_flash"] = _ratio(row["ms"], flash.get("ms"))
+        for peer, key in SPEEDUP_PEERS.items():
+            row[key] = _ratio(peers.get(peer, {}).get("ms"), row["ms"])
+        row["peak_mem_vs_sdpa_flash"] = _ratio(row["peak_mem_mb"], flash.get("peak_mem_mb"))
 
 
 def _error_text(err: BaseException) -> str:
@@ -299,6 +383,5 @@ def _case(config: dict, dtype: torch.dtype) -> dict:
 
 def _skipped_rows(config: dict, impls: tuple, backends: dict, dtype: torch.dtype, reason: str) -> List[dict]:
     return [dict(_case(config, dtype), impl=impl, backend=backends.get(impl), ms=None, q1_ms=None, q3_ms=None,
-                 peak_mem_mb=None, error=reason, ms_vs_sdpa_flash=None, **{key: None for key in SPEEDUP_PEERS.values()},
-                 peak_mem_vs_sdpa_flash=None, **{"pass": pass_name})
+                 peak_mem_mb=None, error=reason, **{"pass": pass_name})
             for impl in impls_for(config, impls) for pass_name in PASSES]

@@ -28,6 +28,7 @@ import torch
 from _timing import TimeBudget, device_name, time_graph_replays, time_iterations
 
 from pss_kernels import available_backends, num_kept_tokens, sample_patches
+from pss_kernels._backends import OP_BACKENDS
 from pss_kernels.ops.sample_patches.peers import eager_sample_patches, topk_gather_sample_patches
 
 # Peak DRAM bandwidth (GB/s) by a substring of torch.cuda.get_device_name(); first match wins.
@@ -60,7 +61,8 @@ def peak_bandwidth_gbs(device: torch.device, warmup: int = 3, iters: int = 10) -
 def _implementations(device: torch.device) -> Dict[str, Callable]:
     impls = {}
     for backend, status in available_backends(device).items():
-        if status.available and (backend != "triton" or device.type == "cuda"):
+        if (backend in OP_BACKENDS["sample_patches"] and status.available
+                and (backend != "triton" or device.type == "cuda")):
             impls[f"pss-{backend}"] = (lambda b: lambda x, rho: sample_patches(x, rho, backend=b))(backend)
     impls["eager"] = eager_sample_patches
     impls["topk-gather"] = topk_gather_sample_patches
@@ -69,12 +71,15 @@ def _implementations(device: torch.device) -> Dict[str, Callable]:
 
 def run(device: Union[str, torch.device], dtype: Union[str, torch.dtype],
         shapes: Iterable[Sequence[int]], keep_rates: Iterable[float], warmup: int = 10,
-        iters: int = 50, budget: Optional[TimeBudget] = None) -> List[dict]:
-    """Rows for every (B, N, C) in `shapes`, keep rate, implementation and pass (see module doc).
+        iters: int = 50, budget: Optional[TimeBudget] = None,
+        on_row: Optional[Callable[[dict], None]] = None) -> List[dict]:
+    """Rows for every (B, N, C) in `shapes`, keep rate, implementation and pass (see module doc),
+    each handed to `on_row` as it is done (before the speed-up columns, which add_ratios fills).
 
     Cases are run in the order given; once `budget` is spent the remaining ones are returned as
     rows with ms None and an `error` saying they were skipped, so no case silently disappears.
     """
+    on_row = on_row or (lambda row: None)
     device = torch.device(device)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     keep_rates = list(keep_rates)
@@ -88,7 +93,6 @@ def run(device: Union[str, torch.device], dtype: Union[str, torch.dtype],
         for keep_rate in keep_rates:
             num_kept = num_kept_tokens(num_tokens, keep_rate)
             forward_bytes = batch * (num_tokens + num_kept) * channels * dtype.itemsize
-            case_rows = []
             for impl, fn in impls.items():
                 for name in PASSES:
                     num_bytes = forward_bytes * (1 if name == "forward" else 2)
@@ -111,14 +115,22 @@ def run(device: Union[str, torch.device], dtype: Union[str, torch.dtype],
                             return torch.autograd.grad(fn(x_grad, keep_rate)[0], x_grad, grads_kept[i])
 
                         row.update(_measure(call, len(inputs), device, warmup, iters, num_bytes, peak))
-                    case_rows.append(row)
-            eager = {row["pass"]: row for row in case_rows if row["impl"] == "eager"}
-            for row in case_rows:
-                for key, source in (("speedup_vs_eager", "ms"), ("speedup_vs_eager_graph", "graph_ms")):
-                    theirs, ours = eager.get(row["pass"], {}).get(source), row[source]
-                    row[key] = theirs / ours if theirs and ours else None
-            rows += case_rows
+                    rows.append(row)
+                    on_row(row)
+    add_ratios(rows)
     return rows
+
+
+def add_ratios(rows: List[dict]) -> None:
+    """speedup_vs_eager (per call) and speedup_vs_eager_graph: eager's time / the row's, same case and pass."""
+    def case(row):
+        return row["B"], row["N"], row["C"], row["keep_rate"], row["dtype"], row["pass"]
+
+    eager = {case(row): row for row in rows if row["impl"] == "eager"}
+    for row in rows:
+        for key, source in (("speedup_vs_eager", "ms"), ("speedup_vs_eager_graph", "graph_ms")):
+            theirs, ours = eager.get(case(row), {}).get(source), row[source]
+            row[key] = theirs / ours if theirs and ours else None
 
 
 PASSES = ("forward", "forward+backward")

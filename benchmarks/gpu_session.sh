@@ -1,182 +1,237 @@
 #!/usr/bin/env bash
 # The whole GPU window in ONE device call (a lent GPU gives 15 minutes of device time in all, one
-# command at most 10): every stage in priority order inside one budget, each stage cut to what is
-# left, the output in at most 8 files.
+# command at most 10, 1-2 of them spent starting the machine): the stages in priority order, each
+# under a hard time limit inside one budget, every benchmark writing its JSON as rows complete, the
+# output in at most 8 files.
 #
-#   bash benchmarks/gpu_session.sh                 # on the GPU machine: every stage
-#   bash benchmarks/gpu_session.sh --rehearse      # here / in CI: every stage on CPU, smoke shapes
-#   bash benchmarks/gpu_session.sh tests ops       # named stages only, in the order below
+#   bash benchmarks/gpu_session.sh                      # on the GPU machine: every stage
+#   bash benchmarks/gpu_session.sh --rehearse           # here / in CI: every stage on CPU, smoke shapes
+#   bash benchmarks/gpu_session.sh ops iter_time        # named stages only, in the order below
+#   bash benchmarks/gpu_session.sh ops --ops "--impls pss,pss-frozen-table,pss-dbias-csr --keep-rates 0.6"
 #
-# Stages, in this order:
-#   install    build pss_kernels._C for this GPU's architecture; versions, available_backends()
-#   tests      the whole test suite on the GPU: the `cuda`-marked tests first, then the rest, each cut
-#              at a time limit; failures listed by name (tests.json + the log)
-#   ops        benchmarks/ops.py (sample_patches and rpb_attention against their peers, targets first)
-#   iter_time  benchmarks/iter_time.py, the main job (its target cases first, then the grid)
-#   sanitizer  compute-sanitizer memcheck and racecheck on benchmarks/sanitize_kernels.py (small shapes)
-#   tune       benchmarks/tune_rpb_tiles.py at n = 39 and 197, while time is left
+# Stages, in this order (the seconds are each stage's cap within BUDGET_S):
+#   install     build pss_kernels._C for this GPU (editable install, no build isolation, no
+#               dependencies; PYTHONPATH=. if that fails); versions and available_backends()    60
+#   cuda        the `cuda`-marked tests (the kernels' GPU checks), 4 xdist workers              100
+#   ops         benchmarks/ops.py: rpb_attention at the target cases (pss and sdpa-flash first, then
+#               the frozen table, the sdpa backend, sdpa-bias, the eager peers and every bias-gradient
+#               accumulator), flex under its own timeout, sample_patches' target shape, the rest  120
+#   iter_time   benchmarks/iter_time.py, the main job: its target cases first (vit_base)          80
+#   tests       the GPU-relevant tests that are not `cuda`-marked (kernels, peers, models, token
+#               pruning; CI runs every other test on CPU)                                         50
+#   sanitizer   compute-sanitizer memcheck on benchmarks/sanitize_kernels.py, this package's
+#               kernels only (--kernel-regex), small shapes                                        40
+#   tune        benchmarks/tune_rpb_tiles.py at n = 39 and 197, with what is left
 #
-# Budget: BUDGET_S seconds in all (default 480, so that machine start, install and the copy back fit
-# in the tool's 10-minute command limit). Each stage gets min(its cap, what is left after keeping
-# the later stages' reserve); a benchmark gets it as --time-budget (its target cases run first),
-# pytest and compute-sanitizer run under `timeout`.
+# Options: --rehearse; --ops ARGS, --iter-time ARGS, --tune ARGS (extra arguments for that benchmark,
+# e.g. to measure only what changed since the last window); --tests ARGS (extra pytest arguments for
+# both test stages, e.g. "-k csr"). BUDGET_S (default 480 on a GPU) bounds the whole; each stage gets
+# min(its cap, what is left after keeping the later stages' minimums) and runs under `timeout`, so
+# one overrun cannot eat the stages after it. A target that was not measured is reported as NOT
+# MEASURED, never as a miss.
 #
 # Output in $OUT (the device tool's output folder; without it benchmarks/results, or with --rehearse
 # runs/gpu_session_rehearsal): session.log, tests.json, ops_*.json/png, iter_time_*.json/png,
-# rpb_tiles_*.json: 7 files. The GPU machine has torch, triton, nvcc, cmake, ninja, pybind11 and no
-# network, so the package is installed without build isolation or dependencies.
+# rpb_tiles_*.json: 7 files (the device tool returns 8 at most).
 #
 # --rehearse runs the same stages, commands and files on a machine without a GPU: the package is
-# installed the same way, the test stage runs the `cuda` tests (they skip) and a small CPU selection,
-# the benchmarks run their smoke configurations, the sanitizer stage runs the script without
-# compute-sanitizer, the tile sweep runs in the Triton interpreter. Exit status: 1 if a stage failed
-# (CI runs the rehearsal, so a broken script is found there, not on the GPU).
+# installed the same way, the cuda stage runs the `cuda` tests (they skip) and the tests stage a small
+# CPU selection, the benchmarks their smoke configurations, the sanitizer stage the script without
+# compute-sanitizer, the tile sweep the Triton interpreter (where it can run). Exit status 1 if a
+# stage failed (CI runs the rehearsal, so a broken script is found there, not on the GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-ALL_STAGES=(install tests ops iter_time sanitizer tune)
+ALL_STAGES=(install cuda ops iter_time tests sanitizer tune)
+declare -A CAP=([install]=60 [cuda]=100 [ops]=120 [iter_time]=80 [tests]=50 [sanitizer]=40 [tune]=30)
+declare -A FLOOR=([install]=30 [cuda]=40 [ops]=60 [iter_time]=40 [tests]=20 [sanitizer]=20 [tune]=0)
 # The GPU image's interpreter is `python3` (a venv holding torch); `python` may not exist there.
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 rehearse=0
 stages=()
-for arg in "$@"; do
-  case "$arg" in
+ops_args="" iter_args="" tune_args="" test_args=""
+while [ $# -gt 0 ]; do
+  case "$1" in
     --rehearse) rehearse=1 ;;
-    -h|--help) sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) if [[ " ${ALL_STAGES[*]} " == *" $arg "* ]]; then stages+=("$arg"); else
-         echo "gpu_session.sh: unknown argument '$arg' (stages: ${ALL_STAGES[*]}; flags: --rehearse)" >&2; exit 2; fi ;;
+    --ops) ops_args=${2-}; shift ;;
+    --iter-time) iter_args=${2-}; shift ;;
+    --tune) tune_args=${2-}; shift ;;
+    --tests) test_args=${2-}; shift ;;
+    -h|--help) sed -n '2,42p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) if [[ " ${ALL_STAGES[*]} " == *" $1 "* ]]; then stages+=("$1"); else
+         echo "gpu_session.sh: unknown argument '$1' (stages: ${ALL_STAGES[*]}; options: --rehearse, --ops ARGS," \
+              "--iter-time ARGS, --tune ARGS, --tests ARGS)" >&2; exit 2; fi ;;
   esac
+  shift
 done
 [ ${#stages[@]} -gt 0 ] || stages=("${ALL_STAGES[@]}")
 wants() { [[ " ${stages[*]} " == *" $1 "* ]]; }
 
 if [ "$rehearse" = 1 ]; then
   out=${OUT:-runs/gpu_session_rehearsal}
-  budget=${BUDGET_S:-1800}
+  budget=${BUDGET_S:-2400}
+  cap_scale=6  # a shared 2-core CPU, the interpreter: the rehearsal checks that the stages run, not the budget
 else
   out=${OUT:-benchmarks/results}
   budget=${BUDGET_S:-480}
+  cap_scale=1
 fi
 mkdir -p "$out"
 log="$out/session.log"
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 deadline=$((SECONDS + budget))
-export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 [ "$rehearse" = 1 ] && export TRITON_INTERPRET=1
 
-# Seconds a stage may take: min(cap, left - reserve for the later stages), at least 20. The caps are
-# the GPU call's; a rehearsal checks that the stages run, on a CPU that may be shared and slow, so
-# its caps are 5 times longer (the budget is not the point there).
-cap_scale=$([ "$rehearse" = 1 ] && echo 5 || echo 1)
+# Seconds for a stage: min(its cap, what is left after the floors of the later wanted stages), >= 10.
 stage_seconds() {
-  local cap=$(( $1 * cap_scale )) reserve=$2 left=$((deadline - SECONDS - $2))
-  local s=$(( left < cap ? left : cap ))
-  echo $(( s > 20 ? s : 20 ))
+  local stage=$1 reserve=0 later=0 s
+  for s in "${ALL_STAGES[@]}"; do
+    if [ "$s" = "$stage" ]; then later=1; elif [ "$later" = 1 ] && wants "$s"; then
+      reserve=$((reserve + FLOOR[$s] * cap_scale)); fi
+  done
+  local cap=$((CAP[$stage] * cap_scale)) left=$((deadline - SECONDS - reserve))
+  [ "$stage" = tune ] && cap=$((deadline - SECONDS))  # the last stage takes what is left
+  local t=$(( left < cap ? left : cap ))
+  echo $(( t > 10 ? t : 10 ))
 }
+# A benchmark's own --time-budget: its stage's limit less a margin to write its files.
+inner_budget() { echo $(( $1 > 45 ? $1 - 15 : $1 * 2 / 3 )); }
+# run_limited <seconds> <command...>: the command under a hard limit (SIGTERM, SIGKILL 10 s later);
+# its exit status (124: cut by the limit).
+run_limited() { local t=$1; shift; timeout -k 10 "$t" "$@"; }
 failed=()
 record() {  # record <stage> <exit status>
-  if [ "$2" -ne 0 ]; then failed+=("$1 (exit status $2)"); fi
-  echo "== $1 finished with exit status $2, $((deadline - SECONDS)) s of the budget left"
+  local note=""
+  [ "$2" -eq 124 ] || [ "$2" -eq 137 ] && note=" (cut by its time limit)"
+  [ "$2" -ne 0 ] && failed+=("$1 (exit status $2$note)")
+  echo "== $1 finished with exit status $2$note, $((deadline - SECONDS)) s of the budget left"
 }
 
 {
   echo "== gpu_session.sh $([ "$rehearse" = 1 ] && echo '--rehearse ')stages: ${stages[*]}; budget ${budget} s; output in $out"
+  echo "== $(date -u +%FT%TZ) on $(hostname), $(nproc) cores"
 
   if wants install; then
+    t=$(stage_seconds install)
     # _C for this GPU's architecture only: a fresh machine compiles it on every start.
     arch=$("$PY" -c "import torch; p = torch.cuda.get_device_capability(); print(f'{p[0]}{p[1]}')" 2>/dev/null)
     export PSS_KERNELS_CUDA_ARCHS=${PSS_KERNELS_CUDA_ARCHS:-${arch:-90}}
-    echo "== install (CUDA archs $PSS_KERNELS_CUDA_ARCHS)"
-    timeout -k 10 300 "$PY" -m pip install --no-build-isolation --no-deps -e . -v 2>&1 \
-      | grep -E "pss_kernels:|Successfully|rror" | tail -20
-    status=${PIPESTATUS[0]}
+    echo "== install (CUDA archs $PSS_KERNELS_CUDA_ARCHS, $t s at most)"
+    run_limited "$t" "$PY" -m pip install --no-build-isolation --no-deps -e . -v > "$scratch/install.log" 2>&1
+    status=$?
+    grep -E "pss_kernels:|Successfully|rror" "$scratch/install.log" | tail -20
+    if [ "$status" -ne 0 ] || ! "$PY" -c "import pss_kernels" 2>/dev/null; then
+      echo "== install failed (exit status $status): the tree on PYTHONPATH instead; the tail of pip's log:"
+      tail -30 "$scratch/install.log"
+      export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    fi
     command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm \
       --format=csv,noheader
-    "$PY" -c "import torch, triton, pss_kernels as p; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
-'triton', triton.__version__); [print(f'  {k}: {v}') for k, v in p.available_backends().items()]"
+    "$PY" -c "import torch, triton, numpy, pss_kernels as p; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
+'triton', triton.__version__, 'numpy', numpy.__version__); [print(f'  {k}: {v}') for k, v in p.available_backends().items()]"
     record install $(( status != 0 || $? != 0 ))
   fi
 
-  if wants tests; then
-    t_all=$(stage_seconds 190 180)
-    workers=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8 --dist loadgroup" || echo "")
-    per_test=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout=150" || echo "")
-    common=(-q -rfE -p no:cacheprovider --durations=15 $workers $per_test)
-    if [ "$rehearse" = 1 ]; then
-      gpu_selection=(-m cuda) rest_selection=(-m "not cuda" -k "kept_count or bad_input or accumulator_choice")
-    else
-      gpu_selection=(-m cuda) rest_selection=(-m "not cuda")
-    fi
-    t_gpu=$(( t_all * 3 / 5 ))
-    echo "== tests: the cuda-marked tests (${t_gpu} s at most) ${workers:+with $workers}"
-    timeout -k 20 -s INT "$t_gpu" "$PY" -m pytest "${common[@]}" "${gpu_selection[@]}" \
+  # pytest: 4 xdist workers with 4 torch threads each on the GPU machine's 16 cores (Triton compiles
+  # in parallel across workers); one process when xdist is missing.
+  workers=$("$PY" -c "import xdist" 2>/dev/null && [ "$rehearse" = 0 ] && echo "-n 4 --dist loadgroup" || echo "")
+  per_test=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout=120" || echo "")
+  pytest_common=(-q -rfE -p no:cacheprovider --durations=10 $workers $per_test $test_args)
+  gpu_files=(tests/test_rpb_attention.py tests/test_sample_patches.py tests/test_rpb_peers.py tests/test_models.py
+             tests/test_token_pruning.py)
+  summaries=()
+
+  if wants cuda; then
+    t=$(stage_seconds cuda)
+    echo "== cuda: the cuda-marked tests ($t s at most) ${workers:+with $workers}"
+    OMP_NUM_THREADS=4 run_limited "$t" "$PY" -m pytest "${pytest_common[@]}" -m cuda \
       --junitxml="$scratch/tests_cuda.xml" tests
-    s_gpu=$?
-    t_rest=$(stage_seconds $(( t_all - t_gpu + 30 )) 180)
-    echo "== tests: every other test (${t_rest} s at most)"
-    timeout -k 20 -s INT "$t_rest" "$PY" -m pytest "${common[@]}" "${rest_selection[@]}" \
-      --junitxml="$scratch/tests_rest.xml" tests
-    s_rest=$?
-    "$PY" benchmarks/_test_summary.py "$out/tests.json" "cuda=$scratch/tests_cuda.xml:$s_gpu" \
-      "rest=$scratch/tests_rest.xml:$s_rest"
-    # pytest exits 5 when every selected test was deselected or skipped: not a failure here.
-    record tests $(( (s_gpu != 0 && s_gpu != 5) || (s_rest != 0 && s_rest != 5) ))
+    s=$?
+    summaries+=("cuda=$scratch/tests_cuda.xml:$s")
+    record cuda $(( s != 0 && s != 5 ? s : 0 ))  # 5: every selected test was skipped (no GPU)
   fi
 
   if wants ops; then
-    t=$(stage_seconds 80 110)
-    echo "== benchmarks/ops.py (${t} s)"
+    t=$(stage_seconds ops)
+    echo "== benchmarks/ops.py (${t} s at most) $ops_args"
     if [ "$rehearse" = 1 ]; then
-      "$PY" benchmarks/ops.py --device cpu --warmup 0 --iters 1 --out-dir "$out" --time-budget "$t"
+      run_limited "$t" "$PY" benchmarks/ops.py --device cpu --warmup 0 --iters 1 --out-dir "$out" \
+        --time-budget "$(inner_budget "$t")" $ops_args
     else
-      "$PY" benchmarks/ops.py --out-dir "$out" --time-budget "$t"
+      run_limited "$t" "$PY" benchmarks/ops.py --warmup 5 --iters 20 --out-dir "$out" --time-budget "$(inner_budget "$t")" \
+        --flex-timeout 60 $ops_args
     fi
     record ops $?
   fi
 
   if wants iter_time; then
-    t=$(stage_seconds 110 40)
-    echo "== benchmarks/iter_time.py (${t} s)"
+    t=$(stage_seconds iter_time)
+    echo "== benchmarks/iter_time.py (${t} s at most) $iter_args"
     if [ "$rehearse" = 1 ]; then
-      "$PY" benchmarks/iter_time.py --smoke --out-dir "$out" --time-budget "$t" --epochs 1
+      run_limited "$t" "$PY" benchmarks/iter_time.py --smoke --out-dir "$out" --time-budget "$(inner_budget "$t")" --epochs 1 \
+        $iter_args
     else
-      "$PY" benchmarks/iter_time.py --out-dir "$out" --time-budget "$t"
+      run_limited "$t" "$PY" benchmarks/iter_time.py --out-dir "$out" --time-budget "$(inner_budget "$t")" --models vit_base \
+        --impls pss,pss-default,published,eager-index,sdpa-bias --warmup 5 --iters 20 --rounds 4 $iter_args
     fi
     record iter_time $?
   fi
 
+  if wants tests; then
+    t=$(stage_seconds tests)
+    if [ "$rehearse" = 1 ]; then
+      selection=(-m "not cuda" -k "kept_count or bad_input or accumulator_choice or sdpa_table_scatter")
+    else
+      selection=(-m "not cuda")
+    fi
+    echo "== tests: the GPU-relevant tests that are not cuda-marked ($t s at most)"
+    OMP_NUM_THREADS=4 run_limited "$t" "$PY" -m pytest "${pytest_common[@]}" "${selection[@]}" \
+      --junitxml="$scratch/tests_rest.xml" "${gpu_files[@]}"
+    s=$?
+    summaries+=("rest=$scratch/tests_rest.xml:$s")
+    record tests $(( s != 0 && s != 5 ? s : 0 ))
+  fi
+  if [ ${#summaries[@]} -gt 0 ]; then
+    "$PY" benchmarks/_test_summary.py "$out/tests.json" "${summaries[@]}"
+  fi
+
   if wants sanitizer; then
-    t=$(stage_seconds 50 0)
+    t=$(stage_seconds sanitizer)
     if [ "$rehearse" = 1 ] || ! command -v compute-sanitizer > /dev/null; then
-      echo "== sanitizer: compute-sanitizer is not on this machine; the script alone (${t} s)"
-      timeout -k 10 "$t" "$PY" benchmarks/sanitize_kernels.py
+      echo "== sanitizer: compute-sanitizer is not on this machine; the script alone ($t s at most)"
+      run_limited "$t" "$PY" benchmarks/sanitize_kernels.py
       record sanitizer $?
     else
-      for tool in memcheck racecheck; do
-        echo "== compute-sanitizer --tool $tool ($(( t / 2 )) s)"
-        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 $(( t / 2 )) compute-sanitizer --tool "$tool" \
-          --error-exitcode 3 --print-limit 20 "$PY" benchmarks/sanitize_kernels.py 2>&1 | tail -40
-        record "sanitizer $tool" "${PIPESTATUS[0]}"
-      done
+      # Only kernels whose name holds "_kernel" (every kernel of this package, Triton and CUDA C++) are
+      # instrumented, where this compute-sanitizer has the filter: torch's own libraries stay unpatched.
+      filter=()
+      compute-sanitizer --help 2>/dev/null | grep -q -- "--kernel-name" && filter=(--kernel-name kns=_kernel)
+      echo "== compute-sanitizer --tool memcheck ${filter[*]} ($t s at most)"
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_limited "$t" compute-sanitizer --tool memcheck --error-exitcode 3 \
+        --print-limit 20 "${filter[@]}" "$PY" benchmarks/sanitize_kernels.py 2>&1 | tail -40
+      record sanitizer "${PIPESTATUS[0]}"
     fi
   fi
 
   if wants tune; then
-    t=$((deadline - SECONDS))
-    if [ "$t" -lt 30 ]; then
-      echo "== tune: skipped, ${t} s of the budget left"
+    t=$(stage_seconds tune)
+    if [ "$t" -lt 25 ]; then
+      echo "== tune: skipped, $((deadline - SECONDS)) s of the budget left"
     else
-      echo "== benchmarks/tune_rpb_tiles.py (${t} s)"
+      echo "== benchmarks/tune_rpb_tiles.py ($t s at most) $tune_args"
       if [ "$rehearse" = 1 ]; then
-        "$PY" benchmarks/tune_rpb_tiles.py --out-dir "$out" --time-budget "$t"
+        run_limited "$t" "$PY" benchmarks/tune_rpb_tiles.py --out-dir "$out" --time-budget "$(inner_budget "$t")" $tune_args
       else
-        "$PY" benchmarks/tune_rpb_tiles.py --tokens 39 197 --out-dir "$out" --time-budget "$t"
+        run_limited "$t" "$PY" benchmarks/tune_rpb_tiles.py --tokens 39 197 --out-dir "$out" \
+          --time-budget "$(inner_budget "$t")" $tune_args
       fi
       record tune $?
     fi
   fi
 
+  rm -f "$out"/*.partial
   files=$(find "$out" -maxdepth 1 -type f | wc -l)
   echo "== done: ${#failed[@]} stage(s) failed${failed:+: ${failed[*]}}; $files files in $out:"
   ls -1 "$out"

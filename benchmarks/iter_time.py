@@ -9,7 +9,9 @@ for a whole training run under a Patch Sampling Schedule.
 For each model and keep rate rho it times full training iterations (forward, backward, AdamW
 step; bf16 autocast on GPU; synthetic data already on the device) of:
 
-    pss          this package: fused sample_patches + rpb_attention
+    pss          this package: fused sample_patches + rpb_attention (on GPU the kernels, asked for by name)
+    pss-default  this package as a user gets it, backend=None (GPU runs only: on CPU that is pss): the
+                 fastest path validated on the device, the PyTorch-only construction until a kernel is
     published    the PSS authors' published path: argsort + advanced indexing; the full (N, N, H) bias
                  copied per image and indexed twice (rows, then columns); eager attention
     eager-index  eager sampling; eager attention, the dense bias looked up once through the indexed
@@ -41,7 +43,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -50,7 +52,8 @@ try:
 except ImportError as err:  # run from a checkout without installing
     raise SystemExit(f"iter_time.py: cannot import pss_kernels ({err}); install it (pip install .) "
                      "or run from the repository root with PYTHONPATH=.") from err
-from pss_kernels._backends import BACKENDS, ENV_VAR as BACKEND_ENV_VAR, backend_status, resolve_backend
+from pss_kernels._backends import (BACKENDS, ENV_VAR as BACKEND_ENV_VAR, OP_BACKENDS, backend_status,
+                                   resolve_backend)
 from pss_kernels.models import MODEL_CONFIGS, create_model
 from pss_kernels.ops.rpb_attention import op as rpb_attention_op
 from pss_kernels.ops.rpb_attention.peers import flex_training_unavailable
@@ -83,6 +86,8 @@ class Implementation:
 
 IMPLEMENTATIONS: Dict[str, Implementation] = {
     "pss": Implementation("pss", True, "pss", "pss", "this package: fused sample_patches + rpb_attention"),
+    "pss-default": Implementation("pss-default", True, "pss", "pss",
+                                  "this package with backend=None, the default a user gets (GPU runs only)"),
     "published": Implementation("published", True, "published", "eager",
                                 "the published PSS path: argsort + advanced indexing; full (N, N, H) bias copied "
                                 "per image, indexed twice; eager attention"),
@@ -233,7 +238,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     for model in args.models:
         if model not in MODEL_CONFIGS:
             parser.error(f"argument --models: unknown model {model!r}; choose from {', '.join(MODEL_CONFIGS)}")
-    args.impls = _split_list(args.impls) if args.impls else list(IMPLEMENTATIONS)
+    # pss-default is pss itself where pss asks for the package's default (CPU): timed on GPU runs only.
+    args.impls = (_split_list(args.impls) if args.impls else
+                  [name for name in IMPLEMENTATIONS if name != "pss-default" or args.device.type == "cuda"])
     for impl in args.impls:
         if impl not in IMPLEMENTATIONS:
             parser.error(f"argument --impls: unknown implementation {impl!r}; choose from {', '.join(IMPLEMENTATIONS)}")
@@ -272,11 +279,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- backends
 
 def requested_backends(args) -> Dict[str, Optional[str]]:
-    """The backend= each pss kernel is called with (None = the package's own choice)."""
-    def pick(flag: Optional[str], auto: Optional[str]) -> Optional[str]:
-        flag = flag or args.backend
+    """The backend= each pss kernel is called with (None = the package's own choice). --backend applies
+    to each op that has that backend (as PSS_KERNELS_BACKEND does); --attn-backend / --sampler-backend
+    to their op."""
+    def pick(op: str, flag: Optional[str], auto: Optional[str]) -> Optional[str]:
+        if flag is None and args.backend in OP_BACKENDS[op]:
+            flag = args.backend
         if flag is None:
-            return None if os.environ.get(BACKEND_ENV_VAR) else auto  # the variable is the user's choice
+            return None if os.environ.get(BACKEND_ENV_VAR) or args.backend == "default" else auto
         return None if flag == "default" else flag
 
     attn_auto = sampler_auto = None
@@ -286,8 +296,17 @@ def requested_backends(args) -> Dict[str, Optional[str]]:
         attn_auto = "triton" if backend_status("triton", args.device).available else None
         sampler_auto = next((name for name in ("cuda", "triton") if backend_status(name, args.device).available),
                             None)
-    return {"sample_patches": pick(args.sampler_backend, sampler_auto),
-            "rpb_attention": pick(args.attn_backend, attn_auto)}
+    return {"sample_patches": pick("sample_patches", args.sampler_backend, sampler_auto),
+            "rpb_attention": pick("rpb_attention", args.attn_backend, attn_auto)}
+
+
+# The implementations that run this package's ops, and the backends each asks for.
+PACKAGE_IMPLS = ("pss", "pss-default")
+
+
+def backends_of(impl: Implementation, requested: Dict[str, Optional[str]]) -> Dict[str, Optional[str]]:
+    """pss: the backends asked for (on GPU the kernels by name); pss-default: backend=None for both ops."""
+    return dict(requested) if impl.name == "pss" else {op: None for op in requested}
 
 
 def resolved_backends(requested: Dict[str, Optional[str]], device: torch.device,
@@ -298,7 +317,7 @@ def resolved_backends(requested: Dict[str, Optional[str]], device: torch.device,
         "sample_patches": (None if keep_rate == 1.0 else resolve_backend(
             "sample_patches", requested["sample_patches"], device, sample_patches_op.GPU_DEFAULT_BACKEND)),
         "rpb_attention": resolve_backend("rpb_attention", requested["rpb_attention"], device,
-                                         rpb_attention_op.GPU_DEFAULT_BACKEND),
+                                         rpb_attention_op.GPU_DEFAULT_BACKEND, rpb_attention_op.CPU_DEFAULT_BACKEND),
     }
 
 
@@ -345,8 +364,8 @@ def build_model(model_name: str, impl: Implementation, args) -> torch.nn.Module:
 def build_step(model_name: str, impl: Implementation, args, requested) -> TrainingStep:
     """The training step of one implementation's model; `step.model.keep_rate` selects the case."""
     model = build_model(model_name, impl, args)
-    if impl.name == "pss":
-        apply_backends(model, requested)
+    if impl.name in PACKAGE_IMPLS:
+        apply_backends(model, backends_of(impl, requested))
     return TrainingStep(model, batch_size=args.batch_sizes[model_name], img_size=args.img_size,
                         num_classes=NUM_CLASSES, device=args.device,
                         amp_dtype=torch.bfloat16 if args.amp == "bf16" else None, fused_adamw=args.adamw == "fused",
@@ -410,6 +429,12 @@ class Case:
         self.rounds = 0
         self.peak_bytes: Optional[int] = None
 
+    def snapshot(self) -> dict:
+        """The record as it stands mid-run: the statistics of the blocks timed so far, if any."""
+        if self.result["error"] is None and self.samples_ms:
+            return dict(self.finish())
+        return dict(self.result)
+
     def finish(self) -> dict:
         """The record with the statistics over every timed block (or the error)."""
         if self.result["error"] is None:
@@ -430,8 +455,8 @@ def time_block(case: Case, step: TrainingStep, *, warmup: int, iters: int, args,
     device = args.device
     try:
         if case.result["backends"] is None:
-            if case.impl.name == "pss":
-                case.result["backends"] = resolved_backends(requested, device, case.keep_rate)
+            if case.impl.name in PACKAGE_IMPLS:
+                case.result["backends"] = resolved_backends(backends_of(case.impl, requested), device, case.keep_rate)
             elif sdpa_backend(case.impl, device):
                 case.result["backends"] = {"sdpa": sdpa_backend(case.impl, device)}
         step.model.keep_rate = case.keep_rate
@@ -497,12 +522,14 @@ def ordered_cases(model_name: str, implementations: List[Implementation], args) 
 
 
 def run_model(model_name: str, implementations: List[Implementation], args, requested, progress: Progress,
-              budget: TimeBudget) -> List[dict]:
+              budget: TimeBudget, on_progress=None) -> List[dict]:
     """Every case of one model, interleaved: round 1 warms each case up and times its first block,
     in order (baseline, then each implementation over the keep rates); each later round times one
     more block of every case in the same order. Each implementation's model is built when first
-    needed and kept until the model's last round."""
+    needed and kept until the model's last round. `on_progress(records)` gets every case's record as
+    it stands after each block of round 1 and after each later round (for partial results)."""
     cases = ordered_cases(model_name, implementations, args)
+    report_progress = (lambda: on_progress([case.snapshot() for case in cases])) if on_progress else (lambda: None)
     steps: Dict[str, TrainingStep] = {}
     build_errors: Dict[str, str] = {}
 
@@ -532,8 +559,10 @@ def run_model(model_name: str, implementations: List[Implementation], args, requ
                 timed += 1
             if round_index == 0:
                 progress.first_round(case, time.perf_counter() - block_started)
+                report_progress()
         if round_index > 0 and timed:
             progress.round_done(model_name, round_index + 1, args.rounds, timed, time.perf_counter() - round_started)
+            report_progress()
         if budget.spent():
             break
     for case in cases:
@@ -636,18 +665,11 @@ def run(args) -> dict:
     impls = [impl_name for impl_name in args.impls if impl_name not in unavailable]
     progress = Progress(len(args.models) * (1 + len(impls) * len(args.keep_rates)))
     budget = TimeBudget(args.time_budget)
-    results = []
-    # flex compiles once per keep rate and model (static shapes): past dynamo's default limit it would
-    # silently run unfused; with this it raises instead, and the case records the error.
-    with dynamo_recompile_limit(FLEX_RECOMPILE_LIMIT):
-        for model_name in args.models:
-            results += run_model(model_name, [BASELINE] + [IMPLEMENTATIONS[name] for name in impls], args,
-                                 requested, progress, budget)
-    add_ratios(results)
     report = {
         "benchmark": "iter_time",
         "run_kind": run_kind(args),
         "label": label,
+        "complete": False,  # until every case is measured: the file is written as the run goes
         "environment": env,
         "config": {"models": args.models, "img_size": args.img_size, "batch_sizes": args.batch_sizes,
                    "keep_rates": args.keep_rates, "impls": impls, "warmup": args.warmup, "iters": args.iters,
@@ -655,15 +677,32 @@ def run(args) -> dict:
                    "amp": "bf16 autocast" if args.amp == "bf16" else "float32", "adamw": args.adamw,
                    "compile": args.compile,
                    "optimizer": f"AdamW(lr=1e-4, weight_decay=0.05, {args.adamw})", "num_classes": NUM_CLASSES,
-                   "time_budget_s": args.time_budget, "elapsed_s": round(budget.elapsed(), 1),
+                   "time_budget_s": args.time_budget, "elapsed_s": None,
                    "cudnn_benchmark": args.device.type == "cuda",
                    "pss_backends_requested": requested, "schedules": args.schedules,
                    "command": " ".join(["iter_time.py", *args.argv])},
         "implementations": {impl.name: impl.description for impl in [*IMPLEMENTATIONS.values(), BASELINE]},
         "unavailable": unavailable,
-        "results": results,
-        "errors": [{k: r[k] for k in ("model", "impl", "keep_rate", "error")} for r in results if r["error"]],
+        "results": [],
     }
+    json_path = output_paths(report, args.out_dir)[0]
+    results: List[dict] = []
+
+    def save_partial(records: List[dict]) -> None:
+        report["results"] = results + records
+        report["config"]["elapsed_s"] = round(budget.elapsed(), 1)
+        write_json(report, json_path)
+
+    # flex compiles once per keep rate and model (static shapes): past dynamo's default limit it would
+    # silently run unfused; with this it raises instead, and the case records the error.
+    with dynamo_recompile_limit(FLEX_RECOMPILE_LIMIT):
+        for model_name in args.models:
+            results += run_model(model_name, [BASELINE] + [IMPLEMENTATIONS[name] for name in impls], args,
+                                 requested, progress, budget, on_progress=save_partial)
+    add_ratios(results)
+    report.update(complete=True, results=results,
+                  errors=[{k: r[k] for k in ("model", "impl", "keep_rate", "error")} for r in results if r["error"]])
+    report["config"]["elapsed_s"] = round(budget.elapsed(), 1)
     report["projection"] = project(results, args, impls)
     report["targets"] = evaluate_targets(report) if report["run_kind"] == "gpu" else []
     if args.profile:
@@ -694,17 +733,29 @@ def profile_lowest_keep_rate(model_names: List[str], args, requested) -> Dict[st
     return profiles
 
 
-def write_outputs(report: dict, out_dir: Path) -> Dict[str, Optional[Path]]:
+def output_paths(report: dict, out_dir: Path) -> Tuple[Path, Path]:
+    """(JSON, PNG) paths of a run: named by device (or run kind) and the run's start."""
     out_dir.mkdir(parents=True, exist_ok=True)
     env = report["environment"]
     stem = (f"iter_time_{file_slug(env['device'] if env['device_type'] == 'cuda' else report['run_kind'])}_"
             f"{env['date'][:19].replace(':', '').replace('-', '')}")
-    json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
+    return out_dir / f"{stem}.json", out_dir / f"{stem}.png"
+
+
+def write_json(report: dict, path: Path) -> None:
+    """Write to a temporary file, then rename: a run killed mid-write keeps the previous version."""
+    scratch = path.with_suffix(".json.partial")
+    scratch.write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(scratch, path)
+
+
+def write_outputs(report: dict, out_dir: Path) -> Dict[str, Optional[Path]]:
+    json_path, png_path = output_paths(report, out_dir)
     skipped = plot_report(report, png_path)
     report["plot"] = None if skipped else png_path.name
     if skipped:
         report["plot_skipped"] = skipped
-    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    write_json(report, json_path)
     return {"json": json_path, "png": None if skipped else png_path, "plot_skipped": skipped}
 
 

@@ -4,8 +4,9 @@
     compute-sanitizer --tool racecheck python benchmarks/sanitize_kernels.py
 
 sample_patches (triton fused and unfused, cuda when built; forward and backward) and rpb_attention
-(triton forward with the CLS row, backward with every bias-gradient accumulator, deterministic,
-frozen table; with and without an index). Each result is also checked against the torch reference,
+(triton forward with the CLS row, backward with every bias-gradient accumulator, deterministic
+(csr / image-sum, and the deterministic slices), frozen table; with and without an index; and the
+sdpa backend's gather and scatter). Each result is also checked against the torch reference,
 so a run that the sanitizer passes is a correct run too. Exit status 1 on a wrong result.
 
 Without a GPU it runs the same calls on CPU tensors in the Triton interpreter (a rehearsal of the
@@ -75,9 +76,10 @@ def attention_cases():
             _, index = sample_patches(torch.randn(3, 21, 4, generator=generator), keep_rate)
             index = index.to(DEVICE)
         num_tokens = 21 if index is None else index.shape[1]
-        variants = [("auto", False, True), ("slices", False, True), ("auto", True, True), ("auto", False, False)]
+        variants = [("auto", False, True), ("slices", False, True), ("position-grid", False, True),
+                    ("csr", False, True), ("auto", True, True), ("slices", True, True), ("auto", False, False)]
         if index is None:
-            variants += [("position-grid", False, True), ("image-sum", False, True)]
+            variants.append(("image-sum", False, True))
         for accumulator, deterministic, table_grad in variants:
             q, k, v = (torch.randn(3, heads, num_tokens, head_dim, generator=generator).to(DEVICE, dtype)
                        .requires_grad_() for _ in range(3))
@@ -97,6 +99,23 @@ def attention_cases():
             probs = torch.softmax(rpb_logits(q, k, table, index, grid), -1)[:, :, 0].mean(1)
             check(f"{name} cls_attention", cls_attention, probs, tolerance)
     os.environ.pop(DBIAS_ENV_VAR, None)
+    for keep_rate in (None, 0.6):  # the sdpa backend: this package's gather, SDPA, its scatter
+        index = None
+        if keep_rate is not None:
+            _, index = sample_patches(torch.randn(3, 21, 4, generator=generator), keep_rate)
+            index = index.to(DEVICE)
+        num_tokens = 21 if index is None else index.shape[1]
+        q, k, v = (torch.randn(3, heads, num_tokens, head_dim, generator=generator).to(DEVICE, dtype).requires_grad_()
+                   for _ in range(3))
+        table = torch.randn(bias_table_rows(grid), heads, generator=generator).to(DEVICE).requires_grad_()
+        out = rpb_attention(q, k, v, table, index, grid_size=grid, backend="sdpa")
+        grads = torch.autograd.grad(out, (q, k, v, table), torch.ones_like(out))
+        expected = rpb_attention_reference(q, k, v, table, index, grid_size=grid)
+        want_grads = torch.autograd.grad(expected, (q, k, v, table), torch.ones_like(expected))
+        name = f"rpb_attention sdpa index={'None' if index is None else 'sampled'}"
+        check(f"{name} out", out, expected, tolerance)
+        for grad_name, got, want in zip(("dq", "dk", "dv", "dbias_table"), grads, want_grads):
+            check(f"{name} {grad_name}", got, want, tolerance)
 
 
 def rpb_logits(q, k, table, index, grid):

@@ -36,13 +36,15 @@ from pss_kernels.ops.rpb_attention.reference import bias_table_rows
 
 KERNELS = ("forward", "dkdv", "dq", "dbias")
 # (BLOCK_M, BLOCK_N, num_warps) candidates per kernel, the current entry always timed first: a small
-# set, each compiled for sm_90 (Triton 3.6 and 3.9, JIT specialisation, D = 64) without register
-# spills and with warps that tile every dot exactly (tests/codegen_report.py reads the same figures),
-# so that one GPU call can time them all. tile_config caps a tile at half the padded n and fits the
-# warps to it, so at small n several candidates become one and are timed once.
+# set, each compiled for sm_90 (Triton 3.6 and 3.9, JIT specialisation, bf16, D = 64, n = 39, 79, 118
+# and 197, as tile_config caps and fits them, dkdv with auto's accumulator) without register spills
+# and with warps that tile every dot exactly (the figures tests/codegen_report.py reads), so that one
+# GPU call can time them all. (dkdv's (32, 64, 4) was dropped: 40 bytes of stack at n = 79 and 118.)
+# tile_config caps a tile at half the padded n and fits the warps to it, so at small n several
+# candidates become one and are timed once.
 CANDIDATES = {
     "forward": [(128, 64, 8), (64, 64, 4), (128, 32, 8), (64, 32, 4), (32, 32, 4)],
-    "dkdv": [(32, 64, 8), (32, 64, 4), (32, 32, 4), (16, 64, 4), (32, 16, 2)],
+    "dkdv": [(32, 64, 8), (32, 32, 4), (16, 64, 4), (32, 16, 2)],
     "dq": [(64, 32, 4), (64, 64, 4), (128, 32, 8), (32, 32, 4), (64, 16, 4)],
     "dbias": [(64, 64, 8), (64, 64, 4), (128, 64, 8), (128, 32, 8), (64, 32, 4)],
 }
@@ -116,7 +118,9 @@ def max_relative_error(got: List[torch.Tensor], want: List[torch.Tensor]) -> flo
 
 
 def sweep(kernels, token_counts, *, batch, heads, head_dim, grid, dtype, device, warmup, iters,
-          budget: TimeBudget) -> List[dict]:
+          budget: TimeBudget, on_row=None) -> List[dict]:
+    """One row per (n, kernel, candidate), each handed to `on_row` once done."""
+    on_row = on_row or (lambda row: None)
     rows = []
     for num_tokens in token_counts:
         inputs = make_inputs(batch, heads, head_dim, grid, num_tokens, dtype, device)
@@ -143,6 +147,7 @@ def sweep(kernels, token_counts, *, batch, heads, head_dim, grid, dtype, device,
                     except Exception as err:  # e.g. out of shared memory: recorded, the sweep goes on
                         row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
                 rows.append(row)
+                on_row(row)
                 print(f"  {kernel:<8} n={num_tokens:<4} tile={tile} -> "
                       f"{'-' if row['ms'] is None else format(row['ms'], '.4f')} ms {row['error'] or ''}",
                       file=sys.stderr, flush=True)
@@ -203,6 +208,22 @@ def main(argv=None) -> int:
     print(f"rpb_attention tile sweep: {label}\n{env['device']} | torch {env['torch']} | triton {env['triton']}",
           flush=True)
     budget = TimeBudget(args.time_budget)
+    out_dir = args.out_dir or (Path(__file__).resolve().parent / "results" if on_gpu else Path("runs"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"rpb_tiles_{file_slug(env['device'])}_{env['date'][:10]}.json"
+    document = {"label": label, "complete": False, "environment": env, "batch": batch, "heads": heads,
+                "head_dim": head_dim, "dtype": str(dtype), "warmup": warmup, "iters": iters,
+                "time_budget_s": args.time_budget, "rows": [], "best": {}}
+
+    def write(document):  # after every row: a sweep cut by its time limit keeps what it measured
+        scratch = path.with_suffix(".json.partial")
+        scratch.write_text(json.dumps(document, indent=1) + "\n")
+        os.replace(scratch, path)
+
+    def on_row(row):
+        document["rows"].append(row)
+        write(document)
+
     rows = []
     for num_tokens in token_counts:
         grid = (24, 24) if num_tokens > 197 else (14, 14)
@@ -211,7 +232,7 @@ def main(argv=None) -> int:
         if num_tokens > 1 + grid[0] * grid[1] or num_tokens < 2:
             parser.error(f"argument --tokens: n={num_tokens} does not fit grid {grid}")
         rows += sweep(args.kernels, [num_tokens], batch=batch, heads=heads, head_dim=head_dim, grid=grid,
-                      dtype=dtype, device=device, warmup=warmup, iters=iters, budget=budget)
+                      dtype=dtype, device=device, warmup=warmup, iters=iters, budget=budget, on_row=on_row)
 
     best = best_tiles(rows, args.tolerance)
     print(f"\n== best tiles (B={batch}, H={heads}, D={head_dim}, {str(dtype).replace('torch.', '')}; "
@@ -231,14 +252,9 @@ def main(argv=None) -> int:
         print(f"WRONG RESULT: {r['kernel']} n={r['num_tokens']} tile={tuple(r['tile'])}: "
               f"relative error {r['max_rel_error']:.2e} vs the current tile")
 
-    out_dir = args.out_dir or (Path(__file__).resolve().parent / "results" if on_gpu else Path("runs"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"rpb_tiles_{file_slug(env['device'])}_{env['date'][:10]}.json"
-    path.write_text(json.dumps({"label": label, "environment": env, "batch": batch, "heads": heads,
-                                "head_dim": head_dim, "dtype": str(dtype), "warmup": warmup, "iters": iters,
-                                "time_budget_s": args.time_budget, "rows": rows,
-                                "best": {k: {str(n): r and r["tile"] for n, r in v.items()} for k, v in best.items()}},
-                               indent=1) + "\n")
+    document.update(complete=True, rows=rows,
+                    best={k: {str(n): r and r["tile"] for n, r in v.items()} for k, v in best.items()})
+    write(document)
     print(f"\nwrote {path}")
     return 1 if bad else 0
 

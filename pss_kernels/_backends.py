@@ -1,8 +1,10 @@
 """Which backends can run here, and which one an op call uses.
 
-Backends: "torch" (pure-PyTorch reference, any device), "triton" (CUDA tensors, or CPU
+Backends: "torch" (pure-PyTorch reference, any device), "sdpa" (rpb_attention only: the gathered
+bias given to PyTorch's scaled_dot_product_attention, any device), "triton" (CUDA tensors, or CPU
 tensors under TRITON_INTERPRET=1), "cuda" (the compiled pss_kernels._C, CUDA tensors).
-Not every op has every backend: `OP_BACKENDS` lists each op's (rpb_attention has no "cuda").
+Not every op has every backend: `OP_BACKENDS` lists each op's (rpb_attention has no "cuda",
+sample_patches no "sdpa").
 
 How an op call picks its backend:
 - `backend=` given: that backend. One the op does not have raises ValueError; one that cannot
@@ -13,23 +15,30 @@ How an op call picks its backend:
   op has the backend but it cannot run on the device, the call raises BackendError naming the
   variable (e.g. PSS_KERNELS_BACKEND=cuda with CPU tensors). A value that is no backend at all
   raises ValueError.
-- otherwise the op's default: on CUDA tensors its `GPU_DEFAULT_BACKEND` (the backend its GPU
-  tests and benchmarks validated, "torch" until then), on CPU tensors "torch".
+- otherwise the op's default for the device: the fastest path validated there. On CUDA tensors
+  its `GPU_DEFAULT_BACKEND`: a kernel once its GPU tests and benchmarks passed and it beat the
+  construction from PyTorch's own kernels, that construction until then; on CPU tensors its
+  `CPU_DEFAULT_BACKEND`.
 """
 from __future__ import annotations
 
 import importlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
 
-BACKENDS = ("torch", "triton", "cuda")
+BACKENDS = ("torch", "sdpa", "triton", "cuda")
 ENV_VAR = "PSS_KERNELS_BACKEND"
 # The backends each public op has; an op not listed here (a caller's own) has all of BACKENDS.
-OP_BACKENDS = {"sample_patches": ("torch", "triton", "cuda"), "rpb_attention": ("torch", "triton")}
+OP_BACKENDS = {"sample_patches": ("torch", "triton", "cuda"), "rpb_attention": ("torch", "sdpa", "triton")}
+# Triton's interpreter before 3.7 converts 1-element arrays to Python scalars, which numpy 2.4
+# refuses ("only 0-dimensional arrays can be converted to Python scalars"): kernels that loop over
+# loaded bounds fail there. (The GPU machines run triton 3.6 with numpy 2.5.)
+INTERPRETER_MIN_TRITON_WITH_NUMPY_2_4 = (3, 7)
 
 
 class BackendError(RuntimeError):
@@ -57,6 +66,20 @@ def _once(probe):
 
 def triton_interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _version_tuple(version: str) -> tuple:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+
+def interpreter_unavailable_reason(triton_version: str, numpy_version: str) -> Optional[str]:
+    """Why this triton's interpreter cannot run with this numpy, or None (see
+    INTERPRETER_MIN_TRITON_WITH_NUMPY_2_4)."""
+    if (_version_tuple(numpy_version) >= (2, 4)
+            and _version_tuple(triton_version) < INTERPRETER_MIN_TRITON_WITH_NUMPY_2_4):
+        return (f"the Triton interpreter of triton {triton_version} cannot run with numpy {numpy_version} "
+                "(it needs numpy < 2.4 before triton 3.7)")
+    return None
 
 
 @_once
@@ -103,6 +126,8 @@ def backend_status(name: str, device: torch.device) -> BackendStatus:
     """Whether backend `name` can run an op on tensors living on `device`, and why not."""
     if name == "torch":
         return BackendStatus(True, "pure PyTorch reference")
+    if name == "sdpa":
+        return BackendStatus(True, "PyTorch's scaled_dot_product_attention with the gathered bias")
     if name == "triton":
         installed = _triton_installed()
         if not installed.available:
@@ -110,6 +135,11 @@ def backend_status(name: str, device: torch.device) -> BackendStatus:
         if device.type == "cuda":
             return installed
         if device.type == "cpu" and triton_interpret_mode():
+            import numpy
+            import triton
+            broken = interpreter_unavailable_reason(triton.__version__, numpy.__version__)
+            if broken:
+                return BackendStatus(False, broken)
             return BackendStatus(True, f"{installed.reason} in the interpreter (TRITON_INTERPRET=1; slow, for tests)")
         return BackendStatus(False, f"triton needs CUDA tensors (got {device.type}); "
                                     "on CPU set TRITON_INTERPRET=1 to run its kernels in the interpreter")
@@ -135,12 +165,13 @@ def available_backends(device: Optional[torch.device | str] = None) -> dict[str,
     return {name: backend_status(name, device) for name in BACKENDS}
 
 
-def resolve_backend(op: str, backend: Optional[str], device: torch.device, gpu_default: str) -> str:
+def resolve_backend(op: str, backend: Optional[str], device: torch.device, gpu_default: str,
+                    cpu_default: str = "torch") -> str:
     """The backend an op call runs on (the rules are in this module's docstring).
 
-    `gpu_default` is the op's choice for CUDA tensors when nothing is asked for: the backend
-    its GPU benchmarks showed fastest, or "torch" while its kernels have not been validated on
-    a GPU (see each op's `op.py`). The op's backends are `OP_BACKENDS[op]`.
+    `gpu_default` / `cpu_default` are the op's choices for CUDA / CPU tensors when nothing is asked
+    for: the fastest path validated on that device (see each op's `op.py`). The op's backends are
+    `OP_BACKENDS[op]`.
     """
     op_backends = OP_BACKENDS.get(op, BACKENDS)
     source = "backend"
@@ -151,7 +182,7 @@ def resolve_backend(op: str, backend: Optional[str], device: torch.device, gpu_d
         if requested in op_backends:  # else: this op keeps its default
             backend, source = requested, ENV_VAR
     if backend is None:
-        return gpu_default if device.type == "cuda" else "torch"
+        return gpu_default if device.type == "cuda" else cpu_default
     if backend not in op_backends:
         raise ValueError(f"{op}: {source} must be one of {op_backends} or None, got {backend!r}")
     status = backend_status(backend, device)

@@ -59,11 +59,18 @@ def describe(launch, arch, **labels):
 # ----------------------------------------------------------------------------- rpb_attention
 
 RPB_CASES = [  # (arch, dtype, head dim, kept tokens n): ViT at 224 (14 x 14 grid), rho 0.2 / 0.4 / 1
-    *[(90, torch.bfloat16, 64, n) for n in (39, 79, 197)],
-    *[(90, torch.bfloat16, 128, n) for n in (39, 197)],
+    *[(90, torch.bfloat16, head_dim, n) for head_dim in (32, 64, 128) for n in (39, 79, 197)],
     (90, torch.float16, 64, 197),
-    (90, torch.float32, 64, 197), (90, torch.float32, 128, 197),
+    *[(90, torch.float32, head_dim, n) for head_dim in (64, 128) for n in (39, 118, 197)],
     (80, torch.bfloat16, 64, 197),
+]
+# Backward variants: (name, PSS_KERNELS_RPB_DBIAS, deterministic, bias_grad); auto is image-sum at
+# index=None and the position grid with an index; deterministic is image-sum / csr.
+BACKWARD_VARIANTS = [
+    ("backward", "auto", False, True), ("backward frozen table", "auto", False, False),
+    ("backward deterministic", "auto", True, True), ("backward deterministic slices", "slices", True, True),
+    ("backward slices", "slices", False, True), ("backward position-grid", "position-grid", False, True),
+    ("backward csr", "csr", False, True),
 ]
 
 
@@ -82,34 +89,31 @@ def rpb_attention_report(batch=256, heads=12):
         cls_attention = torch.empty(batch, num_tokens)
         labels = dict(op="rpb_attention", dtype=TYPES[dtype], head_dim=head_dim, num_tokens=num_tokens,
                       batch=batch, heads=heads, has_index=index is not None)
-        variants = [("forward", dict(cls=False)), ("forward+cls", dict(cls=True)), ("backward", {}),
-                    ("backward frozen table", dict(bias_grad=False)),
-                    ("backward deterministic", dict(deterministic=True))]
-        if index is None:
-            variants.append(("backward position-grid", dict(accumulator="position-grid")))
-        for variant, options in variants:
-            with capture_launches() as launches, environment("PSS_KERNELS_RPB_DBIAS", options.get("accumulator", "auto")):
-                if variant.startswith("forward"):
-                    triton_forward.rpb_attention_forward(q, k, v, table, index, grid_size, 1, head_dim ** -0.5, out,
-                                                         lse, cls_attention if options["cls"] else None)
-                else:
-                    triton_backward.rpb_attention_backward(out, q, k, v, table, index, out, lse, grid_size, 1,
-                                                           head_dim ** -0.5, options.get("deterministic", False),
-                                                           options.get("bias_grad", True))
+        for variant, cls in (("forward", False), ("forward+cls", True)):
+            with capture_launches() as launches:
+                triton_forward.rpb_attention_forward(q, k, v, table, index, grid_size, 1, head_dim ** -0.5, out, lse,
+                                                     cls_attention if cls else None)
             report += [describe(launch, arch, variant=variant, **labels) for launch in launches]
-        if (arch, dtype, head_dim, index) == (90, torch.bfloat16, 64, None):
-            # The tile the forward had before: evidence that the checks below see what they claim.
+        for variant, accumulator, deterministic, bias_grad in BACKWARD_VARIANTS:
+            with capture_launches() as launches, environment("PSS_KERNELS_RPB_DBIAS", accumulator):
+                triton_backward.rpb_attention_backward(out, q, k, v, table, index, out, lse, grid_size, 1,
+                                                       head_dim ** -0.5, deterministic, bias_grad)
+            report += [describe(launch, arch, variant=variant, **labels) for launch in launches]
+        if (arch, dtype, index) == (90, torch.bfloat16, None) and head_dim in (32, 64):
+            # A tile the forward had before (evidence that the checks below see what they claim): at D = 64
+            # (64, 64, 8), whose second warpgroup repeated the first's rows; at D = 32 (32, 32, 4).
+            former = {64: (64, 64, 8), 32: (32, 32, 4)}[head_dim]
             table_entries, key = triton_common.tile_table("forward", head_dim, dtype, num_tokens)
-            saved, table_entries[key] = table_entries[key], (64, 64, 8)
+            saved, table_entries[key] = table_entries[key], former
             try:
                 with capture_launches() as launches:
-                    triton_forward.rpb_attention_forward(q, k, v, table, index, grid_size, 1, head_dim ** -0.5, out,
+                    triton_forward.rpb_attention_forward(q, k, v, table, None, grid_size, 1, head_dim ** -0.5, out,
                                                          lse, None)
             finally:
                 table_entries[key] = saved
             (launch,) = launches
-            launch.kwargs["num_warps"] = 8  # as launched then, before tile_config fitted the warps to the tile
-            report.append(describe(launch, arch, variant="forward, former (64, 64, 8) tile", **labels))
+            launch.kwargs.update(BLOCK_M=former[0], BLOCK_N=former[1], num_warps=former[2])  # as launched then
+            report.append(describe(launch, arch, variant=f"forward, former {former} tile", **labels))
     return report
 
 

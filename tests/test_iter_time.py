@@ -116,7 +116,7 @@ def test_targets_pass_and_miss_from_hand_made_results():
     }
     report["results"] = [r for r in report["results"] if r["impl"] != "eager-index"]
     statuses = {t["name"]: t["status"] for t in evaluate_targets(report) if "over" in t["name"]}
-    assert [status for name, status in statuses.items() if "eager-index" in name] == ["n/a (eager-index or pss "
+    assert [status for name, status in statuses.items() if "eager-index" in name] == ["NOT MEASURED (eager-index or pss "
                                                                                       "not measured)"] * 2
     assert [status for name, status in statuses.items() if "published" in name] == ["PASS", "PASS"]
     report["config"]["img_size"] = 384
@@ -171,8 +171,8 @@ def test_cli_smoke_run_writes_json_and_png(tmp_path):
         assert case["ratio_vs_baseline"] == pytest.approx(case["median_ms"] / baseline)
         assert case["ratio_vs_rho1"] == pytest.approx(case["median_ms"] / cases[(impl, 1.0)]["median_ms"])
         assert case["tokens"] == (5 if keep_rate == 1.0 else 2)  # grid 2x2 + CLS; max(2, round(0.5 * 5))
-    assert cases[("pss", 0.5)]["backends"] == {"sample_patches": "torch", "rpb_attention": "torch"}
-    assert cases[("pss", 1.0)]["backends"] == {"sample_patches": None, "rpb_attention": "torch"}
+    assert cases[("pss", 0.5)]["backends"] == {"sample_patches": "torch", "rpb_attention": "sdpa"}
+    assert cases[("pss", 1.0)]["backends"] == {"sample_patches": None, "rpb_attention": "sdpa"}
     speedups = pss_speedups(report, "deit_tiny")
     assert set(speedups) == set(impls) - {"pss"}
     assert speedups["published"][0.5] == pytest.approx(cases[("published", 0.5)]["median_ms"]

@@ -76,8 +76,11 @@ def test_gpu_grids_put_the_target_cases_first():
     configs = bench_rpb_attention.default_configs("cuda")
     assert len(configs) == 40
     targets = [c for c in configs if bench_rpb_attention.is_target_config(c)]
-    assert [c["model"] for c in targets] == ["vit_base", "deit_small"]
-    assert configs[:2] == targets
+    assert configs[:3] == targets and [c["keep_rate"] for c in targets] == [1.0, 0.6, 0.2]
+    assert all((c["model"], c["batch"], tuple(c["grid"])) == ("vit_base", 256, (14, 14)) for c in targets)
+    # then DeiT-S at the same keep rates, batch and grid
+    assert [(c["model"], c["batch"], tuple(c["grid"]), c["keep_rate"]) for c in configs[3:6]] == [
+        ("deit_small", 256, (14, 14), rate) for rate in (1.0, 0.6, 0.2)]
 
 
 def sampling_row(**changes):
@@ -93,8 +96,9 @@ def test_sampling_targets_judge_bandwidth_on_graph_time():
                         "fraction of peak bandwidth >= 0.70 (CUDA graph)": True}
     failed_capture = ops.sampling_targets([sampling_row(graph_fraction_of_peak=None, speedup_vs_eager_graph=None)])
     assert [met for _, _, met in failed_capture] == [True, None, None]  # not measured, not a miss
-    skipped = ops.sampling_targets([sampling_row(ms=None, error="skipped: budget")])
-    assert [met for _, _, met in skipped] == [None]
+    skipped = ops.sampling_targets([sampling_row(ms=None, error="skipped: budget", speedup_vs_eager=None,
+                                                 speedup_vs_eager_graph=None, graph_fraction_of_peak=None)])
+    assert [met for _, _, met in skipped] == [None, None, None]  # NOT MEASURED, never a MISS
 
 
 def test_graph_timing_needs_cuda():
@@ -139,40 +143,90 @@ def test_rpb_benchmark_runs_each_dbias_row_under_its_accumulator_and_survives_fa
 
     monkeypatch.setattr(bench_rpb_attention, "_attention_fns", fns)
     monkeypatch.delenv("PSS_KERNELS_RPB_DBIAS", raising=False)
-    rows = bench_rpb_attention.run("cpu", torch.float32, warmup=0, iters=1)
+    done = []
+    rows = bench_rpb_attention.run("cpu", torch.float32, warmup=0, iters=1, on_row=done.append)
+    assert done == rows  # every row handed over as it finished, in order
     assert "PSS_KERNELS_RPB_DBIAS" not in os.environ  # restored after every row, failing ones included
-    assert set(seen) == {"slices", "position-grid", "image-sum"}
+    assert set(seen) == {"slices", "position-grid", "csr", "image-sum"}
     by_impl = {}
     for row in rows:
         by_impl.setdefault(row["impl"], []).append(row)
-    assert {r["keep_rate"] for impl in bench_rpb_attention.DBIAS_IMPLS for r in by_impl[impl]} == {1.0}
+    assert {r["keep_rate"] for r in by_impl["pss-dbias-image-sum"]} == {1.0}  # the shared row map only
+    for impl in ("pss-dbias-slices", "pss-dbias-position-grid", "pss-dbias-csr"):
+        assert {r["keep_rate"] for r in by_impl[impl]} == {1.0, 0.5}, impl
     assert all(r["ms"] is None and r["error"].startswith("ValueError: PSS_KERNELS_RPB_DBIAS")
                for r in by_impl["pss-dbias-image-sum"])
     assert all(r["ms"] is None and "peer exploded" in r["error"] for r in by_impl["published"])
     assert all(r["speedup_vs_published"] is None for r in rows)
-    for impl in ("pss", "pss-frozen-table", "pss-dbias-slices", "pss-dbias-position-grid", "eager-index",
-                 "sdpa-flash"):
+    for impl in ("pss", "pss-frozen-table", "pss-sdpa", "pss-dbias-slices", "pss-dbias-position-grid",
+                 "pss-dbias-csr", "eager-index", "sdpa-flash"):
         assert by_impl[impl] and all(r["ms"] > 0 and r["error"] is None for r in by_impl[impl]), impl
     assert all(r["speedup_vs_eager_index"] is not None for r in by_impl["pss"])
 
 
+def test_a_flex_row_that_times_out_ends_the_flex_rows_not_the_run(monkeypatch):
+    """flex compiles per shape (tens of seconds): a row past --flex-timeout is recorded with the reason,
+    the later flex rows are skipped (they would compile again), every other row still runs."""
+    import time as clock
+    real = bench_rpb_attention._attention_fns
+
+    def fns(device):
+        impls = real(device)
+
+        def slow_flex(*args):
+            clock.sleep(5)
+            return impls["pss"](*args)
+
+        return {**impls, "flex": slow_flex}
+
+    monkeypatch.setattr(bench_rpb_attention, "_attention_fns", fns)
+    rows = bench_rpb_attention.run("cpu", torch.float32, warmup=0, iters=1, impls=("pss", "flex", "sdpa-flash"),
+                                   flex_timeout=0.5)
+    flex = [r for r in rows if r["impl"] == "flex"]
+    assert "RowTimeout: timed out after 0.5 s" in flex[0]["error"]
+    assert all(r["error"].startswith("skipped: an earlier flex row failed") for r in flex[1:]) and len(flex) == 4
+    assert all(r["ms"] > 0 for r in rows if r["impl"] != "flex")
+
+
 def rpb_row(impl, ms, **changes):
-    row = dict(model="vit_base", batch=256, num_tokens=197, impl=impl, ms=ms, ms_vs_sdpa_flash=1.2,
-               speedup_vs_published=None, speedup_vs_eager_index=None, peak_mem_vs_sdpa_flash=1.05,
-               **{"pass": "forward+backward"})
+    row = dict(model="vit_base", batch=256, grid=[14, 14], keep_rate=1.0, num_tokens=197, impl=impl, ms=ms,
+               ms_vs_sdpa_flash=1.2, speedup_vs_published=None, speedup_vs_eager_index=None,
+               peak_mem_vs_sdpa_flash=1.05, **{"pass": "forward+backward"})
     row.update(changes)
     return row
 
 
+BIAS_GRAD_TARGET = "bias gradient (pss - pss-frozen-table) / attention backward <= 0.1"
+
+
 def test_rpb_targets_judge_pss_against_both_eager_peers():
+    frozen_forward = rpb_row("pss-frozen-table", 0.35)
+    frozen_forward["pass"] = "forward"
     rows = [rpb_row("pss", 1.0, speedup_vs_published=4.0, speedup_vs_eager_index=2.5), rpb_row("sdpa-bias", 2.0),
-            rpb_row("flex", 0.5)]
-    verdicts = {name.split(": ", 1)[1]: met for name, _, met in ops.rpb_targets(rows)}
-    assert verdicts == {"time vs sdpa-flash <= 1.25x": True, "speed-up vs published >= 3x": True,
-                        "speed-up vs eager-index >= 3x": False, "faster than sdpa-bias (sdpa-bias ms / pss ms > 1)": True,
-                        "faster than flex (flex ms / pss ms > 1)": False, "peak memory vs sdpa-flash <= 1.10x": True}
+            rpb_row("flex", 0.5), rpb_row("pss-frozen-table", 0.95), frozen_forward]
+    verdicts = {name.split(": ", 1)[1]: (value, met) for name, value, met in ops.rpb_targets(rows)}
+    assert {name: met for name, (_, met) in verdicts.items()} == {
+        "time vs sdpa-flash <= 1.25x": True, "speed-up vs published >= 3x": True, "speed-up vs eager-index >= 3x": False,
+        "faster than sdpa-bias (sdpa-bias ms / pss ms > 1)": True, "faster than flex (flex ms / pss ms > 1)": False,
+        "peak memory vs sdpa-flash <= 1.10x": True, BIAS_GRAD_TARGET: True}
+    # (1.0 - 0.95) / (0.95 - 0.35): the bias gradient against the frozen table's backward
+    assert verdicts[BIAS_GRAD_TARGET][0] == pytest.approx(0.05 / 0.60)
 
 
+def test_rpb_targets_say_not_measured_never_miss_for_missing_rows():
+    """A run cut short: no sdpa-flash, flex or frozen-table rows, and pss skipped at rho = 0.6. Every
+    target without its figures is NOT MEASURED (None), never a MISS."""
+    rows = [rpb_row("pss", 1.0, ms_vs_sdpa_flash=None, peak_mem_vs_sdpa_flash=None),
+            rpb_row("pss", None, keep_rate=0.6, num_tokens=118, error="skipped: the run's time budget of 1 s was spent")]
+    targets = ops.rpb_targets(rows)
+    assert targets and all(met is None and value is None for name, value, met in targets
+                           if "speed-up" not in name or "published" in name or "eager-index" in name)
+    assert [name for name, _, _ in targets if "n=118" in name] == [
+        f"rpb_attention vit_base fwd+bwd B=256 n=118: {BIAS_GRAD_TARGET}"]
+    assert all(ops.TARGET_STATUS[met] == "NOT MEASURED" for _, _, met in targets)
+
+
+@pytest.mark.interpreter
 def test_tile_sweep_harness_in_the_interpreter(tmp_path):
     """benchmarks/tune_rpb_tiles.py on a tiny shape: every distinct tile timed, outputs compared with
     the current tile's (exit status 0: none differs), the best tile per kernel recorded."""

@@ -185,6 +185,7 @@ def run_digits_deit(out_dir, **overrides):
 
 
 def test_deit_recipe_on_digits_trains_and_resumes_bit_for_bit(tmp_path):
+    pytest.importorskip("kornia")  # the recipe's device-side augmentation (the train extra)
     straight = run_digits_deit(tmp_path / "straight")
     first = run_digits_deit(tmp_path / "resumed", stop_at_step=61)  # mid-epoch, mid-repetition
     assert first["step"] == 61 and not first["finished"]

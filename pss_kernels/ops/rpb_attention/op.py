@@ -1,11 +1,17 @@
 """Public `rpb_attention`: argument checks, backend dispatch and the torch.library registration.
 
-One registered boundary per direction: `pss_kernels::rpb_attention_fwd` returns (out, lse,
-cls_attention) and its autograd formula calls `pss_kernels::rpb_attention_bwd`, which returns
-the gradients of q, k, v and bias_table. Both have fake kernels, so the op traces under
-torch.compile(fullgraph=True) and passes torch.library.opcheck. The backend is chosen before
-the op is called and travels as a string argument; the backends fill buffers whose layout
-`_forward_outputs` fixes, so real and fake outputs always agree.
+The kernel backends ("torch", "triton") run behind one registered boundary per direction:
+`pss_kernels::rpb_attention_fwd` returns (out, lse, cls_attention) and its autograd formula calls
+`pss_kernels::rpb_attention_bwd`, which returns the gradients of q, k, v and bias_table. Both have
+fake kernels, so the op traces under torch.compile(fullgraph=True) and passes
+torch.library.opcheck. The backend is chosen before the op is called and travels as a string
+argument; the backends fill buffers whose layout `_forward_outputs` fixes, so real and fake
+outputs always agree.
+
+The "sdpa" backend is built from PyTorch's own ops, which autograd and torch.compile already
+know (sdpa_attention.py); only its table rows come from a registered op,
+`pss_kernels::rpb_table_rows`, which holds the host check of `index` (a device sync that must stay
+out of a compiled graph).
 """
 from __future__ import annotations
 
@@ -16,11 +22,15 @@ import torch
 from ..._backends import OP_BACKENDS as _OP_BACKENDS, resolve_backend
 from ..._checks import FLOAT_DTYPES, check_bool, check_grid_size, check_int, check_same_device, check_tensor
 from .reference import bias_table_rows
+from .sdpa_attention import padded_width, rpb_attention_sdpa, table_rows
 
-# No rpb_attention Triton kernel has run on a GPU yet (only under TRITON_INTERPRET=1), so
-# backend=None keeps CUDA tensors on the torch reference until the GPU tests and benchmarks
-# pass; then this becomes "triton" (backend=None picks the fastest validated backend per device).
-GPU_DEFAULT_BACKEND = "torch"
+# backend=None runs the fastest path validated on the device. No rpb_attention Triton kernel has
+# run on a GPU yet (only under TRITON_INTERPRET=1), so on CUDA that is the construction from
+# PyTorch's own kernels ("sdpa": the gathered bias given to SDPA's memory-efficient kernel) until the
+# kernel passes its GPU tests and beats it in benchmarks/ops.py and iter_time.py. On CPU "sdpa" is
+# the fastest construction there (benchmarks/results/cpu/); the float32 "torch" backend is the oracle.
+GPU_DEFAULT_BACKEND = "sdpa"
+CPU_DEFAULT_BACKEND = "sdpa"
 
 OP_BACKENDS = _OP_BACKENDS["rpb_attention"]  # no "cuda": this op has no CUDA C++ kernel
 TRITON_MAX_HEAD_DIM = 128  # the head dim is padded to a power of two; larger tiles would spill
@@ -50,10 +60,12 @@ def rpb_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table:
             `index` of `sample_patches`), or None for all N tokens in order (n == N), the keep-rate-1
             path, which costs no index loads.
         grid_size: (Gh, Gw). num_prefix_tokens: 0 or 1. scale: default D ** -0.5.
-        backend: "torch" | "triton" | None (None: PSS_KERNELS_BACKEND when it names one of these,
-            else per device, see `GPU_DEFAULT_BACKEND`); "cuda" raises ValueError.
-        deterministic: make dbias_table bit-identical run to run (triton: slower backward, see
-            triton_backward.py; needs distinct positions within each image).
+        backend: "torch" (the float32 oracle) | "sdpa" (PyTorch's SDPA with the gathered bias) |
+            "triton" | None (None: PSS_KERNELS_BACKEND when it names one of these, else the device's
+            default, `CPU_DEFAULT_BACKEND` / `GPU_DEFAULT_BACKEND`); "cuda" raises ValueError.
+        deterministic: make dbias_table bit-identical run to run (triton: an accumulator without
+            atomics, see triton_bias_grad.py; needs distinct positions within each image; sdpa:
+            always so).
         return_cls_attention: also return the head-averaged attention of query 0 (the prefix/CLS
             token; needs num_prefix_tokens == 1) to every token, (B, n) float32, without gradient:
             an importance signal for sample_patches(scorer="given").
@@ -71,9 +83,15 @@ def rpb_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table:
     check_tensor("q", q, ndim=4, dtypes=None)
     # An explicit backend="cuda" raises ValueError (no CUDA C++ kernel); PSS_KERNELS_BACKEND=cuda
     # leaves this op on its default (pss_kernels._backends).
-    chosen = resolve_backend("rpb_attention", backend, q.device, GPU_DEFAULT_BACKEND)
+    chosen = resolve_backend("rpb_attention", backend, q.device, GPU_DEFAULT_BACKEND, CPU_DEFAULT_BACKEND)
     grid_size, scale = _check_arguments(q, k, v, bias_table, index, grid_size, num_prefix_tokens, scale, chosen,
                                         deterministic, return_cls_attention, check_index)
+    if chosen == "sdpa":
+        rows = (None if index is None else
+                torch.ops.pss_kernels.rpb_table_rows(index, grid_size, num_prefix_tokens, q.device.type == "cuda",
+                                                     check_index))
+        return rpb_attention_sdpa(q, k, v, bias_table, index, rows, tuple(grid_size), num_prefix_tokens, scale,
+                                  return_cls_attention)
     out, _, cls_attention = torch.ops.pss_kernels.rpb_attention_fwd(
         q, k, v, bias_table, index, grid_size, num_prefix_tokens, scale, chosen, deterministic,
         return_cls_attention, check_index)
@@ -83,7 +101,7 @@ def rpb_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table:
 def _check_arguments(q, k, v, bias_table, index, grid_size, num_prefix_tokens, scale, backend, deterministic,
                      return_cls_attention, check_index) -> Tuple[List[int], float]:
     """Every check that needs no tensor values; returns (grid_size as a list, scale as a float)."""
-    dtypes = FLOAT_DTYPES + ((torch.float64,) if backend == "torch" else ())
+    dtypes = FLOAT_DTYPES + ((torch.float64,) if backend in ("torch", "sdpa") else ())
     check_tensor("q", q, ndim=4, dtypes=dtypes)
     batch, heads, num_tokens, head_dim = q.shape
     if q.numel() == 0:
@@ -141,6 +159,21 @@ def _check_index_values(index: torch.Tensor, num_positions: int, require_distinc
     if repeats and repeats[0]:
         raise ValueError("index must not repeat a position within an image when deterministic=True "
                          "(the deterministic bias-gradient accumulation relies on distinct positions)")
+
+
+@torch.library.custom_op("pss_kernels::rpb_table_rows", mutates_args=())
+def _rpb_table_rows(index: torch.Tensor, grid_size: List[int], num_prefix_tokens: int, pad: bool,
+                    check_index: bool) -> torch.Tensor:
+    """(B, n, n_pad) int64 table rows of the sdpa backend (sdpa_attention.table_rows), after the host
+    check of `index` when asked."""
+    if check_index:
+        _check_index_values(index, num_prefix_tokens + grid_size[0] * grid_size[1], require_distinct=False)
+    return table_rows(index, tuple(grid_size), num_prefix_tokens, index.shape[1], index.device, pad)
+
+
+@_rpb_table_rows.register_fake
+def _(index, grid_size, num_prefix_tokens, pad, check_index):
+    return index.new_empty((index.shape[0], index.shape[1], padded_width(index.shape[1], pad)), dtype=torch.int64)
 
 
 def _forward_outputs(q: torch.Tensor, return_cls_attention: bool):

@@ -25,27 +25,19 @@ the fused kernel:
 from __future__ import annotations
 
 import warnings
-from functools import lru_cache
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .reference import relative_index
-
-
-@lru_cache(maxsize=16)
-def _full_relative_index(grid_size: tuple, num_prefix_tokens: int, device: torch.device) -> torch.Tensor:
-    """The (N, N) table-row index of all token pairs: the buffer BEiT/timm keep per layer."""
-    positions = torch.arange(num_prefix_tokens + grid_size[0] * grid_size[1], device=device)
-    return relative_index(positions[:, None], positions[None, :], grid_size, num_prefix_tokens)
+from .reference import full_relative_index, relative_index
 
 
 def dense_bias(bias_table: torch.Tensor, index: Optional[torch.Tensor], grid_size: Sequence[int],
                num_prefix_tokens: int = 1) -> torch.Tensor:
     """(B or 1, H, n, n) bias, one table lookup: advanced indexing of the (N, N) index buffer with
     the kept positions, then of the table with the (B, n, n) rows that gives."""
-    rel = _full_relative_index(tuple(grid_size), num_prefix_tokens, bias_table.device)
+    rel = full_relative_index(tuple(grid_size), num_prefix_tokens, bias_table.device)
     if index is not None:
         rel = rel[index[:, :, None], index[:, None, :]]  # (B, n, n)
     else:
@@ -68,7 +60,7 @@ def published_dense_bias(bias_table: torch.Tensor, index: Optional[torch.Tensor]
     another order (over images first, then over position pairs), so in float32 it agrees with
     `dense_bias`'s to rounding, not bit for bit, when index is given.
     """
-    rel = _full_relative_index(tuple(grid_size), num_prefix_tokens, bias_table.device)
+    rel = full_relative_index(tuple(grid_size), num_prefix_tokens, bias_table.device)
     num_positions = rel.shape[0]
     full = bias_table[rel.reshape(-1)].view(num_positions, num_positions, -1)  # (N, N, H)
     if index is None:

@@ -32,6 +32,31 @@ def relative_index(pos_q: torch.Tensor, pos_k: torch.Tensor, grid_size: Tuple[in
     return rel
 
 
+def full_relative_index(grid_size: Tuple[int, int], num_prefix_tokens: int, device: torch.device) -> torch.Tensor:
+    """The (N, N) table rows of all pairs of the N = num_prefix_tokens + Gh*Gw positions: the
+    `relative_position_index` buffer BEiT / timm keep per layer.
+
+    Cached per device, except while a CUDA graph is being captured: a tensor made then holds its
+    values only once the graph replays, so caching it would hand garbage to later eager calls."""
+    device = torch.device(device)
+    key = (tuple(grid_size), num_prefix_tokens, device)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return _full_relative_index(*key)
+    # A dict, not functools.lru_cache: torch.compile traces through this call and warns about the
+    # cache wrapper, while it reads a dict cleanly.
+    if key not in _FULL_RELATIVE_INDEX:
+        _FULL_RELATIVE_INDEX[key] = _full_relative_index(*key)
+    return _FULL_RELATIVE_INDEX[key]
+
+
+_FULL_RELATIVE_INDEX: dict = {}
+
+
+def _full_relative_index(grid_size: Tuple[int, int], num_prefix_tokens: int, device: torch.device) -> torch.Tensor:
+    positions = torch.arange(num_prefix_tokens + grid_size[0] * grid_size[1], device=device)
+    return relative_index(positions[:, None], positions[None, :], grid_size, num_prefix_tokens)
+
+
 def gather_bias(bias_table: torch.Tensor, index: Optional[torch.Tensor], grid_size: Tuple[int, int],
                 num_prefix_tokens: int = 1) -> torch.Tensor:
     """The dense per-image bias (B or 1, H, n, n) — what the published code materialises."""

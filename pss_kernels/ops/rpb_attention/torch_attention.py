@@ -30,7 +30,8 @@ def rpb_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bia
 
 
 @contextmanager
-def _deterministic_algorithms(enabled: bool):
+def deterministic_algorithms(enabled: bool = True):
+    """torch.use_deterministic_algorithms(True) for the block, when `enabled` and not already on."""
     if not enabled or torch.are_deterministic_algorithms_enabled():
         yield
         return
@@ -71,6 +72,6 @@ def rpb_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
         positions = index
     rel = relative_index(positions[:, :, None], positions[:, None, :], grid_size, num_prefix_tokens).reshape(-1)
     dbias_table = torch.zeros(bias_table.shape, device=q.device, dtype=compute_dtype)
-    with _deterministic_algorithms(deterministic):
+    with deterministic_algorithms(deterministic):
         dbias_table.index_put_((rel,), logit_grads.permute(0, 2, 3, 1).reshape(-1, heads), accumulate=True)
     return dq.to(dtype), dk.to(dtype), dv.to(dtype), dbias_table.to(bias_table.dtype)

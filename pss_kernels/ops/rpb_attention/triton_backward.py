@@ -10,39 +10,34 @@ With P = softmax(S), S = q k^T * scale + bias (natural units), and dO the output
                                                        looping over key blocks; no atomics)
     dbias_table[r, h] = sum_{b, i, j : rel(b, i, j) = r} dS[b, h, i, j]
 
-With an `index`, dbias_table is accumulated by _dkdv_kernel into a float32 workspace (B*H, R): each (b, h) owns
-one row-slice of R floats (a few KB, L2-resident), so no two images or heads ever touch the same
-address; the slices are summed over b at the end by torch (a fixed-order reduction). This
-replaces the "one global atomic per score element on the shared (R, H) table" design whose
-contention makes FlexAttention's bias gradient about 30x slower than its forward. Triton has no
-shared-memory scatter, so "on chip" here means "in a private, cache-resident slice":
+dbias_table is accumulated by one of the accumulators of triton_bias_grad.py (its docstring says
+what each costs). _dkdv_kernel takes part in three of them (DBIAS):
 
-- deterministic=False: each (b, h, key block) program adds its tile with one vector
-  `atomic_add` (relaxed) into the (b, h) slice. Only the ceil(n / BLOCK_N) programs of one
-  (b, h) share a slice; the order of the float additions varies run to run.
-- deterministic=True: one program per (b, h) walks all its key blocks in order, and adds each
-  tile column by column with a barrier between columns. Within one patch-key column j, distinct
-  query positions give distinct table rows (and the single prefix query gives its own row R-3),
-  so that column is a scatter without duplicate addresses. A prefix-key column is not: every
-  patch query maps to row R-2, and same-address atomics from different warps land in an order
-  the hardware picks (the interpreter, which runs them in sequence, hides this). So the R-2
-  entries of a tile are summed first with a fixed-order `tl.sum` and added as one scalar. Every
-  slice entry then receives its additions in a fixed order, so dbias_table is bit-identical run
-  to run. (The column updates are atomic adds rather than load + add + store only so that no
-  compiler pass may move a load of column j + 1 above the barrier; their order is fixed all the
-  same.) This needs distinct positions within each image (what sample_patches returns; op.py
-  checks it) and costs about BLOCK_N extra reductions per tile plus less parallelism: an opt-in
-  for reproducibility runs.
-
-At keep rate 1 (index=None) every image shares one (n, n) map of table rows, so dbias_table can
-be formed from the sum of dS over images instead (triton_bias_grad.py: the "image-sum" and
-"position-grid" accumulators, PSS_KERNELS_RPB_DBIAS); deterministic=True there takes image-sum with
-one group of images, which writes with plain stores.
+- "slices": each (b, h, key block) program adds its tile with one vector `atomic_add` (relaxed)
+  into the (R,) slice of its (b, h) in a float32 workspace (B*H, R); torch sums the slices over b
+  (a fixed-order reduction). Only the ceil(n / BLOCK_N) programs of one (b, h) share a slice.
+  With DETERMINISTIC, one program per (b, h) walks all its key blocks in order, and adds each tile
+  column by column with a barrier between columns. Within one patch-key column j, distinct query
+  positions give distinct table rows (and the single prefix query gives its own row R-3), so that
+  column is a scatter without duplicate addresses. A prefix-key column is not: every patch query
+  maps to row R-2, and same-address atomics from different warps land in an order the hardware
+  picks (the interpreter, which runs them in sequence, hides this). So the R-2 entries of a tile
+  are summed first with a fixed-order `tl.sum` and added as one scalar. Every slice entry then
+  receives its additions in a fixed order, so dbias_table is bit-identical run to run. (The column
+  updates are atomic adds rather than load + add + store only so that no compiler pass may move a
+  load of column j + 1 above the barrier; their order is fixed all the same.) This needs distinct
+  positions within each image (op.py checks it) and costs about BLOCK_N extra reductions per tile
+  plus less parallelism: the fallback of deterministic mode when csr's workspace does not fit.
+- "position-grid": each dS element is added at the cell (pos_i, pos_j) of one of C copies of the
+  full-position grid (H, N, N), copy b % C (positions = index[b] or, at index=None, the token numbers).
+- "csr": each dS element is stored (no atomics) into a (B, n, n, H) float32 workspace, which
+  _sum_pairs_by_row_kernel then reduces by table row.
+The fourth, "image-sum" (index=None), runs a kernel of its own, and _dkdv_kernel does no bias work.
 
 All grids are flat, with the programs of one (b, h) next to each other (split_program_id); the
 bias is gathered from a head-major copy of the table (head_major_table).
 
-With a frozen table (bias_grad=False, e.g. bias_table.requires_grad is False) BIAS_GRAD drops the
+With a frozen table (bias_grad=False, e.g. bias_table.requires_grad is False) DBIAS="none" drops the
 accumulation from the kernel: the backward then does exactly FlashAttention-2's work plus the bias
 gather, which is also how benchmarks/ops.py measures what the bias gradient costs.
 """
@@ -54,9 +49,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_bias_grad import choose_accumulator, image_sum_grid, table_grad_from_grid
+from .triton_bias_grad import choose_accumulator, image_sum_grid, table_grad_from_grid, table_grad_from_stored_ds
 from .triton_common import (LOG2E, bias_tile_log2, biased_logits_log2, dot_precision, head_major_table, head_slice,
-                            head_strides, load_rows, split_program_id, tile_config, token_coordinates)
+                            head_strides, load_rows, position_coordinates, split_program_id, tile_config,
+                            token_coordinates, token_positions)
 
 
 @triton.jit
@@ -117,7 +113,7 @@ def _accumulate_bias_grad(SLICE, rel, logit_grads, valid, num_table_rows, BLOCK_
 
 @triton.jit
 def _dkdv_kernel(
-        Q, K, V, DOUT, LSE, DELTA, TABLE, INDEX, DK, DV, DBIAS_SLICES,
+        Q, K, V, DOUT, LSE, DELTA, TABLE, INDEX, DK, DV, DBIAS_WORKSPACE,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -125,17 +121,17 @@ def _dkdv_kernel(
         stride_table_row, stride_table_head, stride_index_b, stride_index_n,
         num_heads, num_tokens, head_dim, grid_h, grid_w, num_table_rows, qk_scale_log2, scale,
         num_grid_copies, programs_per_head,
-        HAS_INDEX: tl.constexpr, NUM_PREFIX: tl.constexpr, BIAS_GRAD: tl.constexpr, DETERMINISTIC: tl.constexpr,
-        POSITION_GRID: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        HEAD_DIM_PAD: tl.constexpr):
+        HAS_INDEX: tl.constexpr, NUM_PREFIX: tl.constexpr, DBIAS: tl.constexpr, DETERMINISTIC: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
     """Program (b*H + h) * G + g, G = programs_per_head, handles key blocks g, g + G, ... of (b, h)
-    (G = 1 in deterministic mode: one program walks all key blocks in order).
+    (G = 1 for the deterministic slices: one program walks all key blocks in order).
 
-    DBIAS_SLICES is the bias-gradient workspace: (B*H, R) table slices, or with POSITION_GRID
-    (index=None only) the (num_grid_copies, H, n, n) position grid (triton_bias_grad.py)."""
+    DBIAS_WORKSPACE by DBIAS: "slices" (B*H, R) table slices; "position-grid" the (num_grid_copies,
+    H, N, N) full-position grid; "csr" the (B, n, n, H) dS store; "none" unused."""
     batch_head, first_block = split_program_id(programs_per_head)
     batch = batch_head // num_heads
     head = batch_head % num_heads
+    num_positions = NUM_PREFIX + grid_h * grid_w
     q_base = head_slice(Q, batch, head, stride_qb, stride_qh)
     k_base = head_slice(K, batch, head, stride_kb, stride_kh)
     v_base = head_slice(V, batch, head, stride_vb, stride_vh)
@@ -145,11 +141,13 @@ def _dkdv_kernel(
     dv_base = DV + batch_head.to(tl.int64) * num_tokens * head_dim
     row_base = batch_head.to(tl.int64) * num_tokens
     table_h = TABLE + head * stride_table_head
-    if POSITION_GRID:
+    if DBIAS == "position-grid":
         grid_copy = (batch % num_grid_copies) * num_heads + head
-        bias_slice = DBIAS_SLICES + grid_copy.to(tl.int64) * num_tokens * num_tokens
+        workspace = DBIAS_WORKSPACE + grid_copy.to(tl.int64) * num_positions * num_positions
+    elif DBIAS == "csr":
+        workspace = DBIAS_WORKSPACE + batch.to(tl.int64) * num_tokens * num_tokens * num_heads + head
     else:
-        bias_slice = DBIAS_SLICES + batch_head.to(tl.int64) * num_table_rows
+        workspace = DBIAS_WORKSPACE + batch_head.to(tl.int64) * num_table_rows
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask_d = offs_d < head_dim
 
@@ -158,8 +156,9 @@ def _dkdv_kernel(
         mask_n = offs_n < num_tokens
         k = load_rows(k_base, offs_n, mask_n, stride_kn, offs_d, mask_d, stride_kd)
         v = load_rows(v_base, offs_n, mask_n, stride_vn, offs_d, mask_d, stride_vd)
-        coord_k, prefix_k = token_coordinates(INDEX, stride_index_b, stride_index_n, batch, offs_n,
-            num_tokens, grid_h, grid_w, HAS_INDEX, NUM_PREFIX)
+        pos_k = token_positions(INDEX, stride_index_b, stride_index_n, batch, offs_n, num_tokens, grid_h, grid_w,
+                                HAS_INDEX, NUM_PREFIX)
+        coord_k, prefix_k = position_coordinates(pos_k, grid_w, NUM_PREFIX)
         dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
         for start_m in range(0, num_tokens, BLOCK_M):
@@ -171,24 +170,29 @@ def _dkdv_kernel(
             # nothing to dv (lse = 0 would give P = 2^(bias log2 e), inf * 0 = NaN for a huge bias).
             lse_log2 = tl.load(LSE + row_base + offs_m, mask=mask_m, other=float("inf")) * LOG2E
             delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
-            coord_q, prefix_q = token_coordinates(INDEX, stride_index_b, stride_index_n, batch, offs_m,
-                num_tokens, grid_h, grid_w, HAS_INDEX, NUM_PREFIX)
+            pos_q = token_positions(INDEX, stride_index_b, stride_index_n, batch, offs_m, num_tokens, grid_h, grid_w,
+                                    HAS_INDEX, NUM_PREFIX)
+            coord_q, prefix_q = position_coordinates(pos_q, grid_w, NUM_PREFIX)
             probs, logit_grads, rel = _probs_and_logit_grads(
                 q, k, v, dout, lse_log2, delta, coord_q, prefix_q, coord_k, prefix_k, mask_n, table_h,
                 stride_table_row, grid_h, grid_w, qk_scale_log2, NUM_PREFIX, DOT_PRECISION)
             dv += tl.dot(tl.trans(probs.to(dout.dtype)), dout, input_precision=DOT_PRECISION)
             dk += tl.dot(tl.trans(logit_grads.to(q.dtype)), q, input_precision=DOT_PRECISION)
-            if BIAS_GRAD:
-                if POSITION_GRID:
-                    tl.atomic_add(bias_slice + offs_m[:, None] * num_tokens + offs_n[None, :], logit_grads,
-                                  mask=mask_m[:, None] & mask_n[None, :], sem="relaxed")
-                else:
-                    _accumulate_bias_grad(bias_slice, rel, logit_grads, mask_m[:, None] & mask_n[None, :],
-                                          num_table_rows, BLOCK_N, NUM_PREFIX, DETERMINISTIC)
+            tile_mask = mask_m[:, None] & mask_n[None, :]
+            if DBIAS == "position-grid":
+                # Distinct positions within an image: the cells of one tile are distinct.
+                tl.atomic_add(workspace + pos_q[:, None] * num_positions + pos_k[None, :], logit_grads,
+                              mask=tile_mask, sem="relaxed")
+            elif DBIAS == "csr":
+                pairs = offs_m.to(tl.int64)[:, None] * num_tokens + offs_n[None, :]
+                tl.store(workspace + pairs * num_heads, logit_grads, mask=tile_mask)
+            elif DBIAS == "slices":
+                _accumulate_bias_grad(workspace, rel, logit_grads, tile_mask, num_table_rows, BLOCK_N, NUM_PREFIX,
+                                      DETERMINISTIC)
         tile = offs_n.to(tl.int64)[:, None] * head_dim + offs_d[None, :]
-        tile_mask = mask_n[:, None] & mask_d[None, :]
-        tl.store(dk_base + tile, (dk * scale).to(DK.dtype.element_ty), mask=tile_mask)
-        tl.store(dv_base + tile, dv.to(DV.dtype.element_ty), mask=tile_mask)
+        rows_mask = mask_n[:, None] & mask_d[None, :]
+        tl.store(dk_base + tile, (dk * scale).to(DK.dtype.element_ty), mask=rows_mask)
+        tl.store(dv_base + tile, dv.to(DV.dtype.element_ty), mask=rows_mask)
 
 
 @triton.jit
@@ -261,40 +265,44 @@ def rpb_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     qk_scale_log2 = scale * LOG2E.value
     dq_config = tile_config("dq", num_tokens, head_dim, q.dtype)
     query_blocks = triton.cdiv(num_tokens, dq_config.block_m)
+    num_positions = num_prefix_tokens + grid_size[0] * grid_size[1]
     accumulator = None
     if bias_grad:
         dbias_config = tile_config("dbias", num_tokens, head_dim, q.dtype)
         accumulator = choose_accumulator(batch, heads, num_tokens, has_index=index is not None,
-                                         deterministic=deterministic,
+                                         deterministic=deterministic, num_positions=num_positions,
                                          query_blocks=triton.cdiv(num_tokens, dbias_config.block_m),
                                          key_blocks=triton.cdiv(num_tokens, dbias_config.block_n))
-    # What _dkdv_kernel itself accumulates: slices or the position grid; nothing for image-sum.
-    dkdv_bias_grad = accumulator is not None and accumulator.kind != "image-sum"
-    dkdv_deterministic = deterministic and dkdv_bias_grad
-    if not dkdv_bias_grad:
-        workspace = lse  # stands in for an unused pointer
-    elif accumulator.kind == "position-grid":
-        workspace = torch.zeros(accumulator.count, heads, num_tokens, num_tokens, device=q.device,
+    # What _dkdv_kernel itself does for the bias gradient (image-sum runs a kernel of its own).
+    dkdv_bias = "none" if accumulator is None or accumulator.kind == "image-sum" else accumulator.kind
+    dkdv_deterministic = deterministic and dkdv_bias == "slices"
+    if dkdv_bias == "position-grid":
+        workspace = torch.zeros(accumulator.count, heads, num_positions, num_positions, device=q.device,
                                 dtype=torch.float32)
-    else:
+    elif dkdv_bias == "csr":  # every element is written: no zero fill
+        workspace = torch.empty(batch, num_tokens, num_tokens, heads, device=q.device, dtype=torch.float32)
+    elif dkdv_bias == "slices":
         workspace = torch.zeros(batch * heads, num_table_rows, device=q.device, dtype=torch.float32)
+    else:
+        workspace = lse  # stands in for an unused pointer
     index_arg = index if index is not None else lse  # never read: HAS_INDEX is False
     index_strides = (index.stride(0), index.stride(1)) if index is not None else (0, 0)
     strides = (*head_strides(q), *head_strides(k), *head_strides(v), *head_strides(grad_out),
                table.stride(1), table.stride(0), *index_strides)
 
+    # Two (BLOCK_M, D) tiles: in float32 at D = 128 four warps keep 8 bytes on the stack (Triton 3.9).
+    delta_warps = 8 if q.dtype == torch.float32 and dq_config.head_dim_pad >= 128 else 4
     _delta_kernel[(batch * heads * query_blocks,)](
         out, grad_out, delta, *head_strides(out), *head_strides(grad_out), heads, num_tokens, head_dim,
-        BLOCK_M=dq_config.block_m, HEAD_DIM_PAD=dq_config.head_dim_pad, num_warps=4)
+        BLOCK_M=dq_config.block_m, HEAD_DIM_PAD=dq_config.head_dim_pad, num_warps=delta_warps)
     # Deterministic slices: one program per (b, h) walks all its key blocks in order.
     dkdv_config = tile_config("dkdv_deterministic" if dkdv_deterministic else "dkdv", num_tokens, head_dim, q.dtype)
     programs_per_head = 1 if dkdv_deterministic else triton.cdiv(num_tokens, dkdv_config.block_n)
     _dkdv_kernel[(batch * heads * programs_per_head,)](
         q, k, v, grad_out, lse, delta, table, index_arg, dk, dv, workspace, *strides,
         heads, num_tokens, head_dim, grid_size[0], grid_size[1], num_table_rows, qk_scale_log2, scale,
-        accumulator.count if dkdv_bias_grad and accumulator.kind == "position-grid" else 1, programs_per_head,
-        BIAS_GRAD=dkdv_bias_grad, DETERMINISTIC=dkdv_deterministic,
-        POSITION_GRID=dkdv_bias_grad and accumulator.kind == "position-grid",
+        accumulator.count if dkdv_bias == "position-grid" else 1, programs_per_head,
+        DBIAS=dkdv_bias, DETERMINISTIC=dkdv_deterministic,
         BLOCK_M=dkdv_config.block_m, BLOCK_N=dkdv_config.block_n,
         HEAD_DIM_PAD=dkdv_config.head_dim_pad, num_warps=dkdv_config.num_warps,
         num_stages=dkdv_config.num_stages, **geometry)
@@ -307,6 +315,8 @@ def rpb_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
         return dq, dk, dv, torch.zeros_like(bias_table, memory_format=torch.contiguous_format)
     if accumulator.kind == "slices":
         dbias_table = workspace.view(batch, heads, num_table_rows).sum(0).t()
+    elif accumulator.kind == "csr":
+        dbias_table = table_grad_from_stored_ds(workspace, index, grid_size, num_prefix_tokens, num_table_rows)
     else:
         grid = (workspace.sum(0) if accumulator.kind == "position-grid" else
                 image_sum_grid(q, k, v, grad_out, lse, delta, table, grid_size, num_prefix_tokens, qk_scale_log2,

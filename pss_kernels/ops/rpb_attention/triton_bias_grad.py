@@ -1,83 +1,119 @@
-"""How the Triton backward of rpb_attention accumulates dbias_table at keep rate 1 (index=None).
+"""How the Triton backward of rpb_attention accumulates the bias-table gradient
 
-    dbias_table[r, h] = sum_{b, i, j : rel(i, j) = r} dS[b, h, i, j]
+    dbias_table[r, h] = sum_{b, i, j : rel(pos[b, i], pos[b, j]) = r} dS[b, h, i, j]
 
-With an `index` every image has its own map of table rows, and _dkdv_kernel adds each tile of dS
-into a private (R,) slice per (b, h) (triton_backward.py). At index=None all images share one
-(n, n) map, so the sum over images can come first and the table scatter once, independent of B:
+without a global atomic per score element on the shared (R, H) table (the ~30x cliff of
+FlexAttention's bias gradient). Every image has its own map of table rows when an `index` is given
+(every step at keep rate rho < 1), one shared map at index=None. The accumulators
+(PSS_KERNELS_RPB_DBIAS selects one; "auto" follows `choose_accumulator`):
 
-    G[h, i, j] = sum_b dS[b, h, i, j]                 a "position grid" (H, n, n) float32
-    dbias_table[r, h] = sum_{(i, j) : rel(i, j) = r} G[h, i, j]        (_sum_grid_by_row_kernel)
+- "slices" (any index): _dkdv_kernel adds each dS tile into a private (R,) slice of its (b, h) with
+  one atomic per element, and torch sums the (B, H, R) slices over b. Same-row elements of one tile
+  (a diagonal of the tile maps to one row) collide within a warp instruction.
+- "position-grid" (any index): _dkdv_kernel adds each dS element at the cell (pos[b, i], pos[b, j])
+  of a shared full-position grid G (H, N, N) float32 (one of C <= 8 copies, by image b % C). Within
+  one image the cells of a tile are distinct (distinct positions), so atomics only meet across
+  images; then dbias_table = the fixed-order row sum of G (_sum_grid_by_row_kernel).
+- "csr" (any index; deterministic, no atomics): _dkdv_kernel stores dS with plain stores into a
+  (B, n, n, H) float32 workspace, and _sum_pairs_by_row_kernel reduces it by table row along CSR
+  lists of the pairs (b, i, j) of each row, built once per `index` (one sort, index_row_lists) and
+  shared by every head and layer of a step. Costs 4 B*n*n*H bytes of workspace, written and read once.
+- "image-sum" (index=None only): _image_sum_kernel, one program per (head, query block, key block,
+  group of images), recomputes P and dS of its tile for each image of its group and sums them in
+  registers, then writes G's tile once (a plain store when one group holds every image, else one
+  atomic per element per group); _dkdv_kernel then does no bias-gradient work.
 
-Two ways to form G (PSS_KERNELS_RPB_DBIAS selects; the benchmarks time them side by side with the
-slices and with a frozen table, `pss-frozen-table`, which does no bias-gradient work at all):
-
-- "image-sum" (auto's choice): _image_sum_kernel, one program per (head, query block, key block,
-  group of images), recomputes P and dS of its tile for each image of its group (two dots: q k^T
-  and dO v^T; the bias tile is gathered once) and sums them in registers, then writes the tile once:
-  a plain store when one group holds every image (deterministic), else one atomic add per element
-  per group (ceil(B / group) instead of B). _dkdv_kernel then runs without bias-gradient work.
-- "position-grid": _dkdv_kernel adds every dS element into one of C copies of G (C <= 8, chosen by
-  image b % C) with a coalesced atomic: one atomic per score element (~1.2e8 a layer at ViT-B,
-  B = 256), spread over C copies.
-
-The final scatter, _sum_grid_by_row_kernel, walks the pairs of each table row in a fixed order
-(a CSR list of the shared row map), so it is deterministic, unlike index_add_ on CUDA.
+With a frozen table (bias_grad=False) none runs: benchmarks/ops.py's `pss-frozen-table` row is the
+backward without any bias-gradient work, so pss minus it is what the accumulator costs.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import os
-from typing import NamedTuple, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .reference import relative_index
+from .reference import bias_table_rows, full_relative_index
 from .triton_common import (LOG2E, bias_tile_log2, biased_logits_log2, head_slice, load_rows, tile_config,
                             token_coordinates)
 
 DBIAS_ENV_VAR = "PSS_KERNELS_RPB_DBIAS"
-DBIAS_ACCUMULATORS = ("auto", "image-sum", "position-grid", "slices")
+DBIAS_ACCUMULATORS = ("auto", "image-sum", "position-grid", "csr", "slices")
 POSITION_GRID_MAX_COPIES = 8
 POSITION_GRID_MAX_BYTES = 64 * 2**20
+CSR_MAX_BYTES = 2 * 2**30  # the (B, n, n, H) float32 dS workspace
 # Image-sum programs aimed at: enough to fill an H100/H200 (132 SMs) a few times over; more groups
 # mean more atomic adds per grid element, fewer mean less parallelism.
 IMAGE_SUM_TARGET_PROGRAMS = 4 * 132
+# CSR row-sum programs aimed at: each table row is cut into `splits` equal parts so that the longest
+# rows (the diagonal and the prefix rows hold about B*n pairs, the mean row B*n*n/R) do not leave the
+# other SMs idle at the end.
+CSR_TARGET_PROGRAMS = 4 * 132
+CSR_MAX_SPLITS = 64
+
+# auto's choice as the GPU window measured it (benchmarks/ops.py, the pss-dbias-* rows against
+# pss-frozen-table): has_index -> ((largest n, accumulator), ...) in ascending n; the first entry whose n
+# covers the call decides. Empty: not measured on a GPU yet, and `choose_accumulator`'s rule applies.
+MEASURED_AUTO: Dict[bool, Tuple[Tuple[int, str], ...]] = {}
 
 
 class Accumulator(NamedTuple):
-    """How one backward accumulates dbias_table: kind "slices" | "position-grid" | "image-sum";
-    copies of the position grid (position-grid) or images per program (image-sum), else 0."""
+    """How one backward accumulates dbias_table: kind "slices" | "position-grid" | "csr" | "image-sum";
+    copies of the position grid (position-grid), images per program (image-sum), else 0."""
     kind: str
     count: int
 
 
 def choose_accumulator(batch: int, heads: int, num_tokens: int, *, has_index: bool, deterministic: bool,
-                       query_blocks: int = 1, key_blocks: int = 1) -> Accumulator:
-    """The accumulator of a backward with bias gradient (read and checked at each call).
+                       num_positions: Optional[int] = None, query_blocks: int = 1,
+                       key_blocks: int = 1) -> Accumulator:
+    """The accumulator of a backward with bias gradient (PSS_KERNELS_RPB_DBIAS read at each call).
 
-    PSS_KERNELS_RPB_DBIAS: "auto" (default) = image-sum whenever one (H, n, n) grid fits in 64 MiB,
-    "image-sum", "position-grid" (even above 64 MiB), "slices". With an index only slices apply.
-    deterministic=True takes image-sum with a single group of images (plain stores), or the
-    deterministic slices when the grid is too large or "slices" is asked for.
+    "auto" (default): MEASURED_AUTO where it covers the call, else image-sum at index=None and the
+    position grid with an index, each when one (H, N, N) grid fits in 64 MiB; else csr when its
+    workspace fits in 2 GiB; else slices. deterministic=True takes an accumulator without atomics:
+    image-sum with one group of images at index=None, csr with an index (whatever was asked for
+    except slices, which has a deterministic mode of its own: one program per (b, h) adding tile
+    columns in order), falling back to the deterministic slices when neither fits.
+    num_positions: N (default n, as at index=None).
     """
     choice = os.environ.get(DBIAS_ENV_VAR, "auto") or "auto"
     if choice not in DBIAS_ACCUMULATORS:
         raise ValueError(f"{DBIAS_ENV_VAR} must be one of {DBIAS_ACCUMULATORS}, got {choice!r}")
-    one_grid = heads * num_tokens * num_tokens * 4
-    fits = one_grid <= POSITION_GRID_MAX_BYTES
-    if has_index or choice == "slices" or (choice == "auto" and not fits):
-        return Accumulator("slices", 0)
+    num_positions = num_positions or num_tokens
+    one_grid = heads * num_positions * num_positions * 4
+    grid_fits = one_grid <= POSITION_GRID_MAX_BYTES
+    csr_fits = batch * heads * num_tokens * num_tokens * 4 <= CSR_MAX_BYTES
+    if choice == "auto" and not deterministic:
+        choice = _measured_choice(has_index, num_tokens) or (
+            ("position-grid" if has_index else "image-sum") if grid_fits else "csr" if csr_fits else "slices")
+    if has_index and choice == "image-sum":
+        choice = "position-grid"  # image-sum needs the shared row map of index=None
     if deterministic:
-        return Accumulator("image-sum", batch) if fits else Accumulator("slices", 0)
+        if choice == "slices":
+            return Accumulator("slices", 0)
+        if not has_index and grid_fits:
+            return Accumulator("image-sum", batch)  # one group: plain stores
+        return Accumulator("csr", 0) if csr_fits else Accumulator("slices", 0)
     if choice == "position-grid":
         return Accumulator("position-grid", max(1, min(batch, POSITION_GRID_MAX_COPIES,
                                                        POSITION_GRID_MAX_BYTES // one_grid)))
-    tiles = heads * query_blocks * key_blocks
-    groups = max(1, min(batch, IMAGE_SUM_TARGET_PROGRAMS // max(1, tiles)))
-    return Accumulator("image-sum", triton.cdiv(batch, groups))
+    if choice == "image-sum":
+        tiles = heads * query_blocks * key_blocks
+        groups = max(1, min(batch, IMAGE_SUM_TARGET_PROGRAMS // max(1, tiles)))
+        return Accumulator("image-sum", triton.cdiv(batch, groups))
+    return Accumulator(choice, 0)
+
+
+def _measured_choice(has_index: bool, num_tokens: int) -> Optional[str]:
+    for largest, kind in MEASURED_AUTO.get(has_index, ()):
+        if num_tokens <= largest:
+            return kind
+    return None
 
 
 @triton.jit
@@ -184,18 +220,18 @@ def image_sum_grid(q, k, v, grad_out, lse, delta, table, grid_size: Tuple[int, i
 
 def table_grad_from_grid(grid: torch.Tensor, grid_size: Tuple[int, int], num_prefix_tokens: int,
                          num_table_rows: int) -> torch.Tensor:
-    """dbias_table (R, H) float32 from a position grid (H, n, n) float32 (contiguous)."""
-    heads, num_tokens, _ = grid.shape
+    """dbias_table (R, H) float32 from a full-position grid (H, N, N) float32 (contiguous)."""
+    heads, num_positions, _ = grid.shape
     pairs, row_starts = shared_row_lists(grid_size, num_prefix_tokens, grid.device)
     out = torch.empty(num_table_rows, heads, device=grid.device, dtype=torch.float32)
-    _sum_grid_by_row_kernel[(num_table_rows,)](grid, pairs, row_starts, out, num_tokens * num_tokens, heads,
+    _sum_grid_by_row_kernel[(num_table_rows,)](grid, pairs, row_starts, out, num_positions * num_positions, heads,
                                                BLOCK=64, HEADS_PAD=triton.next_power_of_2(heads), num_warps=2)
     return out
 
 
 def shared_row_lists(grid_size: Tuple[int, int], num_prefix_tokens: int, device: torch.device):
-    """(pairs, row_starts) int32: the flat token pairs i * n + j of each table row r, in ascending
-    order, at pairs[row_starts[r]:row_starts[r + 1]] (the shared row map at index=None as CSR lists).
+    """(pairs, row_starts) int32: the flat position pairs p * N + p' of each table row r, in ascending
+    order, at pairs[row_starts[r]:row_starts[r + 1]] (the full-position row map as CSR lists).
 
     Cached per device, except while a CUDA graph is being captured: a tensor made then holds its
     values only once the graph replays, so caching it would hand garbage to later eager calls."""
@@ -205,13 +241,96 @@ def shared_row_lists(grid_size: Tuple[int, int], num_prefix_tokens: int, device:
 
 
 def _row_lists(grid_size: Tuple[int, int], num_prefix_tokens: int, device: torch.device):
-    positions = torch.arange(num_prefix_tokens + grid_size[0] * grid_size[1], device=device)
-    rows = relative_index(positions[:, None], positions[None, :], grid_size, num_prefix_tokens).reshape(-1)
-    num_rows = (2 * grid_size[0] - 1) * (2 * grid_size[1] - 1) + (3 if num_prefix_tokens else 0)
+    rows = full_relative_index(grid_size, num_prefix_tokens, device).reshape(-1)
     ordered = torch.sort(rows, stable=True)
     # searchsorted rather than bincount: no device sync, so this also runs under CUDA-graph capture.
-    row_starts = torch.searchsorted(ordered.values, torch.arange(num_rows + 1, device=device))
+    row_starts = torch.searchsorted(ordered.values, torch.arange(bias_table_rows(grid_size, num_prefix_tokens) + 1,
+                                                                 device=device))
     return ordered.indices.to(torch.int32), row_starts.to(torch.int32)
 
 
 _cached_row_lists = functools.lru_cache(maxsize=32)(_row_lists)
+
+
+# ----------------------------------------------------------------------------- csr
+
+@triton.jit
+def _sum_pairs_by_row_kernel(DS, PAIRS, ROW_STARTS, PARTIAL, num_heads, splits,
+                             BLOCK: tl.constexpr, HEADS_PAD: tl.constexpr):
+    """PARTIAL[r, s, h] = sum of DS[p, h] over the pairs p of part s of table row r: the pairs
+    PAIRS[ROW_STARTS[r]:ROW_STARTS[r + 1]] cut into `splits` equal parts, summed in order. DS is the
+    (B*n*n, H) float32 dS workspace; program id = r * splits + s."""
+    row = tl.program_id(0) // splits
+    part = tl.program_id(0) % splits
+    start = tl.load(ROW_STARTS + row)
+    length = tl.load(ROW_STARTS + row + 1) - start
+    low = start + length * part // splits
+    high = start + length * (part + 1) // splits
+    heads = tl.arange(0, HEADS_PAD)
+    acc = tl.zeros([HEADS_PAD], tl.float32)
+    for offset in range(low, high, BLOCK):
+        lanes = offset + tl.arange(0, BLOCK)
+        pairs = tl.load(PAIRS + lanes, mask=lanes < high, other=0)
+        values = tl.load(DS + pairs[:, None] * num_heads + heads[None, :],
+                         mask=(lanes < high)[:, None] & (heads < num_heads)[None, :], other=0.0)
+        acc += tl.sum(values, axis=0)
+    tl.store(PARTIAL + tl.program_id(0).to(tl.int64) * num_heads + heads, acc, mask=heads < num_heads)
+
+
+def csr_splits(num_tokens: int) -> int:
+    """Parts per table row: the longest rows hold about B*n pairs, the whole workspace B*n*n, so
+    CSR_TARGET_PROGRAMS / n parts bound a row's part by the mean work of a program."""
+    return max(1, min(CSR_MAX_SPLITS, triton.cdiv(CSR_TARGET_PROGRAMS, num_tokens)))
+
+
+def table_grad_from_stored_ds(ds: torch.Tensor, index: Optional[torch.Tensor], grid_size: Tuple[int, int],
+                              num_prefix_tokens: int, num_table_rows: int) -> torch.Tensor:
+    """dbias_table (R, H) float32 from the stored dS (B, n, n, H) float32: a fixed-order sum of each
+    table row's pairs (index_row_lists), then of its parts. At index=None every image shares one row
+    map: the images are summed first."""
+    heads, num_tokens = ds.shape[-1], ds.shape[1]
+    if index is None:
+        ds = ds.sum(0, keepdim=True)
+        index = torch.arange(num_tokens, device=ds.device)[None]
+    pairs, row_starts = index_row_lists(index, grid_size, num_prefix_tokens)
+    splits = csr_splits(num_tokens)
+    partial = torch.empty(num_table_rows, splits, heads, device=ds.device, dtype=torch.float32)
+    _sum_pairs_by_row_kernel[(num_table_rows * splits,)](ds, pairs, row_starts, partial, heads, splits, BLOCK=64,
+                                                        HEADS_PAD=triton.next_power_of_2(heads), num_warps=4)
+    return partial.sum(1)
+
+
+def index_row_lists(index: torch.Tensor, grid_size: Tuple[int, int], num_prefix_tokens: int):
+    """(pairs, row_starts) int64: the flat pairs (b * n + i) * n + j with rel(index[b, i], index[b, j]) = r,
+    ascending, at pairs[row_starts[r]:row_starts[r + 1]]: the per-image row maps of one step as CSR lists.
+
+    One sort of B*n*n keys, made once per `index` and reused by every head and layer of the step: the
+    last few are kept, keyed by the index's storage, shape, strides and version, with a reference to
+    the index itself, so its memory cannot be reused by another tensor while the entry lives. Not
+    cached while a CUDA graph is being captured (see shared_row_lists)."""
+    if index.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return _index_row_lists(index, grid_size, num_prefix_tokens)
+    key = (index.data_ptr(), tuple(index.shape), tuple(index.stride()), index.dtype, index.device, index._version,
+           tuple(grid_size), num_prefix_tokens)
+    entry = _INDEX_ROW_LISTS.get(key)
+    if entry is None:
+        entry = (index, _index_row_lists(index, grid_size, num_prefix_tokens))
+        _INDEX_ROW_LISTS[key] = entry
+        while len(_INDEX_ROW_LISTS) > INDEX_ROW_LISTS_KEPT:
+            _INDEX_ROW_LISTS.popitem(last=False)
+    else:
+        _INDEX_ROW_LISTS.move_to_end(key)
+    return entry[1]
+
+
+INDEX_ROW_LISTS_KEPT = 4
+_INDEX_ROW_LISTS: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+
+
+def _index_row_lists(index: torch.Tensor, grid_size: Tuple[int, int], num_prefix_tokens: int):
+    full = full_relative_index(tuple(grid_size), num_prefix_tokens, index.device)
+    rows = full[index[:, :, None], index[:, None, :]].reshape(-1)
+    ordered = torch.sort(rows, stable=True)
+    row_starts = torch.searchsorted(ordered.values, torch.arange(bias_table_rows(grid_size, num_prefix_tokens) + 1,
+                                                                 device=index.device))
+    return ordered.indices, row_starts

@@ -27,14 +27,15 @@ LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr object: the only kind of
 
 
 @triton.jit
-def token_coordinates(INDEX, stride_index_b, stride_index_n, batch, offs, num_tokens, grid_h, grid_w,
-                      HAS_INDEX: tl.constexpr, NUM_PREFIX: tl.constexpr):
-    """(a(pos), is_prefix) of the tokens `offs` of image `batch`, pos = index[batch, offs] or, when
+def token_positions(INDEX, stride_index_b, stride_index_n, batch, offs, num_tokens, grid_h, grid_w,
+                    HAS_INDEX: tl.constexpr, NUM_PREFIX: tl.constexpr):
+    """Full-sequence positions of the tokens `offs` of image `batch`: index[batch, offs] or, when
     index is None, offs itself (the keep-rate-1 path pays no load).
 
     Padding tokens (offs >= n) get position 0, and index values are clamped to [0, N): whatever
-    `index` holds, every table row a kernel forms is in bounds (op.py's host check is what
-    reports a bad index; with check_index=False a bad index gives wrong values, never a bad access).
+    `index` holds, every table row or grid cell a kernel forms is in bounds (op.py's host check is
+    what reports a bad index; with check_index=False a bad index gives wrong values, never a bad
+    access).
     """
     if HAS_INDEX:
         pos = tl.load(INDEX + batch * stride_index_b + offs * stride_index_n,
@@ -42,6 +43,12 @@ def token_coordinates(INDEX, stride_index_b, stride_index_n, batch, offs, num_to
         pos = tl.minimum(tl.maximum(pos, 0), NUM_PREFIX + grid_h * grid_w - 1)
     else:
         pos = tl.where(offs < num_tokens, offs, 0)
+    return pos
+
+
+@triton.jit
+def position_coordinates(pos, grid_w, NUM_PREFIX: tl.constexpr):
+    """(a(pos), is_prefix) of full-sequence positions (see the module docstring)."""
     patch = pos - NUM_PREFIX
     is_prefix = patch < 0
     # The prefix token is mapped to patch 0 before dividing: integer division of negative numbers
@@ -49,6 +56,15 @@ def token_coordinates(INDEX, stride_index_b, stride_index_n, batch, offs, num_to
     patch = tl.maximum(patch, 0)
     row = patch // grid_w
     return row * (2 * grid_w - 1) + (patch - row * grid_w), is_prefix
+
+
+@triton.jit
+def token_coordinates(INDEX, stride_index_b, stride_index_n, batch, offs, num_tokens, grid_h, grid_w,
+                      HAS_INDEX: tl.constexpr, NUM_PREFIX: tl.constexpr):
+    """(a(pos), is_prefix) of the tokens `offs` of image `batch` (token_positions, position_coordinates)."""
+    pos = token_positions(INDEX, stride_index_b, stride_index_n, batch, offs, num_tokens, grid_h, grid_w,
+                          HAS_INDEX, NUM_PREFIX)
+    return position_coordinates(pos, grid_w, NUM_PREFIX)
 
 
 @triton.jit
@@ -121,58 +137,78 @@ class TileConfig(NamedTuple):
     num_stages: int
 
 
-# (kernel, D padded <= 64) -> (BLOCK_M, BLOCK_N, num_warps) for fp16/bf16, read off the sm_90 code
-# Triton 3.6 and 3.9 emit with the JIT's own argument specialisation (tests/jit_codegen.py): every
-# one compiles without register spills, and the warps of every dot tile its rows exactly. The
-# forward was (64, 64, 8): a dot that feeds a dot gets its warps along M ([8, 1]), 8 warps x 16 rows
-# cover 128 rows, so the second warpgroup repeated the first's QK^T and softmax on a 64-row tile.
-# Not timed yet: benchmarks/tune_rpb_tiles.py sweeps TILE_CANDIDATES on a GPU and prints the best.
+# (kernel, largest padded head dim D it covers) -> (BLOCK_M, BLOCK_N, num_warps[, num_stages]), for
+# fp16/bf16, read off the sm_90 code Triton 3.6 and 3.9 emit with the JIT's own argument
+# specialisation (tests/jit_codegen.py): every tile the launchers pick compiles without register
+# spills at D = 32, 64 and 128 (but dq / dkdv at D = 32 or 128 and n <= 64: <= 8 bytes, see
+# tests/test_rpb_attention.py), and the warps of every dot tile its rows exactly. The forward was
+# (64, 64, 8): a dot that feeds a dot gets its warps along M ([8, 1]), 8 warps x 16 rows cover 128
+# rows, so the second warpgroup repeated the first's QK^T and softmax on a 64-row tile.
+# Not timed yet: benchmarks/tune_rpb_tiles.py sweeps its candidates on a GPU and prints the best.
 _TILES = {
-    ("forward", True): (128, 64, 8), ("forward", False): (128, 32, 8),
-    ("dkdv", True): (32, 64, 8), ("dkdv", False): (32, 64, 8),
-    ("dkdv_deterministic", True): (32, 16, 2), ("dkdv_deterministic", False): (32, 16, 2),
-    ("dq", True): (64, 32, 4), ("dq", False): (64, 32, 4),
-    ("dbias", True): (64, 64, 8), ("dbias", False): (64, 64, 8),
+    ("forward", 64): (128, 64, 8), ("forward", 128): (128, 32, 8),
+    ("dkdv", 128): (32, 64, 8),
+    ("dkdv_deterministic", 128): (32, 16, 2),
+    ("dq", 128): (64, 32, 4),
+    ("dbias", 128): (64, 64, 8),
 }
-# float32 operands take twice the registers and run as FMA dots (no tensor-core layout); these
-# spill far less on sm_90 than the tiles above (forward <= 0.3 KB, dq none, dkdv 0.2-4.8 KB: none of
-# the float32 dkdv tiles tried is spill-free). Training runs bf16 under autocast; this is the fp32 path.
+# float32 operands take twice the registers and run as FMA dots (no tensor-core layout). None of these
+# spills on sm_90 at D = 64 or 128 with Triton 3.6 or 3.9 (the tiles before kept 216-232 bytes of stack
+# in the forward at D = 128, up to 4.8 KB in dkdv), but dkdv at D = 128 with the position grid at
+# index=None (not auto's choice there) keeps 8 bytes with Triton 3.6. dkdv holds two (BLOCK_N, D)
+# float32 accumulators and spills with every tile tried at num_stages = 2, so it runs unpipelined
+# (num_stages = 1) on small tiles; at D = 128 no tile is clean on both Triton versions with every
+# accumulator (16 warps: 200 bytes on 3.9). Training runs bf16 under autocast; this is the float32 path.
 _TILES_FLOAT32 = {
-    ("forward", True): (32, 32, 8), ("forward", False): (32, 16, 4),
-    ("dkdv", True): (32, 32, 8), ("dkdv", False): (32, 32, 8),
-    ("dq", True): (32, 32, 8), ("dq", False): (32, 32, 8),
-    ("dbias", True): (32, 32, 4), ("dbias", False): (32, 32, 4),
+    ("forward", 128): (32, 32, 8),
+    ("dkdv", 64): (16, 16, 16, 1), ("dkdv", 128): (16, 16, 8, 1),
+    ("dkdv_deterministic", 128): (16, 16, 8),
+    ("dq", 128): (32, 16, 4),
+    ("dbias", 128): (32, 32, 4),
 }
-# Kernels whose first dot, S = Q K^T over (BLOCK_M, BLOCK_N), feeds another dot (P V, P^T dO, dS K):
-# for such a dot Triton puts every warp along the rows, and with 64 rows or more (wgmma, a warpgroup
-# of 4 warps per 64 rows) more than BLOCK_M / 16 warps repeat rows. The dbias kernel chains no dots.
-_CHAINED_S = {"forward": True, "dq": True, "dkdv": True, "dkdv_deterministic": True, "dbias": False}
-
-
-# Short sequences (n <= 64: rho = 0.2 at 224 px keeps 39 tokens) where the capped tile of _TILES
-# does not compile cleanly: dkdv's (32, 32, 4) and (32, 32, 2) keep 8 bytes of stack on sm_90 (the
-# latter with a frozen table), (32, 16, 2) none.
-_SHORT_TILES = {("dkdv", True): (32, 16, 2)}
+# Short sequences (n <= 64: rho = 0.2 at 224 px keeps 39 tokens) where the capped tile of _TILES does not
+# compile cleanly: dkdv's (32, 32, 4) keeps 8 bytes of stack at D = 64 and repeats rows at D = 32, where
+# (32, 16, 2) keeps 8 bytes with csr; dq's (32, 32, 2) keeps 8 bytes at D = 32. At D = 128 no short
+# dkdv tile is clean with every accumulator: the capped (32, 32, 4) keeps 8 bytes with slices only.
+_SHORT_TILES = {("dkdv", 32): (16, 16, 1), ("dkdv", 64): (32, 16, 2), ("dq", 32): (32, 16, 2)}
 SHORT_SEQUENCE = 64
+# Kernels whose first dot, S = Q K^T over (BLOCK_M, BLOCK_N), feeds another dot along the query rows
+# (P V, dS K): Triton may put every warp of such a dot along the rows, 16 rows a warp (wgmma: a
+# warpgroup of 4 warps per 64 rows), and then more than BLOCK_M / 16 warps repeat rows. It does so for
+# 64 rows or more, and at 32 rows when the second dot is narrow (D <= 32: (32, 32, 4) laid 4 warps over
+# 64 rows of a 32-row tile; at D >= 64 it splits them 2 x 2). dkdv's chained dots (P^T dO, dS^T Q)
+# run along the keys instead, and the dbias kernel chains no dots. The codegen tests check every tile
+# the launchers can pick at D = 32, 64 and 128 for repeated rows (tests/codegen_report.py).
+_CHAINED_S = {"forward": True, "dq": True, "dkdv": False, "dkdv_deterministic": False, "dbias": False}
+NARROW_HEAD_DIM = 32
 
 
 def tile_table(kernel: str, head_dim: int, dtype: torch.dtype, num_tokens: int = 1 << 30):
-    """(table, key): the entry of _SHORT_TILES, _TILES or _TILES_FLOAT32 that holds this kernel's tiles
-    at n tokens (the tile sweep, benchmarks/tune_rpb_tiles.py, swaps it)."""
-    key = (kernel, max(16, triton.next_power_of_2(head_dim)) <= 64)
-    if dtype == torch.float32 and key in _TILES_FLOAT32:
-        return _TILES_FLOAT32, key
-    if triton.next_power_of_2(num_tokens) <= SHORT_SEQUENCE and key in _SHORT_TILES:
-        return _SHORT_TILES, key
-    return _TILES, key
+    """(table, key): the entry that holds this kernel's tiles at head dim D, dtype and n tokens (the
+    tile sweep, benchmarks/tune_rpb_tiles.py, swaps it): of _TILES_FLOAT32 for float32, else of
+    _SHORT_TILES for n <= 64 where it has one, else of _TILES; in each, the entry of the smallest head
+    dim that covers D (padded)."""
+    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    if dtype == torch.float32:
+        tables = (_TILES_FLOAT32,)
+    elif triton.next_power_of_2(num_tokens) <= SHORT_SEQUENCE:
+        tables = (_SHORT_TILES, _TILES)
+    else:
+        tables = (_TILES,)
+    for table in tables:
+        covering = sorted(dim for name, dim in table if name == kernel and dim >= head_dim_pad)
+        if covering:
+            return table, (kernel, covering[0])
+    raise ValueError(f"no tile for kernel {kernel!r} at head dim {head_dim} (the Triton kernels take D <= 128)")
 
 
-def fit_warps(kernel: str, block_m: int, block_n: int, num_warps: int) -> int:
+def fit_warps(kernel: str, block_m: int, block_n: int, num_warps: int, head_dim_pad: int = 64) -> int:
     """num_warps capped so that the warps tile each tensor-core dot of the kernel without repeating work:
-    at most BLOCK_M / 16 warps for a chained S of 64 rows or more (see _CHAINED_S), and at most one per
-    256 elements of the tile (a warp's smallest tensor-core tile is 16 x 8: two of them keep it busy)."""
-    if _CHAINED_S[kernel] and block_m >= 64:
-        num_warps = min(num_warps, block_m // 16)
+    at most BLOCK_M / 16 warps for a chained S of 64 rows or more, or of any rows at a narrow head dim
+    (see _CHAINED_S), and at most one per 256 elements of the tile (a warp's smallest tensor-core tile
+    is 16 x 8: two of them keep it busy)."""
+    if _CHAINED_S[kernel] and (block_m >= 64 or head_dim_pad <= NARROW_HEAD_DIM):
+        num_warps = min(num_warps, max(1, block_m // 16))
     return max(1, min(num_warps, block_m * block_n // 256))
 
 
@@ -186,12 +222,12 @@ def tile_config(kernel: str, num_tokens: int, head_dim: int, dtype: torch.dtype 
     """
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     table, key = tile_table(kernel, head_dim, dtype, num_tokens)
-    block_m, block_n, num_warps = table[key]
+    block_m, block_n, num_warps, *stages = table[key]
     cap = max(16, triton.next_power_of_2(num_tokens) // 2)
     block_m, block_n = min(block_m, cap), min(block_n, cap)
     if dtype != torch.float32:  # float32 dots are FMA loops (IEEE), laid out without warp tiles
-        num_warps = fit_warps(kernel, block_m, block_n, num_warps)
-    return TileConfig(block_m, block_n, head_dim_pad, num_warps, num_stages=2)
+        num_warps = fit_warps(kernel, block_m, block_n, num_warps, head_dim_pad)
+    return TileConfig(block_m, block_n, head_dim_pad, num_warps, num_stages=stages[0] if stages else 2)
 
 
 def head_major_table(bias_table: torch.Tensor) -> torch.Tensor:
