@@ -32,7 +32,8 @@
 #
 # Output in $OUT (the device tool's output folder; without it benchmarks/results, or with --rehearse
 # runs/gpu_session_rehearsal): session.log, tests.json, ops_*.json/png, iter_time_*.json/png,
-# rpb_tiles_*.json: 7 files (the device tool returns 8 at most).
+# rpb_tiles_*.json: 7 files (the device tool returns 8 at most). Keep them with
+# `python benchmarks/keep_window.py <the folder they came back to>` (benchmarks/results/<device>_<date>/).
 #
 # --rehearse runs the same stages, commands and files on a machine without a GPU: the package is
 # installed the same way, the cuda stage runs the `cuda` tests (they skip) and the tests stage a small
@@ -57,7 +58,7 @@ while [ $# -gt 0 ]; do
     --iter-time) iter_args=${2-}; shift ;;
     --tune) tune_args=${2-}; shift ;;
     --tests) test_args=${2-}; shift ;;
-    -h|--help) sed -n '2,42p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,44p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) if [[ " ${ALL_STAGES[*]} " == *" $1 "* ]]; then stages+=("$1"); else
          echo "gpu_session.sh: unknown argument '$1' (stages: ${ALL_STAGES[*]}; options: --rehearse, --ops ARGS," \
               "--iter-time ARGS, --tune ARGS, --tests ARGS)" >&2; exit 2; fi ;;

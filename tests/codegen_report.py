@@ -1,13 +1,15 @@
 """Compile every Triton kernel variant the launchers make at the shapes that train a ViT, for sm_90
 (H100/H200) and sm_80 (A100), as the JIT would (tests/jit_codegen.py), and print one JSON report.
 
-    TRITON_INTERPRET=0 python tests/codegen_report.py rpb_attention|sample_patches
+    TRITON_INTERPRET=0 python tests/codegen_report.py rpb_attention|sample_patches [i/n]
 
 Each entry: op, kernel, arch, dtype, shape, variant, the launch grid, the tile constexprs,
 registers, spill (stack) bytes, tensor-core dots whose warps repeat work, fp16/bf16 row offsets
 computed in int32, and the wgmma count. Identical compilations (same kernel, specialisation and
-options) are compiled once. The codegen tests (test_rpb_attention.py, test_sample_patches.py)
-run this in a subprocess, because their own process runs Triton in the interpreter.
+options) are compiled once per process; with `i/n` it reports every n-th case from the i-th, so n
+processes can share the work. The codegen tests (test_rpb_attention.py, test_sample_patches.py)
+run this in subprocesses (jit_codegen.run_codegen_report), because their own process runs Triton
+in the interpreter.
 """
 from __future__ import annotations
 
@@ -61,7 +63,7 @@ def describe(launch, arch, **labels):
 RPB_CASES = [  # (arch, dtype, head dim, kept tokens n): ViT at 224 (14 x 14 grid), rho 0.2 / 0.4 / 1
     *[(90, torch.bfloat16, head_dim, n) for head_dim in (32, 64, 128) for n in (39, 79, 197)],
     (90, torch.float16, 64, 197),
-    *[(90, torch.float32, head_dim, n) for head_dim in (64, 128) for n in (39, 118, 197)],
+    *[(90, torch.float32, head_dim, n) for head_dim in (64, 128) for n in (39, 197)],
     (80, torch.bfloat16, 64, 197),
 ]
 # Backward variants: (name, PSS_KERNELS_RPB_DBIAS, deterministic, bias_grad); auto is image-sum at
@@ -74,12 +76,12 @@ BACKWARD_VARIANTS = [
 ]
 
 
-def rpb_attention_report(batch=256, heads=12):
+def rpb_attention_report(part="0/1", batch=256, heads=12):
     from pss_kernels.ops.rpb_attention import triton_backward, triton_common, triton_forward
     from pss_kernels.ops.rpb_attention.reference import bias_table_rows
     grid_size, num_positions = (14, 14), 197
     report = []
-    for arch, dtype, head_dim, num_tokens in RPB_CASES:
+    for arch, dtype, head_dim, num_tokens in share(RPB_CASES, part):
         qkv = torch.empty(batch, num_tokens, 3, heads, head_dim, dtype=dtype)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # views of one qkv tensor, as a model makes them
         table = torch.empty(bias_table_rows(grid_size), heads)
@@ -119,7 +121,7 @@ def rpb_attention_report(batch=256, heads=12):
 
 # ----------------------------------------------------------------------------- sample_patches
 
-def sample_patches_report(batch=256):
+def sample_patches_report(part="0/1", batch=256):
     from pss_kernels.ops.sample_patches import triton_sample
     report = []
     cases = [  # (arch, dtype, patches P, channels C, scorer, order): ViT-B at 224 / 384 / 512, DeiT-S, 1024 px
@@ -128,7 +130,7 @@ def sample_patches_report(batch=256):
         (90, torch.float16, 1024, 768, "given", "spatial"), (90, torch.bfloat16, 4096, 768, "l1", "score"),
         (80, torch.bfloat16, 196, 768, "l1", "score"), (80, torch.bfloat16, 576, 768, "l1", "score"),
     ]
-    for arch, dtype, patches, channels, scorer, order in cases:
+    for arch, dtype, patches, channels, scorer, order in share(cases, part):
         x = torch.empty(batch if patches < 4096 else 16, patches + 1, channels, dtype=dtype)
         scores = torch.empty(x.shape[0], patches) if scorer == "given" else None
         labels = dict(op="sample_patches", dtype=TYPES[dtype], patches=patches, channels=channels, scorer=scorer,
@@ -143,6 +145,12 @@ def sample_patches_report(batch=256):
     return report
 
 
+def share(cases, part: str):
+    """The cases of part "i/n" (every n-th from the i-th): work for one of n processes."""
+    index, count = (int(value) for value in part.split("/"))
+    return cases[index::count]
+
+
 if __name__ == "__main__":
-    op = sys.argv[1]
-    print(json.dumps({"rpb_attention": rpb_attention_report, "sample_patches": sample_patches_report}[op]()))
+    op, part = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "0/1")
+    print(json.dumps({"rpb_attention": rpb_attention_report, "sample_patches": sample_patches_report}[op](part)))

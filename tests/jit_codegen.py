@@ -115,8 +115,10 @@ def count_instructions(ptx: str, mnemonic: str) -> int:
     return len(re.findall(re.escape(mnemonic) + r"\b", ptx))
 
 
-def run_codegen_report(op: str, timeout: int = 1200) -> List[dict]:
-    """tests/codegen_report.py for `op` in a subprocess without the interpreter; its JSON report."""
+def run_codegen_report(op: str, timeout: int = 1200, parts: int = 0) -> List[dict]:
+    """tests/codegen_report.py for `op` in subprocesses without the interpreter; their JSON reports
+    joined. The cases are dealt out to `parts` processes (default: one per CPU, at most 4) that compile
+    side by side: a fresh Triton cache compiles a few hundred kernels."""
     import json
     import sys
 
@@ -126,8 +128,14 @@ def run_codegen_report(op: str, timeout: int = 1200) -> List[dict]:
     # The package from this checkout, installed or not (a script's sys.path starts at its own folder).
     repo = os.path.dirname(here)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, os.path.join(here, "codegen_report.py"), op], cwd=os.path.dirname(here),
-                          env=env, capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        raise AssertionError(f"codegen_report.py {op} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    parts = parts or max(1, min(4, os.cpu_count() or 1))
+    runs = [subprocess.Popen([sys.executable, os.path.join(here, "codegen_report.py"), op, f"{part}/{parts}"],
+                             cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for part in range(parts)]
+    report = []
+    for run in runs:
+        stdout, stderr = run.communicate(timeout=timeout)
+        if run.returncode != 0:
+            raise AssertionError(f"codegen_report.py {op} failed:\n{stderr[-4000:]}")
+        report += json.loads(stdout.strip().splitlines()[-1])
+    return report

@@ -243,3 +243,23 @@ def test_tile_sweep_harness_in_the_interpreter(tmp_path):
         assert len({tuple(r["effective_tile"]) for r in timed}) == len(timed)  # each distinct tile once
         assert all(r["max_rel_error"] < 1e-5 for r in timed)  # float32 in the interpreter
         assert report["best"][kernel]["10"] in [r["tile"] for r in timed]
+
+
+def test_keep_window_files_a_window_under_its_device_and_date(tmp_path):
+    """benchmarks/keep_window.py: a window's files go to results/<device>_<date>/, a second window of
+    the same day to <...>-2, partial files stay behind; without JSON the log's date names it."""
+    import keep_window
+    window = tmp_path / "out"
+    window.mkdir()
+    (window / "ops_x.json").write_text(json.dumps({"environment": {"device": "NVIDIA H200",
+                                                                   "date": "2026-12-05T10:00:00+00:00"}}))
+    (window / "session.log").write_text("== gpu_session.sh\n")
+    (window / "ops_x.json.partial").write_text("{")
+    results = tmp_path / "results"
+    first, second = keep_window.keep(window, results), keep_window.keep(window, results)
+    assert first.name == "NVIDIA-H200_2026-12-05" and second.name == "NVIDIA-H200_2026-12-05-2"
+    assert sorted(p.name for p in first.iterdir()) == ["ops_x.json", "session.log"]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "session.log").write_text("== 2026-12-06T01:02:03Z on host\n")
+    assert keep_window.keep(bare, results).name == "unknown-device_2026-12-06"

@@ -717,10 +717,11 @@ def test_benchmark_harness_runs_tiny_configs_on_cpu():
     rows = bench_rpb_attention.run("cpu", torch.float32, warmup=0, iters=1)
     configs = bench_rpb_attention.default_configs("cpu")
     assert len(rows) == 2 * sum(len(bench_rpb_attention.impls_for(c, bench_rpb_attention.IMPLS)) for c in configs)
-    assert {r["keep_rate"] for r in rows if r["impl"] in bench_rpb_attention.DBIAS_IMPLS} == {1.0}
+    assert {r["keep_rate"] for r in rows if r["impl"] == "pss-dbias-image-sum"} == {1.0}  # index=None only
+    assert {r["keep_rate"] for r in rows if r["impl"] == "pss-dbias-csr"} == {1.0, 0.5}
     by_key = {(r["keep_rate"], r["impl"], r["pass"]): r for r in rows}
     for keep_rate in (0.5, 1.0):
-        for impl in ("pss", "published", "eager-index"):
+        for impl in ("pss", "pss-sdpa", "published", "eager-index"):
             for pass_name in ("forward", "forward+backward"):
                 row = by_key[keep_rate, impl, pass_name]
                 assert row["error"] is None and row["ms"] > 0, row

@@ -1,7 +1,8 @@
-"""rpb_attention on a GPU (marker `cuda`, skipped without CUDA): the Triton kernels at ViT shapes
-against a float64 reference by the flash-attention error rule (kernel error <= 2x the error of
-eager PyTorch in the same dtype), the CLS-attention output, determinism, every bias-gradient
-accumulator, offsets past 2^31 elements, a non-default stream and CUDA-graph capture."""
+"""rpb_attention on a GPU (marker `cuda`, skipped without CUDA): the Triton kernels and the sdpa
+backend at ViT shapes against a float64 reference by the flash-attention error rule (error <= 2x
+the error of eager PyTorch in the same dtype), the CLS-attention output, determinism, every
+bias-gradient accumulator at index=None and with an index, offsets past 2^31 elements, a
+non-default stream and CUDA-graph capture."""
 import pytest
 import torch
 
@@ -20,7 +21,7 @@ def _low_precision_torch_attention(q, k, v, table, index, grid_size, num_prefix_
     return torch.matmul(logits.softmax(-1), v)
 
 
-def _flash_rule_case(device, batch, heads, head_dim, grid_size, keep_rate, dtype, seed=0):
+def _flash_rule_case(device, batch, heads, head_dim, grid_size, keep_rate, dtype, seed=0, backend="triton"):
     q, k, v, table, index = make_inputs(grid_size, 1, head_dim, keep_rate=keep_rate, batch=batch, heads=heads,
                                         dtype=dtype, seed=seed, device=device)
     leaves = (q, k, v, table)
@@ -31,7 +32,7 @@ def _flash_rule_case(device, batch, heads, head_dim, grid_size, keep_rate, dtype
     exact_grads = grads_of(exact, grad_out.double(), exact_leaves)
     baseline = _low_precision_torch_attention(q, k, v, table, index, grid_size, 1)
     baseline_grads = grads_of(baseline, grad_out, leaves)
-    out = rpb_attention(q, k, v, table, index, backend="triton", **options)
+    out = rpb_attention(q, k, v, table, index, backend=backend, **options)
     kernel_grads = grads_of(out, grad_out, leaves)
     for name, got, base, want in zip(("out", "dq", "dk", "dv", "dbias_table"), (out, *kernel_grads),
                                      (baseline, *baseline_grads), (exact, *exact_grads)):
@@ -45,6 +46,25 @@ def _flash_rule_case(device, batch, heads, head_dim, grid_size, keep_rate, dtype
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_gpu_flash_rule_vit_shapes(heads, head_dim, keep_rate, dtype, device):
     _flash_rule_case(device, 8, heads, head_dim, (14, 14), keep_rate, dtype)
+
+
+@pytest.mark.parametrize("keep_rate", [None, 0.6, 0.2], ids=["n197", "n118", "n39"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_gpu_sdpa_backend_flash_rule(keep_rate, dtype, device):
+    """The sdpa backend (backend=None's choice on CUDA): bias gathered in the activation dtype into
+    rows padded to 16, SDPA's memory-efficient kernel, the sort-based table scatter."""
+    _flash_rule_case(device, 8, 12, 64, (14, 14), keep_rate, dtype, backend="sdpa")
+
+
+@pytest.mark.parametrize("keep_rate", [None, 0.6], ids=["index=None", "sampled"])
+def test_gpu_sdpa_backend_bias_grad_is_bit_identical(keep_rate, device):
+    q, k, v, table, index = make_inputs((14, 14), 1, 64, keep_rate=keep_rate, batch=16, heads=6,
+                                        dtype=torch.bfloat16, device=device)
+    grads = []
+    for _ in range(3):
+        out = rpb_attention(q, k, v, table, index, grid_size=(14, 14), backend="sdpa", deterministic=True)
+        grads.append(torch.autograd.grad(out, table, torch.ones_like(out))[0])
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
 
 
 @pytest.mark.parametrize("head_dim, dtype", [(d, t) for d in (32, 48, 80, 96, 128)
@@ -78,7 +98,7 @@ def test_gpu_cls_attention_matches_reference(keep_rate, dtype, device):
 
 @pytest.mark.parametrize("keep_rate", [None, 0.6], ids=["index=None", "sampled"])
 def test_gpu_deterministic_bias_grad_is_bit_identical(keep_rate, device):
-    """With an index: the column-by-column slices; at index=None: image-sum in one group (stores)."""
+    """With an index: csr (stored dS, ordered row sums); at index=None: image-sum in one group (stores)."""
     q, k, v, table, index = make_inputs((14, 14), 1, 64, keep_rate=keep_rate, batch=16, heads=6,
                                         dtype=torch.bfloat16, device=device)
     grads = []
@@ -102,6 +122,23 @@ def test_gpu_bias_grad_accumulators_at_index_none(accumulator, monkeypatch, devi
                                                   query_blocks=4, key_blocks=4)
     assert kind == accumulator
     _flash_rule_case(device, 20, 6, 64, (14, 14), None, torch.bfloat16)
+
+
+@pytest.mark.parametrize("accumulator", ["slices", "position-grid", "csr"])
+@pytest.mark.parametrize("keep_rate", [0.6, 0.2], ids=["n118", "n39"])
+def test_gpu_bias_grad_accumulators_with_an_index(accumulator, keep_rate, monkeypatch, device):
+    """Every accumulator with an index at DeiT-S sizes, 20 images (more than the position grid's 8
+    copies): the flash rule; the deterministic slices too, bit-identical."""
+    from pss_kernels.ops.rpb_attention import triton_bias_grad
+    monkeypatch.setenv(triton_bias_grad.DBIAS_ENV_VAR, accumulator)
+    _flash_rule_case(device, 20, 6, 64, (14, 14), keep_rate, torch.bfloat16)
+    if accumulator == "slices":
+        q, k, v, table, index = make_inputs((14, 14), 1, 64, keep_rate=keep_rate, batch=8, heads=6,
+                                            dtype=torch.bfloat16, device=device)
+        grads = [torch.autograd.grad(out, table, torch.ones_like(out))[0] for out in (
+            rpb_attention(q, k, v, table, index, grid_size=(14, 14), backend="triton", deterministic=True)
+            for _ in range(2))]
+        assert torch.equal(grads[0], grads[1])
 
 
 def test_gpu_index_none_equals_arange_index(device):
@@ -178,17 +215,21 @@ def test_gpu_non_default_stream(keep_rate, device):
         torch.testing.assert_close(got.float(), want.float(), **TOLERANCES[torch.bfloat16])
 
 
+@pytest.mark.parametrize("backend, accumulator", [("triton", "auto"), ("triton", "csr"), ("sdpa", "auto")])
 @pytest.mark.parametrize("keep_rate", [None, 0.6], ids=["index=None", "sampled"])
-def test_gpu_cuda_graph_capture_and_replay(keep_rate, device):
+def test_gpu_cuda_graph_capture_and_replay(backend, accumulator, keep_rate, monkeypatch, device):
     """Forward and backward captured once into a CUDA graph, replayed on new data copied into the
-    static inputs (the shared row lists of index=None are made inside the graph, not cached)."""
+    static inputs (the shared row lists, the csr lists of an index and the sdpa backend's relative
+    index are made inside the graph, not cached)."""
+    from pss_kernels.ops.rpb_attention import triton_bias_grad
+    monkeypatch.setenv(triton_bias_grad.DBIAS_ENV_VAR, accumulator)
     q, k, v, table, index = make_inputs((14, 14), 1, 64, keep_rate=keep_rate, batch=8, heads=6,
                                         dtype=torch.bfloat16, device=device)
     static = [t.detach().clone().requires_grad_() for t in (q, k, v, table)]
     static_grad_out = torch.randn(q.shape, device=device, dtype=torch.bfloat16)
 
     def step():
-        out = rpb_attention(*static[:3], static[3], index, grid_size=(14, 14), backend="triton", check_index=False)
+        out = rpb_attention(*static[:3], static[3], index, grid_size=(14, 14), backend=backend, check_index=False)
         return (out, *torch.autograd.grad(out, static, static_grad_out))
 
     side = torch.cuda.Stream(device)

@@ -12,7 +12,8 @@ the oracle; this one is for speed:
 - On CUDA SDPA runs its memory-efficient kernel (the fused kernel that takes a bias and returns its
   gradient; FLASH takes no bias, cuDNN returns no bias gradient), or MATH where that cannot run
   (float64, head dims it does not take). The bias is gathered into rows padded to 16 elements, so
-  SDPA takes it as it is instead of copying it into an aligned buffer.
+  SDPA takes it as it is instead of copying it into an aligned buffer. On CPU the attention runs as
+  matmul, softmax, matmul (faster there than SDPA's CPU paths, see _attend).
 - At index=None every image shares one (1, H, N, N) bias; SDPA broadcasts it and autograd sums its
   gradient over the images before the table scatter.
 - The table gradient is one float32 scatter of the bias gradient by table row (_GatheredBias),
@@ -22,7 +23,6 @@ the oracle; this one is for speed:
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Optional, Tuple
 
 import torch
@@ -89,18 +89,26 @@ def table_rows(index: Optional[torch.Tensor], grid_size: Tuple[int, int], num_pr
     """(B | 1, n, n_pad) int64 table rows of the token pairs (1 when index is None); n_pad =
     padded_width(n, pad), the padding columns repeat the first token's row."""
     full = full_relative_index(tuple(grid_size), num_prefix_tokens, device)  # (N, N)
-    positions = index if index is not None else torch.arange(num_tokens, device=device)[None]
     width = padded_width(num_tokens, pad)
-    columns = positions if width == num_tokens else torch.cat(
-        (positions, positions[:, :1].expand(-1, width - num_tokens)), 1)
-    return full[positions[:, :, None], columns[:, None, :]]
+    if index is None:  # all N tokens in order: the (N, N) map itself, no gather
+        rows = full if width == num_tokens else torch.cat((full, full[:, :1].expand(-1, width - num_tokens)), 1)
+        return rows[None]
+    columns = index if width == num_tokens else torch.cat((index, index[:, :1].expand(-1, width - num_tokens)), 1)
+    return full[index[:, :, None], columns[:, None, :]]
 
 
-def _sdpa_backends(q: torch.Tensor):
-    if q.device.type != "cuda":
-        return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v: SDPA's memory-efficient kernel on CUDA (MATH where it cannot
+    run); on CPU the same three ops unfused, which measured faster than SDPA's CPU paths at ViT shapes
+    (benchmarks/results/cpu/; SDPA's CPU math path adds work around them, its flash path takes no
+    bias gradient). The softmax runs in float32 for half-precision inputs."""
+    if q.device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    logits = torch.matmul(q * scale, k.transpose(-1, -2)) + bias
+    probs = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    return torch.matmul(probs.to(v.dtype), v)
 
 
 def rpb_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
@@ -115,8 +123,7 @@ def rpb_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_t
         bias = _GatheredBias.apply(bias_table, rows, q.shape[2], q.dtype)
     else:
         bias = gather_bias(bias_table, rows, q.shape[2], q.dtype)
-    with _sdpa_backends(q):
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    out = _attend(q, k, v, bias, scale)
     if not return_cls_attention:
         return out
     return out, cls_attention_row(q, k, bias_table, index, grid_size=grid_size, num_prefix_tokens=num_prefix_tokens,
