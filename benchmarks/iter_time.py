@@ -526,7 +526,8 @@ def run_model(model_name: str, implementations: List[Implementation], args, requ
     """Every case of one model, interleaved: round 1 warms each case up and times its first block,
     in order (baseline, then each implementation over the keep rates); each later round times one
     more block of every case in the same order. Each implementation's model is built when first
-    needed and kept until the model's last round. `on_progress(records)` gets every case's record as
+    needed and kept until the model's last round (each later round rotated by one case, see below).
+    `on_progress(records)` gets every case's record as
     it stands after each block of round 1 and after each later round (for partial results)."""
     cases = ordered_cases(model_name, implementations, args)
     report_progress = (lambda: on_progress([case.snapshot() for case in cases])) if on_progress else (lambda: None)
@@ -544,7 +545,11 @@ def run_model(model_name: str, implementations: List[Implementation], args, requ
 
     for round_index, iters in enumerate(round_sizes(args.iters, args.rounds)):
         round_started, timed = time.perf_counter(), 0
-        for case in cases:
+        # Round 1 in timing order (the targets first); each later round starts one case further on, so
+        # that no case always runs right after the same neighbour (on a CPU the case after a model
+        # switch runs measurably slower: position in the round would bias the comparison).
+        shift = round_index % len(cases) if round_index else 0
+        for case in cases[shift:] + cases[:shift]:
             if budget.spent():
                 break
             if case.result["error"] is not None:

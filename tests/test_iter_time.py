@@ -224,14 +224,15 @@ def test_cases_are_interleaved_round_by_round(monkeypatch):
     timer = FakeTimer()
     report = fake_run(monkeypatch, timer, "--warmup", "2", "--iters", "7", "--rounds", "3")
     order = [("baseline", 1.0), ("pss", 1.0), ("pss", 0.5), ("eager-index", 1.0), ("eager-index", 0.5)]
-    assert [(impl, rate) for impl, rate, _, _ in timer.blocks] == order * 3
+    # Round 1 in timing order, each later round starting one case further on.
+    assert [(impl, rate) for impl, rate, _, _ in timer.blocks] == order + order[1:] + order[:1] + order[2:] + order[:2]
     # Warm-up before each case's first block only; 7 iterations spread over 3 rounds as 3, 2, 2.
     assert [(warmup, iters) for _, _, warmup, iters in timer.blocks] == [(2, 3)] * 5 + [(0, 2)] * 10
     for position, result in enumerate(report["results"]):
         assert (result["impl"], result["keep_rate"]) == order[position]
-        samples = ([10 * (position + 1) + i for i in range(3)] + [10 * (position + 6) + i for i in range(2)]
-                   + [10 * (position + 11) + i for i in range(2)])
-        assert result["iters"] == 7 and result["rounds"] == 3 and result["error"] is None
+        samples = [10 * (block + 1) + i for block, (impl, rate, _, iters) in enumerate(timer.blocks)
+                   if (impl, rate) == order[position] for i in range(iters)]
+        assert len(samples) == 7 and result["iters"] == 7 and result["rounds"] == 3 and result["error"] is None
         assert result["median_ms"] == pytest.approx(float(sorted(samples)[3]))
 
 
@@ -254,7 +255,8 @@ def test_target_cases_are_timed_first():
 def test_a_budget_spent_mid_run_keeps_the_rounds_each_case_got(monkeypatch):
     timer = FakeTimer(spend_after=7)
     report = fake_run(monkeypatch, timer, "--iters", "3", "--time-budget", "1000")
-    assert [r["rounds"] for r in report["results"]] == [2, 2, 1, 1, 1] and report["errors"] == []
+    # Round 2 starts at the second case: the budget ends it after that case and the third.
+    assert [r["rounds"] for r in report["results"]] == [1, 2, 2, 1, 1] and report["errors"] == []
     timer = FakeTimer(spend_after=3)
     report = fake_run(monkeypatch, timer, "--iters", "3", "--time-budget", "1000")
     assert [r["rounds"] for r in report["results"]] == [1, 1, 1, None, None]

@@ -74,8 +74,8 @@ def scatter_by_row(grad_bias: torch.Tensor, rows: torch.Tensor, num_table_rows: 
         out = torch.zeros(num_table_rows, heads, device=grad_bias.device, dtype=dtype)
         with deterministic_algorithms():  # a fixed summation order on either device
             return out.index_put_((rows,), values, accumulate=True)
-    by_head = grad_bias.transpose(0, 1).reshape(heads, -1)
-    return torch.stack([torch.bincount(rows, weights=by_head[h].to(torch.float64), minlength=num_table_rows)
+    by_head = grad_bias.transpose(0, 1).reshape(heads, -1).to(torch.float64)  # one copy for every head
+    return torch.stack([torch.bincount(rows, weights=by_head[h], minlength=num_table_rows)
                         for h in range(heads)], 1).to(dtype)
 
 
@@ -107,7 +107,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
         with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     logits = torch.matmul(q * scale, k.transpose(-1, -2)) + bias
-    probs = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    probs = logits.softmax(-1) if logits.dtype in (torch.float32, torch.float64) else logits.float().softmax(-1)
     return torch.matmul(probs.to(v.dtype), v)
 
 
