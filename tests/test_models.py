@@ -249,6 +249,7 @@ def test_sampler_and_attention_backends_are_set_separately():
     assert {block.attn.backend for block in model.blocks} == {"triton"}
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("keep_rate", [1.0, 0.6])
 def test_training_step_on_the_triton_kernels_matches_the_torch_backends(keep_rate, monkeypatch, device):
     """The whole model on the Triton kernels (the interpreter on CPU, the GPU when there is one):

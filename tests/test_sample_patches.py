@@ -109,6 +109,7 @@ def test_kernel_backend_matches_reference(backend, scorer, order, num_prefix_tok
     check_backend(backend, x, 0.5, scorer, num_prefix_tokens, order, scores, seed=5)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("scorer", ["l1", "l2", "given"])
 @pytest.mark.parametrize("order", ["score", "spatial"])
 def test_triton_unfused_path_matches_reference(scorer, order, device):

@@ -286,6 +286,7 @@ def test_scorer_given_is_refused_at_construction_with_the_alternative():
         sampler(torch.randn(2, 17, 8))
 
 
+@pytest.mark.triton
 def test_triton_kernels_give_the_same_selection_and_gradients(device, monkeypatch):
     """The pruned model on the Triton kernels (the interpreter on CPU): CLS attention from the
     kernel's own CLS-row program, the selection through the Triton sampler, and, with growth's
