@@ -12,7 +12,7 @@ process and on the same files:
   flip; DataLoader with persistent workers, prefetch 4, pinned memory on CUDA) for each --decoders
   entry — `pillow-full` (decode every whole image, then crop: the pipeline as it was) and `auto`
   (decode only the crop at the smallest JPEG scale that covers it: simplejpeg if installed, else
-  Pillow's draft mode; pss_kernels/train/decode.py) — and each --workers count;
+  Pillow's draft mode; pss_kernels/train/data/decode.py) — and each --workers count;
 - the model: full training iterations on synthetic images already on the device (benchmarks/
   _train_step.py), at each --keep-rates value.
 
@@ -39,7 +39,7 @@ from _timing import environment_info, file_slug, time_iterations
 from _train_step import TrainingStep
 from pss_kernels.models import MODEL_CONFIGS, create_model
 from pss_kernels.train.data import build_dataset
-from pss_kernels.train.decode import DECODERS, resolve_decoder
+from pss_kernels.train.data.decode import DECODERS, resolve_decoder
 from pss_kernels.train.distributed import ShardedSampler
 
 HERE = Path(__file__).resolve().parent

@@ -27,7 +27,7 @@ and quartiles are over all of a case's timed iterations. An implementation that 
 on the device at all (FlexAttention on CPU: no backward there) is reported once, with the reason.
 
 It then projects epoch and run time under each schedule from the schedule's own rho shares
-(see _projection.py). Output: a table (stdout), progress lines (stderr), a JSON document and
+(see pss_kernels/train/timing.py). Output: a table (stdout), progress lines (stderr), a JSON document and
 a PNG plot. Without a GPU it runs deit_tiny at 224 px (197 tokens), labelled as a CPU run;
 CPU and --smoke results go under ./runs/iter_time/ rather than benchmarks/results/ (which holds
 GPU results).
@@ -63,7 +63,7 @@ from pss_kernels.schedules import build_schedule
 from _iter_time_plot import plot_report
 from _iter_time_report import (EAGER_PEERS, TARGET_MODEL, evaluate_targets, format_errors, format_projection_table,
                                format_targets, format_timing_table, format_unavailable)
-from _projection import IMAGENET_1K_TRAIN_IMAGES, project_run, steps_per_epoch
+from pss_kernels.train.timing import IMAGENET_1K_TRAIN_IMAGES, project_run, steps_per_epoch
 from _timing import (TimeBudget, TimingStats, dynamo_recompile_limit, environment_info, file_slug, profile_step,
                      synchronize, time_samples)
 from _train_step import TrainingStep
@@ -598,7 +598,7 @@ def add_ratios(results: List[dict]) -> None:
 # ----------------------------------------------------------------------------- projection
 
 def project(results: List[dict], args, impls: List[str]) -> dict:
-    """Epoch and run time of each implementation under each schedule (see _projection.py)."""
+    """Epoch and run time of each implementation under each schedule (see pss_kernels/train/timing.py)."""
     models = {}
     for model_name in args.models:
         batch = args.batch_sizes[model_name]

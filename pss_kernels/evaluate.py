@@ -33,14 +33,14 @@ from ._backends import OP_BACKENDS, BackendError, backend_status
 from ._checks import check_keep_rate
 from .ops.sample_patches import num_kept_tokens
 from .train.checkpoint import CheckpointError, load_checkpoint, load_state
-from .train.config import (NON_NEGATIVE, POSITIVE, PRECISIONS, HelpFormatter, TrainConfig, config_from_dict,
-                           device_flag)
+from .train.cli import NON_NEGATIVE, POSITIVE, PRECISIONS, HelpFormatter, device_flag
+from .train.config import TrainConfig, config_from_dict
 from .train.data import DataInfo
 from .train.distributed import resolve_device
-from .train.evaluation import autocast_context, evaluate
-from .train.extras import MissingDependency, require
-from .train.methods import apply_method_state
-from .train.trainer import autocast_dtype_for, build_data, build_model, check_backend_flag
+from .train.validation import autocast_context, validate
+from .train.optional_deps import MissingDependency, require
+from .train.methods import apply_method_states
+from .train.build import autocast_dtype_for, build_data, build_model, check_backend_flag
 
 SAMPLER_BACKENDS, ATTN_BACKENDS = OP_BACKENDS["sample_patches"], OP_BACKENDS["rpb_attention"]
 DEFAULT_KEEP_RATES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
@@ -131,7 +131,7 @@ def load_model_from_checkpoint(path, *, ema: bool = False, data_dir: Optional[st
     load_state(model, state["ema"] if ema else state["model"], "EMA" if ema else "model", path)
     # Token pruning at the rates the run ended with, the growth stage it reached (the last one, for
     # a finished Budgeted Training run).
-    apply_method_state(model, state.get("methods"))
+    apply_method_states(model, state.get("methods"))
     return model.eval(), val_set, info, config
 
 
@@ -142,7 +142,7 @@ def sweep(model, loader, keep_rates: Sequence[float], *, device, autocast_dtype)
     for rate in keep_rates:
         with torch.no_grad(), autocast_context(device, autocast_dtype):
             model(warmup_images, keep_rate=rate)  # first-call costs (allocation, autotuning) stay out of the timing
-        metrics = evaluate(model, loader, device=device, keep_rate=rate, autocast_dtype=autocast_dtype)
+        metrics = validate(model, loader, device=device, keep_rate=rate, autocast_dtype=autocast_dtype)
         tokens = num_kept_tokens(num_tokens, rate) if rate < 1.0 else num_tokens
         results.append({"keep_rate": rate, "tokens": tokens, **metrics})
     return results

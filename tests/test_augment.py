@@ -1,4 +1,4 @@
-"""Device-side augmentation (train/augment.py) against hand computations and PIL.
+"""Device-side augmentation (train/data/augment.py) against hand computations and PIL.
 
 Oracles: RandAugment's ops against PIL's ImageOps / ImageEnhance / Image.transform as timm calls
 them, its level -> argument table by hand, its draw statistics against timm's law (op uniform,
@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 pytest.importorskip("kornia")
 
-from pss_kernels.train.augment import (DeviceAugment, MixupCutmix, RandAugment, RandAugmentSpec,  # noqa: E402
-                                       RandomErasing, TrainLoss, rand_augment_ops, seeded_rng, smooth_one_hot,
-                                       soft_target_cross_entropy, step_seed)
+from pss_kernels.train.data.augment import (DeviceAugment, MixupCutmix, RandAugment, RandAugmentSpec,  # noqa: E402
+                                            RandomErasing, TrainLoss, rand_augment_ops, seeded_rng,
+                                            smooth_one_hot, soft_target_cross_entropy, step_seed)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -1,4 +1,4 @@
-"""Decoding only the crop (pss_kernels/train/decode.py) and the data benchmark (benchmarks/data.py)."""
+"""Decoding only the crop (pss_kernels/train/data/decode.py) and the data benchmark (benchmarks/data.py)."""
 import json
 import sys
 from pathlib import Path
@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pss_kernels.train import decode
-from pss_kernels.train.data import ImageFolder, load_image
-from pss_kernels.train.transforms import EvalTransform, TrainTransform
+from pss_kernels.train.data import ImageFolder, decode, load_image
+from pss_kernels.train.data.transforms import EvalTransform, TrainTransform
 
 REPO = Path(__file__).resolve().parents[1]
 # simplejpeg is optional (the train extra): without it its cases skip and say so.

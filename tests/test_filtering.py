@@ -1,4 +1,4 @@
-"""Tri-Level E-ViT's example level (pss_kernels/train/filtering.py): forgetting events and the CLS
+"""Tri-Level E-ViT's example level (pss_kernels/train/methods/example_filter.py): forgetting events and the CLS
 attention variance counted against a hand example, the ranking and remove-and-restore moving the
 right examples, the paper's rounds (30, 60, 90 for 10 % removed; to 150 for 20 %), the subset
 identical on two gloo ranks and after a resume, bit for bit."""
@@ -14,7 +14,7 @@ import torch
 from pss_kernels.models import create_model
 from pss_kernels.train import Trainer, load_checkpoint
 from pss_kernels.train.distributed import DistInfo
-from pss_kernels.train.filtering import NEVER_LEARNED, ClsAttentionCapture, ExampleFilter
+from pss_kernels.train.methods.example_filter import NEVER_LEARNED, ClsAttentionCapture, ExampleFilter
 from test_train import CPU, micro_config, train_records
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,19 +116,24 @@ def test_cls_attention_capture_gives_the_last_block_variance_and_leaves_the_outp
 FILTER = dict(example_keep=0.8, filter_every=1, filter_fraction=0.1, epochs=3, schedule="cyclic:0.2,1.0")
 
 
+def example_filter(trainer) -> ExampleFilter:
+    """The run's ExampleFilter, held by the example-level hook (the trainer names no method)."""
+    return next(hook for hook in trainer.hooks if hook.name == "filtering").filter
+
+
 def test_trainer_counts_every_presented_example_and_resumes_bit_for_bit(tmp_path):
     straight = Trainer(micro_config(tmp_path / "straight", **FILTER), CPU)
-    kept = straight.filter.kept
+    kept = example_filter(straight).kept
     assert kept == round(0.8 * 1438) and straight.steps_per_epoch == kept // 32
     summary = straight.fit()
-    f = straight.filter
+    f = example_filter(straight)
     # Every step's 32 examples were counted, and only examples of the subset of their epoch.
     assert int(f.presentations.sum()) == summary["step"] * 32
     assert [r["epoch"] for r in summary["methods"]["filtering"]["rounds"]] == [1, 2]  # none after the last
     first = Trainer(micro_config(tmp_path / "resumed", stop_at_step=50, **FILTER), CPU).fit()  # mid-epoch 2
     assert first["step"] == 50
     resumed = Trainer(micro_config(tmp_path / "resumed", resume="auto", **FILTER), CPU)
-    assert resumed.filter.iterations_done == 1 and resumed.filter.epoch_seen.sum() > 0
+    assert example_filter(resumed).iterations_done == 1 and example_filter(resumed).epoch_seen.sum() > 0
     end = resumed.fit()
     assert end["params_sha256"] == summary["params_sha256"] and end["final_eval"] == summary["final_eval"]
     a, b = (load_checkpoint(tmp_path / run / "checkpoint.pt")["methods"]["filtering"] for run in ("straight", "resumed"))

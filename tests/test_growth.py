@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from pss_kernels.models import create_model
-from pss_kernels.models.growth import (BUDGETED_STAGES, GrowthStage, NewSlice, _copies, _sources, count_flops, grow,
+from pss_kernels.models.flops import count_flops
+from pss_kernels.models.growth import (BUDGETED_STAGES, GrowthStage, NewSlice, _copies, _sources, grow,
                                        new_parameter_slices, reset_optimizer_moments, set_stage, stage_flops,
                                        stage_keep_rate, stage_keep_rates, stage_of)
 from pss_kernels.models.token_pruning import TokenPruning
@@ -106,7 +107,7 @@ def test_grow_copies_the_active_parts_into_the_new_ones_in_order(rpb):
                                                                                        mlp.fc1.bias[:32])
         assert torch.equal(mlp.fc2.weight[:, 32:64], mlp.fc2.weight[:, :32])
         assert torch.equal(mlp.fc2.weight[:, 64:], before[prefix + "mlp.fc2.weight"][:, 64:])
-    assert stage_of(model) == STAGES[1]
+    assert stage_of(model) == GrowthStage(STAGES[1].num_heads, STAGES[1].mlp_ratio)  # widths only
     # The paper's copy is not function-preserving: a copied part adds its output once more.
     block = model.blocks[0]
     x = torch.randn(2, 17, 32)
@@ -198,17 +199,19 @@ def test_reset_optimizer_moments_zeroes_the_new_slices_only():
 def test_token_stages_crop_the_centre_of_the_grid():
     model = tiny_model()
     set_stage(model, STAGES[0])
-    assert model.sampler.scorer == "center" and model.keep_rate == stage_keep_rate(model, STAGES[0]) == 5 / 17
-    _, index = model.forward_features(images())
+    # The stage's tokens are the input keep rate of each call (the trainer's schedule holds it); the
+    # model keeps its own rate (1.0) and only its scorer changes.
+    assert model.sampler.scorer == "center" and model.keep_rate == 1.0 and stage_keep_rate(model, STAGES[0]) == 5 / 17
+    _, index = model.forward_features(images(), keep_rate=stage_keep_rate(model, STAGES[0]))
     assert sorted(index[0].tolist()) == [0, 6, 7, 10, 11]  # the centre 2 x 2 of the 4 x 4 grid
     assert torch.equal(index[0], index[1])
     set_stage(model, STAGES[2])
-    assert model.keep_rate == 1.0 and model.forward_features(images())[1] is None
+    assert stage_keep_rate(model, STAGES[2]) == 1.0 and model.forward_features(images())[1] is None
     with torch.device("meta"):
         small = create_model("deit_small")
     assert stage_keep_rates(small, BUDGETED_STAGES["deit_small"]) == (101 / 197, 145 / 197, 1.0)
     set_stage(small, BUDGETED_STAGES["deit_small"][0])
-    assert stage_of(small) == BUDGETED_STAGES["deit_small"][0]
+    assert stage_of(small) == GrowthStage(2, 1.0) and small.sampler.scorer == "center"
 
 
 def _tiny_macs(heads, hidden, patches):
@@ -225,7 +228,7 @@ def test_flops_per_stage_are_counted_on_the_real_model_and_ordered():
     flops = stage_flops(model, STAGES)
     expected = [2 * _tiny_macs(s.num_heads, int(32 * s.mlp_ratio), s.num_patches) for s in STAGES]
     assert list(flops) == expected and 0 < flops[0] < flops[1] < flops[2]
-    assert stage_of(model) == GrowthStage(4, 4.0, None) and model.keep_rate == 1.0  # restored
+    assert stage_of(model) == GrowthStage(4, 4.0, None) and model.keep_rate == 1.0  # restored, never written
     assert count_flops(model) == flops[2]
     assert count_flops(model, batch_size=3) == 3 * flops[2]
     assert count_flops(model, backward=True) > 2 * flops[2]
@@ -259,8 +262,9 @@ def test_grow_refuses_to_shrink_and_bad_stages():
 
 def test_growth_composes_with_token_pruning():
     model = tiny_model(token_pruning=TokenPruning(blocks=(2, 3), token_keep_rate=0.5, attention_keep_rate=0.5))
-    set_stage(model, GrowthStage(2, 1.0, 9))
-    tokens, index = model.forward_features(images())
+    stage = GrowthStage(2, 1.0, 9)
+    set_stage(model, stage)
+    tokens, index = model.forward_features(images(), keep_rate=stage_keep_rate(model, stage))
     assert tokens.shape == (2, 1 + 3, 32) and index.shape == (2, 4)
     model.train()
-    model(images()).sum().backward()
+    model(images(), keep_rate=stage_keep_rate(model, stage)).sum().backward()

@@ -14,7 +14,7 @@ BENCHMARKS = REPO / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # the benchmark scripts import their helpers as top-level modules
 
 from _iter_time_report import evaluate_targets, format_timing_table, pss_speedups  # noqa: E402
-from _projection import mean_iteration_time, project_run, steps_per_epoch, time_at  # noqa: E402
+from pss_kernels.train.timing import mean_iteration_time, project_run, steps_per_epoch, time_at  # noqa: E402
 from _timing import TimingStats, time_iterations, time_samples  # noqa: E402
 
 from pss_kernels.schedules import build_schedule  # noqa: E402

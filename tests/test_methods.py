@@ -1,4 +1,4 @@
-"""The method comparison harness (pss_kernels/train/compare.py, benchmarks/methods.py, pss-compare) in
+"""The method comparison harness (pss_kernels/compare.py, benchmarks/methods.py, pss-compare) in
 its --quick mode: every requested method trains and is swept, the table / JSON / plots are written,
 magnitude and random sampling of a PSS schedule are reported side by side."""
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pss_kernels.train import compare
+from pss_kernels import compare
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -39,8 +39,21 @@ def test_quick_mode_writes_the_table_json_and_plots(tmp_path, capsys):
         "schedule": "cyclic", "magnitude_top1": rows["pss-cyclic-magnitude"]["top1"],
         "random_top1": rows["pss-cyclic-random"]["top1"],
         "random_minus_magnitude": rows["pss-cyclic-random"]["top1"] - rows["pss-cyclic-magnitude"]["top1"]}]
+    # The equal-time baselines: which counts run depends on the measured times, so checked against the rule.
+    plan = compare.equal_time_plan(report["results"], compare.QUICK_SETTINGS["epochs"])
+    extra = {row["epochs"]: row for row in report["equal_time_baselines"]}
+    assert set(extra) == set(plan) - {compare.QUICK_SETTINGS["epochs"]}  # one run per count, none at full length
+    for epochs, names in plan.items():
+        for name in names:
+            other = rows[name]["equal_time_baseline"]
+            assert other["epochs"] == epochs and rows[name]["beats_equal_time_baseline"] == (rows[name]["top1"]
+                                                                                            > other["top1"])
+    for epochs, row in extra.items():
+        assert row["steps"] * compare.QUICK_SETTINGS["epochs"] == epochs * base["steps"]
+        assert (tmp_path / "runs" / f"baseline-{epochs}ep" / "summary.json").exists()
     table = (tmp_path / "out" / "methods.md").read_text()
     assert all(f"| {name} |" in table for name in QUICK_METHODS) and "PSS cyclic: magnitude" in table
+    assert all(f"| {row['label']} |" in table for row in extra.values())
     for plot in ("methods_time.png", "methods_sweep.png"):
         assert (tmp_path / "out" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -57,3 +70,113 @@ def test_method_flags_and_the_script():
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "methods.py"), "--help"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "pss-compare" in result.stdout and "tri-level-all" in result.stdout
+
+
+def test_equal_time_epochs_scales_the_baseline_by_the_time_ratio():
+    # The README's 15-epoch digits figures: PSS at 71 % of the baseline's time -> the baseline at 11 epochs.
+    assert compare.equal_time_epochs(15, 71.0, 100.0) == 11
+    assert compare.equal_time_epochs(10, 34.2, 59.8) == 6  # round(5.72)
+    assert compare.equal_time_epochs(10, 57.0, 59.8) == 10  # round(9.53): the full baseline is the row
+    assert compare.equal_time_epochs(10, 59.8, 59.8) is None  # ratio >= 1: no row
+    assert compare.equal_time_epochs(10, 70.0, 59.8) is None
+    assert compare.equal_time_epochs(10, 0.1, 100.0) == 1  # a run needs one epoch
+    assert compare.equal_time_epochs(10, 0.0, 100.0) == 1
+    with pytest.raises(ValueError, match="epochs must be"):
+        compare.equal_time_epochs(0, 1.0, 2.0)
+    with pytest.raises(ValueError, match="baseline_wall"):
+        compare.equal_time_epochs(10, 1.0, 0.0)
+    with pytest.raises(ValueError, match="method_wall"):
+        compare.equal_time_epochs(10, -1.0, 2.0)
+    with pytest.raises(ValueError, match="no 'baseline' row"):
+        compare.equal_time_plan([{"method": "pss-fixed-random", "wall_s": 1.0}], 10)
+
+
+# Fake runs (no training): wall time and top-1 per method; the baseline at E epochs takes 10 s per epoch.
+FAKE = {"baseline": (100.0, 80.0), "pss-fixed-random": (60.0, 70.0), "pss-cyclic-random": (64.0, 75.0),
+        "tri-level-token": (96.0, 85.0), "tri-level-attention": (120.0, 90.0)}
+FAKE_BASELINE_TOP1 = {6: 72.0}
+
+
+def _fake_runs(monkeypatch):
+    calls = []
+
+    def fake_run_method(name, args, index, total, epochs=None):
+        calls.append((name, epochs))
+        wall, top1 = (10.0 * epochs, FAKE_BASELINE_TOP1[epochs]) if epochs else FAKE[name]
+        return {"method": name if epochs is None else f"{name}-{epochs}ep", "label": compare.METHODS[name].label,
+                "family": compare.METHODS[name].family, "wall_s": wall, "top1": top1, "mean_tokens": 65.0,
+                "mean_block_tokens": 65.0, "train_flops": 1e9 * wall, "peak_mem_mb": None,
+                "sweep": [{"keep_rate": 1.0, "top1": top1}], **({"epochs": epochs} if epochs else {})}
+
+    monkeypatch.setattr(compare, "run_method", fake_run_method)
+    return calls
+
+
+def _compare(tmp_path, methods, *extra):
+    argv = ["--epochs", "10", "--jobs", "1", "--methods", methods, "--out-dir", str(tmp_path / "out"),
+            "--runs-dir", str(tmp_path / "runs"), *extra]
+    assert compare.main(argv) == 0
+    report = json.loads((tmp_path / "out" / "methods.json").read_text())
+    return report, (tmp_path / "out" / "methods.md").read_text()
+
+
+def test_equal_time_baselines_cached_by_epoch_count_in_json_and_table(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    calls = _fake_runs(monkeypatch)
+    report, table = _compare(tmp_path, ",".join(FAKE))
+    # pss-fixed-random (0.60) and pss-cyclic-random (0.64) both round to 6 epochs: one run; tri-level-token
+    # (0.96 -> 10 epochs) is the full baseline itself; tri-level-attention is slower: no row.
+    assert calls == [(name, None) for name in FAKE] + [("baseline", 6)]
+    rows = {row["method"]: row for row in report["results"]}
+    six = {"epochs": 6, "wall_s": 60.0, "top1": 72.0, "run": "baseline-6ep"}
+    assert rows["pss-fixed-random"]["equal_time_baseline"] == six
+    assert rows["pss-fixed-random"]["beats_equal_time_baseline"] is False  # 70 < 72
+    assert rows["pss-cyclic-random"]["equal_time_baseline"] == six
+    assert rows["pss-cyclic-random"]["beats_equal_time_baseline"] is True  # 75 > 72
+    assert rows["tri-level-token"]["equal_time_baseline"] == {"epochs": 10, "wall_s": 100.0, "top1": 80.0,
+                                                              "run": "baseline"}
+    assert rows["tri-level-token"]["beats_equal_time_baseline"] is True
+    for name in ("baseline", "tri-level-attention"):
+        assert rows[name]["equal_time_baseline"] is None and rows[name]["beats_equal_time_baseline"] is None
+    [extra] = report["equal_time_baselines"]
+    assert extra["method"] == "baseline-6ep" and extra["family"] == "baseline-equal-time" and extra["epochs"] == 6
+    assert extra["label"] == "baseline @ equal time of pss-fixed-random, pss-cyclic-random (6 epochs)"
+    assert extra["equal_time_of"] == ["pss-fixed-random", "pss-cyclic-random"]
+    # The table: the equal-time row right after the full baseline, each method's difference to its row.
+    lines = table.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("| baseline |"))
+    assert lines[at + 1].startswith(f"| {extra['label']} | 60.0 |")
+    assert "| 70.0 | -2.0 (6 ep) |" in next(line for line in lines if line.startswith("| pss-fixed-random |"))
+    assert "| 75.0 | +3.0 (6 ep) |" in next(line for line in lines if line.startswith("| pss-cyclic-random |"))
+    assert "| 85.0 | +5.0 (10 ep) |" in next(line for line in lines if line.startswith("| tri-level-token |"))
+    assert "| 90.0 |  |" in next(line for line in lines if line.startswith("| tri-level-attention |"))
+    assert ("pss-fixed-random: 70.0 % in 60.0 s loses to the baseline at equal time (6 epochs, 60.0 s): 72.0 % "
+            "(-2.0)") in table
+    assert "pss-cyclic-random: 75.0 % in 64.0 s beats the baseline at equal time" in table
+    assert "the baseline at equal time: 10 epochs for tri-level-token (the full baseline); 6 epochs for " \
+           "pss-fixed-random, pss-cyclic-random" in capsys.readouterr().out
+    assert (tmp_path / "out" / "methods_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_equal_time_adds_the_baseline_and_no_equal_time_skips_it(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    calls = _fake_runs(monkeypatch)
+    report, table = _compare(tmp_path / "a", "pss-fixed-random")
+    assert calls == [("baseline", None), ("pss-fixed-random", None), ("baseline", 6)]
+    assert report["settings"]["baseline_added"] is True
+    assert "baseline added to --methods" in capsys.readouterr().out
+    assert [row["method"] for row in report["results"]] == ["baseline", "pss-fixed-random"]
+    assert report["results"][1]["equal_time_baseline"]["epochs"] == 6
+
+    calls.clear()
+    report, table = _compare(tmp_path / "b", "pss-fixed-random,pss-cyclic-random", "--no-equal-time")
+    assert calls == [("pss-fixed-random", None), ("pss-cyclic-random", None)]  # no baseline, no reruns
+    assert report["settings"]["equal_time"] is False and report["settings"]["baseline_added"] is False
+    assert report["equal_time_baselines"] == []
+    assert all(row["equal_time_baseline"] is None and row["beats_equal_time_baseline"] is None
+               for row in report["results"])
+    assert "equal time" not in table and "baseline added" not in capsys.readouterr().out
+
+    calls.clear()
+    report, table = _compare(tmp_path / "c", ",".join(FAKE), "--no-equal-time")
+    assert calls == [(name, None) for name in FAKE] and report["equal_time_baselines"] == []

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from pss_kernels.train import Trainer, TrainConfig, load_checkpoint
-from pss_kernels.train.config import build_parser, parse_config, recipe_config
+from pss_kernels.train.cli import build_parser, parse_config
+from pss_kernels.train.config import recipe_config
 from pss_kernels.train.distributed import DistInfo, RepeatedAugSampler
 from pss_kernels.train.optim import (base_lr, build_lr_scheduler, build_optimizer, layer_decay_scales,
                                      resolve_learning_rates, warmup_cosine_factor)

@@ -1,9 +1,10 @@
-"""The trainer's projected-time summary: iteration times keyed by kept tokens, and the labelled
+"""The one run-time projection (pss_kernels/train/timing.py) as the trainer uses it: the projected-time summary: iteration times keyed by kept tokens, and the labelled
 estimates for token counts (and the rho = 1 baseline) that a run never timed."""
 import pytest
 
-from pss_kernels.train.reporting import (EXTRAPOLATED, INTERPOLATED, MEASURED, PROBED, PROPORTIONAL, KeepRateTimes,
-                                         estimate_time, format_summary, projected_time_summary)
+from pss_kernels.train.reporting import format_summary
+from pss_kernels.train.timing import (EXTRAPOLATED, INTERPOLATED, MEASURED, PROBED, PROPORTIONAL, KeepRateTimes,
+                                      estimate_time, interpolate, projected_time_summary)
 
 
 def timed(num_tokens, rate_seconds, warmup=0):
@@ -93,3 +94,12 @@ def test_iteration_flops_are_the_hand_counted_matmuls_once_per_token_count():
     assert torch.equal(torch.get_rng_state(), state)
     peak, source = peak_memory_mb(torch.device("cpu"))
     assert source == "cpu peak rss" and peak > 10  # this process holds torch: far more than 10 MiB
+
+
+def test_one_interpolation_serves_the_trainer_and_the_main_job():
+    from pss_kernels.train.timing import time_at
+    points = [(5, 1.0), (9, 3.0), (17, 7.0)]
+    assert interpolate(7, points) == 2.0 and interpolate(13, points) == 5.0
+    assert interpolate(5, points) is None and interpolate(18, points) is None  # only strictly between
+    assert estimate_time(7, dict(points)) == (2.0, INTERPOLATED)
+    assert time_at(0.5, {0.2: 1.0, 0.8: 3.0}) == (pytest.approx(2.0), True)

@@ -11,7 +11,7 @@ from pss_kernels.models.vit import ATTN_IMPLS
 from pss_kernels.ops.rpb_attention import module as rpb_module
 from pss_kernels.ops.rpb_attention import peers
 from pss_kernels.ops.rpb_attention.reference import relative_index, rpb_attention_reference
-from pss_kernels.train.config import parse_config
+from pss_kernels.train.cli import parse_config
 
 CPU = torch.device("cpu")
 CASES = [((4, 5), 1, 0.6), ((4, 5), 1, None), ((3, 3), 0, 0.5), ((3, 3), 0, None)]  # grid, prefix tokens, rho

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from attention_cases import timm_relative_position_index
 from pss_kernels.models import create_model
-from pss_kernels.models.layers import PlainAttention
+from pss_kernels.models.attention import PlainAttention, RelPosBlockAttention
 from pss_kernels.models.token_pruning import (TRI_LEVEL_PRESETS, TokenPruning, kept_count, quantise,
                                               top_key_mask)
 from pss_kernels.ops.rpb_attention.module import IMPLS, RelPosAttention
@@ -173,7 +173,7 @@ def test_cls_attention_of_every_implementation_is_row_zero_of_the_dense_softmax(
         attn = PlainAttention(32, 2)
         torch.nn.init.normal_(attn.qkv.weight, std=0.3)
     else:
-        attn = RelPosAttention(32, 2, GRID, impl=impl)
+        attn = RelPosBlockAttention(32, 2, GRID, impl=impl)
         torch.nn.init.normal_(attn.relative_position_bias_table, std=0.5)
         torch.nn.init.normal_(attn.q_bias, std=0.1)
     h = torch.randn(3, 17, 32)
@@ -265,13 +265,13 @@ def test_presets_and_construction_checks():
     assert {p.token_keep_rate for p in TRI_LEVEL_PRESETS.values()} == {0.7, 0.8, 0.9, 1.0}
     setting = TRI_LEVEL_PRESETS["tri-level/0.7"]
     pruning = setting.token_pruning()
-    assert pruning.blocks == (4, 7, 10) and pruning.placement == "after_attention"
+    assert pruning.blocks == (4, 7, 10) and pruning.placement == "after_attention" == TokenPruning().placement
     assert (pruning.token_keep_rate, pruning.attention_keep_rate) == (1.0, 1.0) and not pruning.active
     create_model("deit_small", img_size=32, num_classes=2, patch_size=8, token_pruning=pruning)
     with pytest.raises(ValueError, match="blocks must be in"):
         tiny_model(token_pruning=TokenPruning())  # 4, 7, 10 in a 4-block model
     with pytest.raises(ValueError, match="blocks must be in"):
-        tiny_model(token_pruning=TokenPruning(blocks=(1,)))  # before block 1 nothing has attended
+        tiny_model(token_pruning=TokenPruning(blocks=(1,), placement="before_block"))  # nothing has attended yet
     with pytest.raises(ValueError, match="ascending"):
         TokenPruning(blocks=(3, 2))
     with pytest.raises(TypeError, match="token_pruning"):
@@ -303,7 +303,7 @@ def test_triton_kernels_give_the_same_selection_and_gradients(device, monkeypatc
     monkeypatch.setattr(triton_forward, "rpb_attention_forward", counted)
     results = []
     for backend in ("torch", "triton"):
-        pruning = TokenPruning(blocks=(2, 3), token_keep_rate=0.6)
+        pruning = TokenPruning(blocks=(2, 3), token_keep_rate=0.6, placement="before_block")
         model = tiny_model(attn_backend=backend, sampler_backend=backend, token_pruning=pruning).to(device).train()
         set_stage(model, GrowthStage(1, 2.0))
         x = images(batch=2).to(device)
@@ -337,7 +337,8 @@ def measure_attention_level(batch=32, heads=6, head_dim=64, num_tokens=138, atte
     from torch.utils.flop_counter import FlopCounterMode
 
     from pss_kernels import rpb_attention
-    from pss_kernels.ops.rpb_attention.peers import dense_bias, eager_index_rpb_attention, masked_attention
+    from pss_kernels.models.attention import masked_attention
+    from pss_kernels.ops.rpb_attention.peers import dense_bias, eager_index_rpb_attention
 
     grid = (14, 14)
     generator = torch.Generator().manual_seed(0)

@@ -19,7 +19,8 @@ from pss_kernels import evaluate as evaluate_cli
 from pss_kernels.train import CheckpointError, TrainConfig, Trainer, load_checkpoint, save_checkpoint
 from pss_kernels.train.__main__ import main as train_main
 from pss_kernels.train.checkpoint import capture_rng_state, restore_rng_state
-from pss_kernels.train.config import config_from_dict, config_to_dict, parse_config
+from pss_kernels.train.cli import parse_config
+from pss_kernels.train.config import config_from_dict, config_to_dict
 from pss_kernels.train.data import build_dataset, digits_split
 from pss_kernels.train.distributed import DistInfo, ShardedSampler
 from pss_kernels.train.optim import warmup_cosine_factor
@@ -447,7 +448,7 @@ def test_deterministic_reaches_the_model_torch_and_the_checkpoint(tmp_path, monk
 
 
 def test_evaluation_uses_every_token_whatever_the_schedule_left(tmp_path):
-    from pss_kernels.train.evaluation import evaluate
+    from pss_kernels.train.validation import validate as evaluate
     trainer = Trainer(micro_config(tmp_path, epochs=1, stop_at_step=2, schedule="fixed:0.2"), CPU)
     trainer.fit()
     model = trainer.model
@@ -456,9 +457,9 @@ def test_evaluation_uses_every_token_whatever_the_schedule_left(tmp_path):
     sampled = evaluate(model, trainer.val_loader, device=CPU.device, keep_rate=0.2)
     assert full["loss"] != sampled["loss"]
     model.keep_rate = 0.2  # what a user may leave on the model: eval mode samples too (by design)
-    record = trainer.evaluate()
+    record = trainer.validate()
     assert record["keep_rate"] == 1.0 and (record["top1"], record["loss"]) == (full["top1"], full["loss"])
-    assert trainer.evaluate(keep_rate=0.2)["loss"] == sampled["loss"]  # unless asked
+    assert trainer.validate(keep_rate=0.2)["loss"] == sampled["loss"]  # unless asked
     with pytest.raises(TypeError, match="keep_rate must be a float"):
         evaluate(model, trainer.val_loader, device=CPU.device, keep_rate=None)  # never model.keep_rate
 

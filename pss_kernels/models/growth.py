@@ -36,16 +36,15 @@ checkpoint; the stage index belongs in the checkpoint).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from .._checks import check_choice, check_int
 from ..ops.rpb_attention.module import RelPosAttention
+from .flops import count_flops  # noqa: F401  (re-exported: the stage costs use it)
 from .layers import Mlp, PlainAttention
 
 INITS = ("copy", "copy-halved", "random")
@@ -112,14 +111,11 @@ def _check_stage(model: nn.Module, stage: GrowthStage) -> None:
 
 
 def stage_of(model: nn.Module) -> GrowthStage:
-    """The widths the model runs now (block 1's; growth keeps every block alike)."""
+    """The widths the model runs now (block 1's; growth keeps every block alike). The tokens are not
+    the model's (the input keep rate is a per-call argument): num_patches is None."""
     _, attn = next(_attentions(model))
     _, mlp = next(_mlps(model))
-    patches = model.patch_embed.num_patches
-    tokens = None
-    if model.sampler.scorer == "center":
-        tokens = patches if model.keep_rate == 1.0 else round(model.keep_rate * (patches + 1)) - 1
-    return GrowthStage(attn.active_heads, mlp.active_hidden / model.embed_dim, tokens)
+    return GrowthStage(attn.active_heads, mlp.active_hidden / model.embed_dim)
 
 
 def stage_keep_rate(model: nn.Module, stage: GrowthStage) -> float:
@@ -145,8 +141,9 @@ def set_stage(model: nn.Module, stage: GrowthStage) -> None:
     for _, mlp in _mlps(model):
         mlp.active_hidden = hidden
     if stage.num_patches is not None:
+        # The stage's tokens are the input keep rate stage_keep_rate(model, stage), which the caller
+        # passes per forward (the trainer's schedule holds it): only the scorer is the model's.
         model.sampler.scorer = "center"
-        model.keep_rate = stage_keep_rate(model, stage)
 
 
 def _sources(old: int, new: int) -> List[int]:
@@ -289,55 +286,16 @@ def reset_optimizer_moments(optimizer: torch.optim.Optimizer, slices: Sequence[N
     return touched
 
 
-@contextmanager
-def _counted_attention(model: nn.Module):
-    """The fused rpb_attention custom op is opaque to FlopCounterMode; eager-index runs the same
-    matmuls as aten ops."""
-    fused = [m for m in model.modules() if isinstance(m, RelPosAttention) and m.impl == "pss"]
-    for module in fused:
-        module.impl = "eager-index"
-    try:
-        yield
-    finally:
-        for module in fused:
-            module.impl = "pss"
-
-
-def count_flops(model: nn.Module, *, batch_size: int = 1, backward: bool = False) -> int:
-    """FLOPs of one forward (and backward with backward=True) of `batch_size` images through the
-    model as it is now (its stage, keep rate, token pruning), from PyTorch's own counter
-    (torch.utils.flop_counter.FlopCounterMode): matmuls and convolutions at 2 FLOPs per
-    multiply-add (the paper's "FLOPs" are multiply-adds: divide by 2 to compare). The count runs on
-    meta tensors (no memory, no time, the model's weights, gradients and RNG untouched), in eval mode
-    (dropout and stochastic depth do not change the count)."""
-    check_int("batch_size", batch_size, minimum=1)
-    params = {n: torch.empty_like(p, device="meta").requires_grad_(backward and p.requires_grad)
-              for n, p in model.named_parameters()}
-    buffers = {n: torch.empty_like(b, device="meta") for n, b in model.named_buffers()}
-    size = model.patch_embed.img_size
-    images = torch.empty(batch_size, model.patch_embed.proj.in_channels, size, size, device="meta")
-    training = model.training
-    model.eval()
-    try:
-        with torch.random.fork_rng(devices=[]), _counted_attention(model), FlopCounterMode(display=False) as counter:
-            out = torch.func.functional_call(model, {**params, **buffers}, (images,))
-            if backward:
-                out.float().sum().backward()
-    finally:
-        model.train(training)
-    return int(counter.get_total_flops())
-
-
 def stage_flops(model: nn.Module, stages: Sequence[GrowthStage], **options) -> Tuple[int, ...]:
-    """count_flops (options: batch_size, backward) at each stage; the model's widths, keep rate and
-    scorer are restored afterwards."""
-    current, keep_rate, scorer = stage_of(model), model.keep_rate, model.sampler.scorer
+    """count_flops (options: batch_size, backward) at each stage, the stage's tokens given as the
+    call's keep rate; the model's widths and scorer are restored afterwards."""
+    current, scorer = stage_of(model), model.sampler.scorer
     try:
         counts = []
         for stage in stages:
             set_stage(model, stage)
-            counts.append(count_flops(model, **options))
+            counts.append(count_flops(model, keep_rate=stage_keep_rate(model, stage), **options))
         return tuple(counts)
     finally:
         set_stage(model, GrowthStage(current.num_heads, current.mlp_ratio))
-        model.keep_rate, model.sampler.scorer = keep_rate, scorer
+        model.sampler.scorer = scorer

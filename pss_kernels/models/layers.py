@@ -3,9 +3,9 @@
 Token tensors are (B, n, C) with the CLS token first; `index` is the (B, n) position of each
 token in the full sequence of N = 1 + Gh*Gw tokens (None when no token was dropped).
 
-Both attention classes and the MLP can run on a prefix of their width (`active_heads`,
-`active_hidden`; Budgeted Training's growth, models/growth.py) and take the `key_mask` / `stats`
-arguments of in-network token selection (models/token_pruning.py).
+The attention classes (models/attention.py) and the MLP can run on a prefix of their width
+(`active_heads`, `active_hidden`; Budgeted Training's growth, models/growth.py); the attention
+classes take the `key_mask` / `stats` arguments of in-network token selection (models/token_pruning.py).
 """
 from __future__ import annotations
 
@@ -15,9 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_choice
-from ..ops.rpb_attention.module import STATS, RelPosAttention, active_qkv_weight, head_stats
-from ..ops.rpb_attention.peers import cls_attention, masked_attention
+from .attention import PlainAttention, RelPosBlockAttention
 
 
 class PatchEmbed(nn.Module):
@@ -37,50 +35,6 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"images must have shape (B, C, {self.img_size}, {self.img_size}), "
                              f"got {tuple(images.shape)}")
         return self.proj(images).flatten(2).transpose(1, 2)
-
-
-class PlainAttention(nn.Module):
-    """Multi-head self-attention without position bias (the baseline), on SDPA.
-
-    `index` is accepted for the same call signature as RelPosAttention and unused: without a
-    relative bias, positions only enter through the absolute embedding the tokens carry.
-    `active_heads`, `key_mask` and `stats` as RelPosAttention's; stats="map" runs eager attention
-    (without attention-probability dropout), stats="cls" SDPA plus `cls_attention` (O(B H n D)).
-    """
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
-        self.num_heads, self.attn_drop = num_heads, attn_drop
-        self.active_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x: torch.Tensor, index: Optional[torch.Tensor] = None, key_mask: Optional[torch.Tensor] = None,
-                stats: Optional[str] = None):
-        check_choice("stats", stats, STATS)
-        batch, num_tokens, dim = x.shape
-        heads, head_dim = self.active_heads, dim // self.num_heads
-        width = heads * head_dim
-        bias = None if self.qkv.bias is None else active_qkv_weight(self.qkv.bias, self.num_heads, heads)
-        qkv = F.linear(x, active_qkv_weight(self.qkv.weight, self.num_heads, heads), bias)
-        q, k, v = qkv.reshape(batch, num_tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        cls_attn = attention_map = None
-        if stats == "map":
-            out, probs = masked_attention(q, k, v, None, key_mask)
-            cls_attn, attention_map = head_stats(probs, stats)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if key_mask is None else key_mask[:, None],
-                                                 dropout_p=self.attn_drop if self.training else 0.0)
-            if stats == "cls":
-                cls_attn = cls_attention(q, k)
-        out = out.transpose(1, 2).reshape(batch, num_tokens, width)
-        out = self.proj(out) if heads == self.num_heads else F.linear(out, self.proj.weight[:, :width], self.proj.bias)
-        out = self.proj_drop(out)
-        return out if stats is None else (out, cls_attn, attention_map)
 
 
 class Mlp(nn.Module):
@@ -135,7 +89,7 @@ class DropPath(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; attention is RelPosAttention (own bias table) or PlainAttention."""
+    """Pre-norm transformer block; attention is RelPosBlockAttention (own bias table) or PlainAttention."""
 
     def __init__(self, dim: int, num_heads: int, grid_size: Tuple[int, int], *, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, rpb: bool = True, layer_scale_init: Optional[float] = None,
@@ -144,7 +98,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         if rpb:
-            self.attn = RelPosAttention(dim, num_heads, grid_size, num_prefix_tokens=1, qkv_bias=qkv_bias,
+            self.attn = RelPosBlockAttention(dim, num_heads, grid_size, num_prefix_tokens=1, qkv_bias=qkv_bias,
                                         attn_drop=attn_drop, proj_drop=drop, impl=attn_impl, backend=backend,
                                         deterministic=deterministic)
         else:

@@ -16,12 +16,12 @@ position). The CLS attention comes from the block the selector reads: rpb_attent
 the model may sample at the input and prune inside.
 
 `placement` says which block's attention a selector at block s reads:
-- "before_block" (default): the selector runs before block s on the attention of block s - 1
+- "before_block": the selector runs before block s on the attention of block s - 1
   (EViT / DynamicViT's description, "before the 4th, 7th, 10th layer").
 - "after_attention": inside block s, after its attention and before its MLP, on block s's own
   attention: what the authors' released code does (Tri-Level-ViT models_attn_tok.py,
   pruning_loc = [3, 6, 9] 0-based) and the paper's Fig. 2 ("inserted after the self-attention").
-  The paper presets below use it.
+  The default, as in the paper presets below and pss-train.
 
 Kept counts: k = ceil(q(R_T) * P - 1e-9) of the P current patches (the released code's ceil;
 196 -> 138 -> 97 -> 68 at 0.7), with q(R) = R rounded to the `quantum` grid (default 0.05), so a
@@ -103,7 +103,7 @@ class TokenPruning(nn.Module):
         token_keep_rate: R_T in (0, 1], the fraction of the current patch tokens each selector keeps.
         attention_keep_rate: R_A in (0, 1], the fraction of the kept patch keys each patch query
             attends after a selector (1.0: no attention level).
-        placement: "before_block" or "after_attention" (see the module docstring).
+        placement: "after_attention" (the released code's) or "before_block" (see the module docstring).
         quantum: the grid R_T and R_A are rounded to before counting (None: no rounding).
         backend: the backend of sample_patches (None: the package's choice per device).
 
@@ -111,7 +111,7 @@ class TokenPruning(nn.Module):
     """
 
     def __init__(self, blocks: Sequence[int] = TRI_LEVEL_BLOCKS, token_keep_rate: float = 1.0,
-                 attention_keep_rate: float = 1.0, *, placement: str = "before_block",
+                 attention_keep_rate: float = 1.0, *, placement: str = "after_attention",
                  quantum: Optional[float] = DEFAULT_QUANTUM, backend: Optional[str] = None):
         super().__init__()
         blocks = tuple(blocks)

@@ -186,15 +186,11 @@ class VisionTransformer(nn.Module):
                 if name in ("cls_token", "pos_embed") or name.endswith("relative_position_bias_table")}
 
     def _sample(self, x: torch.Tensor, keep_rate: Optional[float]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        keep_rate = self.sampler.keep_rate if keep_rate is None else check_keep_rate(keep_rate)
+        # Checked once, by the sampler (a bad rate is never 1.0 and reaches it).
+        keep_rate = self.sampler.keep_rate if keep_rate is None else keep_rate
         if keep_rate == 1.0:  # the baseline path: no scoring, no gather, attention with index=None
             return x, None
-        stored = self.sampler.keep_rate
-        self.sampler.keep_rate = keep_rate  # a per-call rate leaves model.keep_rate as it was
-        try:
-            return self.sampler(x)
-        finally:
-            self.sampler.keep_rate = stored
+        return self.sampler(x, keep_rate=keep_rate)  # a per-call rate leaves model.keep_rate as it is
 
     def forward_features(self, images: torch.Tensor,
                          keep_rate: Optional[float] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -40,7 +40,7 @@ PatchDropout (Liu et al. 2022) as a regulariser: each step keeps everything with
 probability p_full, else draws rho uniformly from [low, high] (paper: [0.5, 1], continuous), or
 from the grid low, low + grid_step, ..., high (grid_step=0.5: the paper's {0.5, 1} variant).
 
-Modules: pss.py (PSS), patchdropout.py, trilevel.py (WarmupCosine), budget.py (StagedSchedule,
+Modules: pss.py (PSS), patchdropout.py, warmup_cosine.py (WarmupCosine), budget.py (StagedSchedule,
 solve_budget), spec.py (build_schedule), base.py (KeepRateSchedule and shared checks).
 
 WarmupCosine (EViT, Liang et al. 2022; Tri-Level E-ViT, Kong et al. 2023): rho = 1 for the
@@ -53,7 +53,7 @@ K stages at keep rates s_1 < ... < s_K with lengths ``T_k = c * exp(alpha * s_k)
 ``sum_k T_k * cost(s_k) = budget * total_steps * cost(1)``; `sample_seeds` draws the paper's s_k,
 `implied_seeds` recovers those of a published schedule.
 
-In pss-train (train/methods.py): `--token-pruning` / `--attention-keep` warm R_T and R_A up with
+In pss-train (train/methods/token_pruning.py): `--token-pruning` / `--attention-keep` warm R_T and R_A up with
 WarmupCosine (quantum 0.05, the selectors' grid); `--budget` runs a StagedSchedule from
 solve_budget over the growth stages (costs: count_flops of the model at each stage), whose keep
 rates are the stages' centre-cropped tokens.
@@ -63,7 +63,7 @@ from .budget import StagedSchedule, implied_seeds, sample_seeds, solve_budget
 from .patchdropout import PatchDropout
 from .pss import Cosine, Cyclic, Fixed, Linear
 from .spec import build_schedule
-from .trilevel import WarmupCosine
+from .warmup_cosine import WarmupCosine
 
 __all__ = [
     "KeepRateSchedule",

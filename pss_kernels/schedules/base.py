@@ -91,6 +91,14 @@ class KeepRateSchedule:
         step = min(_check_step("step", step), self.total_steps - 1)
         return float(self._keep_rates(np.array([step], dtype=np.int64))[0])
 
+    def keep_rates_at(self, steps) -> np.ndarray:
+        """rho at each of `steps` (an int array, vectorised); steps at or past total_steps hold the last
+        step's rate."""
+        steps = np.asarray(steps, dtype=np.int64)
+        if steps.size and steps.min() < 0:
+            raise ValueError(f"steps must be >= 0, got {int(steps.min())}")
+        return self._keep_rates(np.minimum(steps, self.total_steps - 1))
+
     @property
     def keep_rate(self) -> float:
         """rho for the current step (the iteration about to run)."""

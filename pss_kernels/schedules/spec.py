@@ -8,7 +8,7 @@ from .base import KeepRateSchedule
 from .budget import solve_budget
 from .patchdropout import PatchDropout
 from .pss import Cosine, Cyclic, Fixed, Linear
-from .trilevel import WarmupCosine
+from .warmup_cosine import WarmupCosine
 
 def _token_linear_cost(rate: float) -> float:
     """Iteration cost proportional to the kept tokens (the linear layers' FLOPs)."""

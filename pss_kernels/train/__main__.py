@@ -6,9 +6,9 @@ from typing import Optional, Sequence
 
 from .._backends import BackendError
 from .checkpoint import CheckpointError
-from .config import parse_config
+from .cli import parse_config
 from .distributed import init_distributed, shutdown_distributed
-from .extras import MissingDependency
+from .optional_deps import MissingDependency
 from .trainer import train
 
 

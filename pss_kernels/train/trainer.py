@@ -3,177 +3,57 @@
 Each iteration t:
     images, targets = augment(images, labels)   (device side, seeded by (seed, t, rank); optional)
     rho_t = schedule.keep_rate_at(t)            (pure function of t: same on every rank)
-    model.keep_rate = rho_t                     (1.0 skips the sampler; otherwise k = round(rho_t N))
-    loss = CE(model(images), targets)           (smoothed, or soft targets with Mixup / CutMix; bf16 autocast on CUDA)
+    loss = CE(model(images, keep_rate=rho_t), targets)   (1.0 skips the sampler; otherwise k = round(rho_t N);
+                                                 smoothed, or soft targets with Mixup / CutMix; bf16 autocast on CUDA)
     optimizer step, LR step, schedule step, EMA update
+The keep rate reaches the model as a call argument (DDP and torch.compile pass it through): the
+trainer never writes `model.keep_rate`, which stays 1.0, so evaluation and anything else that calls
+the model without a rate sees every token.
+
 Everything random is either restored from the checkpoint (global RNGs) or a function of
 (seed, epoch, index) (data order and loader augmentation) or of (seed, step, rank) (device
 augmentation), so `--resume` continues bit for bit on CPU;
 on a GPU it does with `deterministic=True` (`--deterministic`: ordered bias-gradient accumulation
 in rpb_attention and torch.use_deterministic_algorithms for the rest of the step).
-Evaluation runs at rho = 1 (unless asked otherwise) whatever rate the schedule is at, and
-`model.keep_rate` is 1.0 between steps: the model never samples by accident in eval mode.
 
-Methods are hooks (train/methods.py, train/filtering.py; none without their flags): before each
-step the token-pruning warm-up sets R_T / R_A and growth grows the model at a stage boundary; the
-example filter counts each step's examples and at epoch ends folds the counts and removes and
-restores examples. Their state is in the checkpoint under "methods".
+Methods (Tri-Level's levels, Budgeted Training's growth) are hooks (train/methods/): the trainer
+builds those the config enables and calls them at fixed points (train/methods/base.py lists the
+calls); it never names a method. Their state is in the checkpoint under "methods".
 """
 from __future__ import annotations
 
 import sys
 
-import contextlib
 import dataclasses
-import hashlib
 import json
-import os
-import random
 import statistics
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from .._backends import backend_status
 from .._checks import check_keep_rate
-from ..models import MODEL_CONFIGS, create_model
-from ..models.vit import VisionTransformer
 from ..ops.sample_patches import num_kept_tokens
 from ..schedules import build_schedule
-from .augment import TrainLoss, build_device_augment, check_augment_dependencies, needs_unit_range, step_seed
+from .data.augment import TrainLoss, build_device_augment, check_augment_dependencies, needs_unit_range, step_seed
+from .build import (autocast_dtype_for, build_data, build_model, build_sampler, check_backends,
+                    deterministic_algorithms, init_from_pretrained, parameters_sha256, raise_recompile_limit,
+                    seed_everything)
 from .checkpoint import (CheckpointError, capture_rng_state, check_config_matches, load_checkpoint, load_state,
                          restore_rng_state, save_checkpoint)
-from .config import MAGNITUDE_FAILS_ON_DIGITS, RESUMABLE_CHANGES, TrainConfig, config_from_dict, config_to_dict
-from .data import DataInfo, build_dataset
-from .distributed import DistInfo, RepeatedAugSampler, ShardedSampler, all_gather_objects, barrier
-from .evaluation import autocast_context, evaluate, synchronize
-from .extras import MissingDependency
-from .filtering import ClsAttentionCapture, ExampleFilter, IndexedDataset, SubsetSampler
-from .methods import (GrowthHook, PruningHook, block_tokens, build_token_pruning, cost_key, growth_stages, key_shares,
-                      solve_growth_budget)
+from .config import RESUMABLE_CHANGES, TrainConfig, config_from_dict, config_to_dict
+from .distributed import DistInfo, ShardedSampler, all_gather_objects, barrier
+from .validation import autocast_context, synchronize, validate
+from .methods import REGISTRY, RunContext, build_hooks, check_config, key_shares, step_key
 from .optim import ModelEma, base_lr, build_lr_scheduler, build_optimizer, resolve_learning_rates
-from .reporting import (IterationFlops, JsonLinesLog, KeepRateTimes, ProgressBar, format_summary, peak_memory_mb,
-                        projected_time_summary)
+from .reporting import IterationFlops, JsonLinesLog, ProgressBar, format_summary, peak_memory_mb
+from .timing import KeepRateTimes, projected_time_summary
 
 CHECKPOINT_NAME = "checkpoint.pt"
-
-
-def build_model(config: TrainConfig, info: DataInfo) -> VisionTransformer:
-    """The run's model: the named config with the command line's overrides."""
-    overrides = {"patch_size": config.patch_size, "embed_dim": config.embed_dim, "depth": config.depth,
-                 "num_heads": config.num_heads, "abs_pos_embed": config.abs_pos_embed,
-                 "drop_path_rate": config.drop_path}
-    overrides = {name: value for name, value in overrides.items() if value is not None}
-    if config.layer_scale_init is not None:
-        overrides["layer_scale_init"] = config.layer_scale_init or None  # 0 switches layer scale off
-    if config.pool is not None:
-        overrides["pool"] = config.pool
-    depth = config.depth or MODEL_CONFIGS[config.model].depth
-    return create_model(config.model, img_size=info.img_size, num_classes=info.num_classes, rpb=config.rpb,
-                        attn_impl=config.attn_impl, sampler_impl=config.sampler_impl, scorer=config.scorer,
-                        sampler_backend=config.sampler_backend, attn_backend=config.attn_backend,
-                        deterministic=config.deterministic, token_pruning=build_token_pruning(config, depth),
-                        **overrides)
-
-
-def build_data(config: TrainConfig, train: bool, normalize: bool = True):
-    return build_dataset(config.data, train=train, img_size=config.img_size, data_dir=config.data_dir,
-                         num_classes=config.num_classes, synthetic_size=config.synthetic_size, seed=config.seed,
-                         normalize=normalize, interpolation=config.interpolation, decoder=config.decoder)
-
-
-def init_from_pretrained(model: VisionTransformer, path: str) -> str:
-    """Load `path` into `model` with models.load_pretrained(strict=False); its report's summary."""
-    try:
-        from ..models import load_pretrained
-    except ImportError as err:
-        raise MissingDependency(f"--init-from needs pss_kernels.models.load_pretrained ({err})") from None
-    return load_pretrained(model, path, strict=False).summary()
-
-
-def build_sampler(config: TrainConfig, dist_info: DistInfo, num_samples: int) -> ShardedSampler:
-    """The training sampler: DeiT's repeated augmentation with --repeated-aug > 1, else plain sharding."""
-    if config.repeated_aug > 1:
-        return RepeatedAugSampler(num_samples, rank=dist_info.rank, world_size=dist_info.world_size,
-                                  repeats=config.repeated_aug, seed=config.seed)
-    return ShardedSampler(num_samples, rank=dist_info.rank, world_size=dist_info.world_size, shuffle=True,
-                          seed=config.seed)
-
-
-def check_backend_flag(flag: str, backend: Optional[str], device: torch.device) -> None:
-    """ValueError (one line, naming the flag and the reason) when `backend` cannot run on `device`."""
-    if backend is not None:
-        status = backend_status(backend, device)
-        if not status.available:
-            raise ValueError(f"{flag} {backend} cannot run on {device}: {status.reason}")
-
-
-def _check_backends(config: TrainConfig, device: torch.device) -> None:
-    """Refuse an unusable --sampler-backend / --attn-backend before any data or model is built."""
-    check_backend_flag("--sampler-backend", config.sampler_backend, device)
-    check_backend_flag("--attn-backend", config.attn_backend, device)
-
-
-DETERMINISTIC_CUBLAS_WORKSPACE = ":4096:8"
-
-
-@contextlib.contextmanager
-def deterministic_algorithms(enabled: bool):
-    """With enabled: torch.use_deterministic_algorithms(True, warn_only=True) and cudnn.benchmark off
-    for the block (restored after). torch then picks deterministic kernels (cuDNN convolutions,
-    SDPA, scatters) and warns about any op that has none (a run that warns is not bit-exact).
-    cuBLAS needs CUBLAS_WORKSPACE_CONFIG for that; it is set to :4096:8 unless already set."""
-    if not enabled:
-        yield
-        return
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-                torch.backends.cudnn.benchmark)
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", DETERMINISTIC_CUBLAS_WORKSPACE)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-        torch.backends.cudnn.benchmark = previous[2]
-
-
-def autocast_dtype_for(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
-def parameters_sha256(model: torch.nn.Module) -> str:
-    """Digest of every parameter's bytes, in order: equal digests = bit-identical weights."""
-    digest = hashlib.sha256()
-    for name, param in model.named_parameters():
-        digest.update(name.encode())
-        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.manual_seed(seed)
-
-
-MAX_COMPILED_KEEP_RATES = 16
-
-
-def _raise_recompile_limit(distinct_keep_rates: int) -> None:
-    # Each keep rate is a different token count, hence one compiled graph per rate (training only:
-    # evaluation runs the eager module). A continuous schedule (unquantised warmup_cosine) has
-    # thousands of rates: past the cap dynamo runs the new ones eagerly instead of compiling forever.
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, name, max(getattr(config, name), min(distinct_keep_rates + 2, MAX_COMPILED_KEEP_RATES)))
 
 
 class Trainer:
@@ -182,11 +62,12 @@ class Trainer:
         self.config, self.dist, self.device = config, dist_info, dist_info.device
         self.out_dir = Path(config.out_dir)
         self._check_same_config_on_every_rank()
-        _check_backends(config, self.device)
+        check_config(config)
+        check_backends(config, self.device)
         check_augment_dependencies(config)
         self.resume_path = self._resume_path(config.resume)
 
-        _seed_everything(config.seed)  # identical initial weights on every rank
+        seed_everything(config.seed)  # identical initial weights on every rank
         self.train_set, self.info = build_data(config, train=True, normalize=not needs_unit_range(config))
         self.val_set, _ = build_data(config, train=False)
         self.model = build_model(config, self.info)
@@ -198,34 +79,30 @@ class Trainer:
         self.model = self.model.to(self.device)
         self.num_tokens = 1 + self.model.patch_embed.num_patches
 
-        self.filter = None
-        if config.example_keep is not None:
-            self.filter = ExampleFilter(len(self.train_set), keep=config.example_keep, period=config.filter_every,
-                                        fraction=config.filter_fraction, iterations=config.filter_iterations,
-                                        seed=config.seed, device=self.device, dist_info=dist_info,
-                                        last_epoch=config.epochs)
-            self.train_set = IndexedDataset(self.train_set)
-            self.train_sampler = SubsetSampler(build_sampler(config, dist_info, self.filter.kept), self.filter)
-        else:
-            self.train_sampler = build_sampler(config, dist_info, len(self.train_set))
+        # The methods' hooks (train/methods/), in registry order; none without method flags.
+        self.hooks = build_hooks(config, self.model, dist_info)
+        full_size = len(self.train_set)
+        sampled = full_size
+        for hook in self.hooks:
+            self.train_set = hook.wrap_dataset(self.train_set)
+            sampled = hook.sampled_examples(sampled)
+        self.train_sampler = build_sampler(config, dist_info, sampled)
+        for hook in self.hooks:
+            self.train_sampler = hook.wrap_sampler(self.train_sampler)
         self.steps_per_epoch = self.train_sampler.samples_per_rank() // config.batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(f"batch_size={config.batch_size} exceeds the {self.train_sampler.samples_per_rank()} "
                              f"training images per process: no full batch per epoch")
         # The full-size run the time summary compares with: every example, every token, full width.
-        self.full_steps_per_epoch = (len(self.train_set) // dist_info.world_size) // config.batch_size
-        self.stages = self.stage_flops = None
-        if config.budget is not None:
-            if config.schedule not in ("none", "baseline"):
-                raise ValueError(f"--budget sets the input keep rate of each growth stage; it does not combine "
-                                 f"with --schedule {config.schedule} (use --schedule none, or leave it out)")
-            self.stages = growth_stages(config.growth, config.model, self.model)
-            self.schedule, self.stage_flops = solve_growth_budget(
-                config, self.model, self.stages, total_steps=config.epochs * self.steps_per_epoch,
-                steps_per_epoch=self.steps_per_epoch)
-        else:
-            self.schedule = build_schedule(config.schedule, total_steps=config.epochs * self.steps_per_epoch,
-                                           steps_per_epoch=self.steps_per_epoch)
+        self.full_steps_per_epoch = (full_size // dist_info.world_size) // config.batch_size
+        run = RunContext(config, self.model, self.steps_per_epoch, dist_info=dist_info)
+        method_schedules = [(hook.name, schedule) for hook in self.hooks
+                            if (schedule := hook.keep_rate_schedule(run)) is not None]
+        if len(method_schedules) > 1:
+            raise ValueError(f"methods {[name for name, _ in method_schedules]} each set the input keep rate; "
+                             f"use one of them")
+        self.schedule = method_schedules[0][1] if method_schedules else build_schedule(
+            config.schedule, total_steps=config.epochs * self.steps_per_epoch, steps_per_epoch=self.steps_per_epoch)
         self.total_steps = self.schedule.total_steps  # a budget schedule sets its own length
         self.lrs = resolve_learning_rates(lr=config.lr, min_lr=config.min_lr, warmup_lr=config.warmup_lr,
                                           scaling=config.lr_scaling, base_batch=config.lr_base_batch,
@@ -238,18 +115,9 @@ class Trainer:
             total_steps=self.total_steps, shape=config.lr_schedule,
             warmup_steps=min(self.total_steps, round(config.warmup_epochs * self.steps_per_epoch)))
         self.ema = ModelEma(self.model, config.ema_decay) if config.ema_decay > 0 else None
-        self.hooks = []  # the methods' step / epoch hooks (train/methods.py); empty without method flags
-        if self.model.token_pruning is not None:
-            self.hooks.append(PruningHook(self.model, config, total_steps=self.total_steps,
-                                          steps_per_epoch=self.steps_per_epoch))
-        self.growth = None
-        if self.stages is not None:
-            self.growth = GrowthHook(self.model, config, self.stages, self.schedule, self.optimizer, self.ema)
-            self.hooks.append(self.growth)
-        self.cls_capture = None
-        if self.filter is not None:
-            self.hooks.append(self.filter)
-            self.cls_capture = ClsAttentionCapture(self.model)
+        run.total_steps, run.schedule, run.optimizer, run.ema = self.total_steps, self.schedule, self.optimizer, self.ema
+        for hook in self.hooks:
+            hook.attach(run)
         self.autocast_dtype = autocast_dtype_for(config.precision, self.device)
         self.criterion = TrainLoss(config.label_smoothing)
         augment = build_device_augment(config, self.info.mean, self.info.std, self.info.num_classes)
@@ -267,18 +135,18 @@ class Trainer:
         if dist_info.enabled:
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        # The joint schedule of the input rate and the methods' settings, when a method changes the cost.
         self.key_shares = self.key_settings = None
-        if self.hooks and any(hasattr(hook, "values") for hook in self.hooks):
-            self.key_shares, self.key_settings = key_shares(
-                self.schedule, self.hooks, self.num_tokens, self.model.token_pruning, self.total_steps,
-                None if self.stages is None else len(self.stages) - 1)
+        if any(hook.values(np.zeros(1, dtype=np.int64)) for hook in self.hooks):
+            self.key_shares, self.key_settings = key_shares(self.schedule, self.hooks, self.num_tokens,
+                                                            self.total_steps)
         if config.compile:
-            _raise_recompile_limit(len(self.key_shares) if self.key_shares else len(self.schedule.shares()))
+            raise_recompile_limit(len(self.key_shares) if self.key_shares else len(self.schedule.shares()))
             self.train_model = torch.compile(self.train_model)
 
         self.step = 0
         self.times = KeepRateTimes(self.num_tokens)
-        _seed_everything(config.seed + dist_info.rank)  # dropout / drop-path masks differ across ranks
+        seed_everything(config.seed + dist_info.rank)  # dropout / drop-path masks differ across ranks
         if self.resume_path is not None:
             self._resume(self.resume_path)
 
@@ -369,14 +237,10 @@ class Trainer:
     # ---- the loop ---------------------------------------------------------------------------
     def train_step(self, images: torch.Tensor, targets: torch.Tensor, keep_rate: float) -> torch.Tensor:
         """One optimizer step on a batch; `targets` are labels (B,) or soft targets (B, K)."""
-        # The rate is set for this forward only (an attribute, not a call argument, so a compiled or
-        # DDP-wrapped model sees it): between steps the model keeps every token, in eval mode too.
-        self.model.keep_rate = keep_rate
-        try:
-            with autocast_context(self.device, self.autocast_dtype):
-                logits = self.train_model(images)
-        finally:
-            self.model.keep_rate = 1.0
+        # The rate is a call argument (DDP and torch.compile pass keyword arguments through): the
+        # model's own keep_rate stays 1.0, so between steps, in eval mode too, it keeps every token.
+        with autocast_context(self.device, self.autocast_dtype):
+            logits = self.train_model(images, keep_rate=keep_rate)
         self.last_logits = logits.detach()
         loss = self.criterion(logits.float(), targets)
         self.optimizer.zero_grad(set_to_none=True)
@@ -390,7 +254,7 @@ class Trainer:
             self.ema.update(self.model)
         return loss.detach()
 
-    def evaluate(self, keep_rate: float = 1.0) -> dict:
+    def validate(self, keep_rate: float = 1.0) -> dict:
         """Validation top-1, top-5 and loss of the model (and its EMA) at `keep_rate`, passed to every forward
         call: the result does not depend on the rate the schedule left on the model."""
         result = {"type": "eval", "step": self.step, "epoch": self.step / self.steps_per_epoch,
@@ -398,7 +262,7 @@ class Trainer:
         models = {"": self.model, "ema_": self.ema.module if self.ema is not None else None}
         for prefix, model in models.items():
             if model is not None:
-                metrics = evaluate(model, self.val_loader, device=self.device, keep_rate=keep_rate,
+                metrics = validate(model, self.val_loader, device=self.device, keep_rate=keep_rate,
                                    autocast_dtype=self.autocast_dtype, dist_info=self.dist)
                 result.update({f"{prefix}top1": metrics["top1"], f"{prefix}top5": metrics["top5"],
                                f"{prefix}loss": metrics["loss"]})
@@ -422,6 +286,7 @@ class Trainer:
                         + (f", recipe {config.recipe}" if config.recipe else ""))
             bar.message(f"learning rate: {self.lrs.rule}")
             if config.data == "digits" and config.scorer == "l1" and self.schedule.mean_keep_rate() < 1.0:
+                from .cli import MAGNITUDE_FAILS_ON_DIGITS
                 # A warning about the run's outcome: printed with --no-progress too.
                 print(f"pss-train: note: {MAGNITUDE_FAILS_ON_DIGITS}", file=sys.stderr, flush=True)
             if config.color_jitter > 0 and config.rand_augment:
@@ -454,8 +319,8 @@ class Trainer:
                     hook.before_step(self.step)
                 rho, lr = self.schedule.keep_rate, base_lr(self.optimizer)
                 loss = self.train_step(images, targets, rho)
-                if self.filter is not None:
-                    self.filter.observe(batch[2], self.last_logits.argmax(-1) == hard_labels, self.cls_capture.take())
+                for hook in self.hooks:
+                    hook.observe(batch, self.last_logits, hard_labels)
                 synchronize(self.device)
                 done = time.perf_counter()
                 last_batch = (images, targets)
@@ -473,11 +338,9 @@ class Trainer:
                           "flops": self.count_flops(key, rho) if log is not None else None,
                           "peak_mem_mb": peak_memory_mb(self.device)[0]}
                 if self.hooks:
-                    record["key"] = key
-                    record["block_tokens"] = block_tokens(self.model.token_pruning, len(self.model.blocks), tokens,
-                                                          self.model.token_keep_rate)
+                    record["key"] = key if isinstance(key, int) else str(key)
                     for hook in self.hooks:
-                        record.update(hook.record())
+                        record.update(hook.record(tokens))
                 self.step += 1
                 if log is not None:
                     log.write(record)
@@ -494,12 +357,13 @@ class Trainer:
                 for hook in self.hooks:
                     event = hook.end_epoch(epochs_done)
                     if event is not None:
+                        message = event.pop("message", None)
                         if log is not None:
                             log.write({**event, "step": self.step})
-                        bar.message(f"epoch {epochs_done}: example filter round {event['iteration']}: removed "
-                                    f"{event['removed']}, restored {event['restored']} of {event['subset']}")
+                        if message:
+                            bar.message(message)
                 if self.step == self.total_steps or (config.eval_every and epochs_done % config.eval_every == 0):
-                    last_eval = self.evaluate()
+                    last_eval = self.validate()
                     if log is not None:
                         log.write(last_eval)
                     bar.message(f"epoch {epochs_done}: val top-1 {last_eval['top1']:.2f} % "
@@ -511,23 +375,22 @@ class Trainer:
         return self._finish(log, last_eval, time.perf_counter() - start_wall, last_batch)
 
     def cost_key(self, rho: float):
-        """The step's cost key (train/methods.cost_key): its kept-token count without methods."""
+        """The step's cost key (train/methods/cost.py): the kept-token count, or with methods that
+        change the cost a CostKey of their settings now."""
         if not self.hooks:
             return num_kept_tokens(self.num_tokens, rho) if rho < 1.0 else self.num_tokens
-        return cost_key(self.num_tokens, rho, self.model.token_pruning, self.model.token_keep_rate,
-                        self.model.attention_keep_rate, None if self.growth is None else self.growth.stage,
-                        None if self.growth is None else len(self.stages) - 1)
+        return step_key(self.num_tokens, rho, self.hooks)
 
-    def count_flops(self, key, rho: float, settings: Optional[dict] = None):
-        """FLOPs of an iteration at `key`: the model's current method state, or `settings` (a
-        key_settings entry: keep_rate, token_keep_rate, attention_keep_rate, stage)."""
-        if settings is None:
-            settings = {"keep_rate": rho, "token_keep_rate": self.model.token_keep_rate,
-                        "attention_keep_rate": self.model.attention_keep_rate,
-                        "stage": None if self.growth is None else self.growth.stage}
-        stage = None if settings.get("stage") is None or self.stages is None else self.stages[settings["stage"]]
-        return self.flops(key, settings["keep_rate"], token_keep_rate=settings.get("token_keep_rate", 1.0),
-                          attention_keep_rate=settings.get("attention_keep_rate", 1.0), stage=stage)
+    def count_flops(self, key, rho: float, values: Optional[Dict[str, float]] = None):
+        """FLOPs of an iteration at `key`: the methods' settings now, or `values` (a key_settings
+        entry: the settings each hook reads, e.g. token_keep_rate, stage)."""
+        if values is None:
+            values = {name: value for hook in self.hooks for name, value in hook.current_values().items()}
+
+        def prepare(twin):
+            for hook in self.hooks:
+                hook.apply_values(twin, values)
+        return self.flops(key, rho, prepare=prepare)
 
     PROBE_ROUNDS = 3
 
@@ -572,7 +435,8 @@ class Trainer:
         probed = self._probe_baseline_iteration(last_batch) if self.dist.is_main else None
         key_flops = None
         if self.key_shares is not None:
-            full = {"keep_rate": 1.0, "stage": None if self.stages is None else len(self.stages) - 1}
+            full = {name: value for hook in self.hooks for name, value in hook.full_values().items()}
+            full["keep_rate"] = 1.0
             key_flops = {key: self.count_flops(key, settings["keep_rate"], settings)
                          for key, settings in [*self.key_settings.items(), (self.num_tokens, full)]}
         timing = projected_time_summary(self.times, self.schedule.shares(), self.total_steps,
@@ -600,24 +464,10 @@ class Trainer:
 
 
     def _methods_summary(self) -> dict:
-        """What the method hooks did, for summary.json (None entries for the methods not used)."""
-        summary = {"token_pruning": None, "growth": None, "filtering": None, "lr_schedule": self.config.lr_schedule}
-        pruning = self.model.token_pruning
-        if pruning is not None:
-            summary["token_pruning"] = {"blocks": list(pruning.blocks), "placement": pruning.placement,
-                                        "token_keep_rate": self.model.token_keep_rate,
-                                        "attention_keep_rate": self.model.attention_keep_rate}
-        if self.growth is not None:
-            summary["growth"] = {"stage": self.growth.stage, "init": self.growth.init,
-                                 "stages": [[s.num_heads, s.mlp_ratio, s.num_patches] for s in self.stages],
-                                 "stage_steps": list(self.schedule.stage_steps),
-                                 "stage_flops_per_image": list(self.stage_flops),
-                                 "moments_reset": list(self.growth.moments_reset), "budget": self.config.budget}
-        if self.filter is not None:
-            summary["filtering"] = {"subset": self.filter.kept, "examples": self.filter.num_examples,
-                                    "rounds": [{"epoch": h["epoch"], "removed": len(h["removed"]),
-                                                "restored": len(h["restored"])} for h in self.filter.history],
-                                    "forgetting_events": int(self.filter.forgetting.sum())}
+        """What the method hooks did, for summary.json (None for the registered methods not used)."""
+        summary = {method.summary_key: None for method in REGISTRY.values()}
+        summary.update({hook.summary_key: hook.summary() for hook in self.hooks})
+        summary["lr_schedule"] = self.config.lr_schedule
         return summary
 
 

@@ -15,12 +15,10 @@ it against, and alternative `RelPosAttention(impl=...)` paths. Same semantics as
 - flex_rpb_attention: FlexAttention with a `score_mod` that gathers bias_table[rel(...), h];
   its table gradient is accumulated with one global atomic per score (the known ~30x cliff of a global atomic per score element).
 
-Two helpers serve in-network token selection (models/token_pruning.py) on every path that is not
-the fused kernel:
+One helper gives every path that is not the fused kernel what rpb_attention(return_cls_attention=True)
+returns from its kernel:
 - cls_attention: the head-averaged attention of the CLS query, from q_cls and K and the CLS row of
-  the bias, in O(B H n D) (what rpb_attention(return_cls_attention=True) returns from its kernel).
-- masked_attention: eager attention whose queries see only the keys a (B, n, n) mask allows (the
-  Tri-Level attention level), returning the probabilities too.
+  the bias, in O(B H n D).
 """
 from __future__ import annotations
 
@@ -92,26 +90,6 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, bias_table: Optional[torch.T
             rows = relative_index(positions[:, :1], positions, tuple(grid_size), num_prefix_tokens)  # (B | 1, n)
             logits = logits + bias_table.detach().to(compute_dtype)[rows].transpose(1, 2)
         return logits.softmax(-1).mean(1).float()
-
-
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
-                     key_mask: Optional[torch.Tensor], scale: Optional[float] = None):
-    """(out (B, H, n, D) in q's dtype, probs (B, H, n, n) float32) of eager attention in which query i
-    sees key j only where key_mask[b, i, j] (bool (B, n, n); None: every key), with an optional dense
-    bias (B | 1, H, n, n). Every row must allow one key at least (the CLS key, in the model).
-
-    The logits are computed in full before the mask removes entries: a mask chosen per query saves
-    no multiply of q k^T or of probs v in dense attention (models/token_pruning.py says what it costs).
-    """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    compute_dtype = torch.promote_types(q.dtype, torch.float32)
-    logits = torch.matmul(q.to(compute_dtype) * scale, k.to(compute_dtype).transpose(-1, -2))
-    if bias is not None:
-        logits = logits + bias.to(compute_dtype)
-    if key_mask is not None:
-        logits = logits.masked_fill(~key_mask[:, None], float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.matmul(probs, v.to(compute_dtype)).to(q.dtype), probs
 
 
 def _eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,

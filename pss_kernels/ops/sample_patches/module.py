@@ -82,8 +82,9 @@ class PatchSampler(nn.Module):
         if self.order != "score":
             raise ValueError(f"impl='eager' implements order='score' only, got order={self.order!r}")
 
-    def forward(self, x: torch.Tensor, scores: Optional[torch.Tensor] = None):
-        keep_rate = check_keep_rate(self.keep_rate)  # set by a schedule each step: re-checked
+    def forward(self, x: torch.Tensor, scores: Optional[torch.Tensor] = None, keep_rate: Optional[float] = None):
+        """(kept tokens, index) at `keep_rate` (this call only; None: the module's `keep_rate`)."""
+        keep_rate = check_keep_rate(self.keep_rate if keep_rate is None else keep_rate)
         if keep_rate == 1.0:
             return x, None
         if self.impl == "eager":

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..optional_deps import require
 from .decode import read, resolve_decoder
-from .extras import require
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, ResizeTransform, TrainTransform
 
 DATASETS = ("digits", "synthetic", "folder")
@@ -59,7 +59,7 @@ def find_classes(root: Union[str, Path]) -> List[str]:
 class ImageFolder(Dataset):
     """root/<class name>/<image>.{jpg,jpeg,png}; classes default to the sorted subdirectory names.
 
-    `decoder` (train/decode.py): "auto" (simplejpeg if installed, else Pillow's draft mode) and
+    `decoder` (train/data/decode.py): "auto" (simplejpeg if installed, else Pillow's draft mode) and
     "simplejpeg" / "pillow" decode only the transform's crop, at the smallest JPEG scale that covers
     the output size; "pillow-full" decodes the whole image to float first (the pipeline as it was)."""
 

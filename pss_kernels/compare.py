@@ -1,10 +1,11 @@
 """`pss-compare` (or `python benchmarks/methods.py`): every token-reduction method of the seed papers
 trained on the same data, model, epochs (or compute budget) and seed, side by side.
 
-    pss-compare                                       # CPU: digits, ~15 min on 2 cores (see --jobs)
+    pss-compare                                       # CPU: digits, ~15 min on 2 cores (see --jobs) + equal-time runs
     pss-compare --data-dir /imagenet                  # GPU: any ImageFolder with train/ and val/
     pss-compare --methods baseline,pss-cyclic-magnitude,pss-cyclic-random
     pss-compare --quick                               # CI smoke: a tiny model, a few steps
+    pss-compare --no-equal-time                       # without the equal-time baseline runs
 
 Each method is one `pss-train` run (flags in METHODS; the model, data and optimisation flags are
 shared, `--train-args` appends more to every run) in its own process (its own peak memory), then
@@ -17,6 +18,19 @@ Reported per method, in one table (methods.md), methods.json and two plots:
 - methods_sweep.png: top-1 against the inference keep rate rho (Fig. 1 right).
 Methods evaluate as they train: Tri-Level at its final R_T / R_A, Budgeted Training at its last
 (full) stage; the sweep lowers the input rho on top.
+
+The row a reader needs most is the baseline trained for the same wall time as a method: a method
+that saves time is only worth it if it beats the baseline given that time, not the full-length one
+(on digits PSS loses to it at 15 epochs; at 60 it beats even the full baseline: README). So after
+the methods ran, the baseline runs again for each method faster than it, for
+`equal_time_epochs(epochs, method_wall, baseline_wall)` epochs (same seed and shared flags; one run
+per distinct epoch count), as rows `baseline-<E>ep` ("baseline @ equal time of <methods>", family
+baseline-equal-time) in the table and the time plot, in `equal_time_baselines` of the JSON, and as
+`equal_time_baseline` / `beats_equal_time_baseline` of each method's row. The baseline runs even
+when --methods leaves it out (it is added, and the output says so); --no-equal-time skips all this;
+--quick keeps it (one short run more: 231 s against 213 s for the default --quick on 2 cores). The
+epoch count comes from the methods' times, measured side by side (--jobs); an equal-time run that
+runs alone may report a lower wall time of its own.
 
 Nothing is hidden: magnitude (L1) and random sampling of each PSS schedule sit in adjacent rows and
 in `magnitude_vs_random` of the JSON, with the difference, so a dataset where the magnitude
@@ -42,7 +56,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 # The directory holding the pss_kernels package: subprocess runs import the same copy.
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -123,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated names (see below), or 'all' (default: all but the {0.5, 1} PatchDropout "
                              "and the LR baselines)")
     parser.add_argument("--quick", action="store_true", help="CI smoke: a tiny model for 3 epochs, 3 sweep rates")
+    parser.add_argument("--no-equal-time", dest="equal_time", action="store_false",
+                        help="skip the baseline runs at each faster method's wall time (and running the baseline "
+                             "when --methods leaves it out)")
     parser.add_argument("--data", choices=("digits", "synthetic", "folder"),
                         help="default: folder with --data-dir, else digits")
     parser.add_argument("--data-dir", help="ImageFolder root with train/ and val/ (implies --data folder)")
@@ -164,7 +181,10 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         raise SystemExit(f"pss-compare: unknown methods {unknown}; known: {', '.join(METHODS)}")
-    args.method_names = names
+    # The equal-time rows are measured against the full baseline: run it even when not asked for.
+    args.equal_time = getattr(args, "equal_time", True)
+    args.baseline_added = args.equal_time and "baseline" not in names and bool(names)
+    args.method_names = ["baseline"] + names if args.baseline_added else names
     rates = QUICK_SWEEP if args.quick else SWEEP_RATES
     args.sweep_rates = [float(r) for r in args.keep_rates.split(",")] if args.keep_rates else list(rates)
     args.runs_dir = Path(args.runs_dir or Path("runs") / "methods")
@@ -190,9 +210,27 @@ def shared_flags(args) -> List[str]:
     return flags + shlex.split(args.train_args)
 
 
-def train_argv(name: str, args) -> List[str]:
+def train_argv(name: str, args, run_dir: Optional[Path] = None) -> List[str]:
     """pss-train's flags for method `name`: the shared ones, then the method's (which win)."""
-    return shared_flags(args) + METHODS[name].flags(args) + ["--out-dir", str(args.runs_dir / name)]
+    return shared_flags(args) + METHODS[name].flags(args) + ["--out-dir", str(run_dir or args.runs_dir / name)]
+
+
+def equal_time_epochs(epochs: int, method_wall: float, baseline_wall: float) -> Optional[int]:
+    """The baseline's epoch count for the wall time `method_wall` of a method, given the full
+    baseline's `baseline_wall` for `epochs` epochs: max(1, round(epochs * method_wall / baseline_wall)),
+    or None when the method is not faster (ratio >= 1: the full baseline already is its equal-time
+    row). Time per epoch is taken as constant, which holds for the baseline (every epoch is the same
+    work; warm-up only changes the learning rate). At least one epoch, since a run needs one."""
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"equal_time_epochs: epochs must be an int >= 1, got {epochs!r}")
+    if not baseline_wall > 0:
+        raise ValueError(f"equal_time_epochs: baseline_wall must be > 0 s, got {baseline_wall!r}")
+    if not method_wall >= 0:
+        raise ValueError(f"equal_time_epochs: method_wall must be >= 0 s, got {method_wall!r}")
+    ratio = method_wall / baseline_wall
+    if ratio >= 1.0:
+        return None
+    return max(1, round(epochs * ratio))
 
 
 def _run(module: str, argv: List[str], args, log_path: Path) -> None:
@@ -241,12 +279,16 @@ def collect(name: str, run_dir: Path) -> dict:
     }
 
 
-def run_method(name: str, args, index: int, total: int) -> dict:
-    run_dir = args.runs_dir / name
+def run_method(name: str, args, index: int, total: int, epochs: Optional[int] = None) -> dict:
+    """Train and sweep method `name`; with `epochs`, for that many epochs instead of --epochs, in
+    its own directory <name>-<epochs>ep and as the row of that name (the equal-time baselines)."""
+    run_dir = args.runs_dir / (name if epochs is None else f"{name}-{epochs}ep")
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("checkpoint.pt", "log.jsonl", "summary.json"):  # a rerun starts afresh
         (run_dir / stale).unlink(missing_ok=True)
-    argv = train_argv(name, args)
+    if epochs is not None:
+        args = argparse.Namespace(**{**vars(args), "epochs": epochs})
+    argv = train_argv(name, args, run_dir)
     start = time.perf_counter()
     _run("pss_kernels.train", argv, args, run_dir / "train.out")
     _run("pss_kernels.evaluate", ["--checkpoint", str(run_dir / "checkpoint.pt"), "--out-dir", str(run_dir / "eval"),
@@ -256,11 +298,81 @@ def run_method(name: str, args, index: int, total: int) -> dict:
     row = collect(name, run_dir)
     row["flags"] = METHODS[name].flags(args)
     row["total_s"] = time.perf_counter() - start
+    if epochs is not None:
+        row["method"], row["epochs"] = run_dir.name, epochs
     tflop = "n/a" if row["train_flops"] is None else f"{row['train_flops'] / 1e9:,.0f} GFLOP"
-    print(f"[{index}/{total}] {name:22s} {row['wall_s']:7.1f} s  top-1 {row['top1']:5.1f} %  "
+    print(f"[{index}/{total}] {row['method']:22s} {row['wall_s']:7.1f} s  top-1 {row['top1']:5.1f} %  "
           f"tokens {row['mean_tokens']:5.1f} (blocks {row['mean_block_tokens']:5.1f})  {tflop}  "
           f"{row['steps']} steps", flush=True)
     return row
+
+
+def run_all(runs: Sequence[tuple], args) -> List[dict]:
+    """run_method over (name, index, total, epochs) tuples, --jobs at a time; rows in the given order."""
+    def one(name, index, total, epochs):
+        # Method runs keep the 4-argument call: a stand-in run_method (tests) need not take epochs.
+        if epochs is None:
+            return run_method(name, args, index, total)
+        return run_method(name, args, index, total, epochs=epochs)
+    if args.jobs > 1 and not args.in_process and len(runs) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(args.jobs) as pool:
+            futures = [pool.submit(one, *run) for run in runs]
+            return [future.result() for future in futures]
+    return [one(*run) for run in runs]
+
+
+def equal_time_plan(rows: Sequence[dict], epochs: int) -> Dict[int, List[str]]:
+    """Epoch count -> the methods whose equal-time baseline it is, for every method faster than the
+    full baseline (rows must hold it). Keyed by epoch count because that is the cache: methods whose
+    times round to the same count share one run (same flags and seed: the same run)."""
+    baseline = next((r for r in rows if r["method"] == "baseline"), None)
+    if baseline is None:
+        raise ValueError("equal_time_plan: rows hold no 'baseline' row; the equal-time rows are scaled from its "
+                         "wall time")
+    plan: Dict[int, List[str]] = {}
+    for row in rows:
+        if row["method"] != "baseline":
+            count = equal_time_epochs(epochs, row["wall_s"], baseline["wall_s"])
+            if count is not None:
+                plan.setdefault(count, []).append(row["method"])
+    return plan
+
+
+def attach_equal_time(rows: Sequence[dict], plan: Dict[int, List[str]], runs: Dict[int, dict]) -> List[dict]:
+    """Give each method row its equal-time baseline (`equal_time_baseline`: epochs, wall_s, top1 and
+    the run's name; `beats_equal_time_baseline`: strictly higher top-1, since a tie buys nothing for
+    the method's extra machinery) and label the runs; None for rows without one (the baseline, methods
+    not faster than it). `runs` maps each epoch count of `plan` to its row; a count equal to --epochs
+    maps to the full baseline, which is then not run twice. Returns the extra runs' rows, longest first."""
+    for row in rows:
+        row["equal_time_baseline"], row["beats_equal_time_baseline"] = None, None
+    by_name = {row["method"]: row for row in rows}
+    extra = []
+    for count in sorted(plan, reverse=True):
+        run = runs[count]
+        if run["method"] != "baseline":
+            run.update(label=f"baseline @ equal time of {', '.join(plan[count])} ({count} epochs)",
+                       family="baseline-equal-time", equal_time_of=list(plan[count]))
+            extra.append(run)
+        for name in plan[count]:
+            by_name[name]["equal_time_baseline"] = {"epochs": count, "wall_s": run["wall_s"], "top1": run["top1"],
+                                                    "run": run["method"]}
+            by_name[name]["beats_equal_time_baseline"] = by_name[name]["top1"] > run["top1"]
+    return extra
+
+
+def equal_time_lines(rows: Sequence[dict]) -> List[str]:
+    """One verdict per method with an equal-time baseline: does it beat the baseline given its time?"""
+    lines = []
+    for row in rows:
+        other = row.get("equal_time_baseline")
+        if other:
+            verdict = "beats" if row["beats_equal_time_baseline"] else "loses to"
+            lines.append(f"{row['method']}: {row['top1']:.1f} % in {row['wall_s']:.1f} s {verdict} the baseline at "
+                         f"equal time ({other['epochs']} epochs, {other['wall_s']:.1f} s): {other['top1']:.1f} % "
+                         f"({row['top1'] - other['top1']:+.1f})")
+    return lines
 
 
 def magnitude_vs_random(rows: Sequence[dict]) -> List[dict]:
@@ -274,33 +386,48 @@ def magnitude_vs_random(rows: Sequence[dict]) -> List[dict]:
     return pairs
 
 
-def table(rows: Sequence[dict], sweep_rates: Sequence[float]) -> str:
+def table(rows: Sequence[dict], sweep_rates: Sequence[float], equal_time_rows: Sequence[dict] = ()) -> str:
+    """The Markdown table; the equal-time baseline runs sit right after the full baseline (or first),
+    and each method's top-1 minus its equal-time baseline's is a column."""
     baseline = next((r for r in rows if r["method"] == "baseline"), None)
+    at = rows.index(baseline) + 1 if baseline is not None else 0
     shown = [r for r in sweep_rates if r < 1.0][:4]
     head = ("| method | wall s | tokens / step | tokens / block | train GFLOP | vs baseline | peak MiB | top-1 "
-            "@ rho 1 | " + " | ".join(f"@ {r:g}" for r in shown) + " |")
-    lines = [head, "|" + "---|" * (8 + len(shown))]
-    for row in rows:
+            "@ rho 1 | vs equal-time baseline | " + " | ".join(f"@ {r:g}" for r in shown) + " |")
+    lines = [head, "|" + "---|" * (9 + len(shown))]
+    for row in list(rows[:at]) + list(equal_time_rows) + list(rows[at:]):
         flops = "n/a" if row["train_flops"] is None else f"{row['train_flops'] / 1e9:,.0f}"
         ratio = ("" if baseline is None or not row["train_flops"] or not baseline["train_flops"]
                  else f"{row['train_flops'] / baseline['train_flops']:.2f}x")
         sweep = {s["keep_rate"]: s["top1"] for s in row["sweep"]}
         memory = "n/a" if row["peak_mem_mb"] is None else f"{row['peak_mem_mb']:.0f}"
-        lines.append(f"| {row['method']} | {row['wall_s']:.1f} | {row['mean_tokens']:.1f} | "
-                     f"{row['mean_block_tokens']:.1f} | {flops} | {ratio} | {memory} | {row['top1']:.1f} | "
+        name = row["label"] if row["family"] == "baseline-equal-time" else row["method"]
+        other = row.get("equal_time_baseline")
+        versus = f"{row['top1'] - other['top1']:+.1f} ({other['epochs']} ep)" if other else ""
+        lines.append(f"| {name} | {row['wall_s']:.1f} | {row['mean_tokens']:.1f} | "
+                     f"{row['mean_block_tokens']:.1f} | {flops} | {ratio} | {memory} | {row['top1']:.1f} | {versus} | "
                      + " | ".join(f"{sweep[r]:.1f}" if r in sweep else "" for r in shown) + " |")
     return "\n".join(lines)
 
 
-def plot(rows: Sequence[dict], out_time: Path, out_sweep: Path, title: str) -> None:
+def plot(rows: Sequence[dict], out_time: Path, out_sweep: Path, title: str,
+         equal_time_rows: Sequence[dict] = ()) -> None:
+    """The time plot holds the equal-time baselines too (hollow stars on a dashed line through the
+    full baseline: the baseline's accuracy for each time, which a method must lie above)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    markers = {"baseline": "*", "pss": "o", "patchdropout": "s", "tri-level": "^", "budgeted": "D"}
+    markers = {"baseline": "*", "baseline-equal-time": "*", "pss": "o", "patchdropout": "s", "tri-level": "^",
+               "budgeted": "D"}
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for row in rows:
-        hollow = row["method"].endswith("-random")
+    curve = sorted([r for r in rows if r["method"] == "baseline"] + list(equal_time_rows), key=lambda r: r["wall_s"])
+    if len(curve) > 1:
+        ax.plot([r["wall_s"] for r in curve], [r["top1"] for r in curve], "--", color="grey", lw=1,
+                label="baseline at fewer epochs (equal time)")
+        ax.legend(fontsize=7)
+    for row in list(rows) + list(equal_time_rows):
+        hollow = row["method"].endswith("-random") or row["family"] == "baseline-equal-time"
         ax.scatter(row["wall_s"], row["top1"], marker=markers[row["family"]], s=70,
                    facecolors="none" if hollow else None, edgecolors="C0" if hollow else None)
         ax.annotate(row["method"], (row["wall_s"], row["top1"]), fontsize=7, xytext=(4, 3),
@@ -341,6 +468,25 @@ def environment(args) -> dict:
             "date": datetime.date.today().isoformat()}
 
 
+def equal_time_runs(rows: List[dict], args) -> List[dict]:
+    """Run the baseline once per distinct equal-time epoch count (after all methods, whose wall
+    times set the counts), attach the results to the method rows and return the new rows."""
+    if not any(row["method"] == "baseline" for row in rows):
+        raise ValueError("pss-compare: the equal-time rows need the baseline in --methods (or --no-equal-time)")
+    plan = equal_time_plan(rows, args.epochs)
+    baseline = next(row for row in rows if row["method"] == "baseline")
+    counts = [count for count in sorted(plan, reverse=True) if count != args.epochs]
+    if not plan and len(rows) > 1:
+        print("pss-compare: no method trained faster than the baseline: no equal-time rows", flush=True)
+    elif plan:
+        print("pss-compare: the baseline at equal time: " + "; ".join(
+            f"{count} epochs for {', '.join(plan[count])}" + (" (the full baseline)" if count == args.epochs else "")
+            for count in sorted(plan, reverse=True)), flush=True)
+    first, total = len(rows) + 1, len(rows) + len(counts)
+    runs = run_all([("baseline", first + i, total, count) for i, count in enumerate(counts)], args)
+    return attach_equal_time(rows, plan, {args.epochs: baseline, **dict(zip(counts, runs))})
+
+
 def run(args: argparse.Namespace) -> dict:
     args = resolve(args)
     args.runs_dir.mkdir(parents=True, exist_ok=True)
@@ -348,28 +494,33 @@ def run(args: argparse.Namespace) -> dict:
     names = args.method_names
     print(f"pss-compare: {len(names)} methods on {args.data} ({args.model}, {args.epochs} epochs, batch "
           f"{args.batch_size}, seed {args.seed}); runs in {args.runs_dir}", flush=True)
+    if args.baseline_added:
+        print("pss-compare: baseline added to --methods: the equal-time rows are scaled from its wall time "
+              "(--no-equal-time skips both)", flush=True)
     start = time.perf_counter()
-    if args.jobs > 1 and not args.in_process:
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(args.jobs) as pool:
-            futures = [pool.submit(run_method, name, args, i + 1, len(names)) for i, name in enumerate(names)]
-            rows = [future.result() for future in futures]
+    rows = run_all([(name, i + 1, len(names), None) for i, name in enumerate(names)], args)
+    extra: List[dict] = []
+    if args.equal_time:
+        extra = equal_time_runs(rows, args)
     else:
-        rows = [run_method(name, args, i + 1, len(names)) for i, name in enumerate(names)]
+        for row in rows:
+            row["equal_time_baseline"], row["beats_equal_time_baseline"] = None, None
     env = environment(args)
     report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "environment": env, "total_s": time.perf_counter() - start, "results": rows,
-              "magnitude_vs_random": magnitude_vs_random(rows)}
+              "equal_time_baselines": extra, "magnitude_vs_random": magnitude_vs_random(rows)}
     # GPU results are committed under benchmarks/results: one file per device and date.
     stem = "methods" if args.quick or not args.cuda else f"methods-{env['device'].replace(' ', '_')}-{env['date']}"
     (args.out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    text = table(rows, args.sweep_rates)
-    pairs = "\n".join(f"PSS {p['schedule']}: magnitude {p['magnitude_top1']:.1f} %, random {p['random_top1']:.1f} % "
-                      f"(random - magnitude {p['random_minus_magnitude']:+.1f})" for p in report["magnitude_vs_random"])
+    text = table(rows, args.sweep_rates, extra)
+    pairs = "\n".join(equal_time_lines(rows) + [
+        f"PSS {p['schedule']}: magnitude {p['magnitude_top1']:.1f} %, random {p['random_top1']:.1f} % "
+        f"(random - magnitude {p['random_minus_magnitude']:+.1f})" for p in report["magnitude_vs_random"]])
     header = (f"{args.model} on {args.data}, {args.epochs} epochs, seed {args.seed}, {env['device']}, "
               f"{args.threads} thread(s) per run, {args.jobs} at a time; total {report['total_s'] / 60:.1f} min")
     (args.out_dir / f"{stem}.md").write_text(f"{header}\n\n{text}\n\n{pairs}\n")
-    plot(rows, args.out_dir / f"{stem}_time.png", args.out_dir / f"{stem}_sweep.png", f"{args.model}, {args.data}")
+    plot(rows, args.out_dir / f"{stem}_time.png", args.out_dir / f"{stem}_sweep.png", f"{args.model}, {args.data}",
+         extra)
     print(text)
     if pairs:
         print(pairs)

@@ -1,4 +1,7 @@
-"""Top-1 / top-5 accuracy (and forward throughput) of a model at one keep rate over a loader."""
+"""Validation: top-1 / top-5 accuracy (and forward throughput) of a model at one keep rate over a loader.
+
+(`Trainer.validate` runs it at the end of epochs; `pss-evaluate`, pss_kernels/evaluate.py, sweeps it
+over keep rates on a checkpoint.)"""
 from __future__ import annotations
 
 import contextlib
@@ -26,7 +29,7 @@ def synchronize(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, *, device: torch.device, keep_rate: float = 1.0,
+def validate(model: nn.Module, loader, *, device: torch.device, keep_rate: float = 1.0,
              autocast_dtype: Optional[torch.dtype] = None, dist_info: Optional[DistInfo] = None) -> dict:
     """{"top1": % correct, "top5": % with the label among the 5 highest logits (all of them with
     fewer than 5 classes), "loss": mean cross-entropy, "images": count (all ranks),
@@ -61,7 +64,7 @@ def evaluate(model: nn.Module, loader, *, device: torch.device, keep_rate: float
         correct, correct5, seen, loss_sum = all_reduce_sum([correct, correct5, seen, loss_sum], dist_info)
     model.train(was_training)
     if seen == 0:
-        raise ValueError("evaluate: the loader yielded no images")
+        raise ValueError("validate: the loader yielded no images")
     return {"top1": 100.0 * correct / seen, "top5": 100.0 * correct5 / seen, "loss": loss_sum / seen,
             "images": int(seen),
             "images_per_s": local_images / forward_seconds if forward_seconds > 0 else None}

@@ -29,6 +29,10 @@ The paper iterates "the number of times in which all the removed data can be cov
 
 Every tensor and counter is in the checkpoint (`state_dict`), so a resumed run continues bit for bit;
 at each remove-and-restore the ranks compare a digest of the subset and stop if they differ.
+
+In the trainer (`--example-keep r_e`): `ExampleFilterHook` wraps the dataset (each item also gives
+its index), sizes the sampler to the subset and maps its positions to the subset's examples, counts
+each step's examples from the training forward and captures the last block's CLS attention.
 """
 from __future__ import annotations
 
@@ -39,7 +43,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
-from .distributed import DistInfo, all_gather_objects
+from ..distributed import DistInfo, all_gather_objects
+from .base import Method, MethodHook, RunContext, register
 
 VARIANCE_SCALE = float(2 ** 40)  # fixed point for the variance sums: exact and order-free
 NEVER_LEARNED = 2 ** 40          # the forgetting count of an example never classified correctly
@@ -158,10 +163,7 @@ class ExampleFilter:
                                    f"(digests {digests}); the observations were not the same on every rank")
         return removed_list, restored_list
 
-    # ---- trainer hook ------------------------------------------------------------------------
-    def before_step(self, step: int) -> None:
-        pass
-
+    # ---- epochs ----------------------------------------------------------------------------------
     def end_epoch(self, epochs_done: int) -> Optional[dict]:
         """At the end of epoch `epochs_done` (1-based; once each, also across a resume): fold the
         counts, and remove-and-restore on the period. Returns a log record when the subset changed."""
@@ -176,9 +178,6 @@ class ExampleFilter:
                     "removed": len(removed), "restored": len(restored), "subset": self.kept,
                     "forgetting_events": int(self.forgetting.sum()), "digest": self.digest()}
         return None
-
-    def record(self) -> dict:
-        return {"examples": self.kept}
 
     TENSORS = ("active", "forgetting", "last_correct", "learned", "variance", "presentations", "epoch_seen",
                "epoch_correct", "epoch_variance")
@@ -273,3 +272,70 @@ class ClsAttentionCapture:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+class ExampleFilterHook(MethodHook):
+    """Tri-Level's example level in the trainer: the ExampleFilter of the run, the dataset and
+    sampler wrapped around its subset, and the CLS-attention capture it ranks by."""
+
+    name = "filtering"
+    summary_key = "filtering"
+
+    def __init__(self, model, config, dist_info: DistInfo):
+        self.model, self.config, self.dist_info = model, config, dist_info
+        self.filter: Optional[ExampleFilter] = None
+        self.capture: Optional[ClsAttentionCapture] = None
+
+    def wrap_dataset(self, dataset):
+        config = self.config
+        self.filter = ExampleFilter(len(dataset), keep=config.example_keep, period=config.filter_every,
+                                    fraction=config.filter_fraction, iterations=config.filter_iterations,
+                                    seed=config.seed, device=self.dist_info.device, dist_info=self.dist_info,
+                                    last_epoch=config.epochs)
+        return IndexedDataset(dataset)
+
+    def sampled_examples(self, num_examples: int) -> int:
+        return self.filter.kept
+
+    def wrap_sampler(self, sampler):
+        return SubsetSampler(sampler, self.filter)
+
+    def attach(self, run: RunContext) -> None:
+        self.capture = ClsAttentionCapture(self.model)
+
+    def observe(self, batch, logits, labels) -> None:
+        """batch[2]: the dataset indices (IndexedDataset); correct = argmax of the training logits."""
+        self.filter.observe(batch[2], logits.argmax(-1) == labels, self.capture.take())
+
+    def end_epoch(self, epochs_done: int) -> Optional[dict]:
+        event = self.filter.end_epoch(epochs_done)
+        if event is not None:
+            event["message"] = (f"epoch {epochs_done}: example filter round {event['iteration']}: removed "
+                                f"{event['removed']}, restored {event['restored']} of {event['subset']}")
+        return event
+
+    def record(self, tokens: int) -> dict:
+        return {"examples": self.filter.kept}
+
+    def state_dict(self) -> dict:
+        return self.filter.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.filter.load_state_dict(state)
+
+    def summary(self) -> dict:
+        f = self.filter
+        return {"subset": f.kept, "examples": f.num_examples,
+                "rounds": [{"epoch": h["epoch"], "removed": len(h["removed"]), "restored": len(h["restored"])}
+                           for h in f.history],
+                "forgetting_events": int(f.forgetting.sum())}
+
+
+register(Method(
+    name=ExampleFilterHook.name, summary_key=ExampleFilterHook.summary_key,
+    flags="--example-keep r_e [--filter-every 30 --filter-fraction 0.05]",
+    description="Tri-Level E-ViT's example level (forgetting events, remove-and-restore)",
+    enabled=lambda config: config.example_keep is not None,
+    build_hook=lambda config, model, dist_info: ExampleFilterHook(model, config, dist_info),
+    apply_state=lambda model, state: None,  # the subset does not change the model
+))

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .extras import require
+from ..optional_deps import require
 
 _STEP_SEED_MIX = 0xD1B54A32D192ED03  # odd 64-bit constant: (seed, step, rank) -> well-spread 63-bit seeds
 

@@ -1,7 +1,7 @@
 """Image transforms in plain torch (no torchvision): crop, resize, flip, normalise.
 
 Images are (3, H, W) float tensors in [0, 1]. With `normalize=False` they stay in [0, 1] (for the
-device-side augmentation, which normalises after RandAugment / colour jitter: train/augment.py). Random transforms draw from the `generator`
+device-side augmentation, which normalises after RandAugment / colour jitter: train/data/augment.py). Random transforms draw from the `generator`
 they are given, never from the global RNG, so a sample's augmentation is a function of its
 seed alone (the sampler derives it from (seed, epoch, index)): resumed runs and any number of
 loader workers see the same crops.
@@ -24,7 +24,7 @@ INTERPOLATIONS = ("bilinear", "bicubic")
 def resize(image: torch.Tensor, size: Tuple[int, int], interpolation: str = "bilinear") -> torch.Tensor:
     """Resize to (height, width), antialiased when shrinking; bicubic (DeiT's, timm's
     RandomResizedCrop(interpolation="bicubic")) is clamped to [0, 1] as PIL's 8-bit result is.
-    A uint8 image (a decoded crop, train/decode.py) is resized in uint8 (torch's vectorised uint8
+    A uint8 image (a decoded crop, train/data/decode.py) is resized in uint8 (torch's vectorised uint8
     path, which saturates) and comes back as float in [0, 1]: one float conversion, at the output size."""
     if image.dtype == torch.uint8:
         if tuple(image.shape[-2:]) != tuple(size):
@@ -84,7 +84,7 @@ class TrainTransform:
         return self._finish(image[:, top:top + h, left:left + w], generator)
 
     def from_bytes(self, data: bytes, generator: Optional[torch.Generator], decoder: str) -> torch.Tensor:
-        """The same transform of an encoded image, decoding only the crop (train/decode.py): the same
+        """The same transform of an encoded image, decoding only the crop (train/data/decode.py): the same
         crop box and flip as __call__ for the same generator state."""
         if generator is None:
             raise ValueError("TrainTransform needs a generator (its randomness must not touch the global RNG)")
@@ -113,7 +113,7 @@ class EvalTransform:
 
     def from_bytes(self, data: bytes, generator: Optional[torch.Generator], decoder: str) -> torch.Tensor:
         """The same transform of an encoded image, decoded at the smallest scale that still covers the
-        resize (train/decode.py)."""
+        resize (train/data/decode.py)."""
         height, width = image_size(data, decoder)
         return self(decode_box(data, (height, width), (0, 0, height, width), self._resized_size(height, width),
                                decoder))

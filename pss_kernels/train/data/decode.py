@@ -27,7 +27,7 @@ from typing import Tuple, Union
 import numpy as np
 import torch
 
-from .extras import require
+from ..optional_deps import require
 
 DECODERS = ("auto", "simplejpeg", "pillow", "pillow-full")
 Box = Tuple[int, int, int, int]  # top, left, height, width
