@@ -14,7 +14,9 @@ the pruned model, as the paper reports it.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -82,7 +84,14 @@ class PruningSpec:
     @classmethod
     def from_config(cls, config) -> Optional["PruningSpec"]:
         """None without --token-pruning and --attention-keep. --attention-keep sets (or overrides a
-        preset's) R_A; the placement defaults to after_attention (the released code's)."""
+        preset's) R_A; the placement defaults to after_attention (the released code's). The flags are
+        parsed once per distinct value (the registry asks for the spec several times)."""
+        return _spec_of(config.token_pruning, config.attention_keep, config.pruning_placement, config.pruning_warmup)
+
+    @classmethod
+    def _parse(cls, token_pruning, attention_keep, pruning_placement, pruning_warmup) -> Optional["PruningSpec"]:
+        config = SimpleNamespace(token_pruning=token_pruning, attention_keep=attention_keep,
+                                 pruning_placement=pruning_placement, pruning_warmup=pruning_warmup)
         token, attention, blocks, placement = parse_token_pruning(config.token_pruning)
         if token is None and config.attention_keep is None:
             return None
@@ -96,6 +105,11 @@ class PruningSpec:
     def token_pruning(self, depth: int, backend: Optional[str] = None) -> TokenPruning:
         """The model's TokenPruning plan at R_T = R_A = 1 (where the warm-up starts)."""
         return TokenPruning(self.blocks or scaled_blocks(depth), placement=self.placement, backend=backend)
+
+
+@functools.lru_cache(maxsize=64)
+def _spec_of(token_pruning, attention_keep, pruning_placement, pruning_warmup) -> Optional[PruningSpec]:
+    return PruningSpec._parse(token_pruning, attention_keep, pruning_placement, pruning_warmup)
 
 
 def selector_tokens(pruning: Optional[TokenPruning], tokens: int, token_keep_rate: float) -> Tuple[int, ...]:
