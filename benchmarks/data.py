@@ -39,8 +39,10 @@ from _timing import environment_info, file_slug, time_iterations
 from _train_step import TrainingStep
 from pss_kernels.models import MODEL_CONFIGS, create_model
 from pss_kernels.train.data import build_dataset
-from pss_kernels.train.data.decode import DECODERS, resolve_decoder
+from pss_kernels.train.data.decode import DECODERS, GPU_DECODERS, resolve_decoder
+from pss_kernels.train.data.gpu_decode import DeviceImages, collate_encoded, make_batch_decoder
 from pss_kernels.train.distributed import ShardedSampler
+from pss_kernels.train.optional_deps import MissingDependency
 
 HERE = Path(__file__).resolve().parent
 PREFETCH = 4  # batches in flight per worker, as pss-train's loader
@@ -70,11 +72,21 @@ def loader_images_per_second(data_dir: Path, decoder: str, workers: int, batch_s
     files in the page cache), including the host-to-device copy. The loader runs epoch after epoch
     (persistent workers) until `batches` are taken: keep it well above the 4 batches per worker that
     are prefetched, or the figure is the prefetch buffer's, not the workers'."""
-    dataset, _ = build_dataset("folder", train=True, img_size=img_size, data_dir=str(data_dir), decoder=decoder)
+    dataset, info = build_dataset("folder", train=True, img_size=img_size, data_dir=str(data_dir), decoder=decoder,
+                                  device=device)
+    # A GPU decoder: the workers read bytes and draw boxes, this process decodes on the device (as pss-train).
+    device_images = None
+    if info.gpu_decoder is not None:
+        device_images = DeviceImages(make_batch_decoder(info.gpu_decoder, device), img_size, mean=info.mean,
+                                     std=info.std)
     sampler = ShardedSampler(len(dataset), rank=0, world_size=1, shuffle=True, seed=0, drop_last=True)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                        prefetch_factor=PREFETCH if workers > 0 else None, generator=torch.Generator())
+                        prefetch_factor=PREFETCH if workers > 0 else None, generator=torch.Generator(),
+                        collate_fn=collate_encoded if device_images is not None else None)
+
+    def to_device(images):
+        return device_images(images) if device_images is not None else images.to(device, non_blocking=True)
     if len(loader) < 2:
         raise ValueError(f"{len(dataset)} training images give {len(loader)} batches of {batch_size}; "
                          "use more --images or a smaller --batch-size")
@@ -84,19 +96,21 @@ def loader_images_per_second(data_dir: Path, decoder: str, workers: int, batch_s
             yield from loader
 
     stream = batches_forever()
-    next(stream)[0].to(device)
+    to_device(next(stream)[0])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
     for _ in range(batches):
         images, _ = next(stream)
-        images.to(device, non_blocking=True)
+        to_device(images)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
     del stream  # stops the workers
-    return {"decoder": decoder, "resolved_decoder": resolve_decoder(decoder), "workers": workers,
-            "images": batches * batch_size, "seconds": seconds, "images_per_s": batches * batch_size / seconds}
+    return {"decoder": decoder, "resolved_decoder": resolve_decoder(decoder, device), "workers": workers,
+            "images": batches * batch_size, "seconds": seconds, "images_per_s": batches * batch_size / seconds,
+            "gpu_decode": device_images is not None,
+            "decode_fallbacks": None if device_images is None else device_images.fallbacks}
 
 
 def model_images_per_second(model_name: str, keep_rates: List[float], batch_size: int, img_size: int,
@@ -145,7 +159,8 @@ def main(argv=None) -> dict:
                         help="size of the generated JPEGs (default 375x500, ImageNet's typical; larger photos gain "
                              "more from the reduced-scale decode)")
     parser.add_argument("--decoders", nargs="+", choices=DECODERS, default=["pillow-full", "auto"],
-                        help="decoders to compare (default: pillow-full auto)")
+                        help="decoders to compare (default: pillow-full auto); nvimgcodec / nvjpeg decode on the "
+                             "GPU (skipped without one)")
     parser.add_argument("--workers", nargs="+", type=int, default=None,
                         help="loader worker counts (default: 8 16 on GPU machines, 2 on CPU)")
     parser.add_argument("--batch-size", type=int, default=None, help="default 128 GPU, 16 CPU")
@@ -157,6 +172,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--keep-rates", nargs="+", type=float, default=[1.0, 0.6, 0.2])
     parser.add_argument("--device", default=None)
     parser.add_argument("--out-dir", type=Path, default=None)
+    parser.add_argument("--no-plot", action="store_true", help="JSON only (the GPU window returns 8 files at most)")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
@@ -177,8 +193,17 @@ def main(argv=None) -> dict:
             data_dir = make_jpeg_folder(Path(scratch), images, size=(height, width))
         loader_rows = []
         for decoder in args.decoders:
+            if decoder in GPU_DECODERS and not on_gpu:
+                print(f"  loader {decoder}: skipped (a GPU decoder; this run's device is {device})", file=sys.stderr,
+                      flush=True)
+                continue
             for count in workers:
-                row = loader_images_per_second(data_dir, decoder, count, batch_size, args.img_size, batches, device)
+                try:
+                    row = loader_images_per_second(data_dir, decoder, count, batch_size, args.img_size, batches,
+                                                   device)
+                except MissingDependency as err:  # a GPU decoder whose package is not installed
+                    print(f"  loader {decoder}: skipped ({err})", file=sys.stderr, flush=True)
+                    break
                 loader_rows.append(row)
                 print(f"  loader {decoder} ({row['resolved_decoder']}), {count} workers: "
                       f"{row['images_per_s']:.1f} images/s", file=sys.stderr, flush=True)
@@ -189,9 +214,13 @@ def main(argv=None) -> dict:
     for row in loader_rows:
         if row["decoder"] not in best or row["images_per_s"] > best[row["decoder"]]["images_per_s"]:
             best[row["decoder"]] = row
+    fastest = max(best.values(), key=lambda row: row["images_per_s"]) if best else None
+    # Per rho: which of the two sets the pace, with the fastest loader measured.
     verdicts = [{"keep_rate": m["keep_rate"], "model_images_per_s": m["images_per_s"],
                  **{f"{decoder}_feeds_fraction": min(1.0, b["images_per_s"] / m["images_per_s"])
-                    for decoder, b in best.items()}} for m in model_rows]
+                    for decoder, b in best.items()},
+                 "limit": None if fastest is None else ("loader" if fastest["images_per_s"] < m["images_per_s"]
+                                                        else "model")} for m in model_rows]
     report = {"benchmark": "data", "label": label, "environment": {**env, "cpu_cores": os.cpu_count()},
               "config": {"data_dir": str(args.data_dir) if args.data_dir else f"generated ({images} JPEGs {args.source_size})",
                          "img_size": args.img_size, "batch_size": batch_size, "batches": batches,
@@ -212,14 +241,17 @@ def main(argv=None) -> dict:
     for verdict in verdicts:
         shares = "  ".join(f"{k.replace('_feeds_fraction', '')} {v:.0%}" for k, v in verdict.items()
                            if k.endswith("_feeds_fraction"))
-        print(f"  rho={verdict['keep_rate']:<4g} {verdict['model_images_per_s']:>9.1f} images/s   {shares}")
+        print(f"  rho={verdict['keep_rate']:<4g} {verdict['model_images_per_s']:>9.1f} images/s   {shares}   "
+              f"limit: {verdict['limit']}")
 
     out_dir = args.out_dir or (HERE / "results" if on_gpu else Path("runs") / "data")
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"data_{file_slug(env['device'])}_{env['date'][:10]}"
     (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    plot(report, out_dir / f"{stem}.png")
-    print(f"\nJSON: {out_dir / (stem + '.json')}\nPNG:  {out_dir / (stem + '.png')}")
+    print(f"\nJSON: {out_dir / (stem + '.json')}")
+    if not args.no_plot:
+        plot(report, out_dir / f"{stem}.png")
+        print(f"PNG:  {out_dir / (stem + '.png')}")
     return report
 
 

@@ -17,6 +17,9 @@
 #               the frozen table, the sdpa backend, sdpa-bias, the eager peers and every bias-gradient
 #               accumulator), flex under its own timeout, sample_patches' target shape, the rest  120
 #   iter_time   benchmarks/iter_time.py, the main job: its target cases first (vit_base)          80
+#   data        benchmarks/data.py: the loader per decoder (CPU auto, nvjpeg, nvimgcodec: the GPU
+#               decoders installed from wheels/*.whl when carried, the machine has no network) and
+#               worker count against vit_base's training images/s at rho 1, 0.5, 0.2 (JSON only)  60
 #   tests       the GPU-relevant tests that are not `cuda`-marked (kernels, peers, models, token
 #               pruning; CI runs every other test on CPU)                                         50
 #   sanitizer   compute-sanitizer memcheck on benchmarks/sanitize_kernels.py, this package's
@@ -32,7 +35,7 @@
 #
 # Output in $OUT (the device tool's output folder; without it benchmarks/results, or with --rehearse
 # runs/gpu_session_rehearsal): session.log, tests.json, ops_*.json/png, iter_time_*.json/png,
-# rpb_tiles_*.json: 7 files (the device tool returns 8 at most). Keep them with
+# data_*.json, rpb_tiles_*.json: 8 files (the device tool returns 8 at most). Keep them with
 # `python benchmarks/keep_window.py <the folder they came back to>` (benchmarks/results/<device>_<date>/).
 #
 # --rehearse runs the same stages, commands and files on a machine without a GPU: the package is
@@ -43,9 +46,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-ALL_STAGES=(install cuda ops iter_time tests sanitizer tune)
-declare -A CAP=([install]=60 [cuda]=100 [ops]=120 [iter_time]=80 [tests]=50 [sanitizer]=40 [tune]=30)
-declare -A FLOOR=([install]=30 [cuda]=40 [ops]=60 [iter_time]=40 [tests]=20 [sanitizer]=20 [tune]=0)
+ALL_STAGES=(install cuda ops iter_time data tests sanitizer tune)
+declare -A CAP=([install]=60 [cuda]=100 [ops]=120 [iter_time]=80 [data]=60 [tests]=50 [sanitizer]=40 [tune]=30)
+declare -A FLOOR=([install]=30 [cuda]=40 [ops]=60 [iter_time]=40 [data]=0 [tests]=20 [sanitizer]=20 [tune]=0)
 # The GPU image's interpreter is `python3` (a venv holding torch); `python` may not exist there.
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 rehearse=0
@@ -178,6 +181,21 @@ record() {  # record <stage> <exit status>
         --impls pss,pss-default,published,eager-index,sdpa-bias --warmup 5 --iters 20 --rounds 4 $iter_args
     fi
     record iter_time $?
+  fi
+
+  if wants data; then
+    t=$(stage_seconds data)
+    echo "== benchmarks/data.py (${t} s at most)"
+    if [ "$rehearse" = 1 ]; then
+      run_limited "$t" "$PY" benchmarks/data.py --images 16 --batch-size 4 --batches 2 --workers 0 --img-size 32 \
+        --model deit_tiny --keep-rates 1.0 0.2 --decoders auto nvjpeg --device cpu --no-plot --out-dir "$out"
+    else
+      # nvImageCodec travels as a wheel (the GPU machine has no network); torchvision brings nvJPEG.
+      for wheel in wheels/*.whl; do [ -e "$wheel" ] && "$PY" -m pip install -q --no-deps "$wheel"; done
+      run_limited "$t" "$PY" benchmarks/data.py --decoders auto nvjpeg nvimgcodec --workers 8 16 --batch-size 128 \
+        --batches 40 --model vit_base --keep-rates 1.0 0.5 0.2 --no-plot --out-dir "$out"
+    fi
+    record data $?
   fi
 
   if wants tests; then

@@ -40,11 +40,23 @@ def build_model(config: TrainConfig, info: DataInfo) -> VisionTransformer:
                         deterministic=config.deterministic, **model_options(config, depth), **overrides)
 
 
-def build_data(config: TrainConfig, train: bool, normalize: bool = True):
-    """(dataset, DataInfo) of the training or validation split."""
+def build_data(config: TrainConfig, train: bool, normalize: bool = True, device: Optional[torch.device] = None):
+    """(dataset, DataInfo) of the training or validation split; on a CUDA `device` the training split
+    may decode on the GPU (info.gpu_decoder; see build_device_images)."""
     return build_dataset(config.data, train=train, img_size=config.img_size, data_dir=config.data_dir,
                          num_classes=config.num_classes, synthetic_size=config.synthetic_size, seed=config.seed,
-                         normalize=normalize, interpolation=config.interpolation, decoder=config.decoder)
+                         normalize=normalize, interpolation=config.interpolation, decoder=config.decoder,
+                         device=device)
+
+
+def build_device_images(config: TrainConfig, info: DataInfo, device: torch.device, normalize: bool = True):
+    """The training process's GPU decoding of the loader's EncodedImages (train/data/gpu_decode.py),
+    or None when the training split yields pixels."""
+    if info.gpu_decoder is None:
+        return None
+    from .data.gpu_decode import DeviceImages, make_batch_decoder
+    return DeviceImages(make_batch_decoder(info.gpu_decoder, device), info.img_size, mean=info.mean, std=info.std,
+                        interpolation=config.interpolation, normalize=normalize)
 
 
 def init_from_pretrained(model: VisionTransformer, path: str) -> str:

@@ -40,7 +40,8 @@ from .._checks import check_keep_rate
 from ..ops.sample_patches import num_kept_tokens
 from ..schedules import build_schedule
 from .data.augment import TrainLoss, build_device_augment, check_augment_dependencies, needs_unit_range, step_seed
-from .build import (autocast_dtype_for, build_data, build_model, build_sampler, check_backends,
+from .data.gpu_decode import collate_encoded
+from .build import (autocast_dtype_for, build_data, build_device_images, build_model, build_sampler, check_backends,
                     deterministic_algorithms, init_from_pretrained, parameters_sha256, raise_recompile_limit,
                     seed_everything)
 from .checkpoint import (CheckpointError, capture_rng_state, check_config_matches, load_checkpoint, load_state,
@@ -68,7 +69,11 @@ class Trainer:
         self.resume_path = self._resume_path(config.resume)
 
         seed_everything(config.seed)  # identical initial weights on every rank
-        self.train_set, self.info = build_data(config, train=True, normalize=not needs_unit_range(config))
+        self.train_set, self.info = build_data(config, train=True, normalize=not needs_unit_range(config),
+                                               device=self.device)
+        # With a GPU decoder the loader yields file bytes and crop boxes; this turns them into pixels.
+        self.device_images = build_device_images(config, self.info, self.device,
+                                                 normalize=not needs_unit_range(config))
         self.val_set, _ = build_data(config, train=False)
         self.model = build_model(config, self.info)
         # A fresh run only: a resumed one takes its weights from the checkpoint.
@@ -163,9 +168,11 @@ class Trainer:
         # Workers stay alive across epochs (no re-import and re-open per epoch) and keep 4 batches each
         # in flight, so that a step at rho = 0.2, several times shorter than at rho = 1, finds its batch ready.
         workers = self.config.workers
+        encoded = self.device_images is not None and dataset is self.train_set
         return DataLoader(dataset, batch_size=self.config.batch_size, sampler=sampler, drop_last=drop_last,
                           num_workers=workers, pin_memory=self.device.type == "cuda", generator=torch.Generator(),
-                          persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+                          persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                          collate_fn=collate_encoded if encoded else None)
 
     # ---- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -285,6 +292,9 @@ class Trainer:
                         f"schedule {self.schedule!r}, mean rho {self.schedule.mean_keep_rate():.3f}"
                         + (f", recipe {config.recipe}" if config.recipe else ""))
             bar.message(f"learning rate: {self.lrs.rule}")
+            if self.device_images is not None:
+                bar.message(f"data: the training crops decode on {self.device} with {self.device_images.name} "
+                            f"(files it does not take decode on the CPU, counted as decode_fallbacks)")
             if config.data == "digits" and config.scorer == "l1" and self.schedule.mean_keep_rate() < 1.0:
                 from .cli import MAGNITUDE_FAILS_ON_DIGITS
                 # A warning about the run's outcome: printed with --no-progress too.
@@ -308,7 +318,10 @@ class Trainer:
             batch_start = time.perf_counter()
             for batch in self.train_loader:
                 images, labels = batch[0], batch[1]
-                images = images.to(self.device, non_blocking=True)
+                if self.device_images is not None:
+                    images = self.device_images(images)  # decoded, cropped, resized on the device
+                else:
+                    images = images.to(self.device, non_blocking=True)
                 targets = labels.to(self.device, non_blocking=True)
                 hard_labels = targets
                 if self.augment is not None:
@@ -337,6 +350,8 @@ class Trainer:
                           "images_per_s": global_batch / (data_time + compute_time),
                           "flops": self.count_flops(key, rho) if log is not None else None,
                           "peak_mem_mb": peak_memory_mb(self.device)[0]}
+                if self.device_images is not None:
+                    record["decode_fallbacks"] = self.device_images.fallbacks  # so far: decoded on the CPU
                 if self.hooks:
                     record["key"] = key if isinstance(key, int) else str(key)
                     for hook in self.hooks:

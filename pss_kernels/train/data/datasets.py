@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..optional_deps import require
-from .decode import read, resolve_decoder
+from .decode import GPU_DECODERS, read, resolve_decoder
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, ResizeTransform, TrainTransform
 
 DATASETS = ("digits", "synthetic", "folder")
@@ -153,6 +153,7 @@ class DataInfo:
     img_size: int
     mean: Tuple[float, float, float]
     std: Tuple[float, float, float]
+    gpu_decoder: Optional[str] = None   # the training split's GPU decoder (items are EncodedImage), or None
 
 
 DEFAULT_IMG_SIZE = {"digits": 32, "synthetic": 224, "folder": 224}
@@ -161,12 +162,15 @@ DEFAULT_IMG_SIZE = {"digits": 32, "synthetic": 224, "folder": 224}
 def build_dataset(name: str, *, train: bool, img_size: Optional[int] = None, data_dir: Optional[str] = None,
                   num_classes: Optional[int] = None, synthetic_size: int = 1280, seed: int = 0,
                   normalize: bool = True, interpolation: str = "bilinear",
-                  decoder: str = "auto") -> Tuple[Dataset, DataInfo]:
+                  decoder: str = "auto", device=None) -> Tuple[Dataset, DataInfo]:
     """The train or validation split of `name` (see DATASETS) and its DataInfo.
 
     normalize=False: images in [0, 1], normalised later with DataInfo's mean / std (the device
     augmentation does that after RandAugment / colour jitter). `interpolation` (bilinear, bicubic)
-    resamples the folder images' crops and resizes; `decoder` decodes them (ImageFolder).
+    resamples the folder images' crops and resizes; `decoder` decodes them (ImageFolder). On a CUDA
+    `device` the training split may decode on the GPU (decode.resolve_decoder; `info.gpu_decoder`
+    names it): its items are then gpu_decode.EncodedImage, to collate with collate_encoded and turn
+    into pixels with gpu_decode.DeviceImages in the training process. Validation decodes on the CPU.
 
     folder:    `data_dir`/train and `data_dir`/val in ImageFolder layout (val uses train's classes);
                needs pillow.
@@ -195,7 +199,15 @@ def build_dataset(name: str, *, train: bool, img_size: Optional[int] = None, dat
     classes = find_classes(root / "train")
     transform = (TrainTransform(size, interpolation=interpolation, normalize=normalize) if train
                  else EvalTransform(size, interpolation=interpolation))
+    gpu_decoder = None
+    if train:
+        resolved = resolve_decoder(decoder, device)
+        if resolved in GPU_DECODERS:
+            from .gpu_decode import EncodedTrainTransform
+            gpu_decoder, transform, decoder = resolved, EncodedTrainTransform(transform), "pillow"
+    elif decoder in GPU_DECODERS:
+        decoder = "auto"  # validation decodes on the CPU
     dataset = ImageFolder(root / ("train" if train else "val"), transform, classes=classes, decoder=decoder)
     if num_classes is not None and num_classes != len(classes):
         raise ValueError(f"num_classes={num_classes} but {str(root / 'train')!r} has {len(classes)} classes")
-    return dataset, DataInfo(len(classes), size, IMAGENET_MEAN, IMAGENET_STD)
+    return dataset, DataInfo(len(classes), size, IMAGENET_MEAN, IMAGENET_STD, gpu_decoder)

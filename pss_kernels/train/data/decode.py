@@ -15,6 +15,8 @@ then the transform resizes that uint8 crop (torch's antialiased uint8 interpolat
 to float once, at the output size. Decoders: "simplejpeg" (libjpeg-turbo, when installed),
 "pillow" (draft mode), or "pillow-full" (decode everything, then crop: the pipeline as it was, kept
 for the data benchmark's before/after). PNG and other formats always decode in full with Pillow.
+On a CUDA device the training crops can be decoded on the GPU instead ("nvimgcodec", "nvjpeg";
+gpu_decode.py): the loader workers then only read the bytes and draw the boxes.
 The pixels of a reduced-scale decode differ slightly from a full decode followed by a resize; the
 crop boxes and flips (the randomness) are the same.
 """
@@ -29,7 +31,9 @@ import torch
 
 from ..optional_deps import require
 
-DECODERS = ("auto", "simplejpeg", "pillow", "pillow-full")
+CPU_DECODERS = ("simplejpeg", "pillow", "pillow-full")
+GPU_DECODERS = ("nvimgcodec", "nvjpeg")  # train/data/gpu_decode.py: the training crops on the device
+DECODERS = ("auto",) + CPU_DECODERS + GPU_DECODERS
 Box = Tuple[int, int, int, int]  # top, left, height, width
 
 
@@ -41,11 +45,22 @@ def _simplejpeg():
     return simplejpeg
 
 
-def resolve_decoder(decoder: str) -> str:
-    """The decoder "auto" means here: simplejpeg when it can be imported, else Pillow's draft mode."""
+def resolve_decoder(decoder: str, device=None) -> str:
+    """The decoder "auto" means here: on a CUDA `device` (the training crops) a GPU decoder when one
+    can be imported (nvimgcodec, else torchvision's nvjpeg) once that path has been validated on a GPU
+    (gpu_decode.GPU_DECODE_VALIDATED), else simplejpeg when it can be imported, else Pillow's draft mode. A GPU decoder needs a CUDA `device` (ValueError naming --decoder)."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    on_cuda = device is not None and torch.device(device).type == "cuda"
+    if decoder in GPU_DECODERS and not on_cuda:
+        raise ValueError(f"--decoder {decoder} decodes the training crops on a CUDA device; this run's device is "
+                         f"{device if device is not None else 'not one'} (use auto, simplejpeg or pillow)")
     if decoder == "auto":
+        from .gpu_decode import GPU_DECODE_VALIDATED, importable_gpu_decoder
+        if on_cuda and GPU_DECODE_VALIDATED:
+            gpu = importable_gpu_decoder()
+            if gpu is not None:
+                return gpu
         return "simplejpeg" if _simplejpeg() is not None else "pillow"
     if decoder == "simplejpeg" and _simplejpeg() is None:
         raise ValueError('decoder="simplejpeg" needs the simplejpeg package: pip install simplejpeg '
