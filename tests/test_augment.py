@@ -292,3 +292,83 @@ def test_augmentation_without_kornia_names_the_flag(monkeypatch, tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert err.startswith("pss-train: error: --mixup needs kornia") and "(or pip install kornia)" in err
+
+
+def cutmix_share(mix, seeds):
+    """The share of `seeds` whose batch went through kornia's CutMix (counted on its forward)."""
+    calls = []
+    handle = mix.cutmix.register_forward_hook(lambda module, args, output: calls.append(1))
+    images, labels = constant_batch(4)
+    try:
+        for seed in seeds:
+            before = len(calls)
+            with seeded_rng(seed, images.device):
+                mixed, partner, keep = mix.mix(images, labels)
+            if len(calls) == before:  # Mixup: one lambda, every pixel a blend of the image and its partner
+                lam = float(keep[0])
+                torch.testing.assert_close(mixed, lam * images + (1 - lam) * images[partner])
+    finally:
+        handle.remove()
+    return len(calls) / len(seeds)
+
+
+@pytest.mark.parametrize("switch_prob", [0.8, 0.15])
+def test_cutmix_is_chosen_with_the_switch_probability_not_its_complement(switch_prob):
+    # 400 batches: the share's standard deviation is <= 0.02; 1 - p (0.2 / 0.85) is 15+ of them away.
+    mix = MixupCutmix(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=switch_prob, label_smoothing=0.0, num_classes=4)
+    assert abs(cutmix_share(mix, range(400)) - switch_prob) < 0.07
+
+
+def test_a_single_mixer_ignores_the_switch_probability():
+    # CutMix alone: every batch, even with switch_prob 0 (there is no Mixup to switch to).
+    only_cutmix = MixupCutmix(mixup_alpha=0.0, cutmix_alpha=1.0, switch_prob=0.0, label_smoothing=0.0, num_classes=4)
+    assert cutmix_share(only_cutmix, range(25)) == 1.0
+    only_mixup = MixupCutmix(mixup_alpha=0.8, cutmix_alpha=0.0, switch_prob=1.0, label_smoothing=0.0, num_classes=4)
+    assert only_mixup.cutmix is None
+    images, labels = constant_batch(4)
+    for seed in range(10):  # Mixup every batch, with switch_prob 1
+        with seeded_rng(seed, images.device):
+            mixed, partner, keep = only_mixup.mix(images, labels)
+        torch.testing.assert_close(mixed, float(keep[0]) * images + (1 - float(keep[0])) * images[partner])
+    with pytest.raises(ValueError, match="mixup_alpha > 0 or cutmix_alpha > 0"):
+        MixupCutmix(mixup_alpha=0.0, cutmix_alpha=0.0, switch_prob=0.5, label_smoothing=0.0, num_classes=4)
+
+
+def test_the_run_config_reaches_every_augmentation_component():
+    from pss_kernels.train import TrainConfig
+    from pss_kernels.train.data.augment import build_device_augment
+    mean, std = (0.37, 0.61, 0.13), (0.21, 0.27, 0.33)
+    config = TrainConfig(rand_augment="rand-m7-n1-mstd0", mixup=0.7, cutmix=1.3, mixup_switch_prob=0.83,
+                         label_smoothing=0.07, interpolation="bicubic", random_erasing=0.31)
+    augment = build_device_augment(config, mean, std, num_classes=11)
+    mix = augment.mixup_cutmix
+    assert (mix.mixup_alpha, mix.cutmix_alpha, mix.switch_prob, mix.label_smoothing, mix.num_classes) == (
+        0.7, 1.3, 0.83, 0.07, 11)
+    assert augment.random_erasing.probability == 0.31
+    assert augment.rand_augment.spec == RandAugmentSpec(magnitude=7, num_ops=1, magnitude_std=0.0)
+    # RandAugment's geometric ops fill with the dataset mean and resample with the run's interpolation.
+    images = gradient_images(1, 24, 32)
+    angle = torch.tensor([23.0], dtype=torch.float64)
+    rotate = {op.name: op for op in augment.rand_augment.ops}["Rotate"]
+    expected = {op.name: op for op in rand_augment_ops(False, torch.tensor(mean), "bicubic")}["Rotate"]
+    rotated = rotate.apply(images.clone(), angle)
+    torch.testing.assert_close(rotated, expected.apply(images.clone(), angle))
+    torch.testing.assert_close(rotated[0, :, 0, 0], torch.tensor(mean))  # a corner rotated out: the fill
+    bilinear = {op.name: op for op in rand_augment_ops(False, torch.tensor(mean), "bilinear")}["Rotate"]
+    assert not torch.allclose(rotated, bilinear.apply(images.clone(), angle))
+    assert build_device_augment(TrainConfig(), mean, std, num_classes=11) is None  # nothing asked: no kornia
+
+
+def test_spec_boundaries_and_the_magnitude_clip():
+    # mstd > 100 means uniform in [0, m] (timm); exactly 100 is a Gaussian std of 100.
+    assert RandAugmentSpec.parse("rand-m9-mstd100").magnitude_std == 100.0
+    assert RandAugmentSpec.parse("rand-m9-mstd100.5").magnitude_std == float("inf")
+    assert RandAugmentSpec.parse("rand-m9-inc0").increasing is False
+    spec = RandAugmentSpec.parse("rand-m9-mmax7.5-n3")
+    assert (spec.magnitude, spec.magnitude_max, spec.num_ops) == (9.0, 7.5, 3)
+    torch.manual_seed(0)
+    assert RandAugment(spec).draw(50)["magnitude"].tolist() == [7.5] * 50  # m = 9 clipped to mmax
+    torch.manual_seed(0)
+    uniform = RandAugment(RandAugmentSpec.parse("rand-m6-mstd101")).draw(20_000)["magnitude"]
+    assert 0.0 <= float(uniform.min()) < 0.01 and 5.99 < float(uniform.max()) <= 6.0  # uniform in [0, m]
+    assert abs(float(uniform.mean()) - 3.0) < 0.05

@@ -120,3 +120,53 @@ def test_data_benchmark_runs_and_compares_decoders(tmp_path, monkeypatch):
     (json_path,) = tmp_path.glob("data_*.json")
     assert json.loads(json_path.read_text())["config"]["model"] == "deit_tiny"
     assert len(list(tmp_path.glob("data_*.png"))) == 1
+
+
+# A wide, short box and a tall, narrow one on an 800 x 600 JPEG: one side alone sets the scale. By hand
+# (need = ceil(out * full / box) per side; Pillow's draft scales 1/1, 1/2, 1/4, 1/8; simplejpeg's M/8):
+#   wide: need_h = ceil(43 * 600 / 190) = 136, need_w = ceil(211 * 800 / 713) = 237 (the width limits)
+#         Pillow 1/2 -> 300 x 400 image, box rows round(61.5)..round(156.5) = 62..156, cols 20..377;
+#         simplejpeg 3/8 -> 225 x 300, rows round(46.125)..round(117.375) = 46..117, cols 15..283.
+#   tall: need_h = ceil(157 * 600 / 546) = 173 (the height limits), need_w = ceil(29 * 800 / 171) = 136
+#         Pillow 1/2 -> rows 20..294, cols 62..147; simplejpeg 3/8 -> rows 15..220, cols 46..110.
+# A scale chosen from the other side only (1/4: 178 x 133 px wide) would crop narrower than the output.
+ONE_SIDED_BOXES = {
+    "wide": ((123, 41, 190, 713), (43, 211), {"pillow": (94, 357), "simplejpeg": (71, 268)}),
+    "tall": ((41, 123, 546, 171), (157, 29), {"pillow": (274, 85), "simplejpeg": (205, 64)}),
+}
+
+
+@pytest.mark.parametrize("shape", ["wide", "tall"])
+@pytest.mark.parametrize("decoder", ["pillow", SIMPLEJPEG])
+def test_one_sided_crop_boxes_decode_at_least_the_output_size(decoder, shape, tmp_path):
+    data = save(smooth_image(600, 800), tmp_path / "a.jpg").read_bytes()
+    box, out_size, expected_size = ONE_SIDED_BOXES[shape]
+    top, left, box_h, box_w = box
+    crop = decode.decode_box(data, (600, 800), box, out_size, decoder)
+    assert crop.shape[1] >= out_size[0] and crop.shape[2] >= out_size[1]  # never below the output
+    assert crop.shape[1] < box_h and crop.shape[2] < box_w  # and still a reduced scale
+    assert tuple(crop.shape[1:]) == expected_size[decoder]  # the smallest scale that covers both sides
+    full = decode.decode_full(data)[:, top:top + box_h, left:left + box_w].float()[None]
+    downscaled = torch.nn.functional.interpolate(full, size=crop.shape[1:], mode="bilinear", antialias=True)[0]
+    assert (crop.float() - downscaled).abs().mean() < 3.0  # the box's pixels, not a shifted region
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_output_larger_than_a_corner_box_decodes_the_box_at_full_scale(decoder, tmp_path):
+    # Up-sampling (a 187 x 283 box to 224 x 224): the need is capped at the full size, never above it,
+    # and a box flush with the bottom-right corner keeps its last row and column.
+    data = save(smooth_image(600, 800), tmp_path / "a.jpg").read_bytes()
+    crop = decode.decode_box(data, (600, 800), (413, 517, 187, 283), (224, 224), decoder)
+    assert torch.equal(crop, decode.decode_full(data)[:, 413:600, 517:800])
+
+
+@pytest.mark.parametrize("decoder", ["pillow", SIMPLEJPEG])
+def test_a_need_just_above_a_scale_rounds_up_to_the_next_scale(decoder, tmp_path):
+    # 357 px out of a 713 px wide box: need_w = 357 * 800 / 713 = 400.56, just above the 1/2-scale width
+    # (400). Rounded up (401): Pillow decodes in full, simplejpeg at 5/8. Rounded down (400), the 1/2
+    # scale would crop cols round(21.5)..round(378) = 22..378: 356 px, one short of the output.
+    data = save(smooth_image(600, 800), tmp_path / "a.jpg").read_bytes()
+    crop = decode.decode_box(data, (600, 800), (123, 43, 190, 713), (43, 357), decoder)
+    assert crop.shape[2] >= 357
+    # simplejpeg 5/8 (375 x 500): rows round(76.875)..round(195.625) = 77..196, cols 27..round(472.5) = 472.
+    assert tuple(crop.shape[1:]) == {"pillow": (190, 713), "simplejpeg": (119, 445)}[decoder]

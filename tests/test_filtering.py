@@ -161,3 +161,82 @@ def test_the_subset_is_the_same_on_two_gloo_ranks(tmp_path):
     assert int(state["active"].sum()) == round(0.8 * 1438)
     # Both ranks' examples were counted on each rank: 3 epochs x 2 ranks x 35 steps x 16 images.
     assert int(state["presentations"].sum()) == 3 * 2 * (round(0.8 * 1438) // 2 // 16) * 16
+
+
+def test_an_epoch_without_the_example_keeps_its_last_state_for_the_next_comparison():
+    # Epochs 1-4 (blank: not presented, as an example out of the subset):
+    #   0: T  -  F  -   -> 1 event (correct in its last presented epoch, wrong in the next one)
+    #   1: F  -  T  -   -> 0 events, learned
+    #   2: T  -  -  F   -> 1 event, across two absent epochs
+    #   3: T  -  T  T   -> 0 events
+    #   4: -  T  -  -   -> 0 events, learned, last state correct
+    #   5: -  -  -  -   -> never presented: never learned, no events
+    f = ExampleFilter(6, keep=0.5, fraction=0.3)
+    observe(f, [(0, True, 0.13), (1, False, 0.21), (2, True, 0.37), (3, True, 0.41)])
+    f.finish_epoch()
+    observe(f, [(4, True, 0.29)])
+    f.finish_epoch()
+    assert f.last_correct.tolist() == [True, False, True, True, True, False]  # the absent kept epoch 1's state
+    assert f.variance[:4].tolist() == pytest.approx([0.13, 0.21, 0.37, 0.41], abs=1e-7)
+    observe(f, [(0, False, 0.17), (1, True, 0.23), (3, True, 0.43)])
+    f.finish_epoch()
+    observe(f, [(2, False, 0.31), (3, True, 0.47)])
+    f.finish_epoch()
+    assert f.forgetting.tolist() == [1, 0, 1, 0, 0, 0]
+    assert f.learned.tolist() == [True, True, True, True, True, False]
+    assert f.last_correct.tolist() == [False, True, False, True, True, False]
+    assert f.presentations.tolist() == [2, 2, 2, 3, 1, 0]
+    # The ranking: fewest events, then variance (of the last presented epoch), never learned last.
+    f.active[:] = True
+    assert f.ranking().tolist() == [1, 4, 3, 0, 2, 5]  # 0.23, 0.29, 0.47 | 0.17, 0.31 | never
+
+
+def test_end_epoch_folds_every_epoch_and_skips_an_epoch_it_has_done():
+    f = ExampleFilter(6, keep=0.5, fraction=0.3, period=4)
+    observe(f, [(0, True, 0.1)])
+    assert f.end_epoch(1) is None and f.presentations[0] == 1
+    observe(f, [(0, False, 0.1)])
+    assert f.end_epoch(1) is None  # epoch 1 again (a resume): nothing folded ...
+    assert f.presentations[0] == 1 and f.forgetting[0] == 0 and f.epoch_seen[0] == 1  # ... the count waits
+    assert f.end_epoch(2) is None and f.forgetting[0] == 1 and f.presentations[0] == 2
+
+
+def test_rounds_stop_before_the_last_epoch_and_after_the_set_iterations():
+    # Period 3 over 10 epochs: rounds at 3, 6, 9 (9 < 10); with last_epoch 9 the round at 9 would train
+    # on nothing; iterations=2 stops after the second round whatever the default (round(0.3/0.1)+1 = 4).
+    rounds = lambda f: [e["epoch"] for e in map(f.end_epoch, range(1, 11)) if e is not None]  # noqa: E731
+    assert rounds(ExampleFilter(40, keep=0.7, period=3, fraction=0.1, last_epoch=10)) == [3, 6, 9]
+    assert rounds(ExampleFilter(40, keep=0.7, period=3, fraction=0.1, last_epoch=9)) == [3, 6]
+    assert rounds(ExampleFilter(40, keep=0.7, period=3, fraction=0.1, iterations=2)) == [3, 6]
+    assert ExampleFilter(40, keep=0.7, period=3, fraction=0.1).iterations == 4
+
+
+def test_subset_and_move_sizes_round_and_cap():
+    # 7 examples, keep 0.5: round(3.5) = 4 kept (Python rounds half to even: 4); fraction 0.6 would move
+    # round(4.2) = 4, capped at the 3 examples outside the subset.
+    f = ExampleFilter(7, keep=0.5, fraction=0.6)
+    assert (f.kept, f.moved, int(f.active.sum())) == (4, 3, 4)
+    tiny = ExampleFilter(3, keep=0.1, fraction=0.3)  # round(0.3) = 0: at least one example is kept
+    assert (tiny.kept, tiny.moved, int(tiny.active.sum())) == (1, 1, 1)
+    # 13 examples, keep 0.77: round(10.01) = 10; fraction 0.115: round(1.495) = 1.
+    assert (ExampleFilter(13, keep=0.77, fraction=0.115).kept, ExampleFilter(13, keep=0.77, fraction=0.115).moved) \
+        == (10, 1)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(keep=1.0), "keep rate must be in"), (dict(keep=0.0), "keep rate must be in"),
+    (dict(keep=0.8, fraction=0.0), "fraction must be in"), (dict(keep=0.8, fraction=1.0), "fraction must be in"),
+    (dict(keep=0.8, period=0), "period must be >= 1"),
+])
+def test_out_of_range_settings_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        ExampleFilter(20, **settings)
+
+
+def test_a_checkpoint_of_other_filter_settings_is_refused():
+    f = ExampleFilter(20, keep=0.8, fraction=0.1, seed=3)
+    state = f.state_dict()
+    ExampleFilter(20, keep=0.8, fraction=0.1, seed=3).load_state_dict(state)  # the same settings load
+    for other in (dict(seed=4), dict(fraction=0.15), dict(period=29)):
+        with pytest.raises(ValueError, match="example filtering settings differ"):
+            ExampleFilter(20, **{**dict(keep=0.8, fraction=0.1, seed=3), **other}).load_state_dict(state)

@@ -132,6 +132,48 @@ def test_copy_halved_preserves_the_function_at_every_stage(rpb):
     assert stage_of(model).num_heads == 4
 
 
+@pytest.mark.parametrize("rpb", [True, False])
+@pytest.mark.parametrize("old, new", [(GrowthStage(2, 1.0), GrowthStage(3, 1.0)),
+                                      (GrowthStage(2, 1.0), GrowthStage(2, 1.5))], ids=["heads 2->3", "mlp 32->48"])
+def test_copy_halved_divides_by_the_copies_of_each_part_when_growth_does_not_double(rpb, old, new):
+    """heads 2 -> 3: head 0 is copied once (head 2), head 1 not; hidden 32 -> 48: units 0-15 are copied
+    once (32-47), units 16-31 not. Only the copied parts and their copies are halved, and the grown
+    model computes what it computed before (the doubling stages cannot tell this from halving all)."""
+    model = tiny_model(rpb=rpb)
+    set_stage(model, old)
+    x = images()
+    before_logits = model(x)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grow(model, new, init="copy-halved")
+    torch.testing.assert_close(model(x), before_logits, rtol=1e-4, atol=1e-5)
+    for number, block in enumerate(model.blocks):
+        proj = block.attn.proj.weight.view(32, 4, 8)
+        old_proj = before[f"blocks.{number}.attn.proj.weight"].view(32, 4, 8)
+        fc2, old_fc2 = block.mlp.fc2.weight, before[f"blocks.{number}.mlp.fc2.weight"]
+        if new.num_heads == 3:
+            assert torch.equal(proj[:, 0], old_proj[:, 0] / 2) and torch.equal(proj[:, 2], old_proj[:, 0] / 2)
+            assert torch.equal(proj[:, 1], old_proj[:, 1])
+        else:
+            assert torch.equal(fc2[:, :16], old_fc2[:, :16] / 2) and torch.equal(fc2[:, 32:48], old_fc2[:, :16] / 2)
+            assert torch.equal(fc2[:, 16:32], old_fc2[:, 16:32])
+
+
+def test_hidden_units_round_the_ratio_of_a_width_that_is_no_power_of_two():
+    """embed 22: the ratio of 15 hidden units is 15 / 22, and 22 * (15 / 22) = 14.999999999999998; the
+    units are rounded, not truncated, so set_stage, stage_of and grow agree on 15 (and 30) units."""
+    torch.manual_seed(0)
+    model = create_model("deit_tiny", **{**TINY, "embed_dim": 22, "num_heads": 2}).eval()
+    set_stage(model, GrowthStage(2, 15 / 22))
+    mlp = model.blocks[0].mlp
+    assert mlp.active_hidden == 15 and stage_of(model).mlp_ratio == 15 / 22
+    fc1 = mlp.fc1.weight.detach().clone()
+    slices = grow(model, GrowthStage(2, 30 / 22))
+    assert mlp.active_hidden == 30
+    assert torch.equal(mlp.fc1.weight[15:30], fc1[:15]) and torch.equal(mlp.fc1.weight[:15], fc1[:15])
+    assert torch.equal(mlp.fc1.weight[30:], fc1[30:])
+    assert {(s.dim, s.start, s.stop) for s in slices if s.name == "blocks.0.mlp.fc1.weight"} == {(0, 15, 30)}
+
+
 def test_random_init_redraws_the_new_parts_only():
     model = tiny_model()
     set_stage(model, STAGES[0])
@@ -196,6 +238,34 @@ def test_reset_optimizer_moments_zeroes_the_new_slices_only():
     assert reset_optimizer_moments(torch.optim.AdamW(model.parameters()), slices) == 0  # no state yet
 
 
+@pytest.mark.parametrize("optimizer_name, keys", [("sgd", ("momentum_buffer",)),
+                                                   ("amsgrad", ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"))])
+def test_reset_optimizer_moments_covers_every_optimizer_moment(optimizer_name, keys):
+    """SGD's momentum_buffer and AdamW(amsgrad=True)'s max_exp_avg_sq are moments too: zeroed on the new
+    slices, untouched elsewhere."""
+    model = tiny_model().train()
+    if optimizer_name == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, amsgrad=True)
+    model(images()).sum().backward()
+    optimizer.step()  # the state exists, non-zero everywhere the model trained (full width)
+    set_stage(model, STAGES[1])
+    slices = grow(model, STAGES[2])
+    saved = {p: {k: v.clone() for k, v in optimizer.state[p].items()} for p in model.parameters()}
+    assert set(keys) <= set(saved[slices[0].param])
+    assert reset_optimizer_moments(optimizer, slices) == len(keys) * len(slices)
+    marked = {p: torch.zeros_like(p, dtype=torch.bool) for p in model.parameters()}
+    for piece in slices:
+        piece.view(marked[piece.param]).fill_(True)
+    for param in model.parameters():
+        for key in keys:
+            value = optimizer.state[param][key]
+            assert (value[marked[param]] == 0).all(), key
+            assert torch.equal(value[~marked[param]], saved[param][key][~marked[param]]), key
+    assert any((saved[p.param][keys[-1]][marked[p.param]] != 0).any() for p in slices)  # there was something to zero
+
+
 def test_token_stages_crop_the_centre_of_the_grid():
     model = tiny_model()
     set_stage(model, STAGES[0])
@@ -250,6 +320,20 @@ def test_grow_refuses_to_shrink_and_bad_stages():
     model = tiny_model()
     with pytest.raises(ValueError, match="only widen"):
         grow(model, STAGES[0])
+    # Either dimension alone: from 4 heads and MLP ratio 4, fewer heads or fewer hidden units.
+    for smaller in (GrowthStage(2, 4.0), GrowthStage(4, 2.0)):
+        with pytest.raises(ValueError, match="only widen"):
+            grow(model, smaller)
+        assert stage_of(model) == GrowthStage(4, 4.0)
+    # The same widths are no shrink: nothing new, nothing changed.
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert grow(model, GrowthStage(4, 4.0)) == []
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match="gives 0 hidden units"):
+        set_stage(model, GrowthStage(4, 0.01))  # round(0.32) = 0
+    set_stage(model, GrowthStage(4, 1 / 32))  # one unit is enough
+    assert model.blocks[0].mlp.active_hidden == 1
+    set_stage(model, GrowthStage(4, 4.0))
     with pytest.raises(ValueError, match="num_heads=5"):
         grow(model, GrowthStage(5, 4.0))
     with pytest.raises(ValueError, match="mlp_ratio=8.0"):

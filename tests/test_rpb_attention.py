@@ -484,6 +484,95 @@ def test_float32_table_with_half_activations(backend, dtype, device):
     torch.testing.assert_close(dtable, want, **TOLERANCES[dtype])  # entries up to ~3, errors ~1e-3 in fp16
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_precision_backward_keeps_delta_in_float32(backend, device):
+    """fp16, D = 128, grid (2, 2) with CLS (n = 5). Every row of v is (2048, 1, ..., 1) and dO = 1, so
+    O is that row and dP_ij = dO_i . v_j = 2175 = delta_i = rowsum(dO * O): dS = P (dP - delta) = 0,
+    and dq, dk and the table gradient are 0. 2175 is no fp16 number (it rounds to 2176): a delta
+    summed or stored in half precision gives dS = -P and gradients of ~0.1. q and k fill disjoint
+    halves of the head dim (q . k = 0 exactly) and the table is constant per head, so P is exactly
+    uniform and O exact on every backend, while dq = dS k and dk = dS^T q still see dS."""
+    batch, heads, head_dim, grid = 2, 2, 128, (2, 2)
+    generator = torch.Generator().manual_seed(0)
+    q = torch.zeros(batch, heads, 5, head_dim)
+    k = torch.zeros(batch, heads, 5, head_dim)
+    q[..., :64] = torch.randn(batch, heads, 5, 64, generator=generator)
+    k[..., 64:] = torch.randn(batch, heads, 5, 64, generator=generator)
+    v = torch.ones(batch, heads, 5, head_dim)
+    v[..., 0] = 2048.0
+    q, k, v = (t.to(device, torch.float16).requires_grad_() for t in (q, k, v))
+    table = torch.tensor([[0.5, -0.25]]).repeat(bias_table_rows(grid), 1).to(device).requires_grad_()
+    out = rpb_attention(q, k, v, table, grid_size=grid, backend=backend)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), v.detach().float(), rtol=0, atol=0)
+    dq, dk, dv, dtable = torch.autograd.grad(out, (q, k, v, table), torch.ones_like(out))
+    for name, grad in (("dq", dq), ("dk", dk), ("dbias_table", dtable)):
+        torch.testing.assert_close(grad.float(), torch.zeros_like(grad, dtype=torch.float32), rtol=0, atol=1e-3,
+                                   msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(dv.float(), torch.ones_like(dv, dtype=torch.float32), rtol=0, atol=1e-3)  # P^T dO
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("keep_rate", [None, 0.8], ids=["index=None", "sampled"])
+def test_triton_takes_head_dim_128(dtype, keep_rate, device):
+    """D = 128 is the largest head dim of the triton backend (TRITON_MAX_HEAD_DIM, inclusive): its
+    tiles run forward and backward and match the reference."""
+    check_against_reference("triton", device, (2, 3), 1, 128, keep_rate, dtype=dtype)
+
+
+def test_float64_with_backend_none_runs_on_the_resolved_backend(monkeypatch):
+    """float64 is refused by the triton backend only: backend=None on CPU (the sdpa default) and the
+    variable naming torch or sdpa take it, checked against the resolved backend, not the argument."""
+    from pss_kernels._backends import ENV_VAR
+    q, k, v, table, index = make_inputs((2, 3), 1, 8, keep_rate=0.7, dtype=torch.float64, device="cpu")
+    table = table.detach().double().requires_grad_()
+    expected = rpb_attention_reference(q, k, v, table, index, grid_size=(2, 3))
+    expected_grads = torch.autograd.grad(expected.sum(), (q, k, v, table))
+    for requested in (None, "torch", "sdpa"):
+        if requested is None:
+            monkeypatch.delenv(ENV_VAR, raising=False)
+        else:
+            monkeypatch.setenv(ENV_VAR, requested)
+        out = rpb_attention(q, k, v, table, index, grid_size=(2, 3))
+        assert out.dtype == torch.float64, requested
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        for got, want in zip(torch.autograd.grad(out.sum(), (q, k, v, table)), expected_grads):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.triton
+def test_triton_limits_apply_when_the_variable_resolves_to_it(monkeypatch, device):
+    """PSS_KERNELS_BACKEND=triton with backend=None: the triton backend's own limits hold (D <= 128,
+    no float64), as with backend="triton"."""
+    from pss_kernels._backends import ENV_VAR
+    monkeypatch.setenv(ENV_VAR, "triton")
+    table = torch.zeros(bias_table_rows((3, 3)), 2, device=device)
+    wide = torch.zeros(2, 2, 10, 160, device=device)
+    with pytest.raises(ValueError, match="head dim D <= 128 on the triton backend, got D=160"):
+        rpb_attention(wide, wide, wide, table, grid_size=(3, 3))
+    narrow = torch.zeros(2, 2, 10, 8, device=device, dtype=torch.float64)
+    with pytest.raises(TypeError, match="q must have dtype in"):
+        rpb_attention(narrow, narrow, narrow, table.double(), grid_size=(3, 3))
+    with pytest.raises(TypeError, match="q must have dtype in"):
+        rpb_attention(narrow, narrow, narrow, table.double(), grid_size=(3, 3), backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+def test_repeated_positions_with_deterministic_are_refused_by_triton_only(backend, device):
+    """Only the triton backend's deterministic accumulation needs distinct positions; the others take
+    an index that repeats one (e.g. a caller's own duplicated token) and give the reference's values."""
+    q, k, v, table, index = make_inputs((3, 3), 1, 16, keep_rate=0.6, device=device)
+    repeated = index.clone()
+    repeated[:, 2] = repeated[:, 1]
+    out = rpb_attention(q, k, v, table, repeated, grid_size=(3, 3), backend=backend, deterministic=True)
+    expected = rpb_attention_reference(q, k, v, table, repeated, grid_size=(3, 3))
+    torch.testing.assert_close(out, expected, **TOLERANCES[torch.float32])
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(device)
+    for got, want in zip(grads_of(out, grad_out, (q, k, v, table)), grads_of(expected, grad_out, (q, k, v, table))):
+        torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
+
+
 def test_output_layout_makes_the_head_merge_a_view(device):
     q, k, v, table, _ = make_inputs((3, 3), 1, 16, device=device)
     out = rpb_attention(q, k, v, table, grid_size=(3, 3), backend="torch")
@@ -525,6 +614,7 @@ BAD_ARGUMENTS = [
     ("grid_size", lambda a: dict(grid_size=(3, 0)), ValueError, "grid_size must be positive"),
     ("num_prefix_tokens", lambda a: dict(num_prefix_tokens=2), ValueError, "num_prefix_tokens must be <= 1"),
     ("scale", lambda a: dict(scale="0.25"), TypeError, "scale must be a float"),
+    ("scale", lambda a: dict(scale=True), TypeError, "scale must be a float"),  # a bool is no scale
     ("backend", lambda a: dict(backend="cuda"), ValueError, "backend must be one of"),
     ("backend", lambda a: dict(backend="fast"), ValueError, "backend must be one of"),
     ("deterministic", lambda a: dict(deterministic=1), TypeError, "deterministic must be a bool"),

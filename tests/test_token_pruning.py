@@ -232,7 +232,7 @@ def test_rates_of_one_run_the_unpruned_model_exactly():
     pruned = tiny_model(token_pruning=TokenPruning(blocks=(2, 4)))
     x = images()
     torch.testing.assert_close(pruned(x), plain(x), rtol=0, atol=0)
-    pruned.token_keep_rate = 0.97  # quantised to 1.0
+    pruned.token_keep_rate = 0.97  # quantised to 0.95: ceil(0.95 * 16) = 16, every patch kept
     torch.testing.assert_close(pruned(x), plain(x), rtol=0, atol=0)
     pruned.token_keep_rate = 0.5
     assert pruned.forward_features(x)[0].shape[1] == 1 + 4
@@ -259,6 +259,56 @@ def test_kept_counts_are_quantised_and_follow_the_released_code():
         pruning.token_keep_rate = schedule.keep_rate_at(step)
         counts.add(pruning.kept_patches(196))
     assert 4 <= len(counts) <= 7
+
+
+def test_rates_below_one_quantum_keep_one_quantum():
+    """q(R) is at least one quantum: R_T = 0.01 on the 0.05 grid is 0.05, so 100 patches keep 5, not
+    kept_count's floor of one token; without a grid the rate is used as it is."""
+    assert quantise(0.01, 0.05) == 0.05 and quantise(0.024, 0.05) == 0.05
+    assert kept_count(100, 0.01) == 5
+    assert TokenPruning(token_keep_rate=0.01).kept_patches(100) == (5, 1, 1)  # ceil(0.05 * 5) = 1
+    assert quantise(0.01, None) == 0.01 and kept_count(100, 0.01, quantum=None) == 1
+
+
+def test_quantised_rates_are_the_grid_values_exactly():
+    """round(R / quantum) * quantum is 0.30000000000000004 for 0.3 (and 0.7000000000000001 for 0.7):
+    q(R) comes back as the clean grid value, on it and from either side of it."""
+    for text in ("0.15", "0.3", "0.35", "0.6", "0.7", "0.85", "0.95"):
+        rate = float(text)
+        assert quantise(rate, 0.05) == rate and repr(quantise(rate, 0.05)) == text
+        assert quantise(rate + 0.02, 0.05) == rate and quantise(rate - 0.02, 0.05) == rate
+    assert quantise(0.98, 0.05) == 1.0 and quantise(0.97, 0.05) == 0.95
+
+
+def test_kept_counts_at_products_just_above_an_integer():
+    """0.07 * 100 = 7.000000000000001 in floating point: the count is 7, not ceil's 8 (the 1e-9 guard);
+    the count never exceeds the items, even where a coarse quantum rounds R = 1 up to 1.2."""
+    assert kept_count(100, 0.07, quantum=None) == 7 and kept_count(100, 0.56, quantum=None) == 56
+    assert kept_count(100, 0.57, quantum=None) == 57  # 56.99999999999999: ceil as it is
+    assert kept_count(140, 0.7) == 98 and kept_count(196, 0.7) == 138
+    assert quantise(1.0, 0.6) == 1.2 and kept_count(10, 1.0, quantum=0.6) == 10
+
+
+def test_pruning_is_active_only_below_one_after_quantisation():
+    assert not TokenPruning(token_keep_rate=0.98).active  # 0.98 rounds to 1.0 on the 0.05 grid
+    assert TokenPruning(token_keep_rate=0.97).active  # 0.95
+    assert TokenPruning(token_keep_rate=0.98, quantum=None).active
+    pruning = TokenPruning(attention_keep_rate=0.98)
+    assert not pruning.active and pruning.stats == "cls"
+    pruning.attention_keep_rate = 0.97
+    assert pruning.active and pruning.stats == "map"
+
+
+def test_selector_blocks_may_sit_at_both_ends_of_the_model():
+    """after_attention: blocks 1 .. depth; before_block: 2 .. depth (block 1 has no attention before it)."""
+    x = images(batch=2)
+    for blocks, placement in (((1, 4), "after_attention"), ((2, 4), "before_block")):
+        model = tiny_model(token_pruning=TokenPruning(blocks=blocks, token_keep_rate=0.5, placement=placement))
+        tokens, index = model.forward_features(x)
+        assert tokens.shape == (2, 1 + 4, 32) and index.shape == (2, 5), (blocks, placement)  # 16 -> 8 -> 4
+    for blocks, placement in (((5,), "after_attention"), ((1,), "before_block"), ((2, 5), "before_block")):
+        with pytest.raises(ValueError, match=r"blocks must be in \[%d, 4\]" % (2 if placement == "before_block" else 1)):
+            tiny_model(token_pruning=TokenPruning(blocks=blocks, placement=placement))
 
 
 def test_presets_and_construction_checks():

@@ -23,7 +23,7 @@ from pss_kernels.train.cli import parse_config
 from pss_kernels.train.config import config_from_dict, config_to_dict
 from pss_kernels.train.data import build_dataset, digits_split
 from pss_kernels.train.distributed import DistInfo, ShardedSampler
-from pss_kernels.train.optim import warmup_cosine_factor
+from pss_kernels.train.optim import ModelEma, warmup_cosine_factor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,6 +164,76 @@ def test_checkpoint_round_trip_and_atomic_write(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt"]  # no temporary file left
 
 
+def test_checkpoint_temporary_file_lies_beside_its_target(tmp_path, monkeypatch):
+    # The final os.replace is atomic only within one file system: the temporary file must be written in
+    # the target's directory, not in the system temp directory (here a directory of its own).
+    import tempfile
+    system_temp = tmp_path / "system-temp"
+    system_temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_temp))
+    target = tmp_path / "runs" / "a7" / "checkpoint.pt"  # its directory does not exist yet
+    replaced = []
+    real_replace = os.replace
+
+    def spy(source, destination):
+        replaced.append((Path(source), Path(destination), Path(source).is_file()))
+        return real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", spy)
+    save_checkpoint(target, {"step": 13})
+    monkeypatch.undo()
+    ((source, destination, existed),) = replaced
+    assert destination == target and existed
+    assert source.parent == target.parent and source.name.startswith(".checkpoint.pt.") and source.suffix == ".tmp"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["checkpoint.pt"]
+    assert list(system_temp.iterdir()) == []
+    assert load_checkpoint(target)["step"] == 13
+
+
+def test_ema_is_decay_times_the_old_average_plus_the_rest_times_the_new_weights():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = ModelEma(model, 0.9)
+    assert not ema.module.training and not any(p.requires_grad for p in ema.module.parameters())
+    initial = {name: value.clone() for name, value in model.state_dict().items()}
+    with torch.no_grad():
+        model[0].weight.add_(0.37)
+        model[0].bias.sub_(1.19)
+    model.train()(torch.randn(5, 3))  # running statistics move, num_batches_tracked 0 -> 1
+    ema.update(model)
+    new = model.state_dict()
+    averaged = ema.state_dict()
+    for name, value in new.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(averaged[name], 0.9 * initial[name] + 0.1 * value, msg=name)
+        else:
+            assert torch.equal(averaged[name], value), name  # integer buffers: copied
+    assert int(averaged["1.num_batches_tracked"]) == 1
+    # By hand: a weight moved by +0.37 moves the average by 0.037, a bias moved by -1.19 by -0.119.
+    torch.testing.assert_close(averaged["0.weight"], initial["0.weight"] + 0.037)
+    torch.testing.assert_close(averaged["0.bias"], initial["0.bias"] - 0.119)
+    assert torch.equal(model.state_dict()["0.weight"], initial["0.weight"] + 0.37)  # the model is untouched
+    # A second update with the same weights: the average closes another tenth of the remaining gap.
+    ema.update(model)
+    torch.testing.assert_close(ema.state_dict()["0.weight"], initial["0.weight"] + 0.37 * (1 - 0.9 ** 2))
+    for decay in (0.0, 1.0):
+        with pytest.raises(ValueError, match="ema_decay must be in"):
+            ModelEma(model, decay)
+
+
+def test_trainer_ema_takes_the_configured_decay_after_each_step(tmp_path):
+    trainer = Trainer(micro_config(tmp_path, epochs=1, stop_at_step=1, ema_decay=0.83, eval_every=0), CPU)
+    initial = {name: value.clone() for name, value in trainer.model.state_dict().items()}
+    trainer.fit()
+    averaged = trainer.ema.state_dict()
+    for name, value in trainer.model.state_dict().items():
+        expected = 0.83 * initial[name] + 0.17 * value if value.is_floating_point() else value
+        torch.testing.assert_close(averaged[name], expected, msg=name)
+    assert not torch.equal(averaged["head.weight"], initial["head.weight"])  # one step did move it
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")["ema"]
+    assert all(torch.equal(saved[name], value) for name, value in averaged.items())
+
+
 def test_corrupt_or_foreign_checkpoint_gives_clear_error(tmp_path):
     Trainer(micro_config(tmp_path / "run", epochs=1, stop_at_step=2), CPU).fit()
     good = (tmp_path / "run" / "checkpoint.pt").read_bytes()
@@ -207,13 +277,23 @@ def test_ddp_gloo_two_processes_same_rho_and_weights(tmp_path, extra):
                "-m", "pss_kernels.train", "--model", "deit_tiny", "--embed-dim", "16", "--depth", "2",
                "--num-heads", "2", "--patch-size", "8", "--data", "digits", "--img-size", "16", "--epochs", "1",
                "--batch-size", "16", "--schedule", "cyclic:0.2,1.0", "--drop-path", "0.1", "--workers", "0",
-               "--device", "cpu", "--out-dir", str(tmp_path), "--log-all-ranks", "--no-progress", *extra]
+               "--device", "cpu", "--out-dir", str(tmp_path), "--log-all-ranks", "--no-progress",
+               "--lr", "0.001", "--lr-scaling", "lr", "--lr-base-batch", "16", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rank0 = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     rank1 = [json.loads(line) for line in open(tmp_path / "log.rank1.jsonl")]
     steps = 1438 // 2 // 16
+    # The LR rule on the global batch: 16 per rank x 2 ranks = 32 images = 2 x --lr-base-batch, so the
+    # peak is 0.002 on both ranks (the per-rank batch would leave it 0.001); the floor is not scaled ("lr").
+    for log in (rank0, rank1):
+        (config_record,) = [r for r in log if r["type"] == "config"]
+        assert config_record["lr"] == pytest.approx(0.002) and config_record["min_lr"] == pytest.approx(1e-5)
+        assert "global batch 32 / 16" in config_record["lr_rule"]
+        # One warm-up epoch of 44 steps: step s runs at 0.002 (s + 1) / 44, the peak at the last.
+        lrs = [r["lr"] for r in log if r["type"] == "train"]
+        assert lrs[0] == pytest.approx(0.002 / 44) and lrs[-1] == pytest.approx(0.002)
     rho0 = [r["rho"] for r in rank0 if r["type"] == "train"]
     assert len(rho0) == steps and len(set(rho0)) == 5
     assert rho0 == [r["rho"] for r in rank1 if r["type"] == "train"]

@@ -189,7 +189,9 @@ FLAGS: Dict[str, Flag] = {
                           choices=INTERPOLATIONS),
     "decoder": Flag(DATA, "--data folder: decode only each image's crop at the smallest JPEG scale that covers it "
                           "(auto: simplejpeg if installed, else pillow's draft mode), or pillow-full: decode "
-                          "every whole image (the slow reference; benchmarks/data.py compares them)", choices=DECODERS),
+                          "every whole image (the slow reference; benchmarks/data.py compares them); on a CUDA device "
+                          "nvimgcodec / nvjpeg decode the training crops on the GPU (train/data/gpu_decode.py; not yet "
+                          "run on a GPU, so auto does not pick them)", choices=DECODERS),
     # augmentation
     "rand_augment": Flag(AUGMENT, "timm RandAugment spec, e.g. rand-m9-mstd0.5-inc1 (m magnitude 0..10, n ops, mstd "
                                   "magnitude noise, inc increasing ops); none: off",
