@@ -1,0 +1,20 @@
+"""Packed (variable-length) sequences: each image keeps the tokens its content needs.
+
+The tokens of all images are concatenated, (T, ...), with FlashAttention's varlen convention for the
+image boundaries: `cu_seqlens` (B + 1,) int32 offsets, image b holding tokens cu_seqlens[b] ..
+cu_seqlens[b + 1] - 1, and `positions` (T,) each token's position in the full sequence of its image
+(the flattened `index` of the dense ops). Attention stays inside each image.
+
+- rpb_attention_varlen: attention with the per-image relative position bias (reference.py: the
+  oracle, per-image dense rpb_attention, which it must equal).
+- sample_patches_varlen: a per-image number of kept tokens, packed.
+- allocation.py: who decides each image's count (fixed, budget, mass), pure functions.
+
+Status: the "torch" and "sdpa" backends run image by image on the dense op (correct, with every
+gradient; not yet a single fused kernel: the Triton varlen kernel is future work).
+"""
+from .allocation import ALLOCATIONS, budget_keep_counts, fixed_keep_counts, keep_counts, mass_keep_counts
+from .op import check_cu_seqlens, rpb_attention_varlen, sample_patches_varlen
+
+__all__ = ["ALLOCATIONS", "budget_keep_counts", "check_cu_seqlens", "fixed_keep_counts", "keep_counts",
+           "mass_keep_counts", "rpb_attention_varlen", "sample_patches_varlen"]

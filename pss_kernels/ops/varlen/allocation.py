@@ -1,0 +1,115 @@
+"""Who decides each image's kept-token count k_b (prefix tokens included, as sample_patches' k).
+
+The schedule still sets the mean keep rate rho; a policy spreads the batch's tokens over its images:
+
+- fixed:  k_b = k = num_kept_tokens(N, rho) for every image: today's PSS as a packed special case.
+- budget: one top-K over the patch scores of the whole batch, with a per-image minimum and maximum:
+          the batch total T = B * prefix + K, K = round(rho * B * N) - B * prefix, is the same for every
+          batch at a given rho, so shapes stay static (CUDA graphs, torch.compile see one T); only the
+          offsets change. An image whose patches score high across the board keeps more of them.
+- mass:   each image keeps the fewest patches that hold `fraction` of its score mass (scores >= 0:
+          L1, L2, attention): a plain background needs few, a cluttered scene many. T varies.
+
+Each is a pure function of its arguments (ties: the lower image, then the lower position, as
+sample_patches orders equal scores), returning (B,) int64 counts on the scores' device.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..._checks import check_int, check_keep_rate, check_rate, check_tensor
+from ..sample_patches.reference import num_kept_tokens
+
+ALLOCATIONS = ("fixed", "budget", "mass")
+
+
+def fixed_keep_counts(batch: int, num_tokens: int, keep_rate: float, num_prefix_tokens: int = 1,
+                      device=None) -> torch.Tensor:
+    """(B,) all num_kept_tokens(num_tokens, keep_rate, num_prefix_tokens)."""
+    check_int("batch", batch, minimum=1)
+    check_int("num_tokens", num_tokens, minimum=num_prefix_tokens + 1)
+    k = num_kept_tokens(num_tokens, check_keep_rate(keep_rate), num_prefix_tokens)
+    return torch.full((batch,), k, dtype=torch.int64, device=device)
+
+
+def _check_scores(scores: torch.Tensor) -> None:
+    check_tensor("scores", scores, ndim=2, dtypes=None)
+    if not scores.is_floating_point():
+        raise TypeError(f"scores must be a float tensor (B, P), got {scores.dtype}")
+    if scores.shape[0] < 1 or scores.shape[1] < 1:
+        raise ValueError(f"scores must have B, P >= 1, got shape {tuple(scores.shape)}")
+
+
+def budget_keep_counts(scores: torch.Tensor, keep_rate: float, num_prefix_tokens: int = 1, *,
+                       min_patches: int = 1, max_patches: Optional[int] = None) -> torch.Tensor:
+    """(B,) counts with sum = round(keep_rate * B * N) (N = prefix + P) spread by one top-K over the
+    batch's patch scores (B, P), each image keeping between min_patches and max_patches (default P)
+    patches. ValueError names the argument when the total cannot respect the bounds."""
+    _check_scores(scores)
+    batch, patches = scores.shape
+    max_patches = patches if max_patches is None else max_patches
+    check_int("min_patches", min_patches, minimum=1, maximum=patches)
+    check_int("max_patches", max_patches, minimum=min_patches, maximum=patches)
+    num_tokens = num_prefix_tokens + patches
+    total_patches = round(check_keep_rate(keep_rate) * batch * num_tokens) - batch * num_prefix_tokens
+    if not batch * min_patches <= total_patches <= batch * max_patches:
+        raise ValueError(f"keep_rate={keep_rate} gives {total_patches} patches for {batch} images, outside "
+                         f"[B * min_patches, B * max_patches] = [{batch * min_patches}, {batch * max_patches}]")
+    # Each image's patches by rank (descending score, ties to the lower position); ranks below the
+    # minimum are kept anyway, ranks at or above the maximum never.
+    ranked = torch.sort(scores.float(), dim=1, descending=True, stable=True).values
+    rank = torch.arange(patches, device=scores.device).expand(batch, patches)
+    open_slot = (rank >= min_patches) & (rank < max_patches)
+    candidates = torch.where(open_slot, ranked, torch.full_like(ranked, float("-inf")))
+    remaining = total_patches - batch * min_patches
+    counts = torch.full((batch,), min_patches, dtype=torch.int64, device=scores.device)
+    if remaining > 0:
+        # One top-K over the open slots; a stable sort of the flattened (image-major) slots breaks ties
+        # to the lower image, then the lower rank. Open slots always come before closed ones (-inf),
+        # and within an image a slot's score never exceeds the one ranked before it, so the chosen
+        # slots of each image are a prefix of its open ranks.
+        order = torch.sort(candidates.flatten(), descending=True, stable=True).indices[:remaining]
+        counts += torch.bincount(order // patches, minlength=batch)
+    return counts + num_prefix_tokens
+
+
+def mass_keep_counts(scores: torch.Tensor, fraction: float, num_prefix_tokens: int = 1, *,
+                     min_patches: int = 1) -> torch.Tensor:
+    """(B,) counts: per image the fewest patches (at least min_patches) whose scores, largest first,
+    sum to `fraction` of the image's total score mass. Scores must be >= 0 (L1, L2, attention); an
+    image with no mass keeps min_patches."""
+    _check_scores(scores)
+    fraction = check_rate("fraction", fraction)
+    patches = scores.shape[1]
+    check_int("min_patches", min_patches, minimum=1, maximum=patches)
+    values = scores.double()
+    if bool((values < 0).any()) or bool(torch.isnan(values).any()):
+        raise ValueError("scores must be >= 0 and not NaN for the mass allocation (L1, L2 or attention scores)")
+    ranked = torch.sort(values, dim=1, descending=True).values
+    cumulative = ranked.cumsum(1)
+    target = fraction * cumulative[:, -1:]
+    # The first rank whose cumulative mass reaches the target (a tiny tolerance: fraction 1 must not
+    # miss the total by rounding).
+    reached = cumulative >= target * (1 - 1e-12)
+    needed = reached.to(torch.int64).argmax(1) + 1
+    return needed.clamp(min=min_patches) + num_prefix_tokens
+
+
+def keep_counts(policy: str, scores: torch.Tensor, keep_rate: float, num_prefix_tokens: int = 1, *,
+                fraction: Optional[float] = None, min_patches: int = 1,
+                max_patches: Optional[int] = None) -> torch.Tensor:
+    """The counts of `policy` (ALLOCATIONS) for a batch's patch scores (B, P) at mean rate keep_rate
+    (fraction: the mass policy's; default keep_rate)."""
+    _check_scores(scores)
+    if policy == "fixed":
+        return fixed_keep_counts(scores.shape[0], num_prefix_tokens + scores.shape[1], keep_rate, num_prefix_tokens,
+                                 device=scores.device)
+    if policy == "budget":
+        return budget_keep_counts(scores, keep_rate, num_prefix_tokens, min_patches=min_patches,
+                                  max_patches=max_patches)
+    if policy == "mass":
+        return mass_keep_counts(scores, keep_rate if fraction is None else fraction, num_prefix_tokens,
+                                min_patches=min_patches)
+    raise ValueError(f"policy must be one of {ALLOCATIONS}, got {policy!r}")

@@ -1,0 +1,195 @@
+"""Packed sequences (pss_kernels/ops/varlen/): rpb_attention_varlen against per-image dense
+rpb_attention (values and every gradient), sample_patches_varlen against per-image sample_patches,
+the allocation policies, and the argument checks."""
+import pytest
+import torch
+
+from pss_kernels import rpb_attention, rpb_attention_varlen, sample_patches, sample_patches_varlen
+from pss_kernels.ops.rpb_attention.reference import bias_table_rows
+from pss_kernels.ops.varlen import budget_keep_counts, fixed_keep_counts, keep_counts, mass_keep_counts
+from pss_kernels.ops.varlen.reference import rpb_attention_varlen_reference
+
+GRID = (3, 4)
+N = 1 + GRID[0] * GRID[1]
+
+
+def packed_case(counts, heads=2, head_dim=8, dtype=torch.float32, seed=0, device="cpu"):
+    """Random packed q, k, v, table and positions: image b keeps counts[b] tokens, CLS first, the
+    others a random subset of its patches in random order."""
+    generator = torch.Generator().manual_seed(seed)
+    positions = []
+    for count in counts:
+        patches = torch.randperm(N - 1, generator=generator)[:count - 1] + 1
+        positions.append(torch.cat([torch.zeros(1, dtype=torch.int64), patches]))
+    positions = torch.cat(positions).to(device)
+    total = positions.numel()
+    q, k, v = (torch.randn(total, heads, head_dim, generator=generator).to(device, dtype).requires_grad_()
+               for _ in range(3))
+    table = torch.randn(bias_table_rows(GRID, 1), heads, generator=generator).to(device).requires_grad_()
+    cu = torch.zeros(len(counts) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(counts).cumsum(0)
+    return q, k, v, table, positions, cu.to(device)
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+@pytest.mark.parametrize("counts", [[5, 13, 2], [7], [13, 13]])
+def test_varlen_attention_equals_each_image_through_the_dense_op(backend, counts, device):
+    q, k, v, table, positions, cu = packed_case(counts, device=device)
+    out, cls = rpb_attention_varlen(q, k, v, table, positions, cu, grid_size=GRID, backend=backend,
+                                    return_cls_attention=True)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v, table), grad)
+    expected, expected_grads, expected_cls = [], [], []
+    start = 0
+    for count in counts:
+        end = start + count
+        dense = [t[start:end].detach().transpose(0, 1)[None].requires_grad_() for t in (q, k, v)]
+        dense_table = table.detach().clone().requires_grad_()
+        o, c = rpb_attention(*dense, dense_table, positions[start:end][None], grid_size=GRID, backend="torch",
+                             return_cls_attention=True)
+        dense_grads = torch.autograd.grad(o, (*dense, dense_table), grad[start:end].transpose(0, 1)[None])
+        expected.append(o[0].transpose(0, 1))
+        expected_cls.append(c[0])
+        expected_grads.append(dense_grads)
+        start = end
+    torch.testing.assert_close(out, torch.cat(expected), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cls, torch.cat(expected_cls), rtol=1e-4, atol=1e-6)
+    for i in range(3):
+        torch.testing.assert_close(grads[i], torch.cat([g[i][0].transpose(0, 1) for g in expected_grads]),
+                                   rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[3], sum(g[3] for g in expected_grads), rtol=1e-4, atol=1e-5)
+    # No attention across images: changing image 0's values leaves the others' outputs alone.
+    if len(counts) > 1:
+        v2 = v.detach().clone()
+        v2[:counts[0]] += 10.0
+        moved = rpb_attention_varlen(q, k, v2, table, positions, cu, grid_size=GRID, backend=backend)
+        torch.testing.assert_close(moved[counts[0]:], out[counts[0]:], rtol=0, atol=1e-6)
+        assert (moved[:counts[0]] - out[:counts[0]]).abs().max() > 1.0
+
+
+def test_varlen_reference_is_an_independent_oracle_of_the_op():
+    q, k, v, table, positions, cu = packed_case([4, 9, 13], dtype=torch.float64, seed=3)
+    out = rpb_attention_varlen(q, k, v, table, positions, cu, grid_size=GRID, backend="torch", scale=0.3)
+    reference = rpb_attention_varlen_reference(q, k, v, table, positions, cu, grid_size=GRID, scale=0.3)
+    torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-12)
+
+
+def test_varlen_gradients_pass_gradcheck_in_float64():
+    q, k, v, table, positions, cu = packed_case([3, 5], heads=1, head_dim=2, dtype=torch.float64, seed=4)
+    table = table.detach().double().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda q_, k_, v_, t_: rpb_attention_varlen(q_, k_, v_, t_, positions, cu, grid_size=GRID, backend="torch"),
+        (q, k, v, table))
+
+
+def test_varlen_attention_refuses_bad_offsets_and_positions():
+    q, k, v, table, positions, cu = packed_case([5, 6])
+    options = dict(grid_size=GRID, backend="torch")
+    bad = {"must start at 0": [1, 5, 11], "must end at the number of tokens T = 11": [0, 5, 10],
+           "increase by at least 2": [0, 1, 11], "increase by at least 2 per image": [0, 6, 5, 11]}
+    for message, offsets in bad.items():
+        with pytest.raises(ValueError, match=message):
+            rpb_attention_varlen(q, k, v, table, positions, torch.tensor(offsets, dtype=torch.int32), **options)
+    with pytest.raises(TypeError, match="cu_seqlens"):
+        rpb_attention_varlen(q, k, v, table, positions, cu.long(), **options)
+    wrong = positions.clone()
+    wrong[3] = N
+    with pytest.raises(ValueError, match=r"positions must be in \[0, 13\)"):
+        rpb_attention_varlen(q, k, v, table, wrong, cu, **options)
+    no_cls = positions.clone()
+    no_cls[5] = 7
+    with pytest.raises(ValueError, match="start with its prefix token"):
+        rpb_attention_varlen(q, k, v, table, no_cls, cu, **options)
+    with pytest.raises(ValueError, match="one entry per token"):
+        rpb_attention_varlen(q, k, v, table, positions[:-1], cu, **options)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        rpb_attention_varlen(q, k, v, table, positions, cu, grid_size=GRID, backend="triton")
+    tokens = torch.randn(N + 1, 2, 8)
+    with pytest.raises(ValueError, match="an image of 14 tokens, more than the N = 13"):
+        rpb_attention_varlen(tokens, tokens, tokens, table.detach(), torch.zeros(N + 1, dtype=torch.int64),
+                             torch.tensor([0, N + 1], dtype=torch.int32), **options)
+
+
+@pytest.mark.parametrize("scorer", ["l1", "l2", "random", "given"])
+def test_varlen_sampling_keeps_what_the_dense_sampler_keeps_per_image(scorer):
+    torch.manual_seed(0)
+    x = torch.randn(3, N, 6)
+    x[1, 4] = x[1, 5]  # a tie: the lower position first, as sample_patches
+    given = torch.rand(3, N - 1) if scorer == "given" else None
+    counts = torch.tensor([4, 13, 7])
+    tokens, positions, cu = sample_patches_varlen(x, counts, scorer=scorer, scores=given,
+                                                  generator=torch.Generator().manual_seed(5))
+    assert cu.tolist() == [0, 4, 17, 24] and tokens.shape == (24, 6) and positions.dtype == torch.int64
+    for b, count in enumerate(counts.tolist()):
+        dense_rate = count / N  # round(rate * N) == count
+        dense_x = x[b:b + 1]
+        dense_scores = None if given is None else given[b:b + 1]
+        if scorer == "random":  # one draw of (B, P) scores for the whole batch
+            all_scores = torch.rand(3, N - 1, generator=torch.Generator().manual_seed(5))
+            dense_x, dense_scores = dense_x, all_scores[b:b + 1]
+        kept, index = sample_patches(dense_x, dense_rate, scorer="given" if scorer == "random" else scorer,
+                                     scores=dense_scores, backend="torch")
+        start, end = cu[b].item(), cu[b + 1].item()
+        assert positions[start:end].tolist() == index[0].tolist(), b
+        torch.testing.assert_close(tokens[start:end], kept[0], rtol=0, atol=0)
+
+
+def test_varlen_sampling_gradient_reaches_the_kept_tokens_only():
+    x = torch.randn(2, N, 4, requires_grad=True)
+    tokens, positions, cu = sample_patches_varlen(x, torch.tensor([3, 6]))
+    tokens.sum().backward()
+    kept = torch.zeros(2, N)
+    kept[0, positions[:3]] = 1
+    kept[1, positions[3:]] = 1
+    torch.testing.assert_close(x.grad, kept[..., None].expand_as(x))
+
+
+def test_varlen_sampling_refuses_bad_counts():
+    x = torch.randn(2, N, 4)
+    with pytest.raises(ValueError, match=r"keep_counts must be in \[num_prefix_tokens \+ 1, N\] = \[2, 13\]"):
+        sample_patches_varlen(x, torch.tensor([1, 5]))
+    with pytest.raises(ValueError, match="got min 3, max 14"):
+        sample_patches_varlen(x, torch.tensor([3, 14]))
+    with pytest.raises(ValueError, match="one count per image"):
+        sample_patches_varlen(x, torch.tensor([3]))
+    with pytest.raises(TypeError, match="keep_counts"):
+        sample_patches_varlen(x, torch.tensor([3.0, 4.0]))
+    with pytest.raises(ValueError, match="scores is only read with scorer='given'"):
+        sample_patches_varlen(x, torch.tensor([3, 4]), scores=torch.rand(2, N - 1))
+
+
+# ---- allocation ------------------------------------------------------------------------------------
+def test_fixed_allocation_is_pss_k():
+    assert fixed_keep_counts(3, 197, 0.2).tolist() == [39, 39, 39]
+    assert keep_counts("fixed", torch.rand(2, 196), 0.5).tolist() == [98, 98]
+
+
+def test_budget_allocation_keeps_the_batch_total_and_the_bounds():
+    scores = torch.tensor([[9.0, 8.0, 7.0, 6.0, 0.1, 0.1],
+                           [0.2, 0.2, 0.2, 0.2, 0.2, 0.2],
+                           [5.0, 0.3, 0.3, 0.3, 0.3, 0.3]])
+    # N = 7, rho 0.5 -> T = round(10.5) = 10 (round half to even), K = 10 - 3 prefix = 7 patches.
+    counts = budget_keep_counts(scores, 0.5, min_patches=1)
+    assert counts.sum().item() == 10 and counts.tolist() == [5, 2, 3]  # 9 8 7 6 | 0.2 | 5 0.3 (tie: image 2 first)
+    capped = budget_keep_counts(scores, 0.5, min_patches=2, max_patches=3)
+    assert capped.tolist() == [4, 3, 3] and capped.sum().item() == 10
+    for rho in (0.3, 0.6, 0.9):
+        counts = budget_keep_counts(torch.rand(4, 6), rho)
+        assert counts.sum().item() == round(rho * 4 * 7) and counts.min() >= 2 and counts.max() <= 7
+    with pytest.raises(ValueError, match=r"outside \[B \* min_patches, B \* max_patches\]"):
+        budget_keep_counts(scores, 0.95, max_patches=4)
+    with pytest.raises(ValueError, match="min_patches"):
+        budget_keep_counts(scores, 0.5, min_patches=0)
+
+
+def test_mass_allocation_keeps_the_fewest_patches_holding_the_fraction():
+    scores = torch.tensor([[4.0, 3.0, 2.0, 1.0],    # 10: 0.7 -> 4 + 3 = 7 (two patches)
+                           [1.0, 1.0, 1.0, 1.0],    # 4: 2.8 -> three
+                           [0.0, 0.0, 0.0, 0.0]])   # no mass: the minimum
+    assert mass_keep_counts(scores, 0.7).tolist() == [3, 4, 2]
+    assert mass_keep_counts(scores, 1.0).tolist() == [5, 5, 2]
+    assert mass_keep_counts(scores, 0.7, min_patches=3).tolist() == [4, 4, 4]
+    with pytest.raises(ValueError, match=">= 0"):
+        mass_keep_counts(-scores - 1, 0.5)
+    with pytest.raises(ValueError, match="policy must be one of"):
+        keep_counts("greedy", scores, 0.5)
