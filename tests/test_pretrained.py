@@ -117,6 +117,33 @@ def test_dropping_the_key_bias_is_exact():
     assert (plain.blocks[0].attn.qkv.bias[C:2 * C] != 0).all()
 
 
+def test_beit_q_v_biases_into_plain_attention_get_a_zero_key_bias():
+    """BEiT's q_bias / v_bias into a model with plain attention (rpb=False: one qkv.bias) become
+    qkv.bias = [q_bias, 0, v_bias]; the model then computes what the RPB model computes with zero
+    tables, and the checkpoint's tables have no place in it."""
+    sd = beit_state()
+    for i in range(DEPTH):
+        sd[f"blocks.{i}.attn.relative_position_bias_table"].zero_()
+        sd[f"blocks.{i}.attn.q_bias"].mul_(3)  # biases large enough that a misplaced third shows
+        sd[f"blocks.{i}.attn.v_bias"].mul_(3)
+    plain = tiny("vit_base", rpb=False, abs_pos_embed=False)
+    out = filter_timm_beit(sd, plain)
+    for i in range(DEPTH):
+        q_bias, v_bias = sd[f"blocks.{i}.attn.q_bias"], sd[f"blocks.{i}.attn.v_bias"]
+        assert torch.equal(out[f"blocks.{i}.attn.qkv.bias"], torch.cat([q_bias, torch.zeros(C), v_bias]))
+        assert f"blocks.{i}.attn.q_bias" not in out and f"blocks.{i}.attn.v_bias" not in out
+    report = load_pretrained(plain, sd)
+    assert report.source == "timm_beit" and report.missing == []
+    assert sorted(report.unexpected) == [f"blocks.{i}.attn.relative_position_bias_table" for i in range(DEPTH)]
+    bias = plain.blocks[1].attn.qkv.bias
+    assert torch.equal(bias[:C], sd["blocks.1.attn.q_bias"]) and torch.equal(bias[C:2 * C], torch.zeros(C))
+    assert torch.equal(bias[2 * C:], sd["blocks.1.attn.v_bias"])
+    rpb = tiny("vit_base")
+    load_pretrained(rpb, sd)
+    x = images()
+    torch.testing.assert_close(plain(x), rpb(x), rtol=1e-5, atol=1e-5)
+
+
 def test_timm_beit_filter_renames_layer_scale_and_drops_index_buffers():
     sd = beit_state()
     sd["blocks.0.attn.relative_position_index"] = torch.zeros(17, 17, dtype=torch.long)
@@ -270,6 +297,27 @@ def test_rel_pos_table_against_a_bicubic_written_out_by_hand(old, new):
         torch.testing.assert_close(out[:-3, h].reshape(new_span).double(), torch.from_numpy(expected),
                                    rtol=1e-5, atol=1e-5)
     assert torch.equal(out[-3:], table[-3:])
+
+
+def test_resampling_from_a_grid_that_is_not_square():
+    """old_grid (2, 3): the table's offsets are a 3 x 5 image (row offset major) and the position
+    embedding a 2 x 3 grid; a swapped height and width reshapes the same entries into 5 x 3 / 3 x 2."""
+    table = randn(3 * 5 + 3, HEADS, seed=8)
+    out = resize_rel_pos_table(table, (3, 4), old_grid=(2, 3))
+    assert out.shape == (5 * 7 + 3, HEADS) and torch.equal(out[-3:], table[-3:])
+    for h in range(HEADS):
+        expected = bicubic_by_hand(table[:-3, h].double().numpy().reshape(3, 5), (5, 7))
+        torch.testing.assert_close(out[:-3, h].reshape(5, 7).double(), torch.from_numpy(expected), rtol=1e-5, atol=1e-5)
+    pos = randn(1, 1 + 6, 2, seed=9)
+    out = resize_pos_embed(pos, (3, 3), old_grid=(2, 3))
+    assert out.shape == (1, 1 + 9, 2) and torch.equal(out[:, 0], pos[:, 0])
+    for c in range(2):
+        expected = bicubic_by_hand(pos[0, 1:, c].double().numpy().reshape(2, 3), (3, 3))
+        torch.testing.assert_close(out[0, 1:, c].reshape(3, 3).double(), torch.from_numpy(expected), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="position embedding has 7 tokens, not 10 as for grid"):
+        resize_pos_embed(pos, (3, 3), old_grid=(3, 3))
+    with pytest.raises(ValueError, match="square"):
+        resize_pos_embed(pos, (3, 3))  # 6 patches: no square grid to assume
 
 
 def test_rel_pos_table_without_prefix_and_errors():

@@ -223,6 +223,41 @@ def test_patchdropout_is_reproducible_and_order_independent():
     assert all(0.5 <= rate <= 1.0 for rate in first)
 
 
+def test_patchdropout_draws_of_neighbouring_seeds_are_independent():
+    """The generator is seeded with the pair (seed, step), not with one number made of both: seed 3
+    shifted by one step is not seed 4, and (seed a, step b) is not (seed b, step a)."""
+    def schedule(seed):
+        return PatchDropout(0.5, 1.0, seed=seed, total_steps=1000, steps_per_epoch=100)
+
+    three, four = rates_of(schedule(3), range(1, 201)), rates_of(schedule(4), range(200))
+    assert not any(a == b for a, b in zip(three, four))  # continuous draws: never equal by chance
+    for a, b in ((3, 4), (0, 7), (2, 9)):
+        assert schedule(a).keep_rate_at(b) != schedule(b).keep_rate_at(a), (a, b)
+
+
+def test_patchdropout_grid_ends_at_high_and_holds_clean_values():
+    """(1.0 - 0.4) / 0.2 = 2.9999999999999996: the grid still has 4 values, up to high; 0.7 + 0.1 is
+    0.7999999999999999 in floating point, and the grid holds 0.8 itself."""
+    s = PatchDropout(0.4, 1.0, grid_step=0.2, total_steps=4000, steps_per_epoch=100)
+    assert s.shares() == pytest.approx({0.4: 0.25, 0.6: 0.25, 0.8: 0.25, 1.0: 0.25})
+    assert set(rates_of(s, range(400))) == {0.4, 0.6, 0.8, 1.0}
+    s = PatchDropout(0.7, 1.0, grid_step=0.1, total_steps=4000, steps_per_epoch=100)
+    assert list(s.shares()) == [0.7, 0.8, 0.9, 1.0]
+    assert set(rates_of(s, range(400))) == {0.7, 0.8, 0.9, 1.0}
+    assert s.mean_keep_rate() == pytest.approx(0.85)
+
+
+def test_patchdropout_with_low_equal_to_high_is_fixed():
+    s = PatchDropout(0.6, 0.6, total_steps=50, steps_per_epoch=10)
+    assert set(rates_of(s, range(50))) == {0.6}
+    assert s.shares() == {0.6: 1.0} and s.mean_keep_rate() == pytest.approx(0.6)
+    assert PatchDropout(0.6, 0.6, 0.5, total_steps=50, steps_per_epoch=10).shares() == pytest.approx({0.6: 0.5, 1.0: 0.5})
+    with pytest.raises(ValueError, match="low must be <= high"):
+        PatchDropout(0.61, 0.6, total_steps=50, steps_per_epoch=10)
+    with pytest.raises(ValueError, match="grid_step must be > 0"):
+        PatchDropout(0.5, 1.0, grid_step=0.0, total_steps=50, steps_per_epoch=10)
+
+
 def test_patchdropout_draws_continuously_by_default():
     """The paper's regulariser: rho uniform in [0.5, 1] (continuous), 1 with probability p_full."""
     s = PatchDropout(0.5, 1.0, 0.25, total_steps=20000, steps_per_epoch=100)
