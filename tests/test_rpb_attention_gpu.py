@@ -255,3 +255,50 @@ def test_gpu_cuda_graph_capture_and_replay(backend, accumulator, keep_rate, monk
         torch.testing.assert_close(results[0], expected, **TOLERANCES[torch.bfloat16])
         for got, want in zip(results[1:], grads_of(expected, static_grad_out, leaves)):
             torch.testing.assert_close(got.float(), want.float(), **TOLERANCES[torch.bfloat16])
+
+
+@pytest.mark.parametrize("keep_rate", [None, 0.6], ids=["index=None", "sampled"])
+def test_gpu_deterministic_cls_rows_are_bit_identical_with_many_images(keep_rate, device):
+    """The three CLS rows of the table (CLS->token, token->CLS, CLS->CLS) take a contribution from every
+    query or key of every image: 64 images x 197 (or 118) tokens land on the same three addresses,
+    where atomics would make the order, and the sum's rounding, vary. Deterministic mode: bit-identical
+    over runs, and within the flash rule of the float64 reference."""
+    q, k, v, table, index = make_inputs((14, 14), 1, 64, keep_rate=keep_rate, batch=64, heads=6,
+                                        dtype=torch.bfloat16, device=device)
+    grad_out = torch.randn(q.shape, device=device, dtype=q.dtype)
+    grads = []
+    for _ in range(4):
+        out = rpb_attention(q, k, v, table, index, grid_size=(14, 14), backend="triton", deterministic=True)
+        grads.append(torch.autograd.grad(out, table, grad_out)[0])
+    cls_rows = slice(table.shape[0] - 3, table.shape[0])
+    assert all(torch.equal(grads[0][cls_rows], g[cls_rows]) for g in grads[1:])
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+    exact_table = table.detach().double().requires_grad_()
+    exact = rpb_attention_reference(*(t.detach().double() for t in (q, k, v)), exact_table, index,
+                                    grid_size=(14, 14))
+    (want,) = torch.autograd.grad(exact, exact_table, grad_out.double())
+    scale = want[cls_rows].abs().max().item()
+    assert (grads[0][cls_rows].double() - want[cls_rows]).abs().max().item() <= 2e-2 * scale + 1e-3
+
+
+def test_gpu_csr_row_sums_over_rows_longer_than_one_chunk(device):
+    """table_grad_from_stored_ds on the GPU against an index_add in float64: at 32 images x 118 tokens
+    the relative-offset (0, 0) row holds 32 * 117 pairs and the CLS rows 32 * 117 each, many chunks of
+    64 pairs per program and several parts per row (csr_splits); short rows hold a handful."""
+    from pss_kernels.ops.rpb_attention import triton_bias_grad
+    from pss_kernels.ops.rpb_attention.reference import relative_index
+    grid, batch, heads = (14, 14), 32, 6
+    _, _, _, _, index = make_inputs(grid, 1, 64, keep_rate=0.6, batch=batch, heads=heads, device=device)
+    n = index.shape[1]
+    ds = torch.randn(batch, n, n, heads, device=device, dtype=torch.float32)
+    rows = bias_table_rows(grid, 1)
+    got = triton_bias_grad.table_grad_from_stored_ds(ds, index, grid, 1, rows)
+    rel = relative_index(index[:, :, None], index[:, None, :], grid, 1).reshape(-1)
+    want = torch.zeros(rows, heads, device=device, dtype=torch.float64).index_add_(
+        0, rel, ds.reshape(-1, heads).double())
+    assert triton_bias_grad.csr_splits(n) >= 1
+    longest = torch.bincount(rel, minlength=rows).max().item()
+    assert longest > 64 * triton_bias_grad.csr_splits(n)  # more than one chunk per part
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    again = triton_bias_grad.table_grad_from_stored_ds(ds, index, grid, 1, rows)
+    assert torch.equal(got, again)  # a fixed order: bit-identical

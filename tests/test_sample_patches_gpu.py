@@ -233,3 +233,19 @@ def test_gpu_cuda_graph_capture_and_replay(gpu_backend, plan):
         want_grad = (scatter_grad(want_index_l1, grad_kept, shape[1])
                      + scatter_grad(want_index_given, grad_kept, shape[1]))
         assert torch.equal(grad_x, want_grad)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("plan", ["split", "fused"])
+@pytest.mark.parametrize("num_prefix_tokens", [0, 1])
+def test_gpu_plans_on_the_cls_row_and_4_byte_rows(gpu_backend, plan, num_prefix_tokens):
+    """The CLS row (always kept, first) through both plans, with rows of 4-byte copy units only
+    (float16 x 50 channels = 100 bytes, bfloat16 x 2 = 4 bytes) and with CLS scores that would rank
+    first or last if the prefix were scored."""
+    batch = plan_batch(plan)
+    for shape, dtype in (((batch, 197, 50), torch.float16), ((batch, 197, 2), torch.bfloat16),
+                         ((batch, 50, 98), torch.float32)):
+        x = quantized(shape, dtype, "cuda")
+        x[:, 0] = 1000 if num_prefix_tokens else x[:, 0]  # a huge CLS: must not change which patches win
+        for keep_rate in (0.2, 0.5, 0.99):
+            check_backend(gpu_backend, x, keep_rate, num_prefix_tokens=num_prefix_tokens)
