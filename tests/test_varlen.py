@@ -193,3 +193,81 @@ def test_mass_allocation_keeps_the_fewest_patches_holding_the_fraction():
         mass_keep_counts(-scores - 1, 0.5)
     with pytest.raises(ValueError, match="policy must be one of"):
         keep_counts("greedy", scores, 0.5)
+
+
+# ---- the ViT on packed tokens (models/packed.py) ---------------------------------------------------
+def packed_model(allocation, **options):
+    from pss_kernels.models import create_model
+    torch.manual_seed(0)
+    return create_model("deit_tiny", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5,
+                        allocation=allocation, **options)
+
+
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+def test_packed_model_with_equal_counts_equals_the_dense_model(pool, monkeypatch):
+    """Every image given round(rho N) tokens: the packed path computes the dense path's logits."""
+    from pss_kernels.models import packed
+    from pss_kernels.ops.varlen import fixed_keep_counts
+    dense, budget = packed_model("fixed", pool=pool), packed_model("budget", pool=pool)
+    budget.load_state_dict(dense.state_dict())
+    monkeypatch.setattr(packed, "keep_counts", lambda policy, scores, rate, prefix: fixed_keep_counts(
+        scores.shape[0], scores.shape[1] + prefix, rate, prefix, device=scores.device))
+    images = torch.randn(3, 3, 32, 32)
+    for model in (dense, budget):
+        model.eval()
+    torch.testing.assert_close(budget(images, keep_rate=0.6), dense(images, keep_rate=0.6), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(budget(images, keep_rate=1.0), dense(images, keep_rate=1.0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("allocation", ["budget", "mass"])
+def test_packed_model_trains_with_per_image_counts(allocation, monkeypatch):
+    from pss_kernels.models import packed
+    model = packed_model(allocation, drop_path_rate=0.1).train()
+    seen = []
+    real = packed.keep_counts
+
+    def spy(*args):
+        counts = real(*args)
+        seen.append(counts.clone())
+        return counts
+    monkeypatch.setattr(packed, "keep_counts", spy)
+    images = torch.randn(4, 3, 32, 32)
+    images[0] = 0.0
+    images[0, :, :8, :8] = 50.0  # one bright patch on a plain background: little to keep, and it scores low overall
+    images[0, :, :8, :8] *= -1 if allocation == "budget" else 1
+    logits = model(images, keep_rate=0.5)
+    logits.sum().backward()
+    (counts,) = seen
+    assert logits.shape == (4, 5) and torch.isfinite(logits).all()
+    if allocation == "budget":
+        assert counts.sum().item() == round(0.5 * 4 * 17) and counts[0] == counts.min()
+    assert len(set(counts.tolist())) > 1  # the images keep different numbers of tokens
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.blocks[0].attn.relative_position_bias_table.grad.abs().sum() > 0
+
+
+def test_packed_model_refuses_what_it_does_not_run():
+    from pss_kernels.models import TokenPruning
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        packed_model("greedy")
+    with pytest.raises(ValueError, match="does not combine with token_pruning"):
+        packed_model("budget", token_pruning=TokenPruning((2,)))
+    with pytest.raises(ValueError, match="needs the relative position bias"):
+        packed_model("mass", rpb=False)
+    with pytest.raises(ValueError, match="dense peer"):
+        packed_model("budget", attn_impl="published")
+
+
+def test_pss_train_runs_and_resumes_with_a_budget_allocation(tmp_path):
+    from pss_kernels.train import Trainer, TrainConfig, load_checkpoint
+    from pss_kernels.train.distributed import DistInfo
+    cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    options = dict(model="deit_tiny", embed_dim=16, depth=2, num_heads=2, patch_size=8, data="digits", img_size=16,
+                   batch_size=32, lr=2e-3, workers=0, progress=False, epochs=2, schedule="fixed:0.6",
+                   allocation="budget", scorer="l1")
+    straight = Trainer(TrainConfig(**options, out_dir=str(tmp_path / "straight")), cpu).fit()
+    assert straight["finished"] and straight["final_eval"]["top1"] >= 0
+    assert load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["config"]["allocation"] == "budget"
+    Trainer(TrainConfig(**options, out_dir=str(tmp_path / "resumed"), stop_at_step=30), cpu).fit()
+    resumed = Trainer(TrainConfig(**options, out_dir=str(tmp_path / "resumed"), resume="auto"), cpu).fit()
+    assert resumed["params_sha256"] == straight["params_sha256"]

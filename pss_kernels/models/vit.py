@@ -30,6 +30,7 @@ from .._checks import check_choice, check_keep_rate
 from ..ops.rpb_attention.module import IMPLS as RELPOS_IMPLS
 from ..ops.sample_patches.module import IMPLS as SAMPLER_IMPLS, PatchSampler
 from .layers import Block, PatchEmbed
+from ..ops.varlen.allocation import ALLOCATIONS
 from .token_pruning import TokenPruning
 
 # "pss" = the package's kernels; the others are the peers they are measured against (peers.py).
@@ -63,6 +64,8 @@ class VisionTransformer(nn.Module):
             "center": nearest the grid centre, Budgeted Training's token crop). "given" is refused:
             the input sampler runs before any attention, so there are no scores to give (selection
             by CLS attention is `token_pruning`).
+        allocation: "fixed" (every image keeps round(rho N) tokens: PSS) | "budget" | "mass" (each image
+            keeps what ops.varlen's policy gives it, on packed tokens: models/packed.py).
         token_pruning: a TokenPruning plan (selectors inside the network; Tri-Level E-ViT), or None.
             `model.token_keep_rate` / `model.attention_keep_rate` set its R_T / R_A.
         attn_impl / sampler_impl: "pss" (the package's ops) or a peer they are measured against.
@@ -87,9 +90,10 @@ class VisionTransformer(nn.Module):
                  drop_path_rate: float = 0.0, keep_rate: float = 1.0, scorer: str = "l1",
                  attn_impl: str = "pss", sampler_impl: str = "pss", sampler_backend: Optional[str] = None,
                  attn_backend: Optional[str] = None, deterministic: bool = False, pool: str = "mean",
-                 token_pruning: Optional[TokenPruning] = None):
+                 token_pruning: Optional[TokenPruning] = None, allocation: str = "fixed"):
         super().__init__()
         check_choice("attn_impl", attn_impl, ATTN_IMPLS)
+        check_choice("allocation", allocation, ALLOCATIONS)
         check_choice("sampler_impl", sampler_impl, SAMPLER_IMPLS)
         check_choice("pool", pool, POOLS)
         if scorer == "given":
@@ -121,6 +125,10 @@ class VisionTransformer(nn.Module):
             if token_pruning.backend is None:
                 token_pruning.backend = sampler_backend
         self.token_pruning = token_pruning
+        self.allocation = allocation  # who decides each image's kept tokens (models/packed.py)
+        if allocation != "fixed":
+            from .packed import check_packable
+            check_packable(self)
         # timm's layout: one of the two is a LayerNorm, the other has no parameters.
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if pool == "cls" else nn.Identity()
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if pool == "mean" else nn.Identity()
@@ -224,6 +232,17 @@ class VisionTransformer(nn.Module):
         return self.head(self.head_drop(pooled))
 
     def forward(self, images: torch.Tensor, keep_rate: Optional[float] = None) -> torch.Tensor:
-        """(B, num_classes) logits; `keep_rate` overrides `model.keep_rate` for this call only."""
+        """(B, num_classes) logits; `keep_rate` overrides `model.keep_rate` for this call only. With
+        allocation "budget" / "mass" and a rate below 1 the images keep different numbers of tokens
+        (packed, models/packed.py)."""
+        rate = self.sampler.keep_rate if keep_rate is None else keep_rate
+        if self.allocation != "fixed" and rate != 1.0:
+            from .packed import packed_features, packed_pool
+            patches = self.patch_embed(images)
+            x = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1)
+            if self.pos_embed is not None:
+                x = x + self.pos_embed
+            tokens, _, cu_seqlens = packed_features(self, self.pos_drop(x), check_keep_rate(rate))
+            return self.head(self.head_drop(packed_pool(self, tokens, cu_seqlens)))
         tokens, _ = self.forward_features(images, keep_rate)
         return self.forward_head(tokens)

@@ -33,6 +33,8 @@ def build_model(config: TrainConfig, info: DataInfo) -> VisionTransformer:
         overrides["layer_scale_init"] = config.layer_scale_init or None  # 0 switches layer scale off
     if config.pool is not None:
         overrides["pool"] = config.pool
+    if config.allocation != "fixed":
+        overrides["allocation"] = config.allocation
     depth = config.depth or MODEL_CONFIGS[config.model].depth
     return create_model(config.model, img_size=info.img_size, num_classes=info.num_classes, rpb=config.rpb,
                         attn_impl=config.attn_impl, sampler_impl=config.sampler_impl, scorer=config.scorer,

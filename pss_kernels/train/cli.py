@@ -21,6 +21,7 @@ from ..models import MODEL_CONFIGS
 from ..models.growth import INITS as GROWTH_INITS
 from ..models.token_pruning import PLACEMENTS, TRI_LEVEL_PRESETS
 from ..models.vit import ATTN_IMPLS, POOLS, SAMPLER_IMPLS
+from ..ops.varlen.allocation import ALLOCATIONS
 from .config import TrainConfig
 from .data import DATASETS
 from .data.augment import RandAugmentSpec
@@ -174,6 +175,11 @@ FLAGS: Dict[str, Flag] = {
                          choices=OP_BACKENDS["rpb_attention"]),
     "pool": Flag(MODEL, "mean: mean of the patch tokens + fc_norm (PSS, BEiT, SimMIM; the model's default); "
                         "cls: final norm + CLS token (timm ViT / DeiT)", choices=POOLS),
+    "allocation": Flag(MODEL, "who decides each image's kept tokens at rho < 1: fixed (every image round(rho N), "
+                              "PSS); budget (one top-K over the batch's patch scores, the batch total fixed); mass "
+                              "(the fewest patches holding a fraction rho of each image's score mass); budget and "
+                              "mass run packed tokens (models/packed.py; image by image, no fused kernel yet)",
+                       choices=ALLOCATIONS),
     "init_from": Flag(MODEL, "start a fresh run from these weights (a timm / DeiT / BEiT / SimMIM checkpoint or a "
                              "state dict; pss_kernels.models.load_pretrained, strict=False); its report is printed and "
                              "logged. Not read when resuming (the checkpoint holds the weights)", metavar="PATH"),

@@ -31,6 +31,7 @@ class TrainConfig:
     sampler_backend: Optional[str] = None
     attn_backend: Optional[str] = None
     pool: Optional[str] = None               # None: the model's default (mean); "cls" for timm ViT / DeiT weights
+    allocation: str = "fixed"                # fixed (PSS: every image keeps round(rho N)) | budget | mass (packed)
     init_from: Optional[str] = None          # weights to start a fresh run from (models.load_pretrained)
     # data
     data: str = "digits"

@@ -127,8 +127,10 @@ class Trainer:
         self.criterion = TrainLoss(config.label_smoothing)
         augment = build_device_augment(config, self.info.mean, self.info.std, self.info.num_classes)
         self.augment = augment.to(self.device) if augment is not None else None
+        # The FLOP twin runs eager attention (the fused ops are opaque to the counter) on dense tokens:
+        # a packed allocation is counted at its mean keep rate (budget keeps the batch total exactly).
         counting = dataclasses.replace(config, attn_impl="eager-index" if config.rpb else config.attn_impl,
-                                       sampler_backend=None, attn_backend=None)
+                                       sampler_backend=None, attn_backend=None, allocation="fixed")
         self.flops = IterationFlops(lambda: build_model(counting, self.info),
                                     (config.batch_size, 3, self.info.img_size, self.info.img_size))
         self.train_loader = self._loader(self.train_set, self.train_sampler)

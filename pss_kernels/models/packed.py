@@ -1,0 +1,109 @@
+"""The ViT on packed tokens: each image keeps the number of tokens its allocation gives it.
+
+`VisionTransformer(allocation="budget" | "mass")` at a keep rate rho < 1 runs this path instead of
+the dense one (allocation "fixed", the default, is the dense PSS path):
+
+    x (B, N, C) embedded          scores (B, P) by the sampler's scorer (l1, l2, random, center)
+    keep_counts (B,)              ops.varlen.keep_counts(allocation, scores, rho): the policy
+    tokens (T, C), positions, cu  ops.varlen.sample_patches_varlen(x, keep_counts, scores=...)
+    every block on (T, C)         LayerNorm, MLP and projections per token; attention through
+                                  rpb_attention_varlen (inside each image, the bias from positions);
+                                  stochastic depth per image, as the dense path's
+    pooled (B, C)                 the mean of each image's patch tokens (pool="mean") or its CLS token
+
+With the same counts in every image the result equals the dense path's (tested). Not on this path:
+token pruning, growth's active heads, plain (no-RPB) attention and the peers' attention impls:
+those are refused with a ValueError that says so.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.sample_patches.module import center_scores
+from ..ops.sample_patches.reference import patch_scores
+from ..ops.varlen import ALLOCATIONS, keep_counts, rpb_attention_varlen, sample_patches_varlen  # noqa: F401
+from .attention import RelPosBlockAttention
+
+
+
+
+def check_packable(model) -> None:
+    """ValueError naming what the packed path does not run."""
+    if model.token_pruning is not None:
+        raise ValueError("allocation='budget' / 'mass' (packed tokens) does not combine with token_pruning")
+    for number, block in enumerate(model.blocks):
+        attn = block.attn
+        if not isinstance(attn, RelPosBlockAttention):
+            raise ValueError("allocation='budget' / 'mass' needs the relative position bias (rpb=True): packed "
+                             "attention is rpb_attention_varlen")
+        if attn.impl != "pss":
+            raise ValueError(f"allocation='budget' / 'mass' runs attention through rpb_attention_varlen; "
+                             f"attn_impl={attn.impl!r} is a dense peer")
+        if attn.active_heads != attn.num_heads:
+            raise ValueError(f"block {number}: packed tokens run every head (growth's active_heads is dense-only)")
+
+
+def _scores(model, x: torch.Tensor) -> torch.Tensor:
+    scorer = model.sampler.scorer
+    if scorer == "center":
+        return center_scores(model.grid_size, x.shape[0], x.device)
+    return patch_scores(x, scorer, model.num_prefix_tokens)
+
+
+def _drop_path(x: torch.Tensor, drop_prob: float, image_ids: torch.Tensor, num_images: int,
+               training: bool) -> torch.Tensor:
+    """Stochastic depth per image on packed tokens: one Bernoulli draw per image, as DropPath's."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep_prob = 1.0 - drop_prob
+    mask = x.new_empty(num_images).bernoulli_(keep_prob)
+    return x * (mask[image_ids] / keep_prob)[:, None]
+
+
+def _attention(attn: RelPosBlockAttention, x: torch.Tensor, positions: torch.Tensor,
+               cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """(T, C) -> (T, C): the block's attention over each image's own tokens."""
+    total, dim = x.shape
+    heads = attn.num_heads
+    bias = None if attn.q_bias is None else torch.cat((attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias))
+    q, k, v = F.linear(x, attn.qkv.weight, bias).reshape(total, 3, heads, dim // heads).unbind(1)
+    out = rpb_attention_varlen(q, k, v, attn.relative_position_bias_table, positions, cu_seqlens,
+                               grid_size=attn.grid_size, num_prefix_tokens=attn.num_prefix_tokens,
+                               backend=attn.backend if attn.backend in ("torch", "sdpa") else None,
+                               deterministic=attn.deterministic)
+    return attn.proj_drop(attn.proj(out.reshape(total, dim)))
+
+
+def packed_features(model, x: torch.Tensor, keep_rate: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens (T, C) after the last block, positions (T,), cu_seqlens (B + 1,)) of embedded x (B, N, C)."""
+    check_packable(model)
+    scores = _scores(model, x)
+    counts = keep_counts(model.allocation, scores.detach(), keep_rate, model.num_prefix_tokens)
+    tokens, positions, cu_seqlens = sample_patches_varlen(x, counts, scorer="given", scores=scores,
+                                                          num_prefix_tokens=model.num_prefix_tokens)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    image_ids = torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), lengths)
+    for block in model.blocks:
+        branch = block.ls1(_attention(block.attn, block.norm1(tokens), positions, cu_seqlens))
+        tokens = tokens + _drop_path(branch, block.drop_path1.drop_prob, image_ids, x.shape[0], block.training)
+        branch = block.ls2(block.mlp(block.norm2(tokens)))
+        tokens = tokens + _drop_path(branch, block.drop_path2.drop_prob, image_ids, x.shape[0], block.training)
+    return tokens, positions, cu_seqlens
+
+
+def packed_pool(model, tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """(B, C): each image's CLS token through `norm` (pool="cls") or the mean of its patch tokens
+    through `fc_norm` (pool="mean"), as forward_head pools the dense tokens."""
+    starts = cu_seqlens[:-1].long()
+    if model.pool == "cls":
+        return model.norm(tokens[starts])
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    num_images = lengths.numel()
+    image_ids = torch.repeat_interleave(torch.arange(num_images, device=tokens.device), lengths)
+    is_patch = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    is_patch[starts] = False  # the CLS token leads each image
+    sums = tokens.new_zeros(num_images, tokens.shape[1]).index_add(0, image_ids[is_patch], tokens[is_patch])
+    return model.fc_norm(sums / (lengths - model.num_prefix_tokens).to(tokens.dtype)[:, None])
