@@ -55,8 +55,12 @@ def rpb_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     probs = torch.exp(logits - lse.to(compute_dtype)[..., None])
     grad_out = grad_out.to(compute_dtype)
     q, k, v = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
-    delta = (grad_out * out.to(compute_dtype)).sum(-1, keepdim=True)
-    logit_grads = probs * (torch.matmul(grad_out, v.transpose(-1, -2)) - delta)
+    grad_probs = torch.matmul(grad_out, v.transpose(-1, -2))
+    # rowsum(dO * O) = rowsum(P * dP): from the float32 P and dP, not from the stored O, which is in
+    # the activation dtype (a half-precision O makes delta, and with it dq / dk, 3-5x less accurate
+    # than plain half-precision PyTorch when the softmax is peaked: tests/test_properties.py).
+    delta = (probs * grad_probs).sum(-1, keepdim=True)
+    logit_grads = probs * (grad_probs - delta)
     dq = torch.matmul(logit_grads, k) * scale
     dk = torch.matmul(logit_grads.transpose(-1, -2), q) * scale
     dv = torch.matmul(probs.transpose(-1, -2), grad_out)
