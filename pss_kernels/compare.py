@@ -83,6 +83,12 @@ METHODS: Dict[str, Method] = {
                                                                                    "--scorer", "l1"]),
     "pss-fixed-random": Method("PSS Fixed(0.6), random", "pss", lambda a: ["--schedule", "fixed:0.6",
                                                                              "--scorer", "random"]),
+    # Packed allocations at the same mean rho (models/packed.py): budget keeps the batch total, mass
+    # the fewest patches holding a fraction rho of each image's L1 mass. Image by image for now (slow).
+    "pss-fixed-budget": Method("PSS Fixed(0.6), budget allocation (packed)", "pss-allocation",
+                               lambda a: ["--schedule", "fixed:0.6", "--scorer", "l1", "--allocation", "budget"]),
+    "pss-fixed-mass": Method("PSS Fixed(0.6), mass allocation (packed)", "pss-allocation",
+                             lambda a: ["--schedule", "fixed:0.6", "--scorer", "l1", "--allocation", "mass"]),
     "pss-linear-magnitude": Method("PSS Linear(0.2, 1.0), magnitude", "pss",
                                    lambda a: ["--schedule", "linear:0.2,1.0", "--scorer", "l1"]),
     "pss-linear-random": Method("PSS Linear(0.2, 1.0), random", "pss",
@@ -110,7 +116,7 @@ METHODS: Dict[str, Method] = {
                             lambda a: ["--schedule", "none", "--epochs", _budget_epochs(a), "--lr-schedule", "rex"]),
 }
 # The default comparison: baseline; PSS x magnitude / random; PatchDropout; Tri-Level's levels and all
-# three; Budgeted Training. `--methods all` adds the {0.5, 1} PatchDropout and the LR baselines.
+# three; Budgeted Training. `--methods all` adds the {0.5, 1} PatchDropout, the LR baselines and the packed allocations.
 DEFAULT_METHODS = ("baseline", "pss-fixed-magnitude", "pss-fixed-random", "pss-linear-magnitude",
                    "pss-linear-random", "pss-cyclic-magnitude", "pss-cyclic-random", "patchdropout",
                    "tri-level-token", "tri-level-attention", "tri-level-example", "tri-level-all", "budgeted")
@@ -418,8 +424,11 @@ def plot(rows: Sequence[dict], out_time: Path, out_sweep: Path, title: str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    markers = {"baseline": "*", "baseline-equal-time": "*", "pss": "o", "patchdropout": "s", "tri-level": "^",
-               "budgeted": "D"}
+    markers = {"baseline": "*", "baseline-equal-time": "*", "pss": "o", "pss-allocation": "P", "patchdropout": "s",
+               "tri-level": "^", "budgeted": "D"}
+    unknown = sorted({row["family"] for row in rows} - set(markers))
+    if unknown:
+        raise ValueError(f"pss-compare: no plot marker for the method families {unknown}")
     fig, ax = plt.subplots(figsize=(8, 5.5))
     curve = sorted([r for r in rows if r["method"] == "baseline"] + list(equal_time_rows), key=lambda r: r["wall_s"])
     if len(curve) > 1:

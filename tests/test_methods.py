@@ -180,3 +180,14 @@ def test_equal_time_adds_the_baseline_and_no_equal_time_skips_it(tmp_path, monke
     calls.clear()
     report, table = _compare(tmp_path / "c", ",".join(FAKE), "--no-equal-time")
     assert calls == [(name, None) for name in FAKE] and report["equal_time_baselines"] == []
+
+
+def test_every_method_family_has_a_plot_marker(tmp_path):
+    """A method added to METHODS must be plottable: the plot keys its marker by family."""
+    pytest.importorskip("matplotlib")
+    rows = [{"method": name, "label": m.label, "family": m.family, "wall_s": 1.0 + i, "top1": 50.0,
+             "sweep": [{"keep_rate": 1.0, "tokens": 17, "top1": 50.0}], "equal_time_baseline": None,
+             "beats_equal_time_baseline": None}
+            for i, (name, m) in enumerate(compare.METHODS.items())]
+    compare.plot(rows, tmp_path / "time.png", tmp_path / "sweep.png", "title")
+    assert (tmp_path / "time.png").stat().st_size > 0
