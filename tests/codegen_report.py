@@ -116,6 +116,43 @@ def rpb_attention_report(part="0/1", batch=256, heads=12):
             (launch,) = launches
             launch.kwargs.update(BLOCK_M=former[0], BLOCK_N=former[1], num_warps=former[2])  # as launched then
             report.append(describe(launch, arch, variant=f"forward, former {former} tile", **labels))
+    return report + packed_rpb_attention_report(part, batch, heads)
+
+
+# Packed images (ops/varlen): the same kernels with VARLEN, B images of n tokens each packed as (T, H, D).
+PACKED_CASES = [case for case in RPB_CASES if case[0] == 90 and case[3] < 197]
+PACKED_BACKWARD_VARIANTS = [("packed " + name, *rest) for name, *rest in BACKWARD_VARIANTS
+                            if name not in ("backward position-grid", "backward csr")]
+
+
+def packed_rpb_attention_report(part="0/1", batch=256, heads=12):
+    from pss_kernels.ops.rpb_attention import triton_backward, triton_forward
+    from pss_kernels.ops.rpb_attention.reference import bias_table_rows
+    from pss_kernels.ops.rpb_attention.triton_common import PackedSequences
+    grid_size, num_positions = (14, 14), 197
+    report = []
+    for arch, dtype, head_dim, num_tokens in share(PACKED_CASES, part):
+        total = batch * num_tokens
+        qkv = torch.empty(total, 3, heads, head_dim, dtype=dtype)
+        q, k, v = (t.transpose(0, 1)[None] for t in qkv.unbind(1))  # (1, H, T, D) views, as the packed op makes
+        table = torch.empty(bias_table_rows(grid_size), heads)
+        positions = torch.zeros(1, total, dtype=torch.int64)
+        packed = PackedSequences(torch.arange(batch + 1, dtype=torch.int32) * num_tokens, batch, num_positions)
+        out = torch.empty(total, heads, head_dim, dtype=dtype).transpose(0, 1)[None]
+        lse = torch.empty(1, heads, total)
+        cls_attention = torch.empty(1, total)
+        labels = dict(op="rpb_attention_varlen", dtype=TYPES[dtype], head_dim=head_dim, num_tokens=num_tokens,
+                      batch=batch, heads=heads, has_index=True, total_tokens=total)
+        for variant, cls in (("packed forward", False), ("packed forward+cls", True)):
+            with capture_launches() as launches:
+                triton_forward.rpb_attention_forward(q, k, v, table, positions, grid_size, 1, head_dim ** -0.5, out,
+                                                     lse, cls_attention if cls else None, packed=packed)
+            report += [describe(launch, arch, variant=variant, **labels) for launch in launches]
+        for variant, accumulator, deterministic, bias_grad in PACKED_BACKWARD_VARIANTS:
+            with capture_launches() as launches, environment("PSS_KERNELS_RPB_DBIAS", accumulator):
+                triton_backward.rpb_attention_backward(out, q, k, v, table, positions, out, lse, grid_size, 1,
+                                                       head_dim ** -0.5, deterministic, bias_grad, packed=packed)
+            report += [describe(launch, arch, variant=variant, **labels) for launch in launches]
     return report
 
 

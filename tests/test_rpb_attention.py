@@ -853,19 +853,34 @@ def test_codegen_covers_every_kernel_and_variant(codegen):
                      "_image_sum_kernel", "_sum_grid_by_row_kernel", "_sum_pairs_by_row_kernel"}
     assert {e["arch"] for e in codegen} == {80, 90} and {e["dtype"] for e in codegen} == {"bf16", "fp16", "fp32"}
     assert {e["head_dim"] for e in _training_path(codegen)} == {32, 64, 128}
-    dbias_modes = {(e["has_index"], e["meta"]["DBIAS"]) for e in codegen if e["kernel"] == "_dkdv_kernel"}
+    dense = [e for e in codegen if e["op"] == "rpb_attention"]
+    dbias_modes = {(e["has_index"], e["meta"]["DBIAS"]) for e in dense if e["kernel"] == "_dkdv_kernel"}
     assert dbias_modes == {(has_index, mode) for has_index in (False, True)
                            for mode in ("none", "slices", "position-grid", "csr")}
+    # The packed launches (ops/varlen): the same kernels with VARLEN, every accumulator.
+    packed = [e for e in codegen if e["op"] == "rpb_attention_varlen"]
+    assert all(e["meta"]["VARLEN"] for e in packed if "VARLEN" in e["meta"]) and packed
+    assert not any(e["meta"].get("VARLEN") for e in dense)
+    assert {e["variant"] for e in packed} == {"packed forward", "packed forward+cls", "packed backward",
+                                              "packed backward frozen table", "packed backward deterministic",
+                                              "packed backward deterministic slices", "packed backward slices"}
+    assert {e["meta"]["DBIAS"] for e in packed if e["kernel"] == "_dkdv_kernel"} == {
+        "none", "slices", "position-grid", "csr"}
+    assert {e["head_dim"] for e in _training_path(packed)} == {32, 64, 128}
 
 
 def test_sm90_training_kernels_do_not_spill(codegen):
     """No stack anywhere, but at D = 128 and n <= 64 in dkdv with the slices accumulator: no short tile
-    compiles without stack with every accumulator there, and that one keeps 8 bytes (triton_common)."""
-    allowed = [e for e in _training_path(codegen) if e["stack_bytes"] and e["head_dim"] == 128
-               and e["num_tokens"] <= 64 and e["kernel"] == "_dkdv_kernel" and e["meta"]["DBIAS"] == "slices"]
+    compiles without stack with every accumulator there, and that one keeps 8 bytes (triton_common).
+    Packed, the same tile keeps 32 bytes with the position grid on Triton 3.9, none on Triton 3.6 (the
+    GPU machines'), where the (32, 16, 2) clean on 3.9 keeps 8-80: the tile stays."""
+    short_dkdv_128 = [e for e in _training_path(codegen) if e["stack_bytes"] and e["head_dim"] == 128
+                      and e["num_tokens"] <= 64 and e["kernel"] == "_dkdv_kernel"]
+    allowed = [e for e in short_dkdv_128 if e["meta"]["DBIAS"] == "slices" and e["stack_bytes"] <= 8]
+    allowed += [e for e in short_dkdv_128 if e["op"] == "rpb_attention_varlen" and e["stack_bytes"] <= 32
+                and e["meta"]["DBIAS"] == "position-grid" and _triton_version() >= (3, 7)]
     spilling = [e for e in _training_path(codegen) if e["stack_bytes"] and e not in allowed]
     assert not spilling, spilling
-    assert all(e["stack_bytes"] <= 8 for e in allowed), allowed
     assert all(e["registers"] <= 255 for e in codegen)
 
 
@@ -897,6 +912,9 @@ def test_grids_are_flat_with_the_blocks_of_one_head_together(codegen):
     for e in codegen:
         assert len(e["grid"]) == 1, e
         bh = e["batch"] * e["heads"]
+        if e["op"] == "rpb_attention_varlen":
+            _check_packed_grid(e)
+            continue
         if e["kernel"] == "_cls_row_kernel":
             assert e["grid"] == [bh], e
         elif e["kernel"] in ("_rpb_attention_fwd_kernel", "_dq_kernel", "_delta_kernel"):
@@ -915,6 +933,26 @@ def test_grids_are_flat_with_the_blocks_of_one_head_together(codegen):
             assert remainder == 0 and e["meta"]["ATOMIC"] == (groups > 1), e
             if e["variant"] == "backward deterministic":
                 assert groups == 1, e
+
+
+def _check_packed_grid(e):
+    """Packed: H programs per work entry, ceil(T / block) + B entries (packed_work_table), block BLOCK_M for
+    the query kernels, BLOCK_N for dkdv, N (one entry per image) for the deterministic slices; the CLS
+    rows one program per (image, head)."""
+    heads, images, total = e["heads"], e["batch"], e["total_tokens"]
+    if e["kernel"] == "_cls_row_kernel":
+        assert e["grid"] == [images * heads], e
+    elif e["kernel"] in ("_rpb_attention_fwd_kernel", "_dq_kernel", "_delta_kernel"):
+        assert e["grid"] == [heads * (-(-total // e["tiles"]["BLOCK_M"]) + images)], e
+    elif e["kernel"] == "_dkdv_kernel":
+        block = 197 if e["meta"]["DETERMINISTIC"] else e["tiles"]["BLOCK_N"]
+        assert e["meta"]["DETERMINISTIC"] == (e["variant"] == "packed backward deterministic slices"), e
+        assert e["grid"] == [heads * (-(-total // block) + images)], e
+
+
+def _triton_version():
+    import triton
+    return tuple(int(part) for part in triton.__version__.split(".")[:2])
 
 
 def test_bias_is_gathered_from_a_head_major_table(codegen):

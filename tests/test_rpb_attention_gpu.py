@@ -292,7 +292,8 @@ def test_gpu_csr_row_sums_over_rows_longer_than_one_chunk(device):
     n = index.shape[1]
     ds = torch.randn(batch, n, n, heads, device=device, dtype=torch.float32)
     rows = bias_table_rows(grid, 1)
-    got = triton_bias_grad.table_grad_from_stored_ds(ds, index, grid, 1, rows)
+    got = triton_bias_grad.table_grad_from_stored_ds(ds, triton_bias_grad.index_row_lists(index, grid, 1), grid, 1,
+                                                     rows)
     rel = relative_index(index[:, :, None], index[:, None, :], grid, 1).reshape(-1)
     want = torch.zeros(rows, heads, device=device, dtype=torch.float64).index_add_(
         0, rel, ds.reshape(-1, heads).double())
@@ -300,5 +301,6 @@ def test_gpu_csr_row_sums_over_rows_longer_than_one_chunk(device):
     longest = torch.bincount(rel, minlength=rows).max().item()
     assert longest > 64 * triton_bias_grad.csr_splits(n)  # more than one chunk per part
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
-    again = triton_bias_grad.table_grad_from_stored_ds(ds, index, grid, 1, rows)
+    again = triton_bias_grad.table_grad_from_stored_ds(ds, triton_bias_grad.index_row_lists(index, grid, 1), grid, 1,
+                                                     rows)
     assert torch.equal(got, again)  # a fixed order: bit-identical

@@ -9,29 +9,36 @@ from pss_kernels.ops.rpb_attention.reference import bias_table_rows
 from pss_kernels.ops.varlen import budget_keep_counts, fixed_keep_counts, keep_counts, mass_keep_counts
 from pss_kernels.ops.varlen.reference import rpb_attention_varlen_reference
 
+pytestmark = pytest.mark.filterwarnings(
+    # The interpreter computes the masked lanes of the spare work entries (0 / 0, log2 0), as a GPU does silently.
+    "ignore:invalid value encountered in divide:RuntimeWarning", "ignore:divide by zero encountered:RuntimeWarning")
+
 GRID = (3, 4)
 N = 1 + GRID[0] * GRID[1]
 
 
-def packed_case(counts, heads=2, head_dim=8, dtype=torch.float32, seed=0, device="cpu"):
+def packed_case(counts, heads=2, head_dim=8, dtype=torch.float32, seed=0, device="cpu", grid=GRID, repeat=False):
     """Random packed q, k, v, table and positions: image b keeps counts[b] tokens, CLS first, the
-    others a random subset of its patches in random order."""
+    others a random subset of its patches in random order (repeat: an image of more than 3 tokens
+    repeats a position)."""
     generator = torch.Generator().manual_seed(seed)
     positions = []
     for count in counts:
-        patches = torch.randperm(N - 1, generator=generator)[:count - 1] + 1
+        patches = torch.randperm(grid[0] * grid[1], generator=generator)[:count - 1] + 1
+        if repeat and count > 3:
+            patches[1] = patches[0]
         positions.append(torch.cat([torch.zeros(1, dtype=torch.int64), patches]))
     positions = torch.cat(positions).to(device)
     total = positions.numel()
     q, k, v = (torch.randn(total, heads, head_dim, generator=generator).to(device, dtype).requires_grad_()
                for _ in range(3))
-    table = torch.randn(bias_table_rows(GRID, 1), heads, generator=generator).to(device).requires_grad_()
+    table = torch.randn(bias_table_rows(grid, 1), heads, generator=generator).to(device).requires_grad_()
     cu = torch.zeros(len(counts) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(counts).cumsum(0)
     return q, k, v, table, positions, cu.to(device)
 
 
-@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "triton"])
 @pytest.mark.parametrize("counts", [[5, 13, 2], [7], [13, 13]])
 def test_varlen_attention_equals_each_image_through_the_dense_op(backend, counts, device):
     q, k, v, table, positions, cu = packed_case(counts, device=device)
@@ -65,6 +72,140 @@ def test_varlen_attention_equals_each_image_through_the_dense_op(backend, counts
         moved = rpb_attention_varlen(q, k, v2, table, positions, cu, grid_size=GRID, backend=backend)
         torch.testing.assert_close(moved[counts[0]:], out[counts[0]:], rtol=0, atol=1e-6)
         assert (moved[:counts[0]] - out[:counts[0]]).abs().max() > 1.0
+
+
+# ----------------------------------------------------------------------------- the fused Triton kernels
+
+BIG_GRID = (6, 6)
+BIG_N = 1 + BIG_GRID[0] * BIG_GRID[1]
+
+
+def big_packed_case(counts, head_dim=16, **options):
+    """packed_case on a 6 x 6 grid: images of up to 37 tokens, so that an image spans several 16-row
+    blocks and the work table mixes long and short images."""
+    return packed_case(counts, head_dim=head_dim, grid=BIG_GRID, **options)
+
+
+def _run(backend, case, grad, **options):
+    q, k, v, table, positions, cu = case
+    out, cls = rpb_attention_varlen(q, k, v, table, positions, cu, grid_size=BIG_GRID, backend=backend,
+                                    return_cls_attention=True, **options)
+    return (out, cls, *torch.autograd.grad(out, (q, k, v, table), grad))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("accumulator", ["auto", "position-grid", "csr", "slices"])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_triton_varlen_kernel_equals_the_oracle_with_every_accumulator(accumulator, deterministic, device,
+                                                                       monkeypatch):
+    """One fused launch over images of 37 (three blocks), 3, 20, 2 and 33 tokens: out, CLS attention and
+    every gradient as the float32 torch backend gives them, with each bias-gradient accumulator, and
+    bit-identical twice in deterministic mode."""
+    monkeypatch.setenv("PSS_KERNELS_RPB_DBIAS", accumulator)
+    case = big_packed_case([BIG_N, 3, 20, 2, 33], device=device)
+    grad = torch.randn(case[0].shape, generator=torch.Generator().manual_seed(1)).to(device)
+    got = _run("triton", case, grad, deterministic=deterministic)
+    want = _run("torch", case, grad)
+    for name, g, w in zip(("out", "cls", "dq", "dk", "dv", "dtable"), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=2e-5, msg=name)
+    if deterministic:
+        again = _run("triton", case, grad, deterministic=True)
+        assert torch.equal(again[-1], got[-1])
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_varlen_kernel_in_half_precision(dtype, device):
+    """fp16/bf16 operands with a float32 table: within the dense Triton kernel's tolerance of the float32
+    oracle run on the same rounded inputs (the table gradient comes back float32)."""
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        # Triton 3.9's interpreter runs tl.dot on bf16 bit patterns as integers (test_rpb_attention.py).
+        pytest.skip("the Triton interpreter cannot multiply bf16 (tl.dot); the GPU tests cover it")
+    case = big_packed_case([17, BIG_N, 9], dtype=dtype, seed=5, device=device)
+    grad = torch.randn(case[0].shape, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+    got = _run("triton", case, grad)
+    q, k, v, table, positions, cu = case
+    as_float = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    want = _run("torch", (*as_float, table, positions, cu), grad.float())
+    tolerance = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=5e-3, atol=5e-3)
+    for name, g, w in zip(("out", "cls", "dq", "dk", "dv", "dtable"), got, want):
+        assert g.dtype == (dtype if name in ("out", "dq", "dk", "dv") else torch.float32), name
+        torch.testing.assert_close(g.float(), w.float(), msg=name, **tolerance)
+
+
+@pytest.mark.triton
+def test_triton_varlen_frozen_table_and_unchecked_inputs(device):
+    """A frozen table gets no gradient (None) and the rest is unchanged; check_inputs=False gives the same
+    values (no host check, nothing else differs); deterministic mode refuses a repeated position."""
+    case = big_packed_case([12, 30], device=device, seed=7)
+    q, k, v, table, positions, cu = case
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    out = rpb_attention_varlen(q, k, v, table.detach(), positions, cu, grid_size=BIG_GRID, backend="triton",
+                               check_inputs=False)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    want = _run("torch", case, grad)
+    torch.testing.assert_close(out, want[0], rtol=1e-4, atol=2e-5)
+    for g, w in zip(grads, want[2:5]):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=2e-5)
+    repeated = big_packed_case([12, 30], device=device, seed=7, repeat=True)
+    with pytest.raises(ValueError, match="must not repeat within an image"):
+        rpb_attention_varlen(*repeated[:5], repeated[5], grid_size=BIG_GRID, backend="triton", deterministic=True)
+    # Repeated positions are fine without the deterministic mode (the position grid adds atomically).
+    got = _run("triton", repeated, grad)
+    for g, w in zip(got, _run("torch", repeated, grad)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=2e-5)
+
+
+def test_packed_work_table_covers_every_block_once_longest_image_first():
+    """(image, block) entries: each block of each image exactly once, images by descending length (ties:
+    the lower image first), then spare (-1, 0) entries up to ceil(T / block) + B."""
+    from pss_kernels.ops.rpb_attention.triton_common import PackedSequences, packed_work_table
+    counts = [5, 40, 16, 17, 1, 40]
+    cu = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+    packed = PackedSequences(cu, len(counts), 40)
+    total = sum(counts)
+    for block in (16, 7, None):
+        work = packed_work_table(packed, total, block)
+        size = block or 40
+        assert work.dtype == torch.int32 and work.shape == (2, -(-total // size) + len(counts))
+        images, blocks = work.tolist()
+        used = [(i, b) for i, b in zip(images, blocks) if i >= 0]
+        expected_order = sorted(range(len(counts)), key=lambda i: (-counts[i], i))
+        assert used == [(i, b) for i in expected_order for b in range(-(-counts[i] // size))]
+        assert all((i, b) == (-1, 0) for i, b in zip(images[len(used):], blocks[len(used):]))
+
+
+@pytest.mark.triton
+def test_opcheck_packed_ops(device):
+    """The registered packed ops: real and fake kernels agree, autograd is registered, for the torch
+    backend and the fused Triton one."""
+    case = big_packed_case([9, 4, 20], device=device, seed=2)
+    q, k, v, table, positions, cu = (t.detach() for t in case)
+    for backend in ("torch", "triton"):
+        forward_args = (q, k, v, table, positions, cu, list(BIG_GRID), 1, 0.25, backend, False, True, True)
+        torch.library.opcheck(torch.ops.pss_kernels.rpb_attention_varlen_fwd.default, forward_args)
+        out, lse, _ = torch.ops.pss_kernels.rpb_attention_varlen_fwd(*forward_args)
+        for bias_grad in (True, False):
+            torch.library.opcheck(torch.ops.pss_kernels.rpb_attention_varlen_bwd.default,
+                                  (torch.randn_like(q), q, k, v, table, positions, cu, out, lse, list(BIG_GRID), 1, 0.25,
+                                   backend, False, bias_grad))
+
+
+def test_varlen_torch_compile_fullgraph(device):
+    """The packed op traces whole (the registered op hides its host check), and the compiled loss and
+    gradients equal eager ones."""
+    q, k, v, table, positions, cu = packed_case([5, 13, 2], device=device)
+
+    def attention(q, k, v, table):
+        out, cls_attention = rpb_attention_varlen(q, k, v, table, positions, cu, grid_size=GRID, backend="torch",
+                                                  return_cls_attention=True)
+        return out.square().sum() + cls_attention.sum()
+
+    compiled = torch.compile(attention, fullgraph=True, backend="aot_eager")
+    loss, eager_loss = compiled(q, k, v, table), attention(q, k, v, table)
+    torch.testing.assert_close(loss, eager_loss)
+    for got, want in zip(torch.autograd.grad(loss, (q, k, v, table)), torch.autograd.grad(eager_loss, (q, k, v, table))):
+        torch.testing.assert_close(got, want)
 
 
 def test_varlen_reference_is_an_independent_oracle_of_the_op():
@@ -103,7 +244,9 @@ def test_varlen_attention_refuses_bad_offsets_and_positions():
     with pytest.raises(ValueError, match="one entry per token"):
         rpb_attention_varlen(q, k, v, table, positions[:-1], cu, **options)
     with pytest.raises(ValueError, match="backend must be one of"):
-        rpb_attention_varlen(q, k, v, table, positions, cu, grid_size=GRID, backend="triton")
+        rpb_attention_varlen(q, k, v, table, positions, cu, grid_size=GRID, backend="cuda")
+    with pytest.raises(TypeError, match="check_inputs"):
+        rpb_attention_varlen(q, k, v, table, positions, cu, check_inputs=1, **options)
     tokens = torch.randn(N + 1, 2, 8)
     with pytest.raises(ValueError, match="an image of 14 tokens, more than the N = 13"):
         rpb_attention_varlen(tokens, tokens, tokens, table.detach(), torch.zeros(N + 1, dtype=torch.int64),

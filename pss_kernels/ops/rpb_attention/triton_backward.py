@@ -49,31 +49,32 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_bias_grad import choose_accumulator, image_sum_grid, table_grad_from_grid, table_grad_from_stored_ds
-from .triton_common import (LOG2E, bias_tile_log2, biased_logits_log2, dot_precision, head_major_table, head_slice,
-                            head_strides, load_rows, position_coordinates, split_program_id, tile_config,
-                            token_coordinates, token_positions)
+from .triton_bias_grad import (choose_accumulator, image_sum_grid, index_row_lists, packed_row_lists, table_grad_from_grid,
+                               table_grad_from_stored_ds)
+from .triton_common import (LOG2E, PackedSequences, bias_tile_log2, biased_logits_log2, dot_precision,
+                            head_major_table, head_strides, load_rows, packed_work_table, position_coordinates,
+                            program_sequence, sequence_slice, tile_config, token_coordinates, token_positions)
 
 
 @triton.jit
-def _delta_kernel(OUT, DOUT, DELTA,
+def _delta_kernel(OUT, DOUT, DELTA, WORK, CU_SEQLENS,
                   stride_ob, stride_oh, stride_on, stride_od,
                   stride_dob, stride_doh, stride_don, stride_dod,
-                  num_heads, num_tokens, head_dim, BLOCK_M: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+                  num_heads, num_tokens, head_dim, num_work,
+                  VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
     """delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] in float32."""
-    batch_head, block_m = split_program_id(tl.cdiv(num_tokens, BLOCK_M))
-    batch = batch_head // num_heads
-    head = batch_head % num_heads
+    batch, head, block_m, start, length, row_base = program_sequence(
+        WORK, CU_SEQLENS, num_work, tl.cdiv(num_tokens, BLOCK_M), num_heads, num_tokens, VARLEN)
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    mask_m = offs_m < num_tokens
+    mask_m = offs_m < length
     mask_d = offs_d < head_dim
-    out = load_rows(head_slice(OUT, batch, head, stride_ob, stride_oh),
+    out = load_rows(sequence_slice(OUT, batch, head, start, stride_ob, stride_oh, stride_on),
                     offs_m, mask_m, stride_on, offs_d, mask_d, stride_od)
-    dout = load_rows(head_slice(DOUT, batch, head, stride_dob, stride_doh),
+    dout = load_rows(sequence_slice(DOUT, batch, head, start, stride_dob, stride_doh, stride_don),
                      offs_m, mask_m, stride_don, offs_d, mask_d, stride_dod)
     delta = tl.sum(out.to(tl.float32) * dout.to(tl.float32), axis=1)
-    tl.store(DELTA + batch_head.to(tl.int64) * num_tokens + offs_m, delta, mask=mask_m)
+    tl.store(DELTA + row_base + offs_m, delta, mask=mask_m)
 
 
 @triton.jit
@@ -113,64 +114,67 @@ def _accumulate_bias_grad(SLICE, rel, logit_grads, valid, num_table_rows, BLOCK_
 
 @triton.jit
 def _dkdv_kernel(
-        Q, K, V, DOUT, LSE, DELTA, TABLE, INDEX, DK, DV, DBIAS_WORKSPACE,
+        Q, K, V, DOUT, LSE, DELTA, TABLE, INDEX, DK, DV, DBIAS_WORKSPACE, WORK, CU_SEQLENS,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_dob, stride_doh, stride_don, stride_dod,
         stride_table_row, stride_table_head, stride_index_b, stride_index_n,
         num_heads, num_tokens, head_dim, grid_h, grid_w, num_table_rows, qk_scale_log2, scale,
-        num_grid_copies, programs_per_head,
+        num_grid_copies, programs_per_head, csr_width, num_work,
         HAS_INDEX: tl.constexpr, NUM_PREFIX: tl.constexpr, DBIAS: tl.constexpr, DETERMINISTIC: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HEAD_DIM_PAD: tl.constexpr):
     """Program (b*H + h) * G + g, G = programs_per_head, handles key blocks g, g + G, ... of (b, h)
-    (G = 1 for the deterministic slices: one program walks all key blocks in order).
+    (G = 1 for the deterministic slices: one program walks all key blocks in order). Packed, the
+    work entry names the first key block, and G = ceil(N / BLOCK_N) (one block) or 1 (one program per
+    image: the deterministic slices).
 
     DBIAS_WORKSPACE by DBIAS: "slices" (B*H, R) table slices; "position-grid" the (num_grid_copies,
-    H, N, N) full-position grid; "csr" the (B, n, n, H) dS store; "none" unused."""
-    batch_head, first_block = split_program_id(programs_per_head)
-    batch = batch_head // num_heads
-    head = batch_head % num_heads
+    H, N, N) full-position grid; "csr" the (B, w, w, H) dS store, w = csr_width (n; packed: N); "none"
+    unused."""
+    batch, head, first_block, start, length, row_base = program_sequence(
+        WORK, CU_SEQLENS, num_work, programs_per_head, num_heads, num_tokens, VARLEN)
     num_positions = NUM_PREFIX + grid_h * grid_w
-    q_base = head_slice(Q, batch, head, stride_qb, stride_qh)
-    k_base = head_slice(K, batch, head, stride_kb, stride_kh)
-    v_base = head_slice(V, batch, head, stride_vb, stride_vh)
-    do_base = head_slice(DOUT, batch, head, stride_dob, stride_doh)
-    # DK and DV are contiguous (B, H, n, D) (the launcher allocates them).
-    dk_base = DK + batch_head.to(tl.int64) * num_tokens * head_dim
-    dv_base = DV + batch_head.to(tl.int64) * num_tokens * head_dim
-    row_base = batch_head.to(tl.int64) * num_tokens
+    q_base = sequence_slice(Q, batch, head, start, stride_qb, stride_qh, stride_qn)
+    k_base = sequence_slice(K, batch, head, start, stride_kb, stride_kh, stride_kn)
+    v_base = sequence_slice(V, batch, head, start, stride_vb, stride_vh, stride_vn)
+    do_base = sequence_slice(DOUT, batch, head, start, stride_dob, stride_doh, stride_don)
+    index_base = INDEX + start.to(tl.int64) * stride_index_n
+    # DK and DV are contiguous (B, H, n, D) ((1, H, T, D) packed), rows as lse's (the launcher allocates them).
+    dk_base = DK + row_base * head_dim
+    dv_base = DV + row_base * head_dim
     table_h = TABLE + head * stride_table_head
     if DBIAS == "position-grid":
         grid_copy = (batch % num_grid_copies) * num_heads + head
         workspace = DBIAS_WORKSPACE + grid_copy.to(tl.int64) * num_positions * num_positions
     elif DBIAS == "csr":
-        workspace = DBIAS_WORKSPACE + batch.to(tl.int64) * num_tokens * num_tokens * num_heads + head
+        workspace = DBIAS_WORKSPACE + batch.to(tl.int64) * csr_width * csr_width * num_heads + head
     else:
-        workspace = DBIAS_WORKSPACE + batch_head.to(tl.int64) * num_table_rows
+        workspace = DBIAS_WORKSPACE + (batch * num_heads + head).to(tl.int64) * num_table_rows
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask_d = offs_d < head_dim
 
-    for start_n in range(first_block * BLOCK_N, num_tokens, programs_per_head * BLOCK_N):
+    for start_n in range(first_block * BLOCK_N, length, programs_per_head * BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < num_tokens
+        mask_n = offs_n < length
         k = load_rows(k_base, offs_n, mask_n, stride_kn, offs_d, mask_d, stride_kd)
         v = load_rows(v_base, offs_n, mask_n, stride_vn, offs_d, mask_d, stride_vd)
-        pos_k = token_positions(INDEX, stride_index_b, stride_index_n, batch, offs_n, num_tokens, grid_h, grid_w,
+        pos_k = token_positions(index_base, stride_index_b, stride_index_n, batch, offs_n, length, grid_h, grid_w,
                                 HAS_INDEX, NUM_PREFIX)
         coord_k, prefix_k = position_coordinates(pos_k, grid_w, NUM_PREFIX)
         dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
-        for start_m in range(0, num_tokens, BLOCK_M):
+        for start_m in range(0, length, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            mask_m = offs_m < num_tokens
+            mask_m = offs_m < length
             q = load_rows(q_base, offs_m, mask_m, stride_qn, offs_d, mask_d, stride_qd)
             dout = load_rows(do_base, offs_m, mask_m, stride_don, offs_d, mask_d, stride_dod)
             # Padding query rows load q = dO = delta = 0 and lse = +inf: P = 0, so dS = 0 and they add
             # nothing to dv (lse = 0 would give P = 2^(bias log2 e), inf * 0 = NaN for a huge bias).
             lse_log2 = tl.load(LSE + row_base + offs_m, mask=mask_m, other=float("inf")) * LOG2E
             delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
-            pos_q = token_positions(INDEX, stride_index_b, stride_index_n, batch, offs_m, num_tokens, grid_h, grid_w,
+            pos_q = token_positions(index_base, stride_index_b, stride_index_n, batch, offs_m, length, grid_h, grid_w,
                                     HAS_INDEX, NUM_PREFIX)
             coord_q, prefix_q = position_coordinates(pos_q, grid_w, NUM_PREFIX)
             probs, logit_grads, rel = _probs_and_logit_grads(
@@ -184,7 +188,7 @@ def _dkdv_kernel(
                 tl.atomic_add(workspace + pos_q[:, None] * num_positions + pos_k[None, :], logit_grads,
                               mask=tile_mask, sem="relaxed")
             elif DBIAS == "csr":
-                pairs = offs_m.to(tl.int64)[:, None] * num_tokens + offs_n[None, :]
+                pairs = offs_m.to(tl.int64)[:, None] * csr_width + offs_n[None, :]
                 tl.store(workspace + pairs * num_heads, logit_grads, mask=tile_mask)
             elif DBIAS == "slices":
                 _accumulate_bias_grad(workspace, rel, logit_grads, tile_mask, num_table_rows, BLOCK_N, NUM_PREFIX,
@@ -197,48 +201,48 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dq_kernel(
-        Q, K, V, DOUT, LSE, DELTA, TABLE, INDEX, DQ,
+        Q, K, V, DOUT, LSE, DELTA, TABLE, INDEX, DQ, WORK, CU_SEQLENS,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_dob, stride_doh, stride_don, stride_dod,
         stride_table_row, stride_table_head, stride_index_b, stride_index_n,
-        num_heads, num_tokens, head_dim, grid_h, grid_w, qk_scale_log2, scale,
-        HAS_INDEX: tl.constexpr, NUM_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        num_heads, num_tokens, head_dim, grid_h, grid_w, qk_scale_log2, scale, num_work,
+        HAS_INDEX: tl.constexpr, NUM_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
-    """Program (b*H + h) * query_blocks + query block: dq = sum over key blocks of dS k * scale."""
-    batch_head, block_m = split_program_id(tl.cdiv(num_tokens, BLOCK_M))
-    batch = batch_head // num_heads
-    head = batch_head % num_heads
-    k_base = head_slice(K, batch, head, stride_kb, stride_kh)
-    v_base = head_slice(V, batch, head, stride_vb, stride_vh)
-    row_base = batch_head.to(tl.int64) * num_tokens
+    """Program (b*H + h) * query_blocks + query block (packed: a work entry): dq = sum over key blocks of
+    dS k * scale."""
+    batch, head, block_m, start, length, row_base = program_sequence(
+        WORK, CU_SEQLENS, num_work, tl.cdiv(num_tokens, BLOCK_M), num_heads, num_tokens, VARLEN)
+    k_base = sequence_slice(K, batch, head, start, stride_kb, stride_kh, stride_kn)
+    v_base = sequence_slice(V, batch, head, start, stride_vb, stride_vh, stride_vn)
+    index_base = INDEX + start.to(tl.int64) * stride_index_n
     table_h = TABLE + head * stride_table_head
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    mask_m = offs_m < num_tokens
+    mask_m = offs_m < length
     mask_d = offs_d < head_dim
-    q = load_rows(head_slice(Q, batch, head, stride_qb, stride_qh),
+    q = load_rows(sequence_slice(Q, batch, head, start, stride_qb, stride_qh, stride_qn),
                   offs_m, mask_m, stride_qn, offs_d, mask_d, stride_qd)
-    dout = load_rows(head_slice(DOUT, batch, head, stride_dob, stride_doh),
+    dout = load_rows(sequence_slice(DOUT, batch, head, start, stride_dob, stride_doh, stride_don),
                      offs_m, mask_m, stride_don, offs_d, mask_d, stride_dod)
     lse_log2 = tl.load(LSE + row_base + offs_m, mask=mask_m, other=float("inf")) * LOG2E  # padding rows: P = 0
     delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
-    coord_q, prefix_q = token_coordinates(INDEX, stride_index_b, stride_index_n, batch, offs_m,
-        num_tokens, grid_h, grid_w, HAS_INDEX, NUM_PREFIX)
+    coord_q, prefix_q = token_coordinates(index_base, stride_index_b, stride_index_n, batch, offs_m,
+        length, grid_h, grid_w, HAS_INDEX, NUM_PREFIX)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-    for start_n in range(0, num_tokens, BLOCK_N):
+    for start_n in range(0, length, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < num_tokens
+        mask_n = offs_n < length
         k = load_rows(k_base, offs_n, mask_n, stride_kn, offs_d, mask_d, stride_kd)
         v = load_rows(v_base, offs_n, mask_n, stride_vn, offs_d, mask_d, stride_vd)
-        coord_k, prefix_k = token_coordinates(INDEX, stride_index_b, stride_index_n, batch, offs_n,
-            num_tokens, grid_h, grid_w, HAS_INDEX, NUM_PREFIX)
+        coord_k, prefix_k = token_coordinates(index_base, stride_index_b, stride_index_n, batch, offs_n,
+            length, grid_h, grid_w, HAS_INDEX, NUM_PREFIX)
         _, logit_grads, _ = _probs_and_logit_grads(
             q, k, v, dout, lse_log2, delta, coord_q, prefix_q, coord_k, prefix_k, mask_n, table_h,
             stride_table_row, grid_h, grid_w, qk_scale_log2, NUM_PREFIX, DOT_PRECISION)
         dq += tl.dot(logit_grads.to(k.dtype), k, input_precision=DOT_PRECISION)
-    dq_base = DQ + batch_head.to(tl.int64) * num_tokens * head_dim  # contiguous (B, H, n, D)
+    dq_base = DQ + row_base * head_dim  # contiguous (B, H, n, D), rows as lse's
     tl.store(dq_base + offs_m.to(tl.int64)[:, None] * head_dim + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=mask_m[:, None] & mask_d[None, :])
 
@@ -246,12 +250,14 @@ def _dq_kernel(
 def rpb_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            bias_table: torch.Tensor, index: Optional[torch.Tensor], out: torch.Tensor,
                            lse: torch.Tensor, grid_size: Tuple[int, int], num_prefix_tokens: int, scale: float,
-                           deterministic: bool, bias_grad: bool = True):
+                           deterministic: bool, bias_grad: bool = True, packed: Optional[PackedSequences] = None):
     """(dq, dk, dv) contiguous (B, H, n, D) in q's dtype and dbias_table (R, H) contiguous in its dtype
     (zeros when bias_grad is False: the accumulation is skipped).
 
     Every tensor is read through its strides; grad_out is made contiguous only when its last
     dimension is not (e.g. the stride-0 expanded view that `.sum()` hands back), for unit-stride loads.
+    packed: as rpb_attention_forward's ((1, H, T, D) views, index (1, T)); the gradients are then
+    (1, H, T, D), and the bias gradient's accumulator is chosen for B images of up to N tokens.
     """
     batch, heads, num_tokens, head_dim = q.shape
     num_table_rows = bias_table.shape[0]
@@ -261,62 +267,88 @@ def rpb_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     delta = torch.empty_like(lse)
     table = head_major_table(bias_table)
     deterministic = deterministic and bias_grad  # dq, dk, dv use no atomics: only dbias_table needs the mode
-    geometry = dict(HAS_INDEX=index is not None, NUM_PREFIX=num_prefix_tokens, DOT_PRECISION=dot_precision(q.dtype))
+    geometry = dict(HAS_INDEX=index is not None, NUM_PREFIX=num_prefix_tokens, DOT_PRECISION=dot_precision(q.dtype),
+                    VARLEN=packed is not None)
     qk_scale_log2 = scale * LOG2E.value
-    dq_config = tile_config("dq", num_tokens, head_dim, q.dtype)
-    query_blocks = triton.cdiv(num_tokens, dq_config.block_m)
     num_positions = num_prefix_tokens + grid_size[0] * grid_size[1]
+    # Packed: tiles for the mean image, accumulators for B images of up to N tokens.
+    images, tile_tokens, image_tokens = ((packed.num_images, packed.mean_tokens(num_tokens), packed.max_tokens)
+                                         if packed else (batch, num_tokens, num_tokens))
+    dq_config = tile_config("dq", tile_tokens, head_dim, q.dtype)
+    query_blocks = triton.cdiv(tile_tokens, dq_config.block_m)
     accumulator = None
     if bias_grad:
-        dbias_config = tile_config("dbias", num_tokens, head_dim, q.dtype)
-        accumulator = choose_accumulator(batch, heads, num_tokens, has_index=index is not None,
+        dbias_config = tile_config("dbias", tile_tokens, head_dim, q.dtype)
+        accumulator = choose_accumulator(images, heads, image_tokens, has_index=index is not None,
                                          deterministic=deterministic, num_positions=num_positions,
-                                         query_blocks=triton.cdiv(num_tokens, dbias_config.block_m),
-                                         key_blocks=triton.cdiv(num_tokens, dbias_config.block_n))
+                                         query_blocks=query_blocks,
+                                         key_blocks=triton.cdiv(tile_tokens, dbias_config.block_n))
     # What _dkdv_kernel itself does for the bias gradient (image-sum runs a kernel of its own).
     dkdv_bias = "none" if accumulator is None or accumulator.kind == "image-sum" else accumulator.kind
     dkdv_deterministic = deterministic and dkdv_bias == "slices"
     if dkdv_bias == "position-grid":
         workspace = torch.zeros(accumulator.count, heads, num_positions, num_positions, device=q.device,
                                 dtype=torch.float32)
-    elif dkdv_bias == "csr":  # every element is written: no zero fill
-        workspace = torch.empty(batch, num_tokens, num_tokens, heads, device=q.device, dtype=torch.float32)
+    elif dkdv_bias == "csr":  # every element an image's pairs reach is written: no zero fill
+        workspace = torch.empty(images, image_tokens, image_tokens, heads, device=q.device, dtype=torch.float32)
     elif dkdv_bias == "slices":
-        workspace = torch.zeros(batch * heads, num_table_rows, device=q.device, dtype=torch.float32)
+        workspace = torch.zeros(images * heads, num_table_rows, device=q.device, dtype=torch.float32)
     else:
         workspace = lse  # stands in for an unused pointer
     index_arg = index if index is not None else lse  # never read: HAS_INDEX is False
-    index_strides = (index.stride(0), index.stride(1)) if index is not None else (0, 0)
-    strides = (*head_strides(q), *head_strides(k), *head_strides(v), *head_strides(grad_out),
-               table.stride(1), table.stride(0), *index_strides)
+    index_strides = (0 if packed else index.stride(0), index.stride(1)) if index is not None else (0, 0)
+    strides = (*head_strides(q, bool(packed)), *head_strides(k, bool(packed)), *head_strides(v, bool(packed)),
+               *head_strides(grad_out, bool(packed)), table.stride(1), table.stride(0), *index_strides)
+
+    def launch(block):
+        """(programs, work table, its entries, cu_seqlens) for kernels over blocks of `block` rows
+        (packed: per work entry; block None: one entry per image)."""
+        if packed:
+            work = packed_work_table(packed, num_tokens, block)
+            return work.shape[1] * heads, work, work.shape[1], packed.cu_seqlens
+        return batch * heads * (triton.cdiv(num_tokens, block) if block else 1), lse, 0, lse  # lse: never read
 
     # Two (BLOCK_M, D) tiles: in float32 at D = 128 four warps keep 8 bytes on the stack (Triton 3.9).
     delta_warps = 8 if q.dtype == torch.float32 and dq_config.head_dim_pad >= 128 else 4
-    _delta_kernel[(batch * heads * query_blocks,)](
-        out, grad_out, delta, *head_strides(out), *head_strides(grad_out), heads, num_tokens, head_dim,
+    query_launch = launch(dq_config.block_m)  # the delta and dq kernels: one program per query block
+    programs, work, num_work, cu_seqlens = query_launch
+    _delta_kernel[(programs,)](
+        out, grad_out, delta, work, cu_seqlens, *head_strides(out, bool(packed)), *head_strides(grad_out, bool(packed)),
+        heads, num_tokens, head_dim, num_work, VARLEN=packed is not None,
         BLOCK_M=dq_config.block_m, HEAD_DIM_PAD=dq_config.head_dim_pad, num_warps=delta_warps)
     # Deterministic slices: one program per (b, h) walks all its key blocks in order.
-    dkdv_config = tile_config("dkdv_deterministic" if dkdv_deterministic else "dkdv", num_tokens, head_dim, q.dtype)
-    programs_per_head = 1 if dkdv_deterministic else triton.cdiv(num_tokens, dkdv_config.block_n)
-    _dkdv_kernel[(batch * heads * programs_per_head,)](
-        q, k, v, grad_out, lse, delta, table, index_arg, dk, dv, workspace, *strides,
+    dkdv_config = tile_config("dkdv_deterministic" if dkdv_deterministic else "dkdv", tile_tokens, head_dim,
+                              q.dtype)
+    if dkdv_deterministic:
+        programs_per_head = 1
+        programs, work, num_work, cu_seqlens = launch(None)
+    else:
+        # Dense: ceil(n / BLOCK_N) programs per (b, h), one key block each; packed: a work entry per key
+        # block, and a stride of ceil(N / BLOCK_N) blocks ends its loop after one.
+        programs_per_head = triton.cdiv(image_tokens, dkdv_config.block_n)
+        programs, work, num_work, cu_seqlens = launch(dkdv_config.block_n)
+    _dkdv_kernel[(programs,)](
+        q, k, v, grad_out, lse, delta, table, index_arg, dk, dv, workspace, work, cu_seqlens, *strides,
         heads, num_tokens, head_dim, grid_size[0], grid_size[1], num_table_rows, qk_scale_log2, scale,
-        accumulator.count if dkdv_bias == "position-grid" else 1, programs_per_head,
+        accumulator.count if dkdv_bias == "position-grid" else 1, programs_per_head, image_tokens, num_work,
         DBIAS=dkdv_bias, DETERMINISTIC=dkdv_deterministic,
         BLOCK_M=dkdv_config.block_m, BLOCK_N=dkdv_config.block_n,
         HEAD_DIM_PAD=dkdv_config.head_dim_pad, num_warps=dkdv_config.num_warps,
         num_stages=dkdv_config.num_stages, **geometry)
-    _dq_kernel[(batch * heads * query_blocks,)](
-        q, k, v, grad_out, lse, delta, table, index_arg, dq, *strides,
-        heads, num_tokens, head_dim, grid_size[0], grid_size[1], qk_scale_log2, scale,
+    programs, work, num_work, cu_seqlens = query_launch
+    _dq_kernel[(programs,)](
+        q, k, v, grad_out, lse, delta, table, index_arg, dq, work, cu_seqlens, *strides,
+        heads, num_tokens, head_dim, grid_size[0], grid_size[1], qk_scale_log2, scale, num_work,
         BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n, HEAD_DIM_PAD=dq_config.head_dim_pad,
         num_warps=dq_config.num_warps, num_stages=dq_config.num_stages, **geometry)
     if accumulator is None:
         return dq, dk, dv, torch.zeros_like(bias_table, memory_format=torch.contiguous_format)
     if accumulator.kind == "slices":
-        dbias_table = workspace.view(batch, heads, num_table_rows).sum(0).t()
+        dbias_table = workspace.view(images, heads, num_table_rows).sum(0).t()
     elif accumulator.kind == "csr":
-        dbias_table = table_grad_from_stored_ds(workspace, index, grid_size, num_prefix_tokens, num_table_rows)
+        row_lists = (packed_row_lists(index[0], packed, grid_size, num_prefix_tokens) if packed else
+                     index_row_lists(index, grid_size, num_prefix_tokens) if index is not None else None)
+        dbias_table = table_grad_from_stored_ds(workspace, row_lists, grid_size, num_prefix_tokens, num_table_rows)
     else:
         grid = (workspace.sum(0) if accumulator.kind == "position-grid" else
                 image_sum_grid(q, k, v, grad_out, lse, delta, table, grid_size, num_prefix_tokens, qk_scale_log2,

@@ -283,21 +283,42 @@ def csr_splits(num_tokens: int) -> int:
     return max(1, min(CSR_MAX_SPLITS, triton.cdiv(CSR_TARGET_PROGRAMS, num_tokens)))
 
 
-def table_grad_from_stored_ds(ds: torch.Tensor, index: Optional[torch.Tensor], grid_size: Tuple[int, int],
-                              num_prefix_tokens: int, num_table_rows: int) -> torch.Tensor:
-    """dbias_table (R, H) float32 from the stored dS (B, n, n, H) float32: a fixed-order sum of each
-    table row's pairs (index_row_lists), then of its parts. At index=None every image shares one row
-    map: the images are summed first."""
-    heads, num_tokens = ds.shape[-1], ds.shape[1]
-    if index is None:
+def table_grad_from_stored_ds(ds: torch.Tensor, row_lists: Optional[Tuple[torch.Tensor, torch.Tensor]],
+                              grid_size: Tuple[int, int], num_prefix_tokens: int,
+                              num_table_rows: int) -> torch.Tensor:
+    """dbias_table (R, H) float32 from the stored dS (B, w, w, H) float32: a fixed-order sum of each
+    table row's pairs (row_lists: index_row_lists or packed_row_lists), then of its parts. row_lists
+    None (index=None): every image shares one row map, so the images are summed first."""
+    heads, width = ds.shape[-1], ds.shape[1]
+    if row_lists is None:
         ds = ds.sum(0, keepdim=True)
-        index = torch.arange(num_tokens, device=ds.device)[None]
-    pairs, row_starts = index_row_lists(index, grid_size, num_prefix_tokens)
-    splits = csr_splits(num_tokens)
+        row_lists = index_row_lists(torch.arange(width, device=ds.device)[None], grid_size, num_prefix_tokens)
+    pairs, row_starts = row_lists
+    splits = csr_splits(width)
     partial = torch.empty(num_table_rows, splits, heads, device=ds.device, dtype=torch.float32)
     _sum_pairs_by_row_kernel[(num_table_rows * splits,)](ds, pairs, row_starts, partial, heads, splits, BLOCK=64,
                                                         HEADS_PAD=triton.next_power_of_2(heads), num_warps=4)
     return partial.sum(1)
+
+
+def packed_row_lists(positions: torch.Tensor, packed, grid_size: Tuple[int, int], num_prefix_tokens: int):
+    """(pairs, row_starts) int64 of packed images: the flat pairs (b * N + i) * N + j (i, j < n_b, the
+    image's tokens) of each table row, ascending, as index_row_lists lays out a (B, N, N) store. Built on
+    the device without a host sync: each image's positions padded to N, the pairs that reach padding
+    given the row R, which sorts after every real row and no row_starts entry counts."""
+    cu_seqlens, images, width = packed.cu_seqlens.long(), packed.num_images, packed.max_tokens
+    token = torch.arange(positions.numel(), device=positions.device)
+    image = torch.searchsorted(cu_seqlens[1:], token, right=True)
+    padded = torch.full((images, width), -1, dtype=torch.int64, device=positions.device)
+    padded[image, token - cu_seqlens[image]] = positions.long()
+    valid = padded >= 0
+    padded = padded.clamp(min=0)
+    full = full_relative_index(tuple(grid_size), num_prefix_tokens, positions.device)
+    num_rows = bias_table_rows(tuple(grid_size), num_prefix_tokens)
+    rows = torch.where(valid[:, :, None] & valid[:, None, :], full[padded[:, :, None], padded[:, None, :]], num_rows)
+    ordered = torch.sort(rows.reshape(-1), stable=True)
+    row_starts = torch.searchsorted(ordered.values, torch.arange(num_rows + 1, device=positions.device))
+    return ordered.indices, row_starts
 
 
 def index_row_lists(index: torch.Tensor, grid_size: Tuple[int, int], num_prefix_tokens: int):

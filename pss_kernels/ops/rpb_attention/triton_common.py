@@ -17,7 +17,7 @@ Imported lazily by the launchers: `triton.jit` reads TRITON_INTERPRET when it de
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -117,6 +117,47 @@ def biased_logits_log2(q, k, bias_log2, key_valid, qk_scale_log2, DOT_PRECISION:
     bias_log2 from bias_tile_log2."""
     logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2 + bias_log2
     return tl.where(key_valid[None, :], logits, float("-inf"))
+
+
+@triton.jit
+def program_sequence(WORK, CU_SEQLENS, num_work, blocks_per_head, num_heads, num_tokens, VARLEN: tl.constexpr):
+    """(batch, head, block, start, length, row_base) of this program's sequence: image `batch`, head
+    `head`, its `block`-th block of rows, the image's first token `start` and token count `length`, and
+    `row_base`, the row of its token 0 in the (rows, ...) arrays the launchers allocate (lse, delta,
+    the contiguous gradients).
+
+    Dense (VARLEN False): every image has num_tokens tokens from 0, the flat id splits as
+    split_program_id(blocks_per_head), row_base = (b*H + h) * n of (B, H, n) arrays.
+    Packed (VARLEN, ops/varlen): num_tokens is T, the tokens of all images; program id = w * H + h,
+    and work entry w of the (2, num_work) int32 table WORK (packed_work_table) names its image and
+    block; an image's tokens are CU_SEQLENS[b] .. CU_SEQLENS[b + 1] - 1 and row_base = h * T + start
+    of (H, T) arrays. A spare entry (image -1) gets length 0: it loads and stores nothing.
+    """
+    if VARLEN:
+        pid = tl.program_id(0)
+        entry = pid // num_heads
+        head = pid % num_heads
+        image = tl.load(WORK + entry)
+        block = tl.load(WORK + num_work + entry)
+        batch = tl.maximum(image, 0)
+        start = tl.load(CU_SEQLENS + batch)
+        length = tl.where(image >= 0, tl.load(CU_SEQLENS + batch + 1) - start, 0)
+        row_base = head.to(tl.int64) * num_tokens + start
+    else:
+        batch_head, block = split_program_id(blocks_per_head)
+        batch = batch_head // num_heads
+        head = batch_head % num_heads
+        start = tl.zeros([], tl.int32)  # a constant: the offsets it scales fold away
+        length = num_tokens
+        row_base = batch_head.to(tl.int64) * num_tokens
+    return batch, head, block, start, length, row_base
+
+
+@triton.jit
+def sequence_slice(PTR, batch, head, start, stride_b, stride_h, stride_n):
+    """Pointer to token `start` of image `batch`, head `head` (head_slice, then `start` rows on: a packed
+    tensor (T, H, D) passes stride_b = 0 and the image's first token)."""
+    return head_slice(PTR, batch, head, stride_b, stride_h) + start.to(tl.int64) * stride_n
 
 
 @triton.jit
@@ -243,6 +284,42 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def head_strides(t: torch.Tensor):
-    """The 4 strides of a (B, H, n, D) tensor, in kernel argument order."""
-    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+def head_strides(t: torch.Tensor, packed: bool = False):
+    """The 4 strides of a (B, H, n, D) tensor, in kernel argument order; a packed (1, H, T, D) view of
+    (T, H, D) tokens gets batch stride 0 (its images are found by their offsets, program_sequence)."""
+    return 0 if packed else t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+class PackedSequences(NamedTuple):
+    """Packed images for the launchers (ops/varlen): their tensors are (1, H, T, D) views of the (T, H, D)
+    tokens, `index` (1, T) the positions, and image b holds tokens cu_seqlens[b] .. cu_seqlens[b + 1] - 1."""
+    cu_seqlens: torch.Tensor  # (B + 1,) int32, on the tensors' device
+    num_images: int           # B
+    max_tokens: int           # N: no image holds more tokens (the grid's positions)
+
+    def mean_tokens(self, total: int) -> int:
+        """Tokens per image on average, at least 1: the length the tiles are chosen for."""
+        return max(1, -(-total // self.num_images))
+
+
+def packed_work_table(packed: PackedSequences, total: int, block: Optional[int]) -> torch.Tensor:
+    """(2, E) int32 work entries (image, block) of the packed images cut into blocks of `block` rows
+    (block=None: one entry per image, block 0), longest images first so that the longest programs start
+    first and the last wave holds the short ones (LPT scheduling); E = ceil(T / block) + B bounds the
+    entries without reading the offsets back (sum_b ceil(n_b / block) <= T / block + B), so the spare
+    entries are (-1, 0) and their programs do nothing. Built on the device, without a host sync."""
+    device = packed.cu_seqlens.device
+    lengths = (packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]).long()
+    if block is None:
+        block = max(1, packed.max_tokens)
+    blocks = (lengths + block - 1) // block
+    order = torch.sort(lengths, descending=True, stable=True).indices
+    ends = blocks[order].cumsum(0)
+    num_entries = triton.cdiv(total, block) + packed.num_images
+    entry = torch.arange(num_entries, device=device)
+    slot = torch.searchsorted(ends, entry, right=True)
+    used = slot < packed.num_images
+    slot = slot.clamp(max=packed.num_images - 1)
+    first = ends[slot] - blocks[order][slot]
+    image = torch.where(used, order[slot], -1)
+    return torch.stack([image, torch.where(used, entry - first, 0)]).to(torch.int32).contiguous()

@@ -1,19 +1,36 @@
-"""The packed ops' entry points: argument checks (host side, each error naming the argument) and the
-backends. Both backends run image by image on the dense op ("torch": the float32 oracle; "sdpa": the
-dense default's construction), with every gradient; the fused varlen Triton kernel is future work."""
+"""The packed ops' entry points: argument checks (each error naming the argument) and the backends.
+
+rpb_attention_varlen's backends:
+- "torch" and "triton" run behind one registered boundary per direction, as rpb_attention's:
+  `pss_kernels::rpb_attention_varlen_fwd` returns (out, lse, cls_attention) and its autograd formula
+  calls `pss_kernels::rpb_attention_varlen_bwd`; both have fake kernels (torch.compile(fullgraph=True),
+  torch.library.opcheck). "torch" runs image by image through the float32 oracle's twin
+  (rpb_attention/torch_attention.py); "triton" is one launch of rpb_attention's Triton kernels over
+  every image (VARLEN: programs over (work entry, head), the work entries the images' blocks, longest
+  image first; triton_common.program_sequence).
+- "sdpa" runs image by image through the dense rpb_attention's sdpa backend (PyTorch's own ops).
+
+The value checks (offsets, positions) read the offsets back (one host sync) inside the registered op,
+so they also run under torch.compile; check_inputs=False skips them when the offsets and positions are
+known good (straight from sample_patches_varlen), and the triton backend then needs no host sync.
+"""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from ..._backends import resolve_backend
 from ..._checks import (FLOAT_DTYPES, check_bool, check_choice, check_grid_size, check_int, check_same_device,
                         check_tensor)
-from ..rpb_attention.op import CPU_DEFAULT_BACKEND, GPU_DEFAULT_BACKEND, rpb_attention
+from ..rpb_attention.op import CPU_DEFAULT_BACKEND, GPU_DEFAULT_BACKEND, TRITON_MAX_HEAD_DIM, rpb_attention
 from ..rpb_attention.reference import bias_table_rows
 from ..sample_patches.reference import ORDERS, SCORERS
 from .reference import image_bounds, sample_patches_varlen_reference
+
+# backend=None: the dense op's defaults ("sdpa" on both devices). The triton backend has run only in
+# Triton's interpreter (no GPU yet), so it stays out of the default until its GPU tests pass and
+# benchmarks/varlen.py measures it.
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, *, min_length: int = 1,
@@ -38,10 +55,33 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, *, min_length: int = 
                          f"positions of the grid")
 
 
+def _check_packed_values(positions: torch.Tensor, cu_seqlens: torch.Tensor, num_positions: int,
+                         num_prefix_tokens: int, require_distinct: bool) -> None:
+    """The host checks of the offsets and positions (one sync for the offsets, one for the positions)."""
+    check_cu_seqlens(cu_seqlens, positions.numel(), min_length=num_prefix_tokens + 1, max_length=num_positions)
+    stats = [positions.min(), positions.max()]
+    if num_prefix_tokens:
+        stats.append((positions[cu_seqlens[:-1].long()] != 0).any())
+    if require_distinct:
+        image = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(positions.numel(), device=positions.device),
+                                   right=True)
+        keys = torch.sort(image * num_positions + positions.long()).values
+        stats.append((keys[1:] == keys[:-1]).any())
+    low, high, *flags = torch.stack([s.to(torch.int64) for s in stats]).tolist()
+    if low < 0 or high >= num_positions:
+        raise ValueError(f"positions must be in [0, {num_positions}) (num_prefix_tokens + Gh*Gw), got min {low}, "
+                         f"max {high}")
+    if num_prefix_tokens and flags.pop(0):
+        raise ValueError("positions: each image must start with its prefix token (position 0) at cu_seqlens[b]")
+    if require_distinct and flags.pop(0):
+        raise ValueError("positions must not repeat within an image when deterministic=True on the triton backend "
+                         "(the deterministic bias-gradient accumulation relies on distinct positions)")
+
+
 def rpb_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
                          positions: torch.Tensor, cu_seqlens: torch.Tensor, *, grid_size: Sequence[int],
                          num_prefix_tokens: int = 1, scale: Optional[float] = None, backend: Optional[str] = None,
-                         deterministic: bool = False, return_cls_attention: bool = False):
+                         deterministic: bool = False, return_cls_attention: bool = False, check_inputs: bool = True):
     """rpb_attention on packed images: q, k, v (T, H, D), the tokens of all images concatenated;
     `cu_seqlens` (B + 1,) int32 offsets; `positions` (T,) each token's position in the N =
     num_prefix_tokens + Gh*Gw positions of its image. Attention stays inside each image; the bias is
@@ -51,11 +91,13 @@ def rpb_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
     Returns out (T, H, D) in q's dtype, or (out, cls_attention (T,) float32) with return_cls_attention:
     the head-averaged attention of each image's CLS query to its tokens.
 
-    backend: "torch" | "sdpa" | None (rpb_attention's default for the device); both run each image
-    through the dense rpb_attention. deterministic: as rpb_attention's.
+    backend: "torch" (float32, image by image) | "sdpa" (image by image through rpb_attention's sdpa
+    backend) | "triton" (one fused launch over all images; D <= 128) | None (rpb_attention's default for
+    the device). deterministic: as rpb_attention's. check_inputs: check the offsets and positions on
+    the host (one sync) before a kernel reads them; pass False when they are known good.
     """
     chosen = resolve_backend("rpb_attention_varlen", backend, q.device, GPU_DEFAULT_BACKEND, CPU_DEFAULT_BACKEND)
-    dtypes = FLOAT_DTYPES + (torch.float64,)
+    dtypes = FLOAT_DTYPES + ((torch.float64,) if chosen != "triton" else ())
     check_tensor("q", q, ndim=3, dtypes=dtypes)
     for name, t in (("k", k), ("v", v)):
         check_tensor(name, t, ndim=3, dtypes=dtypes)
@@ -63,35 +105,44 @@ def rpb_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
             raise ValueError(f"{name} must have q's shape {tuple(q.shape)} (T, H, D), got {tuple(t.shape)}")
         if t.dtype != q.dtype:
             raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
-    total, heads, _ = q.shape
+    total, heads, head_dim = q.shape
+    if q.numel() == 0:
+        raise ValueError(f"q must have T, H, D >= 1, got shape {tuple(q.shape)}")
+    if chosen == "triton" and head_dim > TRITON_MAX_HEAD_DIM:
+        raise ValueError(f"q must have head dim D <= {TRITON_MAX_HEAD_DIM} on the triton backend, got D={head_dim}")
     grid_size = check_grid_size(grid_size)
     check_int("num_prefix_tokens", num_prefix_tokens, minimum=0, maximum=1)
     num_positions = num_prefix_tokens + grid_size[0] * grid_size[1]
-    check_tensor("bias_table", bias_table, ndim=2, dtypes=dtypes)
+    check_tensor("bias_table", bias_table, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,))
     expected = (bias_table_rows(tuple(grid_size), num_prefix_tokens), heads)
     if tuple(bias_table.shape) != expected:
         raise ValueError(f"bias_table must have shape (R, H) = {expected}, got {tuple(bias_table.shape)}")
     check_tensor("positions", positions, ndim=1, dtypes=(torch.int64, torch.int32))
     if positions.numel() != total:
         raise ValueError(f"positions must have one entry per token, T = {total}, got {positions.numel()}")
+    check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,))
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must hold B + 1 >= 2 offsets, got {cu_seqlens.numel()}")
     check_same_device(q=q, k=k, v=v, bias_table=bias_table, positions=positions, cu_seqlens=cu_seqlens)
-    for name, flag in (("deterministic", deterministic), ("return_cls_attention", return_cls_attention)):
+    if scale is None:
+        scale = head_dim ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {scale!r}")
+    for name, flag in (("deterministic", deterministic), ("return_cls_attention", return_cls_attention),
+                       ("check_inputs", check_inputs)):
         check_bool(name, flag)
     if return_cls_attention and num_prefix_tokens != 1:
         raise ValueError(f"return_cls_attention needs a prefix (CLS) token, got num_prefix_tokens={num_prefix_tokens}")
-    check_cu_seqlens(cu_seqlens, total, min_length=num_prefix_tokens + 1, max_length=num_positions)
-    low, high = (int(v) for v in torch.stack([positions.min(), positions.max()]).tolist())
-    if low < 0 or high >= num_positions:
-        raise ValueError(f"positions must be in [0, {num_positions}) (num_prefix_tokens + Gh*Gw), got min {low}, "
-                         f"max {high}")
-    bounds = image_bounds(cu_seqlens)
-    if num_prefix_tokens:
-        starts = positions[cu_seqlens[:-1].long()]
-        if bool((starts != 0).any()):
-            raise ValueError("positions: each image must start with its prefix token (position 0) at "
-                             "cu_seqlens[b]")
+
+    if chosen != "sdpa":
+        out, _, cls_attention = torch.ops.pss_kernels.rpb_attention_varlen_fwd(
+            q, k, v, bias_table, positions, cu_seqlens, list(grid_size), num_prefix_tokens, float(scale), chosen,
+            deterministic, return_cls_attention, check_inputs)
+        return (out, cls_attention) if return_cls_attention else out
+    if check_inputs:
+        _check_packed_values(positions, cu_seqlens, num_positions, num_prefix_tokens, require_distinct=False)
     outs, cls = [], []
-    for start, end in bounds:
+    for start, end in image_bounds(cu_seqlens):
         qb, kb, vb = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))
         result = rpb_attention(qb, kb, vb, bias_table, positions[start:end][None], grid_size=grid_size,
                                num_prefix_tokens=num_prefix_tokens, scale=scale, backend=chosen,
@@ -103,6 +154,126 @@ def rpb_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
             cls.append(result[1][0])
     out = torch.cat(outs)
     return (out, torch.cat(cls)) if return_cls_attention else out
+
+
+# ----------------------------------------------------------------------------- registration
+
+def _packed_outputs(q: torch.Tensor, return_cls_attention: bool):
+    """(out (T, H, D), lse (H, T), cls_attention (T,) or (0,)): the one place their layout is set."""
+    total, heads, head_dim = q.shape
+    out = q.new_empty(total, heads, head_dim)
+    lse = q.new_empty(heads, total, dtype=torch.promote_types(q.dtype, torch.float32))
+    cls_attention = q.new_empty((total,) if return_cls_attention else (0,), dtype=torch.float32)
+    return out, lse, cls_attention
+
+
+def _as_sequence(t: torch.Tensor) -> torch.Tensor:
+    """(T, H, D) tokens as the (1, H, T, D) view the dense launchers read."""
+    return t.transpose(0, 1)[None]
+
+
+def _packed(cu_seqlens: torch.Tensor, num_positions: int):
+    from ..rpb_attention.triton_common import PackedSequences
+    return PackedSequences(cu_seqlens, cu_seqlens.numel() - 1, num_positions)
+
+
+@torch.library.custom_op("pss_kernels::rpb_attention_varlen_fwd", mutates_args=())
+def _rpb_attention_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
+                              positions: torch.Tensor, cu_seqlens: torch.Tensor, grid_size: List[int],
+                              num_prefix_tokens: int, scale: float, backend: str, deterministic: bool,
+                              return_cls_attention: bool,
+                              check_inputs: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    num_positions = num_prefix_tokens + grid_size[0] * grid_size[1]
+    if check_inputs:
+        _check_packed_values(positions, cu_seqlens, num_positions, num_prefix_tokens,
+                             require_distinct=deterministic and backend == "triton")
+    out, lse, cls_attention = _packed_outputs(q, return_cls_attention)
+    cls_view = cls_attention[None] if return_cls_attention else None
+    if backend == "triton":
+        from ..rpb_attention.triton_forward import rpb_attention_forward
+        with torch.cuda.device_of(q):
+            rpb_attention_forward(_as_sequence(q), _as_sequence(k), _as_sequence(v), bias_table, positions[None],
+                                  tuple(grid_size), num_prefix_tokens, scale, _as_sequence(out), lse[None], cls_view,
+                                  packed=_packed(cu_seqlens, num_positions))
+        return out, lse, cls_attention
+    from ..rpb_attention.torch_attention import rpb_attention_forward
+    for start, end in image_bounds(cu_seqlens):
+        part = slice(start, end)
+        rpb_attention_forward(_as_sequence(q[part]), _as_sequence(k[part]), _as_sequence(v[part]), bias_table,
+                              positions[part][None], tuple(grid_size), num_prefix_tokens, scale,
+                              _as_sequence(out[part]), lse[None, :, part],
+                              cls_attention[None, part] if return_cls_attention else None)
+    return out, lse, cls_attention
+
+
+@_rpb_attention_varlen_fwd.register_fake
+def _(q, k, v, bias_table, positions, cu_seqlens, grid_size, num_prefix_tokens, scale, backend, deterministic,
+      return_cls_attention, check_inputs):
+    return _packed_outputs(q, return_cls_attention)
+
+
+@torch.library.custom_op("pss_kernels::rpb_attention_varlen_bwd", mutates_args=())
+def _rpb_attention_varlen_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              bias_table: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor,
+                              out: torch.Tensor, lse: torch.Tensor, grid_size: List[int], num_prefix_tokens: int,
+                              scale: float, backend: str, deterministic: bool,
+                              bias_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of q, k, v (T, H, D) and bias_table (zeros when bias_grad is False)."""
+    num_positions = num_prefix_tokens + grid_size[0] * grid_size[1]
+    if backend == "triton":
+        from ..rpb_attention.triton_backward import rpb_attention_backward
+        with torch.cuda.device_of(q):
+            grads = rpb_attention_backward(_as_sequence(grad_out), _as_sequence(q), _as_sequence(k), _as_sequence(v),
+                                           bias_table, positions[None], _as_sequence(out), lse[None],
+                                           tuple(grid_size), num_prefix_tokens, scale, deterministic, bias_grad,
+                                           packed=_packed(cu_seqlens, num_positions))
+        dq, dk, dv, dtable = grads
+        return dq[0].transpose(0, 1).contiguous(), dk[0].transpose(0, 1).contiguous(), \
+            dv[0].transpose(0, 1).contiguous(), dtable.contiguous()
+    from ..rpb_attention.torch_attention import rpb_attention_backward
+    dq, dk, dv = (torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
+    dtable = torch.zeros(bias_table.shape, device=q.device, dtype=torch.promote_types(bias_table.dtype, torch.float32))
+    for start, end in image_bounds(cu_seqlens):
+        part = slice(start, end)
+        grads = rpb_attention_backward(_as_sequence(grad_out[part]), _as_sequence(q[part]), _as_sequence(k[part]),
+                                       _as_sequence(v[part]), bias_table, positions[part][None],
+                                       _as_sequence(out[part]), lse[None, :, part], tuple(grid_size),
+                                       num_prefix_tokens, scale, deterministic, bias_grad)
+        for buffer, grad in zip((dq, dk, dv), grads[:3]):
+            buffer[part] = grad[0].transpose(0, 1)
+        dtable += grads[3]
+    return dq, dk, dv, dtable.to(bias_table.dtype)
+
+
+@_rpb_attention_varlen_bwd.register_fake
+def _(grad_out, q, k, v, bias_table, positions, cu_seqlens, out, lse, grid_size, num_prefix_tokens, scale, backend,
+      deterministic, bias_grad):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(bias_table, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias_table, positions, cu_seqlens, grid_size, num_prefix_tokens, scale, backend, deterministic, _, _ = \
+        inputs
+    out, lse, cls_attention = output
+    ctx.mark_non_differentiable(lse, cls_attention)
+    ctx.save_for_backward(q, k, v, bias_table, positions, cu_seqlens, out, lse)
+    ctx.options = (grid_size, num_prefix_tokens, scale, backend, deterministic)
+
+
+def _backward(ctx, grad_out, grad_lse, grad_cls_attention):
+    q, k, v, bias_table, positions, cu_seqlens, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    bias_grad = ctx.needs_input_grad[3]
+    dq, dk, dv, dtable = torch.ops.pss_kernels.rpb_attention_varlen_bwd(
+        grad_out, q, k, v, bias_table, positions, cu_seqlens, out, lse, *ctx.options, bias_grad)
+    return dq, dk, dv, dtable if bias_grad else None, *([None] * 9)
+
+
+_rpb_attention_varlen_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def sample_patches_varlen(x: torch.Tensor, keep_counts: torch.Tensor, *, scorer: str = "l1",
