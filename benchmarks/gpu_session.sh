@@ -17,6 +17,9 @@
 #               the frozen table, the sdpa backend, sdpa-bias, the eager peers and every bias-gradient
 #               accumulator), flex under its own timeout, sample_patches' target shape, the rest  120
 #   iter_time   benchmarks/iter_time.py, the main job: its target cases first (vit_base)          80
+#   varlen      benchmarks/varlen.py: packed attention (rpb_attention_varlen's fused kernel) against
+#               the dense kernel at the same total tokens (the packing target), the allocation
+#               policies, FlashAttention varlen and FlexAttention with a document mask (JSON only)   50
 #   data        benchmarks/data.py: the loader per decoder (CPU auto, nvjpeg, nvimgcodec: the GPU
 #               decoders installed from wheels/*.whl when carried, the machine has no network) and
 #               worker count against vit_base's training images/s at rho 1, 0.5, 0.2 (JSON only)  60
@@ -26,7 +29,7 @@
 #               kernels only (--kernel-regex), small shapes                                        40
 #   tune        benchmarks/tune_rpb_tiles.py at n = 39 and 197, with what is left
 #
-# Options: --rehearse; --ops ARGS, --iter-time ARGS, --tune ARGS (extra arguments for that benchmark,
+# Options: --rehearse; --ops ARGS, --iter-time ARGS, --varlen ARGS, --tune ARGS (extra arguments for that benchmark,
 # e.g. to measure only what changed since the last window); --tests ARGS (extra pytest arguments for
 # both test stages, e.g. "-k csr"). BUDGET_S (default 480 on a GPU) bounds the whole; each stage gets
 # min(its cap, what is left after keeping the later stages' minimums) and runs under `timeout`, so
@@ -34,8 +37,9 @@
 # MEASURED, never as a miss.
 #
 # Output in $OUT (the device tool's output folder; without it benchmarks/results, or with --rehearse
-# runs/gpu_session_rehearsal): session.log, tests.json, ops_*.json/png, iter_time_*.json/png,
-# data_*.json, rpb_tiles_*.json: 8 files (the device tool returns 8 at most). Keep them with
+# runs/gpu_session_rehearsal): session.log, tests.json, ops_*.json, iter_time_*.json/png, varlen_*.json,
+# data_*.json, rpb_tiles_*.json: 8 files (the device tool returns 8 at most; keep_window.py draws the
+# ops and varlen plots from their JSON). Keep them with
 # `python benchmarks/keep_window.py <the folder they came back to>` (benchmarks/results/<device>_<date>/).
 #
 # --rehearse runs the same stages, commands and files on a machine without a GPU: the package is
@@ -46,25 +50,28 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-ALL_STAGES=(install cuda ops iter_time data tests sanitizer tune)
-declare -A CAP=([install]=60 [cuda]=100 [ops]=120 [iter_time]=80 [data]=60 [tests]=50 [sanitizer]=40 [tune]=30)
-declare -A FLOOR=([install]=30 [cuda]=40 [ops]=60 [iter_time]=40 [data]=0 [tests]=20 [sanitizer]=20 [tune]=0)
+ALL_STAGES=(install cuda ops iter_time varlen data tests sanitizer tune)
+declare -A CAP=([install]=60 [cuda]=100 [ops]=120 [iter_time]=80 [varlen]=50 [data]=60 [tests]=50 [sanitizer]=40
+                [tune]=30)
+declare -A FLOOR=([install]=30 [cuda]=40 [ops]=60 [iter_time]=40 [varlen]=20 [data]=0 [tests]=20 [sanitizer]=20
+                  [tune]=0)
 # The GPU image's interpreter is `python3` (a venv holding torch); `python` may not exist there.
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 rehearse=0
 stages=()
-ops_args="" iter_args="" tune_args="" test_args=""
+ops_args="" iter_args="" varlen_args="" tune_args="" test_args=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --rehearse) rehearse=1 ;;
     --ops) ops_args=${2-}; shift ;;
     --iter-time) iter_args=${2-}; shift ;;
+    --varlen) varlen_args=${2-}; shift ;;
     --tune) tune_args=${2-}; shift ;;
     --tests) test_args=${2-}; shift ;;
-    -h|--help) sed -n '2,44p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,49p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) if [[ " ${ALL_STAGES[*]} " == *" $1 "* ]]; then stages+=("$1"); else
          echo "gpu_session.sh: unknown argument '$1' (stages: ${ALL_STAGES[*]}; options: --rehearse, --ops ARGS," \
-              "--iter-time ARGS, --tune ARGS, --tests ARGS)" >&2; exit 2; fi ;;
+              "--iter-time ARGS, --varlen ARGS, --tune ARGS, --tests ARGS)" >&2; exit 2; fi ;;
   esac
   shift
 done
@@ -144,7 +151,7 @@ record() {  # record <stage> <exit status>
   per_test=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout=120" || echo "")
   pytest_common=(-q -rfE -p no:cacheprovider --durations=10 $workers $per_test $test_args)
   gpu_files=(tests/test_rpb_attention.py tests/test_sample_patches.py tests/test_rpb_peers.py tests/test_models.py
-             tests/test_token_pruning.py)
+             tests/test_token_pruning.py tests/test_varlen.py)
   summaries=()
 
   if wants cuda; then
@@ -161,11 +168,11 @@ record() {  # record <stage> <exit status>
     t=$(stage_seconds ops)
     echo "== benchmarks/ops.py (${t} s at most) $ops_args"
     if [ "$rehearse" = 1 ]; then
-      run_limited "$t" "$PY" benchmarks/ops.py --device cpu --warmup 0 --iters 1 --out-dir "$out" \
+      run_limited "$t" "$PY" benchmarks/ops.py --device cpu --warmup 0 --iters 1 --out-dir "$out" --no-plot \
         --time-budget "$(inner_budget "$t")" $ops_args
     else
       run_limited "$t" "$PY" benchmarks/ops.py --warmup 5 --iters 20 --out-dir "$out" --time-budget "$(inner_budget "$t")" \
-        --flex-timeout 60 $ops_args
+        --flex-timeout 60 --no-plot $ops_args
     fi
     record ops $?
   fi
@@ -181,6 +188,19 @@ record() {  # record <stage> <exit status>
         --impls pss,pss-default,published,eager-index,sdpa-bias --warmup 5 --iters 20 --rounds 4 $iter_args
     fi
     record iter_time $?
+  fi
+
+  if wants varlen; then
+    t=$(stage_seconds varlen)
+    echo "== benchmarks/varlen.py (${t} s at most) $varlen_args"
+    if [ "$rehearse" = 1 ]; then
+      run_limited "$t" "$PY" benchmarks/varlen.py --device cpu --keep-rates 0.5 --warmup 0 --iters 1 --out-dir "$out" \
+        --time-budget "$(inner_budget "$t")" $varlen_args
+    else
+      run_limited "$t" "$PY" benchmarks/varlen.py --warmup 5 --iters 20 --out-dir "$out" \
+        --time-budget "$(inner_budget "$t")" $varlen_args
+    fi
+    record varlen $?
   fi
 
   if wants data; then

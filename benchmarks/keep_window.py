@@ -1,5 +1,6 @@
 """Keep a GPU window's files: copy what benchmarks/gpu_session.sh wrote to $OUT (and the device tool
-brought back) into benchmarks/results/<device>_<date>/, the folder the README quotes from.
+brought back) into benchmarks/results/<device>_<date>/, the folder the README quotes from, and draw
+the plots the window left out (ops.py and varlen.py PNGs, from their JSON).
 
     python benchmarks/keep_window.py /path/the/files/came/back/to
 
@@ -48,7 +49,22 @@ def keep(folder: Path, results: Path = RESULTS) -> Path:
     target.mkdir(parents=True)
     for path in files:
         shutil.copy2(path, target / path.name)
+    draw_missing_plots(target)
     return target
+
+
+def draw_missing_plots(folder: Path) -> None:
+    """The PNGs the window left out to stay within the device tool's 8 files (ops.py --no-plot, varlen.py
+    without --plot), drawn here from their JSON."""
+    for pattern, script in (("ops_*.json", "ops"), ("varlen_*.json", "varlen")):
+        for json_path in sorted(folder.glob(pattern)):
+            if json_path.with_suffix(".png").exists():
+                continue
+            try:
+                module = __import__(script)
+                print(f"drew {module.plot_json(json_path)}")
+            except Exception as err:  # a plot is a convenience: the JSON is what is kept
+                print(f"keep_window.py: no plot for {json_path.name} ({type(err).__name__}: {err})")
 
 
 def main(argv=None) -> int:

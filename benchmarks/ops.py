@@ -273,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                         help="start no new row after this many seconds; the rest are listed as skipped "
                              "(target cases run first). Default: no limit")
+    parser.add_argument("--no-plot", action="store_true",
+                        help="write no PNG (the GPU window's file count; keep_window.py draws it from the JSON)")
     return parser
 
 
@@ -408,9 +410,21 @@ def main(argv=None) -> int:
         suggested_measured_auto={str(k): v for k, v in suggested_auto_table(summary).items()},
         targets=[dict(name=n, value=v, met=m, status=TARGET_STATUS[m]) for n, v, m in targets] if on_gpu else [])
     report.write()
-    plot(results, json_path.with_suffix(".png"), f"{label}\n{env['device']} | torch {env['torch']} | {args.dtype}")
-    print(f"\nwrote {json_path} and {json_path.with_suffix('.png')}")
+    if args.no_plot:
+        print(f"\nwrote {json_path}")
+    else:
+        plot_json(json_path)
+        print(f"\nwrote {json_path} and {json_path.with_suffix('.png')}")
     return 0
+
+
+def plot_json(json_path: Path) -> Path:
+    """Draw the PNG of an ops JSON beside it (also how keep_window.py draws a window's plot)."""
+    document = json.loads(json_path.read_text())
+    env = document["environment"]
+    path = json_path.with_suffix(".png")
+    plot(document["results"], path, f"{document['label']}\n{env['device']} | torch {env['torch']} | {document['dtype']}")
+    return path
 
 
 if __name__ == "__main__":

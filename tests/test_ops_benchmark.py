@@ -263,3 +263,52 @@ def test_keep_window_files_a_window_under_its_device_and_date(tmp_path):
     bare.mkdir()
     (bare / "session.log").write_text("== 2026-12-06T01:02:03Z on host\n")
     assert keep_window.keep(bare, results).name == "unknown-device_2026-12-06"
+
+
+def test_keep_window_draws_the_plots_a_window_left_out(tmp_path):
+    """ops.py --no-plot (the GPU window's file count) leaves the PNG out; keep_window.py draws it from the
+    JSON, and a varlen JSON's too."""
+    import keep_window
+    import varlen
+    window = tmp_path / "out"
+    window.mkdir()
+    run_ops(window, "--op", "rpb_attention", "--keep-rates", "0.5", "--impls", "pss,published", "--no-plot")
+    assert not list(window.glob("*.png"))
+    assert varlen.main(["--device", "cpu", "--keep-rates", "0.5", "--impls", "dense,packed-fixed", "--warmup", "0",
+                        "--iters", "1", "--out-dir", str(window)]) == 0
+    kept = keep_window.keep(window, tmp_path / "results")
+    plots = sorted(p.name for p in kept.glob("*.png"))
+    assert len(plots) == 2 and plots[0].startswith("ops_") and plots[1].startswith("varlen_")
+    assert all((kept / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in plots)
+
+
+def test_varlen_benchmark_smoke_run(tmp_path, capsys):
+    """benchmarks/varlen.py on CPU: every impl has its two passes (a peer that cannot run here carries its
+    reason), the policies keep different counts per image, the ratios are against the dense row of their
+    keep rate, and the packing target is NOT MEASURED off a GPU; a spent budget skips, never drops."""
+    import varlen
+    assert varlen.main(["--device", "cpu", "--keep-rates", "0.5", "--warmup", "0", "--iters", "1",
+                        "--out-dir", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("varlen_*.json")
+    report = json.loads(path.read_text())
+    rows = report["rows"]
+    assert sorted((r["impl"], r["pass"]) for r in rows) == sorted((i, p) for i in varlen.IMPLS for p in varlen.PASSES)
+    for r in rows:
+        assert (r["ms"] is None) == (r["error"] is not None), r
+    for impl in ("dense", "packed-fixed", "packed-budget", "packed-mass", "packed-sdpa"):
+        assert all(r["ms"] > 0 for r in rows if r["impl"] == impl), impl
+    fixed = next(r for r in rows if r["impl"] == "packed-fixed")["counts"]
+    budget = next(r for r in rows if r["impl"] == "packed-budget")["counts"]
+    mass = next(r for r in rows if r["impl"] == "packed-mass")["counts"]
+    assert fixed["min"] == fixed["max"] and budget["min"] < budget["max"] and mass["min"] < mass["max"]
+    assert abs(mass["tokens"] - fixed["tokens"]) <= 0.01 * fixed["tokens"] + 1
+    dense = {r["pass"]: r["ms"] for r in rows if r["impl"] == "dense"}
+    for r in rows:
+        if r["ms"] is not None:
+            assert r["ms_vs_dense"] == pytest.approx(r["ms"] / dense[r["pass"]])
+    assert [v["status"] for v in report["packing_target"]] == ["NOT MEASURED"]
+    assert "NOT MEASURED" in capsys.readouterr().out
+    varlen.main(["--device", "cpu", "--keep-rates", "0.5", "--time-budget", "0.000001", "--out-dir", str(tmp_path)])
+    report = json.loads(path.read_text())
+    assert len(report["rows"]) == 2 * len(varlen.IMPLS)
+    assert all(r["ms"] is None and r["error"].startswith("skipped") for r in report["rows"])

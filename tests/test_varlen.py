@@ -389,6 +389,23 @@ def test_packed_model_trains_with_per_image_counts(allocation, monkeypatch):
     assert model.blocks[0].attn.relative_position_bias_table.grad.abs().sum() > 0
 
 
+@pytest.mark.triton
+def test_packed_model_on_the_fused_kernel_equals_the_torch_backend(device):
+    """attn_backend='triton' reaches rpb_attention_varlen's fused kernel: the same logits and gradients
+    as the float32 torch backend, for a budget allocation (images of different lengths)."""
+    models = {backend: packed_model("budget", attn_backend=backend).to(device) for backend in ("torch", "triton")}
+    models["triton"].load_state_dict(models["torch"].state_dict())
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4)).to(device)
+    results = {}
+    for backend, model in models.items():
+        logits = model.eval()(images, keep_rate=0.5)
+        logits.square().sum().backward()
+        results[backend] = (logits, model.blocks[0].attn.relative_position_bias_table.grad,
+                            model.blocks[0].attn.qkv.weight.grad)
+    for got, want in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_packed_model_refuses_what_it_does_not_run():
     from pss_kernels.models import TokenPruning
     with pytest.raises(ValueError, match="allocation must be one of"):
@@ -414,3 +431,80 @@ def test_pss_train_runs_and_resumes_with_a_budget_allocation(tmp_path):
     Trainer(TrainConfig(**options, out_dir=str(tmp_path / "resumed"), stop_at_step=30), cpu).fit()
     resumed = Trainer(TrainConfig(**options, out_dir=str(tmp_path / "resumed"), resume="auto"), cpu).fit()
     assert resumed["params_sha256"] == straight["params_sha256"]
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_varlen_peers_on_cpu():
+    """FlexAttention with the document mask equals the oracle (its forward: FlexAttention has no CPU
+    backward); FlashAttention varlen says why it cannot run here."""
+    from pss_kernels.ops.varlen.peers import flex_varlen_rpb_attention, varlen_flash_attention
+    q, k, v, table, positions, cu = (t.detach() for t in packed_case([5, 13, 2, 7], head_dim=16))
+    flex = flex_varlen_rpb_attention(q, k, v, table, positions, cu, grid_size=GRID, scale=0.3)
+    reference = rpb_attention_varlen_reference(q, k, v, table, positions, cu, grid_size=GRID, scale=0.3)
+    torch.testing.assert_close(flex, reference, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="varlen flash attention is unavailable"):
+        varlen_flash_attention(q, k, v, cu, 13)
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+def _vit_packed_case(device, dtype=torch.bfloat16, images=32, seed=0):
+    """ViT-B attention shapes on a 14 x 14 grid: 32 images keeping 20..197 tokens (budget-like spread)."""
+    from pss_kernels.ops.varlen import budget_keep_counts
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randn(images, 196, generator=generator).exp() * torch.randn(images, 1, generator=generator).exp()
+    counts = budget_keep_counts(scores, 0.5, 1, min_patches=19)
+    x = torch.randn(images, 197, 8, generator=generator)
+    _, positions, cu = sample_patches_varlen(x, counts, scorer="given", scores=scores)
+    total = positions.numel()
+    q, k, v = (torch.randn(total, 12, 64, generator=generator).to(device, dtype).requires_grad_() for _ in range(3))
+    table = (0.1 * torch.randn(bias_table_rows((14, 14), 1), 12, generator=generator)).to(device).requires_grad_()
+    return q, k, v, table, positions.to(device), cu.to(device)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("accumulator", ["auto", "csr", "slices"])
+def test_gpu_varlen_kernel_at_vit_shapes(accumulator, device, monkeypatch):
+    """The compiled fused kernel at ViT-B shapes in bf16: within bf16 tolerance of the float32 oracle on
+    the same rounded inputs; deterministic mode bit-identical run to run."""
+    monkeypatch.setenv("PSS_KERNELS_RPB_DBIAS", accumulator)
+    q, k, v, table, positions, cu = _vit_packed_case(device)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device, q.dtype)
+    options = dict(grid_size=(14, 14), return_cls_attention=True)
+    out, cls = rpb_attention_varlen(q, k, v, table, positions, cu, backend="triton", **options)
+    got = torch.autograd.grad(out, (q, k, v, table), grad)
+    as_float = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    want_out, want_cls = rpb_attention_varlen(*as_float, table, positions, cu, backend="torch", **options)
+    want = torch.autograd.grad(want_out, (*as_float, table), grad.float())
+    torch.testing.assert_close(out.float(), want_out, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(cls, want_cls, rtol=2e-2, atol=1e-3)
+    for name, g, w in zip(("dq", "dk", "dv", "dtable"), got, want):
+        torch.testing.assert_close(g.float(), w.float(), rtol=3e-2, atol=3e-2, msg=name)
+    for _ in range(2):
+        first = torch.autograd.grad(rpb_attention_varlen(q, k, v, table, positions, cu, backend="triton",
+                                                         deterministic=True, grid_size=(14, 14)), table, grad)[0]
+        second = torch.autograd.grad(rpb_attention_varlen(q, k, v, table, positions, cu, backend="triton",
+                                                          deterministic=True, grid_size=(14, 14)), table, grad)[0]
+        assert torch.equal(first, second)
+
+
+@pytest.mark.cuda
+def test_gpu_varlen_peers_agree_with_the_op(device):
+    """The benchmark's peers compute what they claim: FlashAttention varlen equals the op with a zero
+    table, FlexAttention with the document mask equals the op with the table (values and table grad)."""
+    from pss_kernels.ops.varlen.peers import flex_varlen_rpb_attention, varlen_flash_attention
+    q, k, v, table, positions, cu = _vit_packed_case(device, images=8)
+    longest = int((cu[1:] - cu[:-1]).max())
+    zero = torch.zeros_like(table)
+    try:
+        flash = varlen_flash_attention(q, k, v, cu, longest)
+    except RuntimeError as err:
+        pytest.skip(str(err))
+    expected = rpb_attention_varlen(q, k, v, zero, positions, cu, grid_size=(14, 14), backend="torch")
+    torch.testing.assert_close(flash.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    flex = flex_varlen_rpb_attention(q, k, v, table, positions, cu, grid_size=(14, 14))
+    ours = rpb_attention_varlen(q, k, v, table, positions, cu, grid_size=(14, 14), backend="torch")
+    torch.testing.assert_close(flex.float(), ours.float(), rtol=2e-2, atol=2e-2)
+    grad = torch.randn_like(flex)
+    torch.testing.assert_close(torch.autograd.grad(flex, table, grad)[0], torch.autograd.grad(ours, table, grad)[0],
+                               rtol=5e-2, atol=5e-2)

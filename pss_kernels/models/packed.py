@@ -22,11 +22,14 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
+from .._backends import OP_BACKENDS
 from ..ops.sample_patches.module import center_scores
 from ..ops.sample_patches.reference import patch_scores
 from ..ops.varlen import ALLOCATIONS, keep_counts, rpb_attention_varlen, sample_patches_varlen  # noqa: F401
 from .attention import RelPosBlockAttention
 
+# The attention backends that have a packed form; another (the dense-only "cuda") falls back to the default.
+VARLEN_ATTENTION_BACKENDS = OP_BACKENDS["rpb_attention_varlen"]
 
 
 
@@ -72,8 +75,8 @@ def _attention(attn: RelPosBlockAttention, x: torch.Tensor, positions: torch.Ten
     q, k, v = F.linear(x, attn.qkv.weight, bias).reshape(total, 3, heads, dim // heads).unbind(1)
     out = rpb_attention_varlen(q, k, v, attn.relative_position_bias_table, positions, cu_seqlens,
                                grid_size=attn.grid_size, num_prefix_tokens=attn.num_prefix_tokens,
-                               backend=attn.backend if attn.backend in ("torch", "sdpa") else None,
-                               deterministic=attn.deterministic)
+                               backend=attn.backend if attn.backend in VARLEN_ATTENTION_BACKENDS else None,
+                               deterministic=attn.deterministic, check_inputs=False)  # from sample_patches_varlen
     return attn.proj_drop(attn.proj(out.reshape(total, dim)))
 
 
