@@ -17,7 +17,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -129,6 +129,19 @@ def dynamo_recompile_limit(limit: int):
     if hasattr(dynamo_config, "fail_on_recompile_limit_hit"):
         settings["fail_on_recompile_limit_hit"] = True
     return dynamo_config.patch(**settings)
+
+
+def peak_memory_mb(step: Callable[[], object], device: torch.device) -> Optional[float]:
+    """MiB that one `step()` allocates at its peak above what was allocated before it (CUDA only; None
+    elsewhere)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
 class TimeBudget:

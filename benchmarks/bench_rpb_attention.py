@@ -56,7 +56,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 import torch
 import torch.nn.functional as F
 
-from _timing import TimeBudget, dynamo_recompile_limit, time_iterations
+from _timing import TimeBudget, dynamo_recompile_limit, peak_memory_mb, time_iterations
 from pss_kernels import num_kept_tokens, rpb_attention, sample_patches
 from pss_kernels.ops.rpb_attention.peers import (eager_index_rpb_attention, flex_rpb_attention, published_rpb_attention,
                                                  sdpa_bias_rpb_attention)
@@ -197,21 +197,10 @@ def _step(fn: Callable, args: tuple, backward: bool) -> Callable[[], None]:
     return forward_backward if backward else forward
 
 
-def _peak_memory_mb(step: Callable[[], None], device: torch.device) -> Optional[float]:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-
-
 def _measure(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> dict:
     stats = time_iterations(step, warmup=warmup, iters=iters, device=device)
     return dict(ms=stats.median_ms, q1_ms=stats.q1_ms, q3_ms=stats.q3_ms,
-                peak_mem_mb=_peak_memory_mb(step, device), error=None)
+                peak_mem_mb=peak_memory_mb(step, device), error=None)
 
 
 def _ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:

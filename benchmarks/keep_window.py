@@ -12,6 +12,7 @@ two windows on one day keep both.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import re
 import shutil
@@ -61,7 +62,7 @@ def draw_missing_plots(folder: Path) -> None:
             if json_path.with_suffix(".png").exists():
                 continue
             try:
-                module = __import__(script)
+                module = importlib.import_module(script)
                 print(f"drew {module.plot_json(json_path)}")
             except Exception as err:  # a plot is a convenience: the JSON is what is kept
                 print(f"keep_window.py: no plot for {json_path.name} ({type(err).__name__}: {err})")

@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from _timing import TimeBudget, environment_info, file_slug, time_iterations
+from _timing import TimeBudget, environment_info, file_slug, peak_memory_mb, time_iterations
 from pss_kernels import available_backends, rpb_attention, rpb_attention_varlen
 from pss_kernels.ops.rpb_attention.reference import bias_table_rows
 from pss_kernels.ops.sample_patches.reference import num_kept_tokens, select_indices
@@ -142,17 +142,6 @@ def _call(impl: str, case: Case, backend: str) -> Optional[Callable[[], torch.Te
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
-def _peak_memory_mb(step: Callable[[], None], device: torch.device) -> Optional[float]:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-
-
 def measure(impl: str, case: Case, backend: str, warmup: int, iters: int) -> List[dict]:
     """One row per pass (forward, forward+backward); an impl that cannot run gives rows with the error."""
     base = dict(impl=impl, keep_rate=case.keep_rate, B=case.batch, H=case.heads, D=case.head_dim,
@@ -176,7 +165,7 @@ def measure(impl: str, case: Case, backend: str, warmup: int, iters: int) -> Lis
         for name, step in zip(PASSES, (forward, forward_backward)):
             stats = time_iterations(step, warmup=warmup, iters=iters, device=case.device)
             rows.append(dict(base, **{"pass": name}, ms=stats.median_ms, q1_ms=stats.q1_ms, q3_ms=stats.q3_ms,
-                             peak_mem_mb=_peak_memory_mb(step, case.device), error=None))
+                             peak_mem_mb=peak_memory_mb(step, case.device), error=None))
         return rows
     except Exception as err:  # a peer that cannot run here: recorded, never fatal
         text = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:160]

@@ -113,7 +113,7 @@ def rpb_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
     grid_size = check_grid_size(grid_size)
     check_int("num_prefix_tokens", num_prefix_tokens, minimum=0, maximum=1)
     num_positions = num_prefix_tokens + grid_size[0] * grid_size[1]
-    check_tensor("bias_table", bias_table, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,))
+    check_tensor("bias_table", bias_table, ndim=2, dtypes=dtypes)
     expected = (bias_table_rows(tuple(grid_size), num_prefix_tokens), heads)
     if tuple(bias_table.shape) != expected:
         raise ValueError(f"bias_table must have shape (R, H) = {expected}, got {tuple(bias_table.shape)}")
