@@ -173,6 +173,12 @@ def test_packed_work_table_covers_every_block_once_longest_image_first():
         expected_order = sorted(range(len(counts)), key=lambda i: (-counts[i], i))
         assert used == [(i, b) for i in expected_order for b in range(-(-counts[i] // size))]
         assert all((i, b) == (-1, 0) for i, b in zip(images[len(used):], blocks[len(used):]))
+        # Every layer of a step shares the offsets: the table is built once per offsets and block.
+        assert packed_work_table(packed, total, block) is work
+    before = packed_work_table(packed, total, 16)
+    cu[1] += 0  # in place: a new version, a new table
+    after = packed_work_table(packed, total, 16)
+    assert after is not before and torch.equal(after, before)
 
 
 @pytest.mark.triton

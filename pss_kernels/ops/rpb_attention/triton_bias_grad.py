@@ -28,7 +28,6 @@ backward without any bias-gradient work, so pss minus it is what the accumulator
 """
 from __future__ import annotations
 
-import collections
 import functools
 import os
 from typing import Dict, NamedTuple, Optional, Tuple
@@ -38,8 +37,8 @@ import triton
 import triton.language as tl
 
 from .reference import bias_table_rows, full_relative_index
-from .triton_common import (LOG2E, bias_tile_log2, biased_logits_log2, head_slice, load_rows, tile_config,
-                            token_coordinates)
+from .triton_common import (LOG2E, TensorKeyedCache, bias_tile_log2, biased_logits_log2, head_slice, load_rows,
+                            tile_config, token_coordinates)
 
 DBIAS_ENV_VAR = "PSS_KERNELS_RPB_DBIAS"
 DBIAS_ACCUMULATORS = ("auto", "image-sum", "position-grid", "csr", "slices")
@@ -304,8 +303,14 @@ def table_grad_from_stored_ds(ds: torch.Tensor, row_lists: Optional[Tuple[torch.
 def packed_row_lists(positions: torch.Tensor, packed, grid_size: Tuple[int, int], num_prefix_tokens: int):
     """(pairs, row_starts) int64 of packed images: the flat pairs (b * N + i) * N + j (i, j < n_b, the
     image's tokens) of each table row, ascending, as index_row_lists lays out a (B, N, N) store. Built on
-    the device without a host sync: each image's positions padded to N, the pairs that reach padding
-    given the row R, which sorts after every real row and no row_starts entry counts."""
+    the device without a host sync (each image's positions padded to N, the pairs that reach padding
+    given the row R, which sorts after every real row and no row_starts entry counts), once per step
+    (index_row_lists' cache)."""
+    return _ROW_LISTS.get((positions, packed.cu_seqlens), (tuple(grid_size), num_prefix_tokens, packed.max_tokens),
+                          lambda: _packed_row_lists(positions, packed, grid_size, num_prefix_tokens))
+
+
+def _packed_row_lists(positions: torch.Tensor, packed, grid_size: Tuple[int, int], num_prefix_tokens: int):
     cu_seqlens, images, width = packed.cu_seqlens.long(), packed.num_images, packed.max_tokens
     token = torch.arange(positions.numel(), device=positions.device)
     image = torch.searchsorted(cu_seqlens[1:], token, right=True)
@@ -325,27 +330,13 @@ def index_row_lists(index: torch.Tensor, grid_size: Tuple[int, int], num_prefix_
     """(pairs, row_starts) int64: the flat pairs (b * n + i) * n + j with rel(index[b, i], index[b, j]) = r,
     ascending, at pairs[row_starts[r]:row_starts[r + 1]]: the per-image row maps of one step as CSR lists.
 
-    One sort of B*n*n keys, made once per `index` and reused by every head and layer of the step: the
-    last few are kept, keyed by the index's storage, shape, strides and version, with a reference to
-    the index itself, so its memory cannot be reused by another tensor while the entry lives. Not
-    cached while a CUDA graph is being captured (see shared_row_lists)."""
-    if index.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return _index_row_lists(index, grid_size, num_prefix_tokens)
-    key = (index.data_ptr(), tuple(index.shape), tuple(index.stride()), index.dtype, index.device, index._version,
-           tuple(grid_size), num_prefix_tokens)
-    entry = _INDEX_ROW_LISTS.get(key)
-    if entry is None:
-        entry = (index, _index_row_lists(index, grid_size, num_prefix_tokens))
-        _INDEX_ROW_LISTS[key] = entry
-        while len(_INDEX_ROW_LISTS) > INDEX_ROW_LISTS_KEPT:
-            _INDEX_ROW_LISTS.popitem(last=False)
-    else:
-        _INDEX_ROW_LISTS.move_to_end(key)
-    return entry[1]
+    One sort of B*n*n keys, made once per `index` and reused by every head and layer of the step (the
+    last few kept: TensorKeyedCache)."""
+    return _ROW_LISTS.get((index,), (tuple(grid_size), num_prefix_tokens),
+                          lambda: _index_row_lists(index, grid_size, num_prefix_tokens))
 
 
-INDEX_ROW_LISTS_KEPT = 4
-_INDEX_ROW_LISTS: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_ROW_LISTS = TensorKeyedCache(kept=4)
 
 
 def _index_row_lists(index: torch.Tensor, grid_size: Tuple[int, int], num_prefix_tokens: int):

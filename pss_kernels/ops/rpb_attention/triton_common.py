@@ -17,7 +17,8 @@ Imported lazily by the launchers: `triton.jit` reads TRITON_INTERPRET when it de
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import collections
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -302,7 +303,45 @@ class PackedSequences(NamedTuple):
         return max(1, -(-total // self.num_images))
 
 
+class TensorKeyedCache:
+    """Values derived from tensors' contents, the last `kept` of them, keyed by each tensor's storage,
+    shape, strides, dtype, device and version plus `extra`, with references to the tensors themselves,
+    so that their memory cannot be reused by another tensor while the entry lives (an in-place change
+    bumps the version). Every head and layer of a step then reuses what the first one built. Nothing is
+    cached while a CUDA graph is being captured: a tensor made then holds its values only once the graph
+    replays (see triton_bias_grad.shared_row_lists)."""
+
+    def __init__(self, kept: int):
+        self.kept = kept
+        self.entries: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+
+    def get(self, tensors: Tuple[torch.Tensor, ...], extra: tuple, build: Callable[[], Any]):
+        if any(t.device.type == "cuda" for t in tensors) and torch.cuda.is_current_stream_capturing():
+            return build()
+        key = tuple((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device, t._version)
+                    for t in tensors) + extra
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = (tensors, build())
+            self.entries[key] = entry
+            while len(self.entries) > self.kept:
+                self.entries.popitem(last=False)
+        else:
+            self.entries.move_to_end(key)
+        return entry[1]
+
+
 def packed_work_table(packed: PackedSequences, total: int, block: Optional[int]) -> torch.Tensor:
+    """packed_work_table_uncached, once per offsets and block (the forward and backward of every layer of a
+    step share their images' offsets: TensorKeyedCache)."""
+    return _WORK_TABLES.get((packed.cu_seqlens,), (total, block, packed.max_tokens, packed.num_images),
+                            lambda: packed_work_table_uncached(packed, total, block))
+
+
+_WORK_TABLES = TensorKeyedCache(kept=8)
+
+
+def packed_work_table_uncached(packed: PackedSequences, total: int, block: Optional[int]) -> torch.Tensor:
     """(2, E) int32 work entries (image, block) of the packed images cut into blocks of `block` rows
     (block=None: one entry per image, block 0), longest images first so that the longest programs start
     first and the last wave holds the short ones (LPT scheduling); E = ceil(T / block) + B bounds the

@@ -28,18 +28,11 @@ from ..rpb_attention.reference import bias_table_rows
 from ..sample_patches.reference import ORDERS, SCORERS
 from .reference import image_bounds, sample_patches_varlen_reference
 
-# backend=None: the dense op's defaults ("sdpa" on both devices). The triton backend has run only in
-# Triton's interpreter (no GPU yet), so it stays out of the default until its GPU tests pass and
-# benchmarks/varlen.py measures it.
-
-
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, *, min_length: int = 1,
                      max_length: Optional[int] = None) -> None:
     """(B + 1,) int32 offsets starting at 0, increasing by min_length .. max_length per image, ending
     at `total` (read on the host: one synchronisation)."""
-    check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,))
-    if cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must hold B + 1 >= 2 offsets, got {cu_seqlens.numel()}")
+    _check_offsets_tensor(cu_seqlens)
     offsets = cu_seqlens.tolist()
     if offsets[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {offsets[0]}")
@@ -53,6 +46,13 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, *, min_length: int = 
     if max_length is not None and max(lengths) > max_length:
         raise ValueError(f"cu_seqlens gives an image of {max(lengths)} tokens, more than the N = {max_length} "
                          f"positions of the grid")
+
+
+def _check_offsets_tensor(cu_seqlens: torch.Tensor) -> None:
+    """What the offsets' shape and dtype must be (no values read)."""
+    check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,))
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must hold B + 1 >= 2 offsets, got {cu_seqlens.numel()}")
 
 
 def _check_packed_values(positions: torch.Tensor, cu_seqlens: torch.Tensor, num_positions: int,
@@ -96,6 +96,9 @@ def rpb_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
     the device). deterministic: as rpb_attention's. check_inputs: check the offsets and positions on
     the host (one sync) before a kernel reads them; pass False when they are known good.
     """
+    # backend=None: the dense op's defaults ("sdpa" on both devices). The triton backend has run only in
+    # Triton's interpreter (no GPU yet), so it stays out of the default until its GPU tests pass and
+    # benchmarks/varlen.py measures it.
     chosen = resolve_backend("rpb_attention_varlen", backend, q.device, GPU_DEFAULT_BACKEND, CPU_DEFAULT_BACKEND)
     dtypes = FLOAT_DTYPES + ((torch.float64,) if chosen != "triton" else ())
     check_tensor("q", q, ndim=3, dtypes=dtypes)
@@ -120,9 +123,7 @@ def rpb_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
     check_tensor("positions", positions, ndim=1, dtypes=(torch.int64, torch.int32))
     if positions.numel() != total:
         raise ValueError(f"positions must have one entry per token, T = {total}, got {positions.numel()}")
-    check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,))
-    if cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must hold B + 1 >= 2 offsets, got {cu_seqlens.numel()}")
+    _check_offsets_tensor(cu_seqlens)
     check_same_device(q=q, k=k, v=v, bias_table=bias_table, positions=positions, cu_seqlens=cu_seqlens)
     if scale is None:
         scale = head_dim ** -0.5
