@@ -179,6 +179,23 @@ def sample_patches_report(part="0/1", batch=256):
                                                   slot, patches + 1)
         report += [describe(launch, arch, variant="forward" if i < len(launches) - 1 else "backward", **labels)
                    for i, launch in enumerate(launches)]
+    packed_cases = [  # sample_patches_varlen (arch, dtype, patches P, channels C, scorer): half the tokens kept
+        (90, torch.bfloat16, 196, 768, "l1"), (90, torch.bfloat16, 576, 768, "given"),
+        (90, torch.bfloat16, 4096, 768, "l1"), (80, torch.bfloat16, 196, 768, "l1"),
+    ]
+    for arch, dtype, patches, channels, scorer in share(packed_cases, part):
+        x = torch.empty(batch if patches < 4096 else 16, patches + 1, channels, dtype=dtype)
+        scores = torch.empty(x.shape[0], patches) if scorer == "given" else None
+        counts = torch.full((x.shape[0],), (patches + 1) // 2, dtype=torch.int64)
+        total = int(counts.sum())
+        labels = dict(op="sample_patches_varlen", dtype=TYPES[dtype], patches=patches, channels=channels,
+                      scorer=scorer, order="score", itemsize=x.element_size())
+        with capture_launches() as launches:
+            triton_sample.sample_patches_varlen_forward(x, scores, counts, total, scorer, 1, "score")
+            slot = torch.empty(x.shape[0], patches + 1, dtype=torch.int32)
+            triton_sample.sample_patches_varlen_backward(torch.empty(total, channels, dtype=dtype), slot)
+        report += [describe(launch, arch, variant="forward" if i < len(launches) - 1 else "backward", **labels)
+                   for i, launch in enumerate(launches)]
     return report
 
 

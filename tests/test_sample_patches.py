@@ -138,7 +138,8 @@ def codegen():
 
 
 def test_codegen_sm90_kernels_do_not_spill(codegen):
-    assert {e["kernel"] for e in codegen} == {"_select_kernel", "_score_kernel", "_copy_rows_kernel"}
+    assert {e["kernel"] for e in codegen} == {"_select_kernel", "_score_kernel", "_copy_rows_kernel",
+                                              "_scatter_rows_kernel"}
     assert {e["arch"] for e in codegen} == {80, 90}
     spilling = [e for e in codegen if e["arch"] == 90 and e["stack_bytes"] > 0]
     assert not spilling, spilling
@@ -148,7 +149,7 @@ def test_codegen_fused_path_up_to_its_limit_reads_whole_sectors(codegen):
     """Up to FUSED_MAX_PATCHES one fused program per image (grid (B,)); its row tile reads at least
     32 bytes per row and step (one DRAM sector). Past it: score, select and copy kernels."""
     from pss_kernels.ops.sample_patches.triton_sample import FUSED_MAX_PATCHES
-    forward = [e for e in codegen if e["variant"] == "forward"]
+    forward = [e for e in codegen if e["variant"] == "forward" and e["op"] == "sample_patches"]
     for entry in forward:
         fused = entry["patches"] <= FUSED_MAX_PATCHES
         if entry["kernel"] == "_select_kernel":
@@ -158,6 +159,30 @@ def test_codegen_fused_path_up_to_its_limit_reads_whole_sectors(codegen):
         else:
             assert not fused, entry  # a fused forward launches nothing else
     assert {e["patches"] for e in forward if e["kernel"] == "_score_kernel"} == {4096}
+
+
+def test_codegen_packed_sampler_is_one_launch_up_to_the_fused_limit(codegen):
+    """sample_patches_varlen: one program per image selects, sums the offsets and copies its rows (grid
+    (B,), GATHER and VARLEN); past FUSED_MAX_PATCHES a score kernel, the select kernel without the copy
+    and a scatter of the kept rows. Its backward is the dense copy kernel reading the packed rows
+    (batch stride 0)."""
+    from pss_kernels.ops.sample_patches.triton_sample import FUSED_MAX_PATCHES
+    packed = [e for e in codegen if e["op"] == "sample_patches_varlen"]
+    assert {e["arch"] for e in packed} == {80, 90}
+    for entry in packed:
+        if entry["variant"] == "backward":
+            assert entry["kernel"] == "_copy_rows_kernel", entry
+        elif entry["kernel"] == "_select_kernel":
+            fused = entry["patches"] <= FUSED_MAX_PATCHES
+            assert entry["meta"]["GATHER"] == fused and entry["meta"]["VARLEN"] and len(entry["grid"]) == 1, entry
+            if fused:
+                assert entry["tiles"]["BLOCK_C"] * entry["itemsize"] >= 32, entry
+        else:
+            assert entry["kernel"] in ("_score_kernel", "_scatter_rows_kernel"), entry
+            assert entry["patches"] > FUSED_MAX_PATCHES, entry
+    unfused = {(e["kernel"], e["patches"]) for e in packed if e["patches"] > FUSED_MAX_PATCHES}
+    assert unfused == {("_score_kernel", 4096), ("_select_kernel", 4096), ("_scatter_rows_kernel", 4096),
+                       ("_copy_rows_kernel", 4096)}
 
 
 @pytest.mark.parametrize("backend", ["torch", *KERNEL_BACKENDS])

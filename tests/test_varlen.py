@@ -266,8 +266,8 @@ def test_varlen_sampling_keeps_what_the_dense_sampler_keeps_per_image(scorer):
     x[1, 4] = x[1, 5]  # a tie: the lower position first, as sample_patches
     given = torch.rand(3, N - 1) if scorer == "given" else None
     counts = torch.tensor([4, 13, 7])
-    tokens, positions, cu = sample_patches_varlen(x, counts, scorer=scorer, scores=given,
-                                                  generator=torch.Generator().manual_seed(5))
+    generator = torch.Generator().manual_seed(5) if scorer == "random" else None
+    tokens, positions, cu = sample_patches_varlen(x, counts, scorer=scorer, scores=given, generator=generator)
     assert cu.tolist() == [0, 4, 17, 24] and tokens.shape == (24, 6) and positions.dtype == torch.int64
     for b, count in enumerate(counts.tolist()):
         dense_rate = count / N  # round(rate * N) == count
@@ -305,6 +305,106 @@ def test_varlen_sampling_refuses_bad_counts():
         sample_patches_varlen(x, torch.tensor([3.0, 4.0]))
     with pytest.raises(ValueError, match="scores is only read with scorer='given'"):
         sample_patches_varlen(x, torch.tensor([3, 4]), scores=torch.rand(2, N - 1))
+    with pytest.raises(ValueError, match="generator is only used with scorer='random'"):
+        sample_patches_varlen(x, torch.tensor([3, 4]), generator=torch.Generator())
+    with pytest.raises(ValueError, match="backend"):
+        sample_patches_varlen(x, torch.tensor([3, 4]), backend="sdpa")
+    with pytest.raises(TypeError, match="x"):
+        sample_patches_varlen(x.double(), torch.tensor([3, 4]), backend="triton")
+
+
+def _sample_both(x, counts, backend, weight_seed=1, **options):
+    """(tokens, positions, cu_seqlens, grad of x under a fixed random weighting of the tokens)."""
+    tokens, positions, cu = sample_patches_varlen(x, counts, backend=backend, **options)
+    weight = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(weight_seed)).to(tokens)
+    (grad,) = torch.autograd.grad((tokens * weight).sum(), x)
+    return tokens, positions, cu, grad
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("scorer", ["l1", "l2", "random", "given"])
+@pytest.mark.parametrize("order", ["score", "spatial"])
+@pytest.mark.parametrize("num_prefix_tokens", [0, 1])
+def test_triton_varlen_sampler_equals_the_torch_backend(scorer, order, num_prefix_tokens, device):
+    """One fused launch (scores, each image's top-k_b, the offsets, the copy) keeps exactly what the
+    oracle keeps: ties to the lower position, an image kept whole in position order, a 2-token image."""
+    torch.manual_seed(0)
+    x = torch.randn(4, N, 6, device=device)
+    x[1, 4] = x[1, 5]  # a tie
+    x[2, 7] = -x[2, 9]  # an l1 / l2 tie of opposite signs
+    x.requires_grad_()
+    given = torch.rand(4, N - num_prefix_tokens, device=device) if scorer == "given" else None
+    counts = torch.tensor([4, N, 7, num_prefix_tokens + 1], device=device)
+    results = {}
+    for backend in ("torch", "triton"):
+        generator = torch.Generator(device=device).manual_seed(5) if scorer == "random" else None
+        results[backend] = _sample_both(x, counts, backend, scorer=scorer, scores=given, order=order,
+                                        num_prefix_tokens=num_prefix_tokens, generator=generator)
+    for name, expected, actual in zip(("tokens", "positions", "cu_seqlens", "grad"), results["torch"],
+                                      results["triton"]):
+        assert expected.dtype == actual.dtype, name
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_varlen_sampler_in_half_precision_on_strided_input(dtype, device):
+    """Half-precision rows scored in float32, x a non-contiguous view, given scores a strided view,
+    and the stride-0 gradient of tokens.sum()."""
+    torch.manual_seed(1)
+    base = torch.randn(3, 8, N, device=device, dtype=dtype)
+    x = base[:, 1:7].transpose(1, 2).requires_grad_()  # (3, N, 6), channels strided
+    counts = torch.tensor([3, 9, N], dtype=torch.int32, device=device)
+    scores = torch.rand(N - 1, 3, device=device).t()
+    for options in ({"scorer": "l1"}, {"scorer": "given", "scores": scores}):
+        expected = sample_patches_varlen(x, counts, backend="torch", **options)
+        actual = sample_patches_varlen(x, counts, backend="triton", **options)
+        for e, a in zip(expected, actual):
+            torch.testing.assert_close(a, e, rtol=0, atol=0)
+        (grad,) = torch.autograd.grad(actual[0].sum(), x)
+        kept = torch.zeros(3, N, device=device, dtype=dtype)
+        image = torch.repeat_interleave(torch.arange(3, device=device), counts.long())
+        kept[image, actual[1]] = 1
+        torch.testing.assert_close(grad, kept[..., None].expand_as(x))
+
+
+@pytest.mark.triton
+def test_triton_varlen_sampler_scores_first_past_the_fused_limit(device):
+    """Past FUSED_MAX_PATCHES: the row-parallel score kernel, the select program without the copy, the
+    scatter of the kept rows (forced here on small images), for computed and given scores."""
+    from pss_kernels.ops.sample_patches import triton_sample
+    torch.manual_seed(2)
+    x = torch.randn(3, N, 5, device=device)
+    counts = torch.tensor([5, 2, 11], device=device)
+    given = torch.rand(3, N - 1, device=device)
+    for scorer, scores in (("l1", None), ("l2", None), ("given", given)):
+        expected = sample_patches_varlen(x, counts, scorer=scorer, scores=scores, backend="torch")
+        actual = triton_sample.sample_patches_varlen_forward(x, scores, counts, 18, scorer, 1, "score", fused=False)
+        for e, a in zip(expected, actual[:3]):
+            torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck_packed_sampler(backend, device):
+    """The registered sampler ops: real and fake kernels agree, autograd and the double backward are
+    registered."""
+    torch.manual_seed(3)
+    x = torch.randn(3, N, 4, device=device, requires_grad=True)
+    counts = torch.tensor([3, 6, N], device=device)
+    scores = torch.rand(3, N - 1, device=device)
+    for scorer, given in (("l1", None), ("given", scores)):
+        torch.library.opcheck(torch.ops.pss_kernels.sample_patches_varlen.default,
+                              (x, given, counts, 3 + 6 + N, scorer, 1, "score", backend))
+    _, _, _, slot = torch.ops.pss_kernels.sample_patches_varlen(x.detach(), None, counts, 3 + 6 + N, "l1", 1,
+                                                                  "score", backend)
+    torch.library.opcheck(torch.ops.pss_kernels.sample_patches_varlen_backward.default,
+                          (torch.randn(3 + 6 + N, 4, device=device, requires_grad=True), slot, backend))
+
+
+def test_varlen_sampler_gradients_pass_gradgradcheck_in_float64():
+    x = torch.randn(2, N, 3, dtype=torch.float64, requires_grad=True)
+    counts = torch.tensor([4, 9])
+    torch.autograd.gradgradcheck(lambda t: sample_patches_varlen(t, counts, backend="torch")[0], (x,))
 
 
 # ---- allocation ------------------------------------------------------------------------------------
@@ -397,9 +497,11 @@ def test_packed_model_trains_with_per_image_counts(allocation, monkeypatch):
 
 @pytest.mark.triton
 def test_packed_model_on_the_fused_kernel_equals_the_torch_backend(device):
-    """attn_backend='triton' reaches rpb_attention_varlen's fused kernel: the same logits and gradients
-    as the float32 torch backend, for a budget allocation (images of different lengths)."""
-    models = {backend: packed_model("budget", attn_backend=backend).to(device) for backend in ("torch", "triton")}
+    """attn_backend='triton' and sampler_backend='triton' reach the packed ops' fused kernels: the same
+    logits and gradients as the float32 torch backends, for a budget allocation (images of different
+    lengths)."""
+    models = {backend: packed_model("budget", attn_backend=backend, sampler_backend=backend).to(device)
+              for backend in ("torch", "triton")}
     models["triton"].load_state_dict(models["torch"].state_dict())
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4)).to(device)
     results = {}
@@ -407,7 +509,7 @@ def test_packed_model_on_the_fused_kernel_equals_the_torch_backend(device):
         logits = model.eval()(images, keep_rate=0.5)
         logits.square().sum().backward()
         results[backend] = (logits, model.blocks[0].attn.relative_position_bias_table.grad,
-                            model.blocks[0].attn.qkv.weight.grad)
+                            model.blocks[0].attn.qkv.weight.grad, model.patch_embed.proj.weight.grad)
     for got, want in zip(results["triton"], results["torch"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 

@@ -5,7 +5,8 @@ the dense one (allocation "fixed", the default, is the dense PSS path):
 
     x (B, N, C) embedded          scores (B, P) by the sampler's scorer (l1, l2, random, center)
     keep_counts (B,)              ops.varlen.keep_counts(allocation, scores, rho): the policy
-    tokens (T, C), positions, cu  ops.varlen.sample_patches_varlen(x, keep_counts, scores=...)
+    tokens (T, C), positions, cu  ops.varlen.sample_patches_varlen(x, keep_counts, scores=...) on the
+                                  sampler's backend when it has a packed form (torch, triton)
     every block on (T, C)         LayerNorm, MLP and projections per token; attention through
                                   rpb_attention_varlen (inside each image, the bias from positions);
                                   stochastic depth per image, as the dense path's
@@ -28,8 +29,9 @@ from ..ops.sample_patches.reference import patch_scores
 from ..ops.varlen import ALLOCATIONS, keep_counts, rpb_attention_varlen, sample_patches_varlen  # noqa: F401
 from .attention import RelPosBlockAttention
 
-# The attention backends that have a packed form; another (the dense-only "cuda") falls back to the default.
+# The backends that have a packed form; another (the dense-only "cuda") falls back to the op's default.
 VARLEN_ATTENTION_BACKENDS = OP_BACKENDS["rpb_attention_varlen"]
+VARLEN_SAMPLER_BACKENDS = OP_BACKENDS["sample_patches_varlen"]
 
 
 
@@ -85,8 +87,10 @@ def packed_features(model, x: torch.Tensor, keep_rate: float) -> Tuple[torch.Ten
     check_packable(model)
     scores = _scores(model, x)
     counts = keep_counts(model.allocation, scores.detach(), keep_rate, model.num_prefix_tokens)
-    tokens, positions, cu_seqlens = sample_patches_varlen(x, counts, scorer="given", scores=scores,
-                                                          num_prefix_tokens=model.num_prefix_tokens)
+    sampler_backend = model.sampler.backend
+    tokens, positions, cu_seqlens = sample_patches_varlen(
+        x, counts, scorer="given", scores=scores, num_prefix_tokens=model.num_prefix_tokens,
+        backend=sampler_backend if sampler_backend in VARLEN_SAMPLER_BACKENDS else None)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     image_ids = torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), lengths)
     for block in model.blocks:

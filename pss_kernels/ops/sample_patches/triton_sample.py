@@ -96,14 +96,41 @@ def _copy_row_tile(src_ptr, dst_ptr, src_rows, dst_rows, row_mask, cols, col_mas
 
 
 @triton.jit
-def _select_kernel(x_ptr, scores_ptr, x_kept_ptr, index_ptr, slot_ptr,
+def _packed_rows_before(counts_ptr, image, BLOCK_B: tl.constexpr):
+    """sum(counts[:image]) as int64: the first packed row of `image` (the prefix sum, per program)."""
+    total = tl.zeros([BLOCK_B], dtype=tl.int64)
+    for b0 in range(0, image, BLOCK_B):
+        images = b0 + tl.arange(0, BLOCK_B)
+        total += tl.load(counts_ptr + images, mask=images < image, other=0).to(tl.int64)
+    return tl.sum(total, axis=0)
+
+
+@triton.jit
+def _select_kernel(x_ptr, scores_ptr, x_kept_ptr, index_ptr, slot_ptr, counts_ptr, cu_seqlens_ptr,
                    num_tokens, num_channels, num_prefix, num_kept,
                    stride_xb, stride_xn, stride_xc, stride_sb, stride_sp,
-                   SCORER: tl.constexpr, SPATIAL: tl.constexpr, GATHER: tl.constexpr,
-                   BLOCK_P: tl.constexpr, BLOCK_PREFIX: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One image: scores -> sorted keys -> index (B, k) int64, slot (B, N) int32 [-> x_kept (B, k, C)]."""
+                   SCORER: tl.constexpr, SPATIAL: tl.constexpr, GATHER: tl.constexpr, VARLEN: tl.constexpr,
+                   BLOCK_P: tl.constexpr, BLOCK_PREFIX: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_B: tl.constexpr):
+    """One image: scores -> sorted keys -> index (B, k) int64, slot (B, N) int32 [-> x_kept (B, k, C)].
+
+    VARLEN (sample_patches_varlen): image b keeps counts[b] tokens, packed: its rows start at
+    row0 = sum(counts[:b]) of index (T,) = positions and x_kept (T, C) = tokens, slot holds packed
+    rows (row0 + j), and the program writes cu_seqlens[b + 1] = row0 + counts[b] (and cu_seqlens[0]).
+    An image that keeps all its tokens keeps them in position order, as sample_patches at keep_rate 1.
+    """
     image = tl.program_id(0).to(tl.int64)
     num_patches = num_tokens - num_prefix
+    if VARLEN:
+        num_kept = tl.load(counts_ptr + image).to(tl.int64)
+        first_row = _packed_rows_before(counts_ptr, image, BLOCK_B)
+        tl.store(cu_seqlens_ptr + image + 1, (first_row + num_kept).to(tl.int32))
+        if image == 0:
+            tl.store(cu_seqlens_ptr, 0)
+        slot_base = first_row  # slot holds packed rows
+    else:
+        first_row = image * num_kept
+        slot_base = 0  # slot holds the image's own rows
     kept_patches = num_kept - num_prefix
     x_image = x_ptr + image * stride_xb
     patch = tl.arange(0, BLOCK_P)
@@ -115,6 +142,8 @@ def _select_kernel(x_ptr, scores_ptr, x_kept_ptr, index_ptr, slot_ptr,
     else:
         scores = _row_scores(x_image + num_prefix * stride_xn, patch, is_patch, num_channels,
                              stride_xn, stride_xc, SCORER, BLOCK_P, BLOCK_C)
+    if VARLEN:  # all kept: ranked by position alone
+        scores = tl.where(kept_patches >= num_patches, 0.0, scores)
     keys = tl.sort(_topk_keys(scores, patch, is_patch), descending=True)
 
     rank = patch  # after the sort, lane r holds the patch of rank r
@@ -127,17 +156,17 @@ def _select_kernel(x_ptr, scores_ptr, x_kept_ptr, index_ptr, slot_ptr,
         keys = tl.sort(_topk_keys(zero_scores, _key_positions(keys), is_kept), descending=True)
     kept_rows = num_prefix + _key_positions(keys)  # token positions, in x_kept row order
     out_rows = num_prefix + rank
-    index_image = index_ptr + image * num_kept
+    index_image = index_ptr + first_row
     tl.store(index_image + out_rows, kept_rows, mask=is_kept)
-    tl.store(slot_image + kept_rows, out_rows.to(tl.int32), mask=is_kept)
+    tl.store(slot_image + kept_rows, (slot_base + out_rows).to(tl.int32), mask=is_kept)
 
     prefix = tl.arange(0, BLOCK_PREFIX)
     is_prefix = prefix < num_prefix
     tl.store(index_image + prefix, prefix.to(tl.int64), mask=is_prefix)
-    tl.store(slot_image + prefix, prefix.to(tl.int32), mask=is_prefix)
+    tl.store(slot_image + prefix, (slot_base + prefix).to(tl.int32), mask=is_prefix)
 
     if GATHER:
-        x_kept_image = x_kept_ptr + image * num_kept * num_channels
+        x_kept_image = x_kept_ptr + first_row * num_channels
         for c0 in range(0, num_channels, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             col_mask = cols < num_channels
@@ -176,6 +205,23 @@ def _copy_rows_kernel(src_ptr, rows_ptr, dst_ptr, num_dst_rows, num_channels,
                    mask=(src_rows >= 0)[:, None] & col_mask[None, :], other=0.0)
     dst = dst_ptr + image * num_dst_rows * num_channels + dst_rows.to(tl.int64)[:, None] * num_channels + cols64
     tl.store(dst, tile, mask=in_range[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _scatter_rows_kernel(src_ptr, rows_ptr, dst_ptr, num_src_rows, num_channels,
+                         stride_sb, stride_sr, stride_sc,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dst[rows[b, r], :] = src[b, r, :] where rows[b, r] >= 0; rows (B, R) int32 packed rows, dst (T, C)
+    contiguous. The packed sampler's unfused copy (slot as the row map): dropped rows are not read."""
+    image = tl.program_id(0).to(tl.int64)
+    src_rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    dst_rows = tl.load(rows_ptr + image * num_src_rows + src_rows, mask=src_rows < num_src_rows, other=-1)
+    mask = (dst_rows >= 0)[:, None] & (cols < num_channels)[None, :]
+    cols64 = cols.to(tl.int64)[None, :]
+    tile = tl.load(src_ptr + image * stride_sb + src_rows.to(tl.int64)[:, None] * stride_sr + cols64 * stride_sc,
+                   mask=mask)
+    tl.store(dst_ptr + dst_rows.to(tl.int64)[:, None] * num_channels + cols64, tile, mask=mask)
 
 
 def select_config(num_patches: int, channels: int) -> Tuple[int, int, int]:
@@ -229,11 +275,11 @@ def sample_patches_forward(x: torch.Tensor, scores: Optional[torch.Tensor], num_
     else:
         x_rows = x_kept = scores
     _select_kernel[(batch,)](
-        x_rows, scores, x_kept, index, slot,
+        x_rows, scores, x_kept, index, slot, index, index,
         num_tokens, channels, num_prefix_tokens, num_kept, *x.stride(), *scores.stride()[:2],
-        SCORER=SCORER_IDS[scorer], SPATIAL=order == "spatial", GATHER=fused,
+        SCORER=SCORER_IDS[scorer], SPATIAL=order == "spatial", GATHER=fused, VARLEN=False,
         BLOCK_P=block_p, BLOCK_PREFIX=triton.next_power_of_2(max(1, num_prefix_tokens)), BLOCK_C=block_c,
-        num_warps=num_warps)
+        BLOCK_B=1, num_warps=num_warps)
     if not fused:
         x_kept = _copy_rows(x, index, num_kept)
     return x_kept, index, slot
@@ -242,3 +288,60 @@ def sample_patches_forward(x: torch.Tensor, scores: Optional[torch.Tensor], num_
 def sample_patches_backward(grad_kept: torch.Tensor, slot: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """grad_x (B, N, C): the rows of grad_kept (any strides, e.g. stride-0 views) at their tokens, 0 elsewhere."""
     return _copy_rows(grad_kept, slot, num_tokens)
+
+
+def sample_patches_varlen_forward(x: torch.Tensor, scores: Optional[torch.Tensor], keep_counts: torch.Tensor,
+                                  total: int, scorer: str, num_prefix_tokens: int, order: str,
+                                  fused: Optional[bool] = None
+                                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens (T, C), positions (T,) int64, cu_seqlens (B + 1,) int32, slot (B, N) int32 packed rows).
+
+    One launch of `_select_kernel` with VARLEN: scores, each image's top keep_counts[b], its packed
+    offset (the prefix sum of the counts, in the program) and the copy of its rows. Past
+    FUSED_MAX_PATCHES patches, as in the dense forward, three kernels with whole-sector reads:
+    `_score_kernel`, the select kernel without the copy, `_scatter_rows_kernel` with slot as the
+    row map (fused=False forces that path, for tests). `total` = keep_counts.sum(), known to the caller.
+    """
+    batch, num_tokens, channels = x.shape
+    num_patches = num_tokens - num_prefix_tokens
+    if num_patches > MAX_PATCHES:
+        raise ValueError(f"the triton backend of sample_patches_varlen handles at most {MAX_PATCHES} patch tokens "
+                         f"a row, got x of shape {tuple(x.shape)} with num_prefix_tokens={num_prefix_tokens}")
+    if fused is None:
+        fused = num_patches <= FUSED_MAX_PATCHES
+    if scorer != "given" and not fused:
+        scores = torch.empty(batch, num_patches, dtype=torch.float32, device=x.device)
+        score_block_r = 32
+        _score_kernel[(batch, triton.cdiv(num_patches, score_block_r))](
+            x, scores, num_patches, channels, num_prefix_tokens, *x.stride(), SCORER=SCORER_IDS[scorer],
+            BLOCK_R=score_block_r, BLOCK_C=min(triton.next_power_of_2(channels), 128), num_warps=4)
+        scorer = "given"
+    block_p, block_c, num_warps = select_config(num_patches, channels)
+    tokens = x.new_empty(total, channels)
+    positions = torch.empty(total, dtype=torch.int64, device=x.device)
+    cu_seqlens = torch.empty(batch + 1, dtype=torch.int32, device=x.device)
+    slot = torch.empty(batch, num_tokens, dtype=torch.int32, device=x.device)
+    # Unused pointers point at a tensor at hand, as in sample_patches_forward.
+    if fused:
+        x_rows, kept = x, tokens
+        scores = x if scores is None else scores
+    else:
+        x_rows = kept = scores
+    _select_kernel[(batch,)](
+        x_rows, scores, kept, positions, slot, keep_counts, cu_seqlens,
+        num_tokens, channels, num_prefix_tokens, 0, *x.stride(), *scores.stride()[:2],
+        SCORER=SCORER_IDS[scorer], SPATIAL=order == "spatial", GATHER=fused, VARLEN=True,
+        BLOCK_P=block_p, BLOCK_PREFIX=triton.next_power_of_2(max(1, num_prefix_tokens)), BLOCK_C=block_c,
+        BLOCK_B=min(triton.next_power_of_2(batch), 1024), num_warps=num_warps)
+    if not fused:
+        block_r, block_c = 16, min(triton.next_power_of_2(channels), 256)
+        _scatter_rows_kernel[(batch, triton.cdiv(num_tokens, block_r), triton.cdiv(channels, block_c))](
+            x, slot, tokens, num_tokens, channels, *x.stride(), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+    return tokens, positions, cu_seqlens, slot
+
+
+def sample_patches_varlen_backward(grad_tokens: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """grad_x (B, N, C): grad_x[b, t] = grad_tokens[slot[b, t]] (packed rows), zeros where slot < 0."""
+    batch, num_tokens = slot.shape
+    # Every image reads the one packed tensor: a batch stride of 0.
+    return _copy_rows(grad_tokens[None].expand(batch, -1, -1), slot, num_tokens)

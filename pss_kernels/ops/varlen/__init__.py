@@ -10,8 +10,10 @@ cu_seqlens[b + 1] - 1, and `positions` (T,) each token's position in the full se
 - sample_patches_varlen: a per-image number of kept tokens, packed.
 - allocation.py: who decides each image's count (fixed, budget, mass), pure functions.
 
-Status: the "torch" and "sdpa" backends run image by image on the dense op (correct, with every
-gradient; not yet a single fused kernel: the Triton varlen kernel is future work).
+Status: every op has a "torch" backend (image by image on the dense references) and a "triton" one
+(one fused launch over all images: rpb_attention's kernels with VARLEN, sample_patches' select
+kernel with VARLEN); rpb_attention_varlen also has "sdpa" (image by image, the default). The Triton
+kernels have run only in Triton's interpreter, so they are not backend=None's choice.
 """
 from .allocation import ALLOCATIONS, budget_keep_counts, fixed_keep_counts, keep_counts, mass_keep_counts
 from .op import check_cu_seqlens, rpb_attention_varlen, sample_patches_varlen

@@ -277,29 +277,118 @@ def _backward(ctx, grad_out, grad_lse, grad_cls_attention):
 _rpb_attention_varlen_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ----------------------------------------------------------------------------- sample_patches_varlen
+
+def _packed_slot(positions: torch.Tensor, keep_counts: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """(B, N) int32: the packed row each token went to, or -1 (the torch backend's backward map)."""
+    batch = keep_counts.numel()
+    image = torch.repeat_interleave(torch.arange(batch, device=positions.device), keep_counts.long())
+    slot = torch.full((batch, num_tokens), -1, dtype=torch.int32, device=positions.device)
+    slot[image, positions] = torch.arange(positions.numel(), dtype=torch.int32, device=positions.device)
+    return slot
+
+
+@torch.library.custom_op(
+    "pss_kernels::sample_patches_varlen", mutates_args=(),
+    schema="(Tensor x, Tensor? scores, Tensor keep_counts, int total, str scorer, int num_prefix_tokens, str order, "
+           "str backend) -> (Tensor, Tensor, Tensor, Tensor)")
+def _sample_patches_varlen_op(x, scores, keep_counts, total, scorer, num_prefix_tokens, order, backend):
+    """scorer "l1", "l2" or "given" (float32 scores); total = keep_counts.sum(). Returns (tokens (T, C),
+    positions (T,) int64, cu_seqlens (B + 1,) int32, slot (B, N) int32)."""
+    if backend == "triton":
+        from ..sample_patches import triton_sample
+        with torch.cuda.device_of(x):
+            return triton_sample.sample_patches_varlen_forward(x, scores, keep_counts.contiguous(), total, scorer,
+                                                               num_prefix_tokens, order)
+    tokens, positions, cu_seqlens = sample_patches_varlen_reference(
+        x, keep_counts, scorer=scorer, num_prefix_tokens=num_prefix_tokens, order=order, scores=scores)
+    return tokens, positions, cu_seqlens, _packed_slot(positions, keep_counts, x.shape[1])
+
+
+@_sample_patches_varlen_op.register_fake
+def _(x, scores, keep_counts, total, scorer, num_prefix_tokens, order, backend):
+    batch, num_tokens, channels = x.shape
+    return (x.new_empty(total, channels), x.new_empty(total, dtype=torch.int64),
+            x.new_empty(batch + 1, dtype=torch.int32), x.new_empty(batch, num_tokens, dtype=torch.int32))
+
+
+@torch.library.custom_op("pss_kernels::sample_patches_varlen_backward", mutates_args=(),
+                         schema="(Tensor grad_tokens, Tensor slot, str backend) -> Tensor")
+def _sample_patches_varlen_backward_op(grad_tokens, slot, backend):
+    """grad_x (B, N, C): grad_tokens' row slot[b, t] at token t of image b, exact zeros where slot < 0."""
+    if backend == "triton":
+        from ..sample_patches import triton_sample
+        with torch.cuda.device_of(grad_tokens):
+            return triton_sample.sample_patches_varlen_backward(grad_tokens, slot)
+    rows = grad_tokens[slot.clamp(min=0).long()]
+    return torch.where((slot >= 0)[..., None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+
+
+@_sample_patches_varlen_backward_op.register_fake
+def _(grad_tokens, slot, backend):
+    return grad_tokens.new_empty(*slot.shape, grad_tokens.shape[1])
+
+
+def _setup_sampling_context(ctx, inputs, output):
+    ctx.save_for_backward(output[3])
+    ctx.backend = inputs[-1]
+
+
+def _sampling_backward(ctx, grad_tokens, grad_positions, grad_cu_seqlens, grad_slot):
+    (slot,) = ctx.saved_tensors
+    return _sample_patches_varlen_backward_op(grad_tokens, slot, ctx.backend), *([None] * 7)
+
+
+_sample_patches_varlen_op.register_autograd(_sampling_backward, setup_context=_setup_sampling_context)
+
+
+def _setup_sampling_backward_context(ctx, inputs, output):
+    grad_tokens, slot, _ = inputs
+    ctx.save_for_backward(slot)
+    ctx.total = grad_tokens.shape[0]
+
+
+def _sampling_double_backward(ctx, grad_grad_x):
+    # The backward copies packed rows to their tokens; its adjoint gathers them back.
+    (slot,) = ctx.saved_tensors
+    rows = slot.flatten().long()
+    kept = rows >= 0
+    sources = torch.empty(ctx.total, dtype=torch.int64, device=slot.device)
+    sources[rows[kept]] = torch.arange(rows.numel(), device=slot.device)[kept]
+    return grad_grad_x.reshape(rows.numel(), -1)[sources], None, None
+
+
+_sample_patches_varlen_backward_op.register_autograd(_sampling_double_backward,
+                                                     setup_context=_setup_sampling_backward_context)
+
+
 def sample_patches_varlen(x: torch.Tensor, keep_counts: torch.Tensor, *, scorer: str = "l1",
                           num_prefix_tokens: int = 1, order: str = "score", scores: Optional[torch.Tensor] = None,
                           generator: Optional[torch.Generator] = None, backend: Optional[str] = None):
     """sample_patches with a per-image number of kept tokens, packed: x (B, N, C), keep_counts (B,)
     integers in [num_prefix_tokens + 1, N] (prefix included, as sample_patches' k; see allocation.py
-    for policies). Within each image the same tokens, order and ties as sample_patches.
+    for policies). Within each image the same tokens, order and ties as sample_patches; an image that
+    keeps all N tokens keeps them in position order (sample_patches at keep_rate 1).
 
     Returns (tokens (T, C), positions (T,) int64, cu_seqlens (B + 1,) int32), T = keep_counts.sum();
-    tokens carry x's gradient. backend: "torch" | None (the only backend for now).
+    tokens carry x's gradient (exact zeros at dropped tokens). One host sync reads the counts' range
+    and sum (T sets the output shape).
+    backend: "torch" (image by image through the dense reference) | "triton" (one fused launch: scores,
+    each image's top-k_b, the offsets' prefix sum and the copy; not yet run on a GPU, so not the default)
+    | None ("torch").
     """
-    resolve_backend("sample_patches_varlen", backend, x.device, "torch", "torch")
-    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES + (torch.float64,))
-    batch, num_tokens, _ = x.shape
+    chosen = resolve_backend("sample_patches_varlen", backend, x.device, "torch", "torch")
+    dtypes = FLOAT_DTYPES + ((torch.float64,) if chosen == "torch" else ())
+    check_tensor("x", x, ndim=3, dtypes=dtypes)
+    batch, num_tokens, channels = x.shape
+    if batch == 0 or channels == 0:
+        raise ValueError(f"x must have B >= 1 images and C >= 1 channels, got shape {tuple(x.shape)}")
     check_int("num_prefix_tokens", num_prefix_tokens, minimum=0, maximum=1)
     check_choice("scorer", scorer, SCORERS)
     check_choice("order", order, ORDERS)
     check_tensor("keep_counts", keep_counts, ndim=1, dtypes=(torch.int64, torch.int32))
     if keep_counts.numel() != batch:
         raise ValueError(f"keep_counts must have one count per image, B = {batch}, got {keep_counts.numel()}")
-    low, high = (int(v) for v in torch.stack([keep_counts.min(), keep_counts.max()]).tolist())
-    if low < num_prefix_tokens + 1 or high > num_tokens:
-        raise ValueError(f"keep_counts must be in [num_prefix_tokens + 1, N] = [{num_prefix_tokens + 1}, "
-                         f"{num_tokens}], got min {low}, max {high}")
     if scorer == "given":
         if scores is None:
             raise ValueError("scorer='given' needs scores (B, N - num_prefix_tokens)")
@@ -309,6 +398,21 @@ def sample_patches_varlen(x: torch.Tensor, keep_counts: torch.Tensor, *, scorer:
                              f"{(batch, num_tokens - num_prefix_tokens)}, got {tuple(scores.shape)}")
     elif scores is not None:
         raise ValueError(f"scores is only read with scorer='given', got scorer={scorer!r}")
+    if generator is not None and scorer != "random":
+        raise ValueError(f"generator is only used with scorer='random', got scorer={scorer!r}")
     check_same_device(x=x, keep_counts=keep_counts, scores=scores)
-    return sample_patches_varlen_reference(x, keep_counts, scorer=scorer, num_prefix_tokens=num_prefix_tokens,
-                                           order=order, scores=scores, generator=generator)
+    low, high, total = (int(v) for v in torch.stack([keep_counts.min(), keep_counts.max(),
+                                                      keep_counts.long().sum()]).tolist())
+    if low < num_prefix_tokens + 1 or high > num_tokens:
+        raise ValueError(f"keep_counts must be in [num_prefix_tokens + 1, N] = [{num_prefix_tokens + 1}, "
+                         f"{num_tokens}], got min {low}, max {high}")
+    if scorer == "random":
+        # The reference's draw (patch_scores): one uniform float32 per patch token of the batch.
+        rng = {} if generator is None else {"generator": generator}
+        scores = torch.rand((batch, num_tokens - num_prefix_tokens), device=x.device, dtype=torch.float32, **rng)
+        scorer = "given"
+    elif scorer == "given":
+        scores = scores.float()
+    tokens, positions, cu_seqlens, _ = _sample_patches_varlen_op(x, scores, keep_counts, total, scorer,
+                                                                 num_prefix_tokens, order, chosen)
+    return tokens, positions, cu_seqlens
