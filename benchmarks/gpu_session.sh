@@ -19,7 +19,8 @@
 #   iter_time   benchmarks/iter_time.py, the main job: its target cases first (vit_base)          80
 #   varlen      benchmarks/varlen.py: packed attention (rpb_attention_varlen's fused kernel) against
 #               the dense kernel at the same total tokens (the packing target), the allocation
-#               policies, FlashAttention varlen and FlexAttention with a document mask (JSON only)   50
+#               policies, FlashAttention varlen, FlexAttention with a document mask, and the packed
+#               sampler against the dense one (JSON only)                                          50
 #   data        benchmarks/data.py: the loader per decoder (CPU auto, nvjpeg, nvimgcodec: the GPU
 #               decoders installed from wheels/*.whl when carried, the machine has no network) and
 #               worker count against vit_base's training images/s at rho 1, 0.5, 0.2 (JSON only)  60

@@ -15,6 +15,9 @@ rows, each forward and forward+backward (the table trainable), median ms and pea
   packed-sdpa    rpb_attention_varlen's sdpa backend (image by image: today's default) on the budget counts
   fa-varlen      PyTorch's FlashAttention varlen kernel (no bias: the lower bound) on the budget counts
   flex-packed    FlexAttention, document block mask + bias score_mod, on the budget counts
+  sample-dense   the sampler: sample_patches on x (B, N, H*D) at rho (the anchor of the next row)
+  sample-packed  sample_patches_varlen on the budget counts (fused Triton sampler on a GPU; its host
+                 sync for T included)
 
 The per-image scores the policies see are synthetic (synthetic_scores: images of different brightness
 and different spread), so the counts differ from image to image as real images' do; the JSON records each case's count
@@ -33,15 +36,20 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from _timing import TimeBudget, environment_info, file_slug, peak_memory_mb, time_iterations
-from pss_kernels import available_backends, rpb_attention, rpb_attention_varlen
+from pss_kernels import available_backends, rpb_attention, rpb_attention_varlen, sample_patches, sample_patches_varlen
 from pss_kernels.ops.rpb_attention.reference import bias_table_rows
 from pss_kernels.ops.sample_patches.reference import num_kept_tokens, select_indices
 from pss_kernels.ops.varlen import budget_keep_counts, mass_keep_counts
 from pss_kernels.ops.varlen.peers import flex_varlen_rpb_attention, varlen_flash_attention
 
 HERE = Path(__file__).resolve().parent
-IMPLS = ("dense", "packed-fixed", "packed-budget", "packed-mass", "packed-sdpa", "fa-varlen", "flex-packed")
-PRIORITY = (("dense", "packed-fixed"), ("packed-budget", "packed-mass", "fa-varlen", "packed-sdpa"), ("flex-packed",))
+IMPLS = ("dense", "packed-fixed", "packed-budget", "packed-mass", "packed-sdpa", "fa-varlen", "flex-packed",
+         "sample-dense", "sample-packed")
+PRIORITY = (("dense", "packed-fixed"), ("packed-budget", "packed-mass", "fa-varlen", "packed-sdpa"),
+            ("sample-dense", "sample-packed"), ("flex-packed",))
+# The row each impl's ms_vs_dense divides by: the dense attention kernel, or the dense sampler.
+ANCHORS = {"sample-dense": "sample-dense", "sample-packed": "sample-dense"}
+POLICIES = {"packed-fixed": "fixed", "dense": "fixed", "sample-dense": "fixed", "packed-mass": "mass"}  # else budget
 KEEP_RATES = (0.6, 0.4, 0.2)
 PASSES = ("forward", "forward+backward")
 PACKING_TARGET = 1.05  # packed-fixed / dense, forward+backward, bf16, ViT-B
@@ -122,6 +130,13 @@ class Case:
 def _call(impl: str, case: Case, backend: str) -> Optional[Callable[[], torch.Tensor]]:
     """A function of no arguments running `impl` once (its inputs made here), returning its output."""
     grid = case.grid
+    if impl.startswith("sample-"):
+        x = torch.randn(case.batch, case.num_positions, case.heads * case.head_dim, generator=case.generator)
+        x = x.to(case.device, case.dtype).requires_grad_()
+        if impl == "sample-dense":
+            return lambda: sample_patches(x, case.keep_rate, backend=backend)[0]
+        counts = case.counts["budget"]
+        return lambda: sample_patches_varlen(x, counts, backend=backend)[0]
     if impl == "dense":
         q, k, v = (t.view(case.batch, case.kept, case.heads, case.head_dim).transpose(1, 2)
                    for t in case.tokens(case.total))
@@ -146,7 +161,7 @@ def measure(impl: str, case: Case, backend: str, warmup: int, iters: int) -> Lis
     """One row per pass (forward, forward+backward); an impl that cannot run gives rows with the error."""
     base = dict(impl=impl, keep_rate=case.keep_rate, B=case.batch, H=case.heads, D=case.head_dim,
                 grid=list(case.grid), dtype=str(case.dtype).replace("torch.", ""),
-                counts=case.spread({"packed-fixed": "fixed", "dense": "fixed", "packed-mass": "mass"}.get(impl, "budget")))
+                counts=case.spread(POLICIES.get(impl, "budget")))
     try:
         run = _call(impl, case, backend)
         grad_out = None
@@ -174,10 +189,11 @@ def measure(impl: str, case: Case, backend: str, warmup: int, iters: int) -> Lis
 
 
 def add_ratios(rows: List[dict]) -> None:
-    """ms_vs_dense: each row against the dense row of its keep rate and pass."""
-    dense = {(r["keep_rate"], r["pass"]): r["ms"] for r in rows if r["impl"] == "dense"}
+    """ms_vs_dense: each row against its anchor's row (ANCHORS: the dense attention kernel, the dense
+    sampler) of the same keep rate and pass."""
+    anchors = {(r["impl"], r["keep_rate"], r["pass"]): r["ms"] for r in rows}
     for r in rows:
-        anchor = dense.get((r["keep_rate"], r["pass"]))
+        anchor = anchors.get((ANCHORS.get(r["impl"], "dense"), r["keep_rate"], r["pass"]))
         r["ms_vs_dense"] = r["ms"] / anchor if r["ms"] is not None and anchor else None
 
 
@@ -214,7 +230,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     rows = [r for r in results["rows"] if r["pass"] == "forward+backward" and r["ms"] is not None]
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for impl in IMPLS:
+    for impl in IMPLS[:IMPLS.index("sample-dense")]:  # attention only: the sampler rows are another op
         points = sorted((r["keep_rate"], r["ms"]) for r in rows if r["impl"] == impl)
         if points:
             axis.plot(*zip(*points), marker="o", label=impl)
