@@ -384,6 +384,24 @@ def test_triton_varlen_sampler_scores_first_past_the_fused_limit(device):
             torch.testing.assert_close(a, e, rtol=0, atol=0)
 
 
+@pytest.mark.triton
+def test_triton_varlen_sampler_stays_in_bounds_on_bad_counts(device):
+    """Counts the public function refuses (0, above N), given straight to the registered op with a
+    too-small T: the programs clamp them and write nothing past T, and slot maps into [-1, T) so that
+    the backward reads no row it does not have."""
+    x = torch.randn(3, N, 4, device=device)
+    counts = torch.tensor([0, N + 5, 3], device=device)
+    total = 6
+    tokens, positions, cu, slot = torch.ops.pss_kernels.sample_patches_varlen(x, None, counts, total, "l1", 1,
+                                                                                "score", "triton")
+    assert tokens.shape == (total, 4) and positions.shape == (total,)
+    assert cu.tolist() == [0, 2, 2 + N, 2 + N + 3]  # the clamped counts: 2, N, 3
+    assert int(slot.min()) >= -1 and int(slot.max()) < total
+    assert (slot >= 0).sum().item() == total  # exactly the rows that fit are mapped
+    grad = torch.ops.pss_kernels.sample_patches_varlen_backward(torch.ones(total, 4, device=device), slot, "triton")
+    assert grad.sum().item() == 4 * total
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_opcheck_packed_sampler(backend, device):
     """The registered sampler ops: real and fake kernels agree, autograd and the double backward are

@@ -96,18 +96,20 @@ def _copy_row_tile(src_ptr, dst_ptr, src_rows, dst_rows, row_mask, cols, col_mas
 
 
 @triton.jit
-def _packed_rows_before(counts_ptr, image, BLOCK_B: tl.constexpr):
-    """sum(counts[:image]) as int64: the first packed row of `image` (the prefix sum, per program)."""
+def _packed_rows_before(counts_ptr, image, lowest, highest, BLOCK_B: tl.constexpr):
+    """sum(counts[:image]) as int64, each count clamped to [lowest, highest] as the programs clamp their
+    own: the first packed row of `image` (the prefix sum, per program)."""
     total = tl.zeros([BLOCK_B], dtype=tl.int64)
     for b0 in range(0, image, BLOCK_B):
         images = b0 + tl.arange(0, BLOCK_B)
-        total += tl.load(counts_ptr + images, mask=images < image, other=0).to(tl.int64)
+        counts = tl.load(counts_ptr + images, mask=images < image, other=0).to(tl.int64)
+        total += tl.where(images < image, tl.minimum(tl.maximum(counts, lowest), highest), 0)
     return tl.sum(total, axis=0)
 
 
 @triton.jit
 def _select_kernel(x_ptr, scores_ptr, x_kept_ptr, index_ptr, slot_ptr, counts_ptr, cu_seqlens_ptr,
-                   num_tokens, num_channels, num_prefix, num_kept,
+                   num_tokens, num_channels, num_prefix, num_kept, num_rows,
                    stride_xb, stride_xn, stride_xc, stride_sb, stride_sp,
                    SCORER: tl.constexpr, SPATIAL: tl.constexpr, GATHER: tl.constexpr, VARLEN: tl.constexpr,
                    BLOCK_P: tl.constexpr, BLOCK_PREFIX: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -118,12 +120,15 @@ def _select_kernel(x_ptr, scores_ptr, x_kept_ptr, index_ptr, slot_ptr, counts_pt
     row0 = sum(counts[:b]) of index (T,) = positions and x_kept (T, C) = tokens, slot holds packed
     rows (row0 + j), and the program writes cu_seqlens[b + 1] = row0 + counts[b] (and cu_seqlens[0]).
     An image that keeps all its tokens keeps them in position order, as sample_patches at keep_rate 1.
+    The host checks the counts; should one be out of [num_prefix + 1, N] anyway, the programs clamp it
+    and write no packed row at or past num_rows (= T, what the host allocated): wrong values, never
+    an access out of bounds.
     """
     image = tl.program_id(0).to(tl.int64)
     num_patches = num_tokens - num_prefix
     if VARLEN:
-        num_kept = tl.load(counts_ptr + image).to(tl.int64)
-        first_row = _packed_rows_before(counts_ptr, image, BLOCK_B)
+        num_kept = tl.minimum(tl.maximum(tl.load(counts_ptr + image).to(tl.int64), num_prefix + 1), num_tokens)
+        first_row = _packed_rows_before(counts_ptr, image, num_prefix + 1, num_tokens, BLOCK_B)
         tl.store(cu_seqlens_ptr + image + 1, (first_row + num_kept).to(tl.int32))
         if image == 0:
             tl.store(cu_seqlens_ptr, 0)
@@ -156,23 +161,27 @@ def _select_kernel(x_ptr, scores_ptr, x_kept_ptr, index_ptr, slot_ptr, counts_pt
         keys = tl.sort(_topk_keys(zero_scores, _key_positions(keys), is_kept), descending=True)
     kept_rows = num_prefix + _key_positions(keys)  # token positions, in x_kept row order
     out_rows = num_prefix + rank
-    index_image = index_ptr + first_row
-    tl.store(index_image + out_rows, kept_rows, mask=is_kept)
-    tl.store(slot_image + kept_rows, (slot_base + out_rows).to(tl.int32), mask=is_kept)
-
     prefix = tl.arange(0, BLOCK_PREFIX)
     is_prefix = prefix < num_prefix
-    tl.store(index_image + prefix, prefix.to(tl.int64), mask=is_prefix)
-    tl.store(slot_image + prefix, (slot_base + prefix).to(tl.int32), mask=is_prefix)
+    written, prefix_written = is_kept, is_prefix
+    if VARLEN:  # rows past what the host allocated (bad counts only) are not written; their slot is -1
+        written = is_kept & (first_row + out_rows < num_rows)
+        prefix_written = is_prefix & (first_row + prefix < num_rows)
+    index_image = index_ptr + first_row
+    tl.store(index_image + out_rows, kept_rows, mask=written)
+    tl.store(slot_image + kept_rows, tl.where(written, slot_base + out_rows, -1).to(tl.int32), mask=is_kept)
+
+    tl.store(index_image + prefix, prefix.to(tl.int64), mask=prefix_written)
+    tl.store(slot_image + prefix, tl.where(prefix_written, slot_base + prefix, -1).to(tl.int32), mask=is_prefix)
 
     if GATHER:
         x_kept_image = x_kept_ptr + first_row * num_channels
         for c0 in range(0, num_channels, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             col_mask = cols < num_channels
-            _copy_row_tile(x_image, x_kept_image, kept_rows, out_rows, is_kept, cols, col_mask,
+            _copy_row_tile(x_image, x_kept_image, kept_rows, out_rows, written, cols, col_mask,
                            stride_xn, stride_xc, num_channels)
-            _copy_row_tile(x_image, x_kept_image, prefix, prefix, is_prefix, cols, col_mask,
+            _copy_row_tile(x_image, x_kept_image, prefix, prefix, prefix_written, cols, col_mask,
                            stride_xn, stride_xc, num_channels)
 
 
@@ -276,7 +285,7 @@ def sample_patches_forward(x: torch.Tensor, scores: Optional[torch.Tensor], num_
         x_rows = x_kept = scores
     _select_kernel[(batch,)](
         x_rows, scores, x_kept, index, slot, index, index,
-        num_tokens, channels, num_prefix_tokens, num_kept, *x.stride(), *scores.stride()[:2],
+        num_tokens, channels, num_prefix_tokens, num_kept, batch * num_kept, *x.stride(), *scores.stride()[:2],
         SCORER=SCORER_IDS[scorer], SPATIAL=order == "spatial", GATHER=fused, VARLEN=False,
         BLOCK_P=block_p, BLOCK_PREFIX=triton.next_power_of_2(max(1, num_prefix_tokens)), BLOCK_C=block_c,
         BLOCK_B=1, num_warps=num_warps)
@@ -329,7 +338,7 @@ def sample_patches_varlen_forward(x: torch.Tensor, scores: Optional[torch.Tensor
         x_rows = kept = scores
     _select_kernel[(batch,)](
         x_rows, scores, kept, positions, slot, keep_counts, cu_seqlens,
-        num_tokens, channels, num_prefix_tokens, 0, *x.stride(), *scores.stride()[:2],
+        num_tokens, channels, num_prefix_tokens, 0, total, *x.stride(), *scores.stride()[:2],
         SCORER=SCORER_IDS[scorer], SPATIAL=order == "spatial", GATHER=fused, VARLEN=True,
         BLOCK_P=block_p, BLOCK_PREFIX=triton.next_power_of_2(max(1, num_prefix_tokens)), BLOCK_C=block_c,
         BLOCK_B=min(triton.next_power_of_2(batch), 1024), num_warps=num_warps)
