@@ -36,7 +36,7 @@ ENV_VAR = "PSS_KERNELS_BACKEND"
 # The backends each public op has; an op not listed here (a caller's own) has all of BACKENDS.
 OP_BACKENDS = {"sample_patches": ("torch", "triton", "cuda"), "rpb_attention": ("torch", "sdpa", "triton"),
                # The packed ops (ops/varlen/): "triton" is one fused launch over the images.
-               "rpb_attention_varlen": ("torch", "sdpa", "triton"), "sample_patches_varlen": ("torch", "triton")}
+               "rpb_attention_varlen": ("torch", "sdpa", "triton"), "sample_patches_varlen": ("torch", "triton", "cuda")}
 # Triton's interpreter before 3.7 converts 1-element arrays to Python scalars, which numpy 2.4
 # refuses ("only 0-dimensional arrays can be converted to Python scalars"): kernels that loop over
 # loaded bounds fail there. (The GPU machines run triton 3.6 with numpy 2.5.)

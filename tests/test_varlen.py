@@ -7,6 +7,7 @@ import torch
 from pss_kernels import rpb_attention, rpb_attention_varlen, sample_patches, sample_patches_varlen
 from pss_kernels.ops.rpb_attention.reference import bias_table_rows
 from pss_kernels.ops.varlen import budget_keep_counts, fixed_keep_counts, keep_counts, mass_keep_counts
+from pss_kernels._backends import cuda_extension
 from pss_kernels.ops.varlen.reference import rpb_attention_varlen_reference
 
 pytestmark = pytest.mark.filterwarnings(
@@ -402,7 +403,59 @@ def test_triton_varlen_sampler_stays_in_bounds_on_bad_counts(device):
     assert grad.sum().item() == 4 * total
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.skipif(cuda_extension() is None, reason="pss_kernels._C is not built")
+@pytest.mark.parametrize("spatial", [False, True])
+def test_cuda_packed_selection_host_model_matches_the_reference(spatial):
+    """The CUDA packed kernel's selection (its count clamp, keys, bitonic network and row bound), run on
+    the host by pss_kernels._C: the torch backend's positions and offsets, ties and whole images
+    included; bad counts clamped with no row written past T."""
+    from pss_kernels.ops.varlen.reference import sample_patches_varlen_reference
+    ext = cuda_extension()
+    generator = torch.Generator().manual_seed(0)
+    for num_patches, num_prefix in ((1, 1), (12, 1), (12, 0), (196, 1), (577, 0)):
+        num_tokens = num_patches + num_prefix
+        scores = torch.randint(0, 4, (4, num_patches), generator=generator).float()  # many ties
+        counts = torch.tensor([num_prefix + 1, num_tokens, max(num_prefix + 1, num_tokens // 3),
+                               max(num_prefix + 1, num_tokens - 1)])
+        total = int(counts.sum())
+        positions = torch.empty(total, dtype=torch.int64)
+        cu = torch.empty(5, dtype=torch.int32)
+        ext.select_patches_varlen_host(scores.data_ptr(), counts.data_ptr(), positions.data_ptr(), cu.data_ptr(), 4,
+                                       num_patches, num_prefix, total, spatial)
+        x = torch.zeros(4, num_tokens, 1)
+        _, want_positions, want_cu = sample_patches_varlen_reference(
+            x, counts, scorer="given", scores=scores, num_prefix_tokens=num_prefix,
+            order="spatial" if spatial else "score")
+        assert torch.equal(positions, want_positions), (num_patches, num_prefix)
+        assert torch.equal(cu, want_cu)
+    counts = torch.tensor([0, 30, 3])  # clamped to 2, 13, 3; only T = 6 rows exist
+    positions = torch.full((6,), -7, dtype=torch.int64)
+    ext.select_patches_varlen_host(torch.rand(3, 12).data_ptr(), counts.data_ptr(), positions.data_ptr(),
+                                   cu.data_ptr(), 3, 12, 1, 6, spatial)
+    assert cu[:4].tolist() == [0, 2, 15, 18]
+    assert positions[0] == 0 and 1 <= positions[1] < 13 and positions[2:].tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_packed_sampler_kernels_at_vit_shapes(backend, dtype, device):
+    """The fused packed samplers on a GPU at ViT-B shapes (B = 256 and B = 8: the CUDA backend's fused and
+    split plans), every scorer: bit-equal to the torch backend, forward and backward."""
+    generator = torch.Generator().manual_seed(0)
+    for batch in (256, 8):
+        x = torch.randn(batch, 197, 768, generator=generator).to(device, dtype).requires_grad_()
+        counts = torch.randint(2, 198, (batch,), generator=generator).to(device)
+        counts[0] = 197
+        given = torch.rand(batch, 196, generator=generator).to(device)
+        for scorer, scores in (("l1", None), ("l2", None), ("given", given)):
+            expected = _sample_both(x, counts, "torch", scorer=scorer, scores=scores)
+            actual = _sample_both(x, counts, backend, scorer=scorer, scores=scores)
+            for name, e, a in zip(("tokens", "positions", "cu_seqlens", "grad"), expected, actual):
+                torch.testing.assert_close(a, e, rtol=0, atol=0, msg=f"{name} {scorer} B={batch}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_opcheck_packed_sampler(backend, device):
     """The registered sampler ops: real and fake kernels agree, autograd and the double backward are
     registered."""

@@ -57,6 +57,19 @@ PSS_HOST_DEVICE uint32_t key_position(int64_t key) {
   return 0xFFFFFFFFu - static_cast<uint32_t>(static_cast<uint64_t>(key) & 0xFFFFFFFFull);
 }
 
+// Packed selection (sample_patches_varlen): image b keeps counts[b] tokens, prefix included. A count
+// out of [num_prefix + 1, N] (refused on the host, but a kernel never trusts it) is clamped into it,
+// and rows at or past the allocated total are not written: wrong values, never out of bounds.
+PSS_HOST_DEVICE int64_t clamp_count(int64_t count, int64_t num_prefix, int64_t num_tokens) {
+  return count < num_prefix + 1 ? num_prefix + 1 : (count > num_tokens ? num_tokens : count);
+}
+
+// An image that keeps every patch keeps them in position order (sample_patches at keep_rate 1):
+// equal scores, ties to the lower position.
+PSS_HOST_DEVICE int64_t selection_key(float score, uint32_t position, bool all_kept) {
+  return topk_key(all_kept ? 0.0f : score, position);
+}
+
 // Sorts keys[0, n) descending in place; n is a power of two.
 PSS_HOST_DEVICE void bitonic_sort_descending(int64_t* keys, uint32_t n, uint32_t thread, uint32_t num_threads) {
   for (uint32_t size = 2; size <= n; size <<= 1) {

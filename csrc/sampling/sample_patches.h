@@ -31,6 +31,26 @@ void sample_patches_backward(std::uintptr_t grad_kept, std::uintptr_t slot, std:
                              int64_t batch, int64_t num_tokens, int64_t num_kept, int64_t row_bytes,
                              std::uintptr_t stream);
 
+// Packed (sample_patches_varlen): image b keeps counts[b] tokens (counts (B,) int64, prefix included)
+// -> tokens (T, C), positions (T,) int64, cu_seqlens (B + 1,) int32, slot (B, N) int32 packed rows or -1;
+// total = T = sum(counts). Counts out of [num_prefix + 1, N] are clamped into it and no row at or past
+// `total` is written (the host checks them first; the kernel never trusts them). workspace as above.
+void sample_patches_varlen_forward(std::uintptr_t x, std::uintptr_t scores, std::uintptr_t counts,
+                                   std::uintptr_t tokens, std::uintptr_t positions, std::uintptr_t cu_seqlens,
+                                   std::uintptr_t slot, std::uintptr_t workspace, int64_t batch, int64_t num_tokens,
+                                   int64_t channels, int64_t num_prefix, int64_t total, int dtype, int scorer,
+                                   bool spatial, std::uintptr_t stream);
+
+// grad_x[b, t] = grad_tokens[slot[b, t]] (packed rows) or 0 where slot < 0.
+void sample_patches_varlen_backward(std::uintptr_t grad_tokens, std::uintptr_t slot, std::uintptr_t grad_x,
+                                    int64_t batch, int64_t num_tokens, int64_t row_bytes, std::uintptr_t stream);
+
+// Host model of the packed selection (the kernel's clamp, keys, network and row bounds): scores (B, P)
+// float32, counts (B,) int64 -> positions (T,) int64, cu_seqlens (B + 1,) int32, host pointers.
+void select_patches_varlen_host(std::uintptr_t scores, std::uintptr_t counts, std::uintptr_t positions,
+                                std::uintptr_t cu_seqlens, int64_t batch, int64_t num_patches, int64_t num_prefix,
+                                int64_t total, bool spatial);
+
 // Host model of the kernel's selection (same keys, same bitonic network), for CPU tests:
 // scores (B, P) float32 in host memory -> positions (B, num_kept_patches) int64 in x_kept order.
 void select_patches_host(std::uintptr_t scores, std::uintptr_t positions, int64_t batch,

@@ -6,7 +6,7 @@ the dense one (allocation "fixed", the default, is the dense PSS path):
     x (B, N, C) embedded          scores (B, P) by the sampler's scorer (l1, l2, random, center)
     keep_counts (B,)              ops.varlen.keep_counts(allocation, scores, rho): the policy
     tokens (T, C), positions, cu  ops.varlen.sample_patches_varlen(x, keep_counts, scores=...) on the
-                                  sampler's backend when it has a packed form (torch, triton)
+                                  sampler's backend when it has a packed form (torch, triton, cuda)
     every block on (T, C)         LayerNorm, MLP and projections per token; attention through
                                   rpb_attention_varlen (inside each image, the bias from positions);
                                   stochastic depth per image, as the dense path's

@@ -279,6 +279,12 @@ _rpb_attention_varlen_fwd.register_autograd(_backward, setup_context=_setup_cont
 
 # ----------------------------------------------------------------------------- sample_patches_varlen
 
+def _sampler_kernels(backend: str):
+    # Imported on first use, as sample_patches' (triton.jit reads TRITON_INTERPRET at import).
+    from ..sample_patches.op import _kernel_module
+    return _kernel_module(backend)
+
+
 def _packed_slot(positions: torch.Tensor, keep_counts: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """(B, N) int32: the packed row each token went to, or -1 (the torch backend's backward map)."""
     batch = keep_counts.numel()
@@ -295,11 +301,10 @@ def _packed_slot(positions: torch.Tensor, keep_counts: torch.Tensor, num_tokens:
 def _sample_patches_varlen_op(x, scores, keep_counts, total, scorer, num_prefix_tokens, order, backend):
     """scorer "l1", "l2" or "given" (float32 scores); total = keep_counts.sum(). Returns (tokens (T, C),
     positions (T,) int64, cu_seqlens (B + 1,) int32, slot (B, N) int32)."""
-    if backend == "triton":
-        from ..sample_patches import triton_sample
+    if backend in ("triton", "cuda"):
         with torch.cuda.device_of(x):
-            return triton_sample.sample_patches_varlen_forward(x, scores, keep_counts.contiguous(), total, scorer,
-                                                               num_prefix_tokens, order)
+            return _sampler_kernels(backend).sample_patches_varlen_forward(x, scores, keep_counts.contiguous(), total,
+                                                                           scorer, num_prefix_tokens, order)
     tokens, positions, cu_seqlens = sample_patches_varlen_reference(
         x, keep_counts, scorer=scorer, num_prefix_tokens=num_prefix_tokens, order=order, scores=scores)
     return tokens, positions, cu_seqlens, _packed_slot(positions, keep_counts, x.shape[1])
@@ -316,10 +321,9 @@ def _(x, scores, keep_counts, total, scorer, num_prefix_tokens, order, backend):
                          schema="(Tensor grad_tokens, Tensor slot, str backend) -> Tensor")
 def _sample_patches_varlen_backward_op(grad_tokens, slot, backend):
     """grad_x (B, N, C): grad_tokens' row slot[b, t] at token t of image b, exact zeros where slot < 0."""
-    if backend == "triton":
-        from ..sample_patches import triton_sample
+    if backend in ("triton", "cuda"):
         with torch.cuda.device_of(grad_tokens):
-            return triton_sample.sample_patches_varlen_backward(grad_tokens, slot)
+            return _sampler_kernels(backend).sample_patches_varlen_backward(grad_tokens, slot)
     rows = grad_tokens[slot.clamp(min=0).long()]
     return torch.where((slot >= 0)[..., None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
 
@@ -373,9 +377,9 @@ def sample_patches_varlen(x: torch.Tensor, keep_counts: torch.Tensor, *, scorer:
     Returns (tokens (T, C), positions (T,) int64, cu_seqlens (B + 1,) int32), T = keep_counts.sum();
     tokens carry x's gradient (exact zeros at dropped tokens). One host sync reads the counts' range
     and sum (T sets the output shape).
-    backend: "torch" (image by image through the dense reference) | "triton" (one fused launch: scores,
-    each image's top-k_b, the offsets' prefix sum and the copy; not yet run on a GPU, so not the default)
-    | None ("torch").
+    backend: "torch" (image by image through the dense reference) | "triton" | "cuda" (one fused launch:
+    scores, each image's top-k_b, the offsets' prefix sum and the copy, as sample_patches' kernels; not
+    yet run on a GPU, so not the default) | None ("torch").
     """
     chosen = resolve_backend("sample_patches_varlen", backend, x.device, "torch", "torch")
     dtypes = FLOAT_DTYPES + ((torch.float64,) if chosen == "torch" else ())
