@@ -6,7 +6,8 @@
 sample_patches (triton fused and unfused, cuda when built; forward and backward) and rpb_attention
 (triton forward with the CLS row, backward with every bias-gradient accumulator, deterministic
 (csr / image-sum, and the deterministic slices), frozen table; with and without an index; and the
-sdpa backend's gather and scatter). Each result is also checked against the torch reference,
+sdpa backend's gather and scatter), and the packed ops (sample_patches_varlen's triton and cuda
+kernels, both CUDA plans; rpb_attention_varlen's triton kernel, default and deterministic). Each result is also checked against the torch reference,
 so a run that the sanitizer passes is a correct run too. Exit status 1 on a wrong result.
 
 Without a GPU it runs the same calls on CPU tensors in the Triton interpreter (a rehearsal of the
@@ -17,13 +18,17 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # The interpreter computes the masked lanes of the packed kernels' spare programs (0 / 0, log2 0),
+    # as a GPU does silently.
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
 
-from pss_kernels import rpb_attention, sample_patches  # noqa: E402
+from pss_kernels import rpb_attention, rpb_attention_varlen, sample_patches, sample_patches_varlen  # noqa: E402
 from pss_kernels._backends import cuda_extension  # noqa: E402
 from pss_kernels.ops.rpb_attention.reference import bias_table_rows, rpb_attention_reference  # noqa: E402
 from pss_kernels.ops.rpb_attention.triton_bias_grad import DBIAS_ENV_VAR  # noqa: E402
@@ -118,6 +123,58 @@ def attention_cases():
             check(f"{name} {grad_name}", got, want, tolerance)
 
 
+def packed_cases():
+    """The packed sampler (the CUDA kernel's split plan at B = 3, its fused plan at B = 160 > the SMs)
+    and the packed attention, against their torch backends."""
+    from pss_kernels.ops.sample_patches import triton_sample
+    generator = torch.Generator().manual_seed(2)
+    backends = ["triton"] + (["cuda"] if DEVICE.type == "cuda" and cuda_extension() is not None else [])
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    for backend in backends:
+        for batch in ((3, 160) if backend == "cuda" else (3,)):
+            x = (torch.randint(-8, 9, (batch, 21, 40), generator=generator) * 0.25).to(DEVICE, dtype).requires_grad_()
+            counts = torch.randint(2, 22, (batch,), generator=generator).to(DEVICE)
+            counts[0] = 21  # an image kept whole
+            tokens, positions, cu = sample_patches_varlen(x, counts, backend=backend)
+            want_tokens, want_positions, want_cu = sample_patches_varlen(x.detach(), counts, backend="torch")
+            name = f"sample_patches_varlen {backend} B={batch}"
+            check(f"{name} positions", positions, want_positions, 0)
+            check(f"{name} cu_seqlens", cu, want_cu, 0)
+            check(f"{name} tokens", tokens, want_tokens, 0)
+            (grad,) = torch.autograd.grad(tokens, x, torch.ones_like(tokens))
+            image = torch.repeat_interleave(torch.arange(batch, device=DEVICE), counts)
+            want = torch.zeros(batch, 21, device=DEVICE, dtype=dtype).index_put((image, want_positions),
+                                                                               torch.ones((), device=DEVICE, dtype=dtype))
+            check(f"{name} grad", grad, want[..., None].expand_as(x), 0)
+    x = (torch.randint(-8, 9, (3, 21, 24), generator=generator) * 0.25).to(DEVICE)
+    counts = torch.tensor([5, 21, 2], device=DEVICE)
+    with torch.cuda.device_of(x):
+        tokens, positions, _, _ = triton_sample.sample_patches_varlen_forward(x, None, counts, 28, "l1", 1, "score",
+                                                                              fused=False)
+    want_tokens, want_positions, _ = sample_patches_varlen(x, counts, backend="torch")
+    check("sample_patches_varlen triton unfused positions", positions, want_positions, 0)
+    check("sample_patches_varlen triton unfused tokens", tokens, want_tokens, 0)
+
+    grid, heads, head_dim = (4, 5), 2, 32
+    tolerance = 5e-2 if dtype == torch.bfloat16 else 1e-4
+    scores = torch.rand(4, 20, generator=generator)
+    counts = torch.tensor([21, 3, 12, 7])
+    _, positions, cu = sample_patches_varlen(torch.zeros(4, 21, 1), counts, scorer="given", scores=scores)
+    positions, cu = positions.to(DEVICE), cu.to(DEVICE)
+    for deterministic in (False, True):
+        q, k, v = (torch.randn(int(counts.sum()), heads, head_dim, generator=generator).to(DEVICE, dtype)
+                   .requires_grad_() for _ in range(3))
+        table = torch.randn(bias_table_rows(grid), heads, generator=generator).to(DEVICE).requires_grad_()
+        results = {}
+        for backend in ("triton", "torch"):
+            out = rpb_attention_varlen(q, k, v, table, positions, cu, grid_size=grid, backend=backend,
+                                       deterministic=deterministic)
+            results[backend] = (out, *torch.autograd.grad(out, (q, k, v, table), torch.ones_like(out)))
+        name = f"rpb_attention_varlen triton{' deterministic' if deterministic else ''}"
+        for part, got, want in zip(("out", "dq", "dk", "dv", "dbias_table"), results["triton"], results["torch"]):
+            check(f"{name} {part}", got, want, tolerance)
+
+
 def rpb_logits(q, k, table, index, grid):
     from pss_kernels.ops.rpb_attention.reference import rpb_attention_logits
     return rpb_attention_logits(q.detach(), k.detach(), table.detach(), index, grid, 1, q.shape[-1] ** -0.5)
@@ -128,6 +185,7 @@ def main() -> int:
           flush=True)
     sampling_cases()
     attention_cases()
+    packed_cases()
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
     print(f"{len(FAILURES)} wrong results" + (f": {FAILURES}" if FAILURES else ""), flush=True)
