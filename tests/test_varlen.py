@@ -519,8 +519,8 @@ def test_mass_allocation_keeps_the_fewest_patches_holding_the_fraction():
 def packed_model(allocation, **options):
     from pss_kernels.models import create_model
     torch.manual_seed(0)
-    return create_model("deit_tiny", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5,
-                        allocation=allocation, **options)
+    options = {"embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 5, **options}
+    return create_model("deit_tiny", img_size=32, patch_size=8, allocation=allocation, **options)
 
 
 @pytest.mark.parametrize("pool", ["mean", "cls"])
@@ -537,6 +537,52 @@ def test_packed_model_with_equal_counts_equals_the_dense_model(pool, monkeypatch
         model.eval()
     torch.testing.assert_close(budget(images, keep_rate=0.6), dense(images, keep_rate=0.6), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(budget(images, keep_rate=1.0), dense(images, keep_rate=1.0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("placement", ["after_attention", "before_block"])
+def test_packed_token_level_with_equal_counts_equals_the_dense_model(placement, monkeypatch):
+    """Tri-Level's token level on packed tokens: with every image given round(rho N) tokens, the
+    selectors keep what the dense selectors keep and the logits and gradients are the dense path's."""
+    from pss_kernels.models import TokenPruning, packed
+    from pss_kernels.ops.varlen import fixed_keep_counts
+    models = {allocation: packed_model(allocation, depth=4, token_pruning=TokenPruning((2, 3), placement=placement))
+              for allocation in ("fixed", "budget")}
+    models["budget"].load_state_dict(models["fixed"].state_dict())
+    monkeypatch.setattr(packed, "keep_counts", lambda policy, scores, rate, prefix: fixed_keep_counts(
+        scores.shape[0], scores.shape[1] + prefix, rate, prefix, device=scores.device))
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    results = {}
+    for allocation, model in models.items():
+        model.token_keep_rate = 0.7
+        logits = model.eval()(images, keep_rate=0.6)
+        logits.square().sum().backward()
+        results[allocation] = (logits, model.blocks[0].attn.qkv.weight.grad, model.patch_embed.proj.weight.grad)
+    for got, want in zip(results["budget"], results["fixed"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_packed_token_level_keeps_a_count_per_image():
+    """select_packed: image b keeps its CLS and kept_count(n_b - 1) patches by CLS attention, as the
+    dense selector keeps them in a batch of that image alone; a 2-token image keeps both."""
+    from pss_kernels.models import TokenPruning
+    from pss_kernels.models.token_pruning import kept_count
+    pruning = TokenPruning((1,), token_keep_rate=0.5, quantum=None)
+    lengths = [9, 2, 6, 13]
+    total = sum(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(total, 4, generator=generator)
+    positions = torch.arange(total) * 3
+    cls_attention = torch.randint(0, 3, (total,), generator=generator).float()  # ties
+    new_tokens, new_positions, new_cu = pruning.select_packed(tokens, positions, cu, cls_attention)
+    want_lengths = [1 + kept_count(n - 1, 0.5, None) for n in lengths]
+    assert (new_cu[1:] - new_cu[:-1]).tolist() == want_lengths
+    for b, n in enumerate(lengths):
+        start = int(cu[b])
+        x, index, _ = pruning.select(tokens[start:start + n][None], positions[start:start + n][None], None,
+                                     cls_attention[start:start + n][None], None)
+        part = slice(int(new_cu[b]), int(new_cu[b + 1]))
+        assert torch.equal(new_tokens[part], x[0]) and torch.equal(new_positions[part], index[0]), b
 
 
 @pytest.mark.parametrize("allocation", ["budget", "mass"])
@@ -589,8 +635,10 @@ def test_packed_model_refuses_what_it_does_not_run():
     from pss_kernels.models import TokenPruning
     with pytest.raises(ValueError, match="allocation must be one of"):
         packed_model("greedy")
-    with pytest.raises(ValueError, match="does not combine with token_pruning"):
-        packed_model("budget", token_pruning=TokenPruning((2,)))
+    model = packed_model("budget", token_pruning=TokenPruning((2,)))
+    model.token_keep_rate, model.attention_keep_rate = 0.7, 0.5
+    with pytest.raises(ValueError, match="the attention level .* runs on dense tokens only"):
+        model(torch.randn(2, 3, 32, 32), keep_rate=0.5)
     with pytest.raises(ValueError, match="needs the relative position bias"):
         packed_model("mass", rpb=False)
     with pytest.raises(ValueError, match="dense peer"):
@@ -610,6 +658,29 @@ def test_pss_train_runs_and_resumes_with_a_budget_allocation(tmp_path):
     Trainer(TrainConfig(**options, out_dir=str(tmp_path / "resumed"), stop_at_step=30), cpu).fit()
     resumed = Trainer(TrainConfig(**options, out_dir=str(tmp_path / "resumed"), resume="auto"), cpu).fit()
     assert resumed["params_sha256"] == straight["params_sha256"]
+
+
+def test_pss_train_runs_tri_level_token_pruning_on_packed_tokens(tmp_path):
+    """--allocation budget with --token-pruning: the selectors prune each image's own tokens; the run
+    finishes and its model keeps different lengths per image after the selectors."""
+    from pss_kernels.train import Trainer, TrainConfig
+    from pss_kernels.train.distributed import DistInfo
+    cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    config = TrainConfig(model="deit_tiny", embed_dim=16, depth=3, num_heads=2, patch_size=4, data="digits",
+                         img_size=16, batch_size=64, lr=2e-3, workers=0, progress=False, epochs=2,
+                         schedule="fixed:0.6", allocation="budget", scorer="l1", token_pruning="0.7,2",
+                         pruning_warmup="0,1", out_dir=str(tmp_path))
+    trainer = Trainer(config, cpu)
+    summary = trainer.fit()
+    assert summary["finished"] and summary["final_eval"]["top1"] >= 0
+    from pss_kernels.models import packed
+    model = trainer.model
+    assert model.token_keep_rate == pytest.approx(0.7)
+    x = torch.randn(4, 1 + 16, 16)
+    x[0] *= 5  # a bright image: the budget policy gives it more tokens
+    _, _, cu = packed.packed_features(model.eval(), x, 0.6)
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    assert len(set(lengths)) > 1 and sum(lengths) < round(0.6 * 4 * 17)  # per image, and pruned
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

@@ -12,9 +12,12 @@ the dense one (allocation "fixed", the default, is the dense PSS path):
                                   stochastic depth per image, as the dense path's
     pooled (B, C)                 the mean of each image's patch tokens (pool="mean") or its CLS token
 
-With the same counts in every image the result equals the dense path's (tested). Not on this path:
-token pruning, growth's active heads, plain (no-RPB) attention and the peers' attention impls:
-those are refused with a ValueError that says so.
+Tri-Level's token level (token_pruning, models/token_pruning.py) runs on the packed tokens too: a
+selector reads its block's per-image CLS attention (rpb_attention_varlen's return_cls_attention) and
+each image keeps kept_count(n_b - 1) of its own n_b - 1 patches (TokenPruning.select_packed), so the
+images' lengths stay different. With the same counts in every image the result equals the dense
+path's (tested). Not on this path: the attention level (R_A < 1), growth's active heads, plain
+(no-RPB) attention and the peers' attention impls: those are refused with a ValueError that says so.
 """
 from __future__ import annotations
 
@@ -37,8 +40,6 @@ VARLEN_SAMPLER_BACKENDS = OP_BACKENDS["sample_patches_varlen"]
 
 def check_packable(model) -> None:
     """ValueError naming what the packed path does not run."""
-    if model.token_pruning is not None:
-        raise ValueError("allocation='budget' / 'mass' (packed tokens) does not combine with token_pruning")
     for number, block in enumerate(model.blocks):
         attn = block.attn
         if not isinstance(attn, RelPosBlockAttention):
@@ -69,8 +70,9 @@ def _drop_path(x: torch.Tensor, drop_prob: float, image_ids: torch.Tensor, num_i
 
 
 def _attention(attn: RelPosBlockAttention, x: torch.Tensor, positions: torch.Tensor,
-               cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """(T, C) -> (T, C): the block's attention over each image's own tokens."""
+               cu_seqlens: torch.Tensor, return_cls_attention: bool = False):
+    """(T, C) -> (T, C): the block's attention over each image's own tokens (and (T,) the CLS
+    attention of each image, for a selector)."""
     total, dim = x.shape
     heads = attn.num_heads
     bias = None if attn.q_bias is None else torch.cat((attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias))
@@ -78,8 +80,17 @@ def _attention(attn: RelPosBlockAttention, x: torch.Tensor, positions: torch.Ten
     out = rpb_attention_varlen(q, k, v, attn.relative_position_bias_table, positions, cu_seqlens,
                                grid_size=attn.grid_size, num_prefix_tokens=attn.num_prefix_tokens,
                                backend=attn.backend if attn.backend in VARLEN_ATTENTION_BACKENDS else None,
-                               deterministic=attn.deterministic, check_inputs=False)  # from sample_patches_varlen
+                               deterministic=attn.deterministic, check_inputs=False,  # from sample_patches_varlen
+                               return_cls_attention=return_cls_attention)
+    if return_cls_attention:
+        out, cls_attention = out
+        return attn.proj_drop(attn.proj(out.reshape(total, dim))), cls_attention
     return attn.proj_drop(attn.proj(out.reshape(total, dim)))
+
+
+def _image_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths)
 
 
 def packed_features(model, x: torch.Tensor, keep_rate: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -91,13 +102,23 @@ def packed_features(model, x: torch.Tensor, keep_rate: float) -> Tuple[torch.Ten
     tokens, positions, cu_seqlens = sample_patches_varlen(
         x, counts, scorer="given", scores=scores, num_prefix_tokens=model.num_prefix_tokens,
         backend=sampler_backend if sampler_backend in VARLEN_SAMPLER_BACKENDS else None)
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    image_ids = torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), lengths)
-    for block in model.blocks:
-        branch = block.ls1(_attention(block.attn, block.norm1(tokens), positions, cu_seqlens))
-        tokens = tokens + _drop_path(branch, block.drop_path1.drop_prob, image_ids, x.shape[0], block.training)
+    image_ids = _image_ids(cu_seqlens)
+    pruning = model.token_pruning if model.token_pruning is not None and model.token_pruning.active else None
+    reads = pruning.reading_blocks() if pruning is not None else frozenset()
+    for number, block in enumerate(model.blocks, start=1):
+        selector = pruning if number in reads else None
+        out = _attention(block.attn, block.norm1(tokens), positions, cu_seqlens, selector is not None)
+        branch, cls_attention = out if selector is not None else (out, None)
+        tokens = tokens + _drop_path(block.ls1(branch), block.drop_path1.drop_prob, image_ids, x.shape[0],
+                                     block.training)
+        if selector is not None and selector.after == "attention":
+            tokens, positions, cu_seqlens = selector.select_packed(tokens, positions, cu_seqlens, cls_attention)
+            image_ids = _image_ids(cu_seqlens)
         branch = block.ls2(block.mlp(block.norm2(tokens)))
         tokens = tokens + _drop_path(branch, block.drop_path2.drop_prob, image_ids, x.shape[0], block.training)
+        if selector is not None and selector.after == "mlp":
+            tokens, positions, cu_seqlens = selector.select_packed(tokens, positions, cu_seqlens, cls_attention)
+            image_ids = _image_ids(cu_seqlens)
     return tokens, positions, cu_seqlens
 
 

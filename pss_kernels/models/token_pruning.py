@@ -199,6 +199,38 @@ class TokenPruning(nn.Module):
             key_mask = top_key_mask(attention_map, inner, self.attention_keep_rate, self.quantum)
         return x, index, key_mask
 
+    def select_packed(self, tokens: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor,
+                      cls_attention: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The token level on packed tokens (models/packed.py): (tokens (T, C), positions (T,), cu_seqlens
+        (B + 1,)) -> the same for the kept tokens. Image b keeps its CLS token and kept_count(n_b - 1)
+        of its n_b - 1 patch tokens by cls_attention (T,), so images of different lengths keep different
+        numbers; within an image the order and ties are select()'s (descending score, ties to the lower
+        row; an image that keeps every patch keeps its order). One prefix (CLS) token per image."""
+        if self.stats == "map":
+            raise ValueError("the attention level (attention_keep_rate < 1) runs on dense tokens only; packed "
+                             "tokens (allocation 'budget' / 'mass') take the token level")
+        total = tokens.shape[0]
+        starts = cu_seqlens[:-1].long()
+        lengths = cu_seqlens[1:].long() - starts
+        image = torch.repeat_interleave(torch.arange(lengths.numel(), device=tokens.device), lengths)
+        patches = lengths - 1
+        # kept_count per image, in float64 as Python's math.ceil computes it.
+        kept = torch.ceil(quantise(self.token_keep_rate, self.quantum) * patches.double() - 1e-9).long()
+        kept = torch.minimum(patches, kept.clamp(min=1))
+        row = torch.arange(total, device=tokens.device)
+        scores = cls_attention.detach().float().clone()
+        scores[starts] = float("inf")  # the CLS token first
+        # Descending score with ties to the lower row, then grouped by image (stable): each image's
+        # rows in selection order, its segment where it was.
+        order = torch.sort(scores, descending=True, stable=True).indices
+        order = order[torch.sort(image[order], stable=True).indices]
+        rank = row - starts[image]  # the rank of order[row] within its image
+        keep_all = (kept == patches)[image]
+        chosen = torch.where(keep_all, row, order)[rank < (kept + 1)[image]]
+        new_cu = torch.zeros_like(cu_seqlens)
+        new_cu[1:] = torch.cumsum(kept + 1, 0).to(cu_seqlens.dtype)
+        return tokens.index_select(0, chosen), positions.index_select(0, chosen), new_cu
+
     def extra_repr(self) -> str:
         return (f"blocks={self.blocks}, token_keep_rate={self.token_keep_rate}, "
                 f"attention_keep_rate={self.attention_keep_rate}, placement={self.placement!r}, "
