@@ -5,10 +5,12 @@ evaluates the validation split at every keep rate rho in {1.0, 0.9, ..., 0.2} an
 --out-dir (default: <checkpoint dir>/eval):
 
     sweep.json    per rho: kept tokens, top-1 %, loss, images/s (forward passes only, after one
-                  warm-up batch), plus the device and library versions
+                  warm-up batch), plus the device and library versions; a packed model (allocation
+                  budget / mass) also the per-image spread of its kept tokens
     sweep.png     top-1 and throughput against rho
-    patches.png   a few validation images per rho with the dropped patches greyed out,
-                  titled with the prediction and its probability
+    patches.png   a few validation images per rho with the dropped patches greyed out (after
+                  the last token-pruning selector), titled with the prediction and its probability;
+                  a packed model's images each with its own kept count
 
 Backends: --sampler-backend / --attn-backend (the flags of pss-train) choose them for the
 evaluation; "auto" is the package's choice for the device. Without a flag the checkpoint's
@@ -135,7 +137,14 @@ def load_model_from_checkpoint(path, *, ema: bool = False, data_dir: Optional[st
     return model.eval(), val_set, info, config
 
 
+def is_packed(model, keep_rate: float) -> bool:
+    """Whether the model runs this rate on packed tokens (a per-image count: models/packed.py)."""
+    return getattr(model, "allocation", "fixed") != "fixed" and keep_rate < 1.0
+
+
 def sweep(model, loader, keep_rates: Sequence[float], *, device, autocast_dtype) -> List[dict]:
+    """Per rate: the nominal kept tokens round(rho N) and, for a packed model, "mean_tokens" / "min_tokens" /
+    "max_tokens" per image at the input as its allocation gives them on the warm-up batch."""
     num_tokens = 1 + model.patch_embed.num_patches
     warmup_images = next(iter(loader))[0].to(device)
     results = []
@@ -144,7 +153,14 @@ def sweep(model, loader, keep_rates: Sequence[float], *, device, autocast_dtype)
             model(warmup_images, keep_rate=rate)  # first-call costs (allocation, autotuning) stay out of the timing
         metrics = validate(model, loader, device=device, keep_rate=rate, autocast_dtype=autocast_dtype)
         tokens = num_kept_tokens(num_tokens, rate) if rate < 1.0 else num_tokens
-        results.append({"keep_rate": rate, "tokens": tokens, **metrics})
+        entry = {"keep_rate": rate, "tokens": tokens}
+        if is_packed(model, rate):
+            from .models.packed import input_keep_counts
+            with torch.no_grad(), autocast_context(device, autocast_dtype):
+                counts = input_keep_counts(model, model.embed(warmup_images), rate).float()
+            entry.update(mean_tokens=round(float(counts.mean()), 2), min_tokens=int(counts.min()),
+                         max_tokens=int(counts.max()))
+        results.append({**entry, **metrics})
     return results
 
 
@@ -179,6 +195,34 @@ def kept_patch_mask(index: Optional[torch.Tensor], batch: int, grid_size, num_pr
     return mask.view(batch, grid_h, grid_w)
 
 
+def packed_kept_patch_mask(positions: torch.Tensor, cu_seqlens: torch.Tensor, grid_size,
+                           num_prefix_tokens: int = 1) -> torch.Tensor:
+    """(B, Gh, Gw) bool from packed positions (T,) and offsets (B + 1,): each image's kept patches."""
+    grid_h, grid_w = grid_size
+    positions, cu_seqlens = positions.cpu(), cu_seqlens.cpu().long()
+    batch = cu_seqlens.numel() - 1
+    image = torch.repeat_interleave(torch.arange(batch), cu_seqlens[1:] - cu_seqlens[:-1])
+    is_patch = positions >= num_prefix_tokens
+    mask = torch.zeros(batch, grid_h * grid_w, dtype=torch.bool)
+    mask[image[is_patch], positions[is_patch] - num_prefix_tokens] = True
+    return mask.view(batch, grid_h, grid_w)
+
+
+def kept_and_probabilities(model, images: torch.Tensor, keep_rate: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """((B, Gh, Gw) kept patches after the last selector, (B, classes) probabilities) of one forward pass
+    as the model runs it at this rate: dense, or packed for a budget / mass allocation."""
+    if is_packed(model, keep_rate):
+        from .models.packed import packed_features, packed_pool
+        tokens, positions, cu_seqlens = packed_features(model, model.pos_drop(model.embed(images)), keep_rate)
+        logits = model.head(model.head_drop(packed_pool(model, tokens, cu_seqlens)))
+        kept = packed_kept_patch_mask(positions, cu_seqlens, model.grid_size, model.num_prefix_tokens)
+    else:
+        tokens, index = model.forward_features(images, keep_rate=keep_rate)
+        logits = model.forward_head(tokens)
+        kept = kept_patch_mask(index, images.shape[0], model.grid_size, model.num_prefix_tokens)
+    return kept, logits.float().softmax(-1).cpu()
+
+
 def grey_out_dropped(images: torch.Tensor, kept: torch.Tensor, patch_size: int) -> torch.Tensor:
     """images (B, 3, H, W) in [0, 1]; dropped patches blended towards light grey."""
     pixel_kept = kept.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2)[:, None]
@@ -200,20 +244,21 @@ def plot_kept_patches(model, images: torch.Tensor, info: DataInfo, keep_rates: S
     fig, axes = plt.subplots(batch, len(keep_rates), figsize=(2.2 * len(keep_rates), 2.4 * batch), squeeze=False)
     for column, rate in enumerate(keep_rates):
         with autocast_context(device, autocast_dtype):
-            tokens, index = model.forward_features(images.to(device), keep_rate=rate)
-            probs = model.forward_head(tokens).float().softmax(-1).cpu()
-        kept = kept_patch_mask(index, batch, model.grid_size, model.num_prefix_tokens)
+            kept, probs = kept_and_probabilities(model, images.to(device), rate)
+        per_image = is_packed(model, rate)  # packed: each image keeps its own count
         shown = grey_out_dropped(pictures, kept, model.patch_embed.patch_size)
         for row in range(batch):
             ax = axes[row][column]
             ax.imshow(shown[row].permute(1, 2, 0).numpy(), interpolation="nearest")
             confidence, label = probs[row].max(-1)
             name = class_names[label] if class_names else str(int(label))
-            ax.set_xlabel(f"{name} ({100 * confidence:.0f} %)", fontsize=8)
+            count = f", {int(kept[row].sum())} patches" if per_image else ""
+            ax.set_xlabel(f"{name} ({100 * confidence:.0f} %{count})", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
-                ax.set_title(f"ρ = {rate:g} ({int(kept[0].sum())} patches)", fontsize=9)
+                patches = f"{model.allocation}, per image" if per_image else f"{int(kept[0].sum())} patches"
+                ax.set_title(f"ρ = {rate:g} ({patches})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -253,7 +298,8 @@ def run(args: argparse.Namespace) -> dict:
         "rpb": config.rpb, "schedule": config.schedule, "data": config.data, "img_size": info.img_size,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "precision": str(autocast_dtype or torch.float32),
-        "backends": {name: backend or "auto" for name, backend in backends.items()}, "results": results,
+        "backends": {name: backend or "auto" for name, backend in backends.items()},
+        "allocation": getattr(config, "allocation", "fixed"), "results": results,
     }
     (out_dir / "sweep.json").write_text(json.dumps(report, indent=1) + "\n")
     plot_sweep(results, f"{config.model} ({'RPB' if config.rpb else 'no RPB'}), trained with {config.schedule}",
@@ -266,8 +312,10 @@ def run(args: argparse.Namespace) -> dict:
         plot_kept_patches(model, images, info, picture_rates, out_dir / "patches.png", device=device,
                           autocast_dtype=autocast_dtype, class_names=getattr(base, "classes", None))
     for entry in results:
+        spread = (f" (per image {entry['min_tokens']}-{entry['max_tokens']}, mean {entry['mean_tokens']:g})"
+                  if "mean_tokens" in entry else "")
         print(f"rho={entry['keep_rate']:<4g} tokens={entry['tokens']:<4d} top-1={entry['top1']:6.2f} %  "
-              f"{entry['images_per_s']:9.1f} img/s", flush=True)
+              f"{entry['images_per_s']:9.1f} img/s{spread}", flush=True)
     print(f"wrote {out_dir / 'sweep.json'}, sweep.png" + (", patches.png" if args.num_pictures > 0 else ""))
     return report
 

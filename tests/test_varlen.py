@@ -682,6 +682,42 @@ def test_pss_train_runs_tri_level_token_pruning_on_packed_tokens(tmp_path):
     lengths = (cu[1:] - cu[:-1]).tolist()
     assert len(set(lengths)) > 1 and sum(lengths) < round(0.6 * 4 * 17)  # per image, and pruned
 
+    # pss-evaluate on the packed checkpoint: the sweep records each rate's per-image spread, the
+    # pictures show what each image kept.
+    import json
+    from pss_kernels import evaluate
+    out = tmp_path / "eval"
+    assert evaluate.main(["--checkpoint", str(tmp_path / "checkpoint.pt"), "--out-dir", str(out), "--keep-rates",
+                          "1.0,0.6", "--max-images", "64", "--batch-size", "32", "--workers", "0",
+                          "--num-pictures", "2"]) == 0
+    report = json.loads((out / "sweep.json").read_text())
+    assert report["allocation"] == "budget"
+    full, packed_rate = report["results"]
+    assert "mean_tokens" not in full and packed_rate["min_tokens"] <= packed_rate["mean_tokens"] <= \
+        packed_rate["max_tokens"]
+    assert packed_rate["mean_tokens"] == pytest.approx(round(0.6 * 32 * 17) / 32, abs=0.01)  # budget: T = round(rho B N)
+    assert (out / "patches.png").stat().st_size > 0
+
+
+def test_evaluate_pictures_what_a_packed_model_keeps_per_image():
+    """kept_and_probabilities on a packed model: each image's mask holds the patches it kept (its own
+    count, after the selectors) and the probabilities are the model's own packed forward's."""
+    from pss_kernels import evaluate
+    from pss_kernels.models import TokenPruning, packed
+    model = packed_model("budget", depth=3, token_pruning=TokenPruning((2,))).eval()
+    model.token_keep_rate = 0.7
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    images[0] *= 4
+    with torch.no_grad():
+        kept, probs = evaluate.kept_and_probabilities(model, images, 0.5)
+        _, positions, cu = packed.packed_features(model, model.embed(images), 0.5)
+        torch.testing.assert_close(probs, model(images, keep_rate=0.5).softmax(-1))
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    assert kept.flatten(1).sum(1).tolist() == [n - 1 for n in lengths] and len(set(lengths)) > 1
+    mask = evaluate.packed_kept_patch_mask(torch.tensor([0, 2, 3, 0, 1]), torch.tensor([0, 3, 5], dtype=torch.int32),
+                                           (2, 2))
+    assert mask.tolist() == [[[False, True], [True, False]], [[True, False], [False, False]]]
+
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_varlen_peers_on_cpu():

@@ -93,11 +93,18 @@ def _image_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths)
 
 
+def input_keep_counts(model, x: torch.Tensor, keep_rate: float, scores=None) -> torch.Tensor:
+    """(B,) the tokens each image of embedded x (B, N, C) keeps at the input: the model's allocation
+    policy on its sampler's scores."""
+    scores = _scores(model, x) if scores is None else scores
+    return keep_counts(model.allocation, scores.detach(), keep_rate, model.num_prefix_tokens)
+
+
 def packed_features(model, x: torch.Tensor, keep_rate: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(tokens (T, C) after the last block, positions (T,), cu_seqlens (B + 1,)) of embedded x (B, N, C)."""
     check_packable(model)
     scores = _scores(model, x)
-    counts = keep_counts(model.allocation, scores.detach(), keep_rate, model.num_prefix_tokens)
+    counts = input_keep_counts(model, x, keep_rate, scores)
     sampler_backend = model.sampler.backend
     tokens, positions, cu_seqlens = sample_patches_varlen(
         x, counts, scorer="given", scores=scores, num_prefix_tokens=model.num_prefix_tokens,

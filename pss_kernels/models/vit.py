@@ -200,17 +200,20 @@ class VisionTransformer(nn.Module):
             return x, None
         return self.sampler(x, keep_rate=keep_rate)  # a per-call rate leaves model.keep_rate as it is
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) tokens entering the sampler: the CLS token, then the patch embeddings, plus the
+        position embedding where the model has one."""
+        patches = self.patch_embed(images)
+        x = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1)
+        return x if self.pos_embed is None else x + self.pos_embed
+
     def forward_features(self, images: torch.Tensor,
                          keep_rate: Optional[float] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(tokens (B, k, C) after the last block, index (B, k) int64 positions in the full sequence
         of N = 1 + P tokens, or None when every token was kept). Patch t sits at position t + 1.
         With token_pruning, k and index are those after the last selector (input sampling and
         in-network selection composed)."""
-        patches = self.patch_embed(images)
-        x = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed
-        x, index = self._sample(self.pos_drop(x), keep_rate)
+        x, index = self._sample(self.pos_drop(self.embed(images)), keep_rate)
         pruning = self.token_pruning
         if pruning is None or not pruning.active:
             for block in self.blocks:
@@ -238,11 +241,7 @@ class VisionTransformer(nn.Module):
         rate = self.sampler.keep_rate if keep_rate is None else keep_rate
         if self.allocation != "fixed" and rate != 1.0:
             from .packed import packed_features, packed_pool
-            patches = self.patch_embed(images)
-            x = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1)
-            if self.pos_embed is not None:
-                x = x + self.pos_embed
-            tokens, _, cu_seqlens = packed_features(self, self.pos_drop(x), check_keep_rate(rate))
+            tokens, _, cu_seqlens = packed_features(self, self.pos_drop(self.embed(images)), check_keep_rate(rate))
             return self.head(self.head_drop(packed_pool(self, tokens, cu_seqlens)))
         tokens, _ = self.forward_features(images, keep_rate)
         return self.forward_head(tokens)
