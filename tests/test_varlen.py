@@ -230,6 +230,78 @@ def test_varlen_gradients_pass_gradcheck_in_float64():
         (q, k, v, table))
 
 
+NATIVE_GRIDS = [(2, 3), (4, 4), (3, 2), (1, 4)]
+MAX_GRID = (4, 4)
+
+
+def native_case(seed=0, device="cpu", dtype=torch.float32, heads=2, head_dim=8):
+    """Images of the grids NATIVE_GRIDS, each keeping its CLS and a random subset of its own patches:
+    (row, column) cells (T, 2), each image's positions in its own grid, offsets, q, k, v, the MAX_GRID table."""
+    generator = torch.Generator().manual_seed(seed)
+    cells, own_positions, counts = [], [], []
+    for grid_h, grid_w in NATIVE_GRIDS:
+        patches = grid_h * grid_w
+        kept = torch.randperm(patches, generator=generator)[:max(1, patches * 2 // 3)]
+        cells.append(torch.cat([torch.tensor([[-1, -1]]), torch.stack([kept // grid_w, kept % grid_w], 1)]))
+        own_positions.append(torch.cat([torch.zeros(1, dtype=torch.int64), kept + 1]))
+        counts.append(kept.numel() + 1)
+    cells = torch.cat(cells).to(device)
+    cu = torch.zeros(len(counts) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(counts).cumsum(0)
+    total = int(cu[-1])
+    q, k, v = (torch.randn(total, heads, head_dim, generator=generator).to(device, dtype).requires_grad_()
+               for _ in range(3))
+    table = torch.randn(bias_table_rows(MAX_GRID, 1), heads, generator=generator).to(device).requires_grad_()
+    return cells, own_positions, cu.to(device), q, k, v, table
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "triton"])
+def test_images_of_different_grids_share_the_largest_grids_table(backend, device):
+    """Native resolution: (row, column) cells of images of different grid sizes, one batch, the largest
+    grid's table. Each image must get what the dense op gives it on its own grid with that grid's view
+    of the table (sub_grid_table): values, and gradients to q, k, v and the shared table."""
+    from pss_kernels.ops.rpb_attention.reference import sub_grid_table
+    cells, own_positions, cu, q, k, v, table = native_case(device=device)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(device)
+    out = rpb_attention_varlen(q, k, v, table, cells, cu, grid_size=MAX_GRID, backend=backend)
+    got = (out, *torch.autograd.grad(out, (q, k, v, table), grad))
+    outs = []
+    for b, grid in enumerate(NATIVE_GRIDS):
+        part = slice(int(cu[b]), int(cu[b + 1]))
+        own_table = sub_grid_table(table, MAX_GRID, grid)
+        qb, kb, vb = (t[part].transpose(0, 1)[None] for t in (q, k, v))
+        outs.append(rpb_attention(qb, kb, vb, own_table, own_positions[b][None].to(device), grid_size=grid,
+                                  backend="torch")[0].transpose(0, 1))
+    want_out = torch.cat(outs)
+    want = (want_out, *torch.autograd.grad(want_out, (q, k, v, table), grad))
+    for name, g, w in zip(("out", "dq", "dk", "dv", "dtable"), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_sub_grid_table_and_cells_are_checked():
+    from pss_kernels.ops.rpb_attention.reference import relative_index, sub_grid_table
+    from pss_kernels.ops.varlen import flat_positions
+    table = torch.arange(bias_table_rows((4, 5), 1), dtype=torch.float32)[:, None]
+    small = sub_grid_table(table, (4, 5), (2, 3))
+    assert small.shape == (bias_table_rows((2, 3), 1), 1)
+    # Patches (0, 0) and (1, 2) of a 2 x 3 grid: the same offset's row in either layout.
+    small_row = relative_index(torch.tensor(1), torch.tensor(1 + 5), (2, 3))
+    big_row = relative_index(torch.tensor(1), torch.tensor(1 + 7), (4, 5))
+    assert small[small_row] == table[big_row] and small[-1] == table[-1]
+    with pytest.raises(ValueError, match="sub_grid_size must fit"):
+        sub_grid_table(table, (4, 5), (5, 1))
+    assert flat_positions(torch.tensor([[-1, -1], [0, 0], [2, 3]]), (4, 5)).tolist() == [0, 1, 14]
+    with pytest.raises(ValueError, match=r"cell 1 is \(0, 5\), outside the 4 x 5 grid"):
+        flat_positions(torch.tensor([[-1, -1], [0, 5]]), (4, 5))
+    with pytest.raises(ValueError, match="cell 0 is"):
+        flat_positions(torch.tensor([[-1, -1]]), (4, 5), num_prefix_tokens=0)
+    cells, _, cu, q, k, v, table = native_case()
+    with pytest.raises(ValueError, match="outside the 3 x 3 grid"):
+        rpb_attention_varlen(q, k, v, torch.zeros(bias_table_rows((3, 3), 1), 2), cells, cu, grid_size=(3, 3))
+    with pytest.raises(ValueError, match=r"positions must be \(T,\) positions or \(T, 2\)"):
+        rpb_attention_varlen(q, k, v, table, cells[:, :1].repeat(1, 3), cu, grid_size=MAX_GRID)
+
+
 def test_varlen_attention_refuses_bad_offsets_and_positions():
     q, k, v, table, positions, cu = packed_case([5, 6])
     options = dict(grid_size=GRID, backend="torch")

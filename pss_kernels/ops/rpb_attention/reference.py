@@ -18,6 +18,24 @@ def bias_table_rows(grid_size: Tuple[int, int], num_prefix_tokens: int = 1) -> i
     return (2 * grid_h - 1) * (2 * grid_w - 1) + (3 if num_prefix_tokens else 0)
 
 
+def sub_grid_table(bias_table: torch.Tensor, grid_size: Tuple[int, int], sub_grid_size: Tuple[int, int],
+                   num_prefix_tokens: int = 1) -> torch.Tensor:
+    """The rows of a (Gh, Gw) grid's table that a smaller (gh, gw) grid uses, in the (gh, gw) table's
+    layout: each relative offset (dr, dc) with |dr| < gh, |dc| < gw, then the CLS rows. Differentiable
+    (a gather): images of different grids sharing the largest grid's table see these biases."""
+    grid_h, grid_w = grid_size
+    sub_h, sub_w = sub_grid_size
+    if not (1 <= sub_h <= grid_h and 1 <= sub_w <= grid_w):
+        raise ValueError(f"sub_grid_size must fit in grid_size {tuple(grid_size)}, got {tuple(sub_grid_size)}")
+    rows = torch.arange(-(sub_h - 1), sub_h, device=bias_table.device)
+    cols = torch.arange(-(sub_w - 1), sub_w, device=bias_table.device)
+    index = ((rows[:, None] + grid_h - 1) * (2 * grid_w - 1) + cols[None, :] + grid_w - 1).flatten()
+    if num_prefix_tokens:
+        total = bias_table_rows(grid_size, num_prefix_tokens)
+        index = torch.cat([index, torch.arange(total - 3, total, device=bias_table.device)])
+    return bias_table[index]
+
+
 def relative_index(pos_q: torch.Tensor, pos_k: torch.Tensor, grid_size: Tuple[int, int],
                    num_prefix_tokens: int = 1) -> torch.Tensor:
     """Table row of each (query position, key position) pair; broadcasts like `pos_q - pos_k`."""

@@ -9,6 +9,8 @@ cu_seqlens[b + 1] - 1, and `positions` (T,) each token's position in the full se
   oracle, per-image dense rpb_attention, which it must equal).
 - sample_patches_varlen: a per-image number of kept tokens, packed.
 - allocation.py: who decides each image's count (fixed, budget, mass), pure functions.
+- flat_positions: images of different grid sizes in one batch, (row, column) cells in the largest
+  grid, whose table they share.
 
 Status: every op has a "torch" backend (image by image on the dense references) and a "triton" one
 (one fused launch over all images: rpb_attention's kernels with VARLEN, sample_patches' select
@@ -17,7 +19,8 @@ rpb_attention_varlen "sdpa" (image by image, the default). The kernels have not 
 Triton ones only in Triton's interpreter), so they are not backend=None's choice.
 """
 from .allocation import ALLOCATIONS, budget_keep_counts, fixed_keep_counts, keep_counts, mass_keep_counts
-from .op import check_cu_seqlens, rpb_attention_varlen, sample_patches_varlen
+from .op import check_cu_seqlens, flat_positions, rpb_attention_varlen, sample_patches_varlen
 
-__all__ = ["ALLOCATIONS", "budget_keep_counts", "check_cu_seqlens", "fixed_keep_counts", "keep_counts",
+__all__ = ["ALLOCATIONS", "budget_keep_counts", "check_cu_seqlens", "fixed_keep_counts", "flat_positions",
+           "keep_counts",
            "mass_keep_counts", "rpb_attention_varlen", "sample_patches_varlen"]

@@ -78,6 +78,29 @@ def _check_packed_values(positions: torch.Tensor, cu_seqlens: torch.Tensor, num_
                          "(the deterministic bias-gradient accumulation relies on distinct positions)")
 
 
+def flat_positions(cells: torch.Tensor, grid_size: Sequence[int], num_prefix_tokens: int = 1, *,
+                   check: bool = True) -> torch.Tensor:
+    """(T, 2) (row, column) cells -> (T,) positions in the (Gh, Gw) grid's N = num_prefix_tokens + Gh*Gw
+    positions: a patch at (r, c) -> num_prefix_tokens + r * Gw + c, the prefix token (-1, -1) -> 0.
+
+    Images of different grids (native resolution, NaViT-style) then share one batch and the table of
+    the largest grid: the bias of two patches depends only on their offset (dr, dc), which that table
+    holds for every smaller grid (rpb_attention.reference.sub_grid_table gives a smaller grid's view).
+    check: refuse cells outside the grid (one host sync)."""
+    grid_h, grid_w = grid_size
+    rows, cols = cells[:, 0].long(), cells[:, 1].long()
+    if check:
+        prefix = (rows == -1) & (cols == -1)
+        outside = (rows < 0) | (rows >= grid_h) | (cols < 0) | (cols >= grid_w)
+        bad = outside & ~prefix if num_prefix_tokens else outside
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0, 0])
+            raise ValueError(f"positions: cell {first} is ({int(rows[first])}, {int(cols[first])}), outside the "
+                             f"{grid_h} x {grid_w} grid (rows in [0, {grid_h}), columns in [0, {grid_w})"
+                             + (", the prefix token (-1, -1))" if num_prefix_tokens else ")"))
+    return torch.where(rows < 0, torch.zeros_like(rows), num_prefix_tokens + rows * grid_w + cols)
+
+
 def rpb_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
                          positions: torch.Tensor, cu_seqlens: torch.Tensor, *, grid_size: Sequence[int],
                          num_prefix_tokens: int = 1, scale: Optional[float] = None, backend: Optional[str] = None,
@@ -87,6 +110,9 @@ def rpb_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
     num_prefix_tokens + Gh*Gw positions of its image. Attention stays inside each image; the bias is
     gathered from the positions as rpb_attention gathers it from `index`; gradients to q, k, v and
     bias_table. Each image must start with its prefix token (position 0) when num_prefix_tokens = 1.
+
+    Images of different grid sizes (native resolution): give `positions` as (T, 2) (row, column) cells
+    (the prefix token (-1, -1)) and grid_size the largest grid, whose table they share (flat_positions).
 
     Returns out (T, H, D) in q's dtype, or (out, cls_attention (T,) float32) with return_cls_attention:
     the head-averaged attention of each image's CLS query to its tokens.
@@ -120,7 +146,14 @@ def rpb_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
     expected = (bias_table_rows(tuple(grid_size), num_prefix_tokens), heads)
     if tuple(bias_table.shape) != expected:
         raise ValueError(f"bias_table must have shape (R, H) = {expected}, got {tuple(bias_table.shape)}")
-    check_tensor("positions", positions, ndim=1, dtypes=(torch.int64, torch.int32))
+    check_tensor("positions", positions, dtypes=(torch.int64, torch.int32))
+    if positions.ndim == 2 and positions.shape[1] == 2:  # (row, column) cells of images of different grids
+        if positions.shape[0] != total:
+            raise ValueError(f"positions must have one (row, column) per token, T = {total}, got {positions.shape[0]}")
+        positions = flat_positions(positions, grid_size, num_prefix_tokens, check=check_inputs)
+    elif positions.ndim != 1:
+        raise ValueError(f"positions must be (T,) positions or (T, 2) (row, column) cells, got shape "
+                         f"{tuple(positions.shape)}")
     if positions.numel() != total:
         raise ValueError(f"positions must have one entry per token, T = {total}, got {positions.numel()}")
     _check_offsets_tensor(cu_seqlens)
