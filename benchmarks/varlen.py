@@ -12,7 +12,7 @@ rows, each forward and forward+backward (the table trainable), median ms and pea
                  (target: <= 1.05x dense, forward+backward, bf16)
   packed-budget  the same kernel on the budget policy's counts (one top-K over the batch: the same T)
   packed-mass    on the mass policy's counts, its fraction bisected to the same T (within 1 %)
-  packed-sdpa    rpb_attention_varlen's sdpa backend (image by image: today's default) on the budget counts
+  packed-sdpa    rpb_attention_varlen's sdpa backend (padded into one batch: today's default) on the budget counts
   fa-varlen      PyTorch's FlashAttention varlen kernel (no bias: the lower bound) on the budget counts
   flex-packed    FlexAttention, document block mask + bias score_mod, on the budget counts
   sample-dense   the sampler: sample_patches on x (B, N, H*D) at rho (the anchor of the next row)

@@ -15,7 +15,7 @@ cu_seqlens[b + 1] - 1, and `positions` (T,) each token's position in the full se
 Status: every op has a "torch" backend (image by image on the dense references) and a "triton" one
 (one fused launch over all images: rpb_attention's kernels with VARLEN, sample_patches' select
 kernel with VARLEN); sample_patches_varlen also has "cuda" (csrc/sampling, counts given), and
-rpb_attention_varlen "sdpa" (image by image, the default). The kernels have not run on a GPU (the
+rpb_attention_varlen "sdpa" (the images padded into one batch, the default). The kernels have not run on a GPU (the
 Triton ones only in Triton's interpreter), so they are not backend=None's choice.
 """
 from .allocation import ALLOCATIONS, budget_keep_counts, fixed_keep_counts, keep_counts, mass_keep_counts

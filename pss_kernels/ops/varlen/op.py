@@ -8,7 +8,8 @@ rpb_attention_varlen's backends:
   (rpb_attention/torch_attention.py); "triton" is one launch of rpb_attention's Triton kernels over
   every image (VARLEN: programs over (work entry, head), the work entries the images' blocks, longest
   image first; triton_common.program_sequence).
-- "sdpa" runs image by image through the dense rpb_attention's sdpa backend (PyTorch's own ops).
+- "sdpa" pads the images into one dense batch for the dense rpb_attention's sdpa path, with the
+  padding keys masked (sdpa_varlen.py: one call, PyTorch's own kernels, the padding paid for).
 
 The value checks (offsets, positions) read the offsets back (one host sync) inside the registered op,
 so they also run under torch.compile; check_inputs=False skips them when the offsets and positions are
@@ -23,7 +24,7 @@ import torch
 from ..._backends import resolve_backend
 from ..._checks import (FLOAT_DTYPES, check_bool, check_choice, check_grid_size, check_int, check_same_device,
                         check_tensor)
-from ..rpb_attention.op import CPU_DEFAULT_BACKEND, GPU_DEFAULT_BACKEND, TRITON_MAX_HEAD_DIM, rpb_attention
+from ..rpb_attention.op import CPU_DEFAULT_BACKEND, GPU_DEFAULT_BACKEND, TRITON_MAX_HEAD_DIM
 from ..rpb_attention.reference import bias_table_rows
 from ..sample_patches.reference import ORDERS, SCORERS
 from .reference import image_bounds, sample_patches_varlen_reference
@@ -117,8 +118,8 @@ def rpb_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
     Returns out (T, H, D) in q's dtype, or (out, cls_attention (T,) float32) with return_cls_attention:
     the head-averaged attention of each image's CLS query to its tokens.
 
-    backend: "torch" (float32, image by image) | "sdpa" (image by image through rpb_attention's sdpa
-    backend) | "triton" (one fused launch over all images; D <= 128) | None (rpb_attention's default for
+    backend: "torch" (float32, image by image) | "sdpa" (the images padded into one batch for
+    rpb_attention's sdpa path, the padding keys masked) | "triton" (one fused launch over all images; D <= 128) | None (rpb_attention's default for
     the device). deterministic: as rpb_attention's. check_inputs: check the offsets and positions on
     the host (one sync) before a kernel reads them; pass False when they are known good.
     """
@@ -175,19 +176,9 @@ def rpb_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
         return (out, cls_attention) if return_cls_attention else out
     if check_inputs:
         _check_packed_values(positions, cu_seqlens, num_positions, num_prefix_tokens, require_distinct=False)
-    outs, cls = [], []
-    for start, end in image_bounds(cu_seqlens):
-        qb, kb, vb = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))
-        result = rpb_attention(qb, kb, vb, bias_table, positions[start:end][None], grid_size=grid_size,
-                               num_prefix_tokens=num_prefix_tokens, scale=scale, backend=chosen,
-                               deterministic=deterministic, return_cls_attention=return_cls_attention,
-                               check_index=False)
-        out = result[0] if return_cls_attention else result
-        outs.append(out[0].transpose(0, 1))
-        if return_cls_attention:
-            cls.append(result[1][0])
-    out = torch.cat(outs)
-    return (out, torch.cat(cls)) if return_cls_attention else out
+    from .sdpa_varlen import rpb_attention_varlen_sdpa
+    return rpb_attention_varlen_sdpa(q, k, v, bias_table, positions, cu_seqlens, grid_size, num_prefix_tokens,
+                                     float(scale), return_cls_attention)
 
 
 # ----------------------------------------------------------------------------- registration

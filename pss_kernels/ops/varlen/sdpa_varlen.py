@@ -1,0 +1,75 @@
+"""The "sdpa" backend of rpb_attention_varlen: the packed images padded into one dense batch.
+
+    L        = the longest image's length (read from the offsets: one host sync)
+    q, k, v  (T, H, D) -> (B, H, L, D), image b's tokens in rows 0 .. n_b - 1, zeros after
+    bias     = the dense sdpa backend's gather of the table at the padded positions, (B, H, L, L),
+               with -inf at the padding keys
+    out      = softmax(q k^T * scale + bias) v through rpb_attention's sdpa path (SDPA's
+               memory-efficient kernel on CUDA), then the valid rows packed back, (T, H, D)
+
+One call for all images instead of one per image: what PyTorch's own kernels can do without a
+varlen bias kernel. It pays for the padding: B L^2 bias entries against sum n_b^2, so images of
+very different lengths waste work and memory (the fused "triton" backend pays nothing for them).
+Padding query rows attend the valid keys and their outputs are dropped, so no gradient comes back
+from them; padding keys get probability 0, so neither do they. The table gradient is the dense
+backend's deterministic scatter.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+
+from ..rpb_attention.sdpa_attention import _GatheredBias, _attend, gather_bias, table_rows
+
+
+def _padded_layout(cu_seqlens: torch.Tensor, total: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """(rows (T,) int64: each packed token's row in the flattened (B, L) padded batch, valid (B, L) bool, L)."""
+    starts = cu_seqlens[:-1].long()
+    lengths = cu_seqlens[1:].long() - starts
+    longest = int(lengths.max())  # the one host sync
+    batch = lengths.numel()
+    image = torch.repeat_interleave(torch.arange(batch, device=cu_seqlens.device), lengths, output_size=total)
+    rows = image * longest + (torch.arange(total, device=cu_seqlens.device) - starts[image])
+    valid = torch.arange(longest, device=cu_seqlens.device)[None, :] < lengths[:, None]
+    return rows, valid, longest
+
+
+def rpb_attention_varlen_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
+                              positions: torch.Tensor, cu_seqlens: torch.Tensor, grid_size: Sequence[int],
+                              num_prefix_tokens: int, scale: float, return_cls_attention: bool):
+    """out (T, H, D) in q's dtype (and (T,) float32 CLS attention); differentiable in q, k, v, bias_table."""
+    total, heads, head_dim = q.shape
+    rows, valid, longest = _padded_layout(cu_seqlens, total)
+    batch = valid.shape[0]
+
+    def padded(t: torch.Tensor) -> torch.Tensor:  # (T, H, D) -> (B, H, L, D), differentiable
+        return t.new_zeros(batch * longest, heads, head_dim).index_copy(0, rows, t) \
+            .view(batch, longest, heads, head_dim).transpose(1, 2)
+
+    qp, kp, vp = padded(q), padded(k), padded(v)
+    index = positions.long().new_zeros(batch * longest).index_copy(0, rows, positions.long()).view(batch, longest)
+    table_index = table_rows(index, tuple(grid_size), num_prefix_tokens, longest, q.device,
+                             pad=q.device.type == "cuda")
+    if bias_table.requires_grad and torch.is_grad_enabled():
+        bias = _GatheredBias.apply(bias_table, table_index, longest, q.dtype)
+    else:
+        bias = gather_bias(bias_table, table_index, longest, q.dtype)
+    key_mask = torch.zeros(batch, 1, 1, longest, dtype=bias.dtype, device=q.device)
+    key_mask.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    bias = bias + key_mask
+    out = _attend(qp, kp, vp, bias, scale)  # (B, H, L, D)
+    out = out.transpose(1, 2).reshape(batch * longest, heads, head_dim).index_select(0, rows)
+    if not return_cls_attention:
+        return out
+    return out, _cls_attention(qp, kp, bias, scale, rows)
+
+
+def _cls_attention(qp: torch.Tensor, kp: torch.Tensor, bias: torch.Tensor, scale: float,
+                   rows: torch.Tensor) -> torch.Tensor:
+    """(T,) float32: the head-averaged attention of each image's CLS query (row 0) to its tokens."""
+    with torch.no_grad():
+        logits = torch.matmul(qp[:, :, :1].float() * scale, kp.float().transpose(-1, -2)) + bias[:, :, :1].float()
+        probs = logits.softmax(-1)[:, :, 0].mean(1)  # (B, L)
+    return probs.reshape(-1).index_select(0, rows)
+
