@@ -544,6 +544,24 @@ def test_opcheck_packed_sampler(backend, device):
                           (torch.randn(3 + 6 + N, 4, device=device, requires_grad=True), slot, backend))
 
 
+def test_packed_sampler_op_compiles_fullgraph():
+    """The registered sampler op traces whole under torch.compile(fullgraph=True) when T is known (as the
+    budget policy knows it: round(rho B N)); the public function's host read of the counts is the one
+    thing outside. Loss and gradient equal eager ones."""
+    x = torch.randn(3, N, 4, requires_grad=True)
+    counts = torch.tensor([3, 6, N])
+
+    def loss(x):
+        tokens, positions, cu, _ = torch.ops.pss_kernels.sample_patches_varlen(x, None, counts, 3 + 6 + N, "l1", 1,
+                                                                                "score", "torch")
+        return (tokens.square().sum(1) * positions).sum() + cu.sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got, want = compiled(x), loss(x)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(want, x)[0])
+
+
 def test_varlen_sampler_gradients_pass_gradgradcheck_in_float64():
     x = torch.randn(2, N, 3, dtype=torch.float64, requires_grad=True)
     counts = torch.tensor([4, 9])
