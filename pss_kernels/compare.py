@@ -273,7 +273,8 @@ def collect(name: str, run_dir: Path) -> dict:
         "method": name, "label": METHODS[name].label, "family": METHODS[name].family,
         "flags": [],  # filled by the caller
         "steps": len(train), "wall_s": summary["wall_s"],
-        "mean_tokens": sum(r["tokens"] for r in train) / len(train),
+        # A packed run's steps record what their images kept (packed_tokens), not round(rho N).
+        "mean_tokens": sum(r.get("packed_tokens", r["tokens"]) for r in train) / len(train),
         "mean_block_tokens": sum(r.get("block_tokens", r["tokens"]) for r in train) / len(train),
         "train_flops": None if any(f is None for f in flops) else float(sum(flops)),
         "peak_mem_mb": summary["peak_mem_mb"], "peak_mem_source": summary["peak_mem_source"],

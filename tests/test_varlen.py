@@ -752,6 +752,35 @@ def test_pss_train_runs_and_resumes_with_a_budget_allocation(tmp_path):
     assert resumed["params_sha256"] == straight["params_sha256"]
 
 
+def test_pss_train_times_and_counts_a_packed_step_by_what_its_images_kept(tmp_path):
+    """--allocation mass: each step's record holds its images' mean kept tokens (packed_tokens), and the
+    step is timed and FLOP-counted at that count, not at round(rho N)."""
+    import json
+    from pss_kernels.train import Trainer, TrainConfig
+    from pss_kernels.train.distributed import DistInfo
+    cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    config = TrainConfig(model="deit_tiny", embed_dim=16, depth=2, num_heads=2, patch_size=4, data="digits",
+                         img_size=16, batch_size=64, lr=2e-3, workers=0, progress=False, epochs=1,
+                         schedule="fixed:0.6", allocation="mass", scorer="l1", eval_every=0, out_dir=str(tmp_path))
+    trainer = Trainer(config, cpu)
+    trainer.fit()
+    train = [json.loads(line) for line in open(tmp_path / "log.jsonl") if '"train"' in line]
+    train = [r for r in train if r["type"] == "train"]
+    assert all(r["tokens"] == min(17, max(2, round(r["packed_tokens"]))) for r in train)
+    assert len({r["packed_tokens"] for r in train}) > 1  # the mass policy keeps what each batch needs
+    assert {r["tokens"] for r in train} != {round(0.6 * 17)}
+    assert set(trainer.times.count) <= {r["tokens"] for r in train}  # timed by those counts
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    per_tokens = summary["timing"]["per_tokens"]  # the time summary by the counts the steps kept
+    assert set(per_tokens) == {str(k) for k in trainer.times.count}
+    assert sum(entry["share"] for entry in per_tokens.values()) == pytest.approx(1.0)
+    assert all(entry["source"] == "measured" for entry in per_tokens.values())
+    by_tokens = {r["tokens"]: r["flops"] for r in train}
+    if len(by_tokens) > 1:
+        fewest, most = min(by_tokens), max(by_tokens)
+        assert by_tokens[fewest] < by_tokens[most]
+
+
 def test_pss_train_runs_tri_level_token_pruning_on_packed_tokens(tmp_path):
     """--allocation budget with --token-pruning: the selectors prune each image's own tokens; the run
     finishes and its model keeps different lengths per image after the selectors."""

@@ -109,6 +109,9 @@ def packed_features(model, x: torch.Tensor, keep_rate: float) -> Tuple[torch.Ten
     tokens, positions, cu_seqlens = sample_patches_varlen(
         x, counts, scorer="given", scores=scores, num_prefix_tokens=model.num_prefix_tokens,
         backend=sampler_backend if sampler_backend in VARLEN_SAMPLER_BACKENDS else None)
+    # The mean tokens per image this call kept at the input (T is a shape: no sync), read by the trainer
+    # to time and count the step by what it ran.
+    model.packed_input_tokens = tokens.shape[0] / x.shape[0]
     image_ids = _image_ids(cu_seqlens)
     pruning = model.token_pruning if model.token_pruning is not None and model.token_pruning.active else None
     reads = pruning.reading_blocks() if pruning is not None else frozenset()

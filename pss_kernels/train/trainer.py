@@ -29,7 +29,7 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -128,7 +128,7 @@ class Trainer:
         augment = build_device_augment(config, self.info.mean, self.info.std, self.info.num_classes)
         self.augment = augment.to(self.device) if augment is not None else None
         # The FLOP twin runs eager attention (the fused ops are opaque to the counter) on dense tokens:
-        # a packed allocation is counted at its mean keep rate (budget keeps the batch total exactly).
+        # a packed step is counted at its images' mean kept tokens (packed_cost_rate).
         counting = dataclasses.replace(config, attn_impl="eager-index" if config.rpb else config.attn_impl,
                                        sampler_backend=None, attn_backend=None, allocation="fixed")
         self.flops = IterationFlops(lambda: build_model(counting, self.info),
@@ -340,18 +340,21 @@ class Trainer:
                 done = time.perf_counter()
                 last_batch = (images, targets)
                 data_time, compute_time = compute_start - batch_start, done - compute_start
-                key = self.cost_key(rho)
+                cost_rate, packed_tokens = self.packed_cost_rate(rho)
+                key = self.cost_key(cost_rate)
                 self.times.add_key(key, data_time + compute_time)
                 loss_value = loss.item()
                 if not np.isfinite(loss_value):
                     raise FloatingPointError(f"loss is {loss_value} at step {self.step} (rho={rho})")
-                tokens = num_kept_tokens(self.num_tokens, rho) if rho < 1.0 else self.num_tokens
+                tokens = num_kept_tokens(self.num_tokens, cost_rate) if cost_rate < 1.0 else self.num_tokens
                 record = {"type": "train", "step": self.step, "epoch": epoch, "rho": rho, "tokens": tokens,
                           "loss": loss_value, "lr": lr,
                           "data_time": data_time, "compute_time": compute_time,
                           "images_per_s": global_batch / (data_time + compute_time),
-                          "flops": self.count_flops(key, rho) if log is not None else None,
+                          "flops": self.count_flops(key, cost_rate) if log is not None else None,
                           "peak_mem_mb": peak_memory_mb(self.device)[0]}
+                if packed_tokens is not None:
+                    record["packed_tokens"] = packed_tokens  # the step's mean tokens per image, unrounded
                 if self.device_images is not None:
                     record["decode_fallbacks"] = self.device_images.fallbacks  # so far: decoded on the CPU
                 if self.hooks:
@@ -390,6 +393,37 @@ class Trainer:
                     self.save()
         bar.close()
         return self._finish(log, last_eval, time.perf_counter() - start_wall, last_batch)
+
+    def packed_cost_rate(self, rho: float) -> Tuple[float, Optional[float]]:
+        """(the rate a step is timed and counted at, the packed step's mean tokens per image or None).
+        A packed step (allocation budget / mass at rho < 1) is timed and counted by the tokens its images
+        kept: their mean, as the model's packed path recorded it (models/packed.py), rounded to a token
+        count (so mass, whose images keep what their score mass needs, is not counted at round(rho N));
+        FLOPs count attention at that mean length. Otherwise rho itself."""
+        if self.config.allocation == "fixed" or rho >= 1.0:
+            return rho, None
+        mean = float(self.model.packed_input_tokens)
+        count = min(self.num_tokens, max(2, round(mean)))
+        return count / self.num_tokens, mean
+
+    def packed_key_shares(self) -> Optional[Dict[int, dict]]:
+        """The time summary of a packed run by the token counts its steps kept: the schedule's share of
+        rates below 1 spread over the counts the packed steps were timed at, in proportion to their
+        timed steps (its rate 1 share stays at N). None for a dense run or before any packed step."""
+        if self.config.allocation == "fixed":
+            return None
+        observed = {key: count for key, count in self.times.count.items() if key != self.num_tokens}
+        if not observed:
+            return None
+        steps = sum(observed.values())
+        groups: Dict[int, dict] = {}
+        for rate, share in self.schedule.shares().items():
+            targets = {self.num_tokens: 1.0} if rate >= 1.0 else {key: n / steps for key, n in observed.items()}
+            for key, fraction in targets.items():
+                group = groups.setdefault(key, {"share": 0.0, "keep_rates": []})
+                group["share"] += share * fraction
+                group["keep_rates"].append(rate)
+        return groups
 
     def cost_key(self, rho: float):
         """The step's cost key (train/methods/cost.py): the kept-token count, or with methods that
@@ -458,7 +492,8 @@ class Trainer:
                          for key, settings in [*self.key_settings.items(), (self.num_tokens, full)]}
         timing = projected_time_summary(self.times, self.schedule.shares(), self.total_steps,
                                         baseline_steps=self.config.epochs * self.full_steps_per_epoch,
-                                        probed_baseline_s=probed, key_shares=self.key_shares, key_flops=key_flops)
+                                        probed_baseline_s=probed, key_shares=self.key_shares or self.packed_key_shares(),
+                                        key_flops=key_flops)
         peak_mb, peak_source = peak_memory_mb(self.device)
         summary = {"type": "end", "step": self.step, "total_steps": self.total_steps,
                    "finished": self.step == self.total_steps, "wall_s": wall_s,
