@@ -11,7 +11,7 @@ rows, each forward and forward+backward (the table trainable), median ms and pea
   packed-fixed   rpb_attention_varlen's fused Triton kernel, every image k tokens: the cost of packing
                  (target: <= 1.05x dense, forward+backward, bf16)
   packed-budget  the same kernel on the budget policy's counts (one top-K over the batch: the same T)
-  packed-mass    on the mass policy's counts, its fraction bisected to the same T (within 1 %)
+  packed-mass    on the mass policy's counts at rho (its fraction bisected to round(rho B N) tokens)
   packed-sdpa    rpb_attention_varlen's sdpa backend (padded into one batch: today's default) on the budget counts
   fa-varlen      PyTorch's FlashAttention varlen kernel (no bias: the lower bound) on the budget counts
   flex-packed    FlexAttention, document block mask + bias score_mod, on the budget counts
@@ -39,7 +39,7 @@ from _timing import TimeBudget, environment_info, file_slug, peak_memory_mb, tim
 from pss_kernels import available_backends, rpb_attention, rpb_attention_varlen, sample_patches, sample_patches_varlen
 from pss_kernels.ops.rpb_attention.reference import bias_table_rows
 from pss_kernels.ops.sample_patches.reference import num_kept_tokens, select_indices
-from pss_kernels.ops.varlen import budget_keep_counts, mass_keep_counts
+from pss_kernels.ops.varlen import budget_keep_counts, mass_keep_counts_at_rate
 from pss_kernels.ops.varlen.peers import flex_varlen_rpb_attention, varlen_flash_attention
 
 HERE = Path(__file__).resolve().parent
@@ -68,20 +68,6 @@ def synthetic_scores(batch: int, patches: int, generator: torch.Generator, devic
     return (torch.randn(batch, patches, generator=generator).mul(spread).exp() * brightness).to(device)
 
 
-def mass_counts_at_total(scores: torch.Tensor, total: int) -> torch.Tensor:
-    """The mass policy's counts with its fraction bisected so that the batch keeps ~`total` tokens."""
-    low, high = 0.0, 1.0
-    counts = mass_keep_counts(scores, 0.5, PREFIX)
-    for _ in range(40):
-        fraction = (low + high) / 2
-        counts = mass_keep_counts(scores, fraction, PREFIX)
-        kept = int(counts.sum())
-        if abs(kept - total) <= 0.01 * total:
-            break
-        low, high = (fraction, high) if kept < total else (low, fraction)
-    return counts
-
-
 def _offsets(counts: torch.Tensor) -> torch.Tensor:
     cu_seqlens = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
     cu_seqlens[1:] = counts.cumsum(0)
@@ -108,7 +94,7 @@ class Case:
         self.counts = {
             "fixed": torch.full((self.batch,), self.kept, dtype=torch.int64, device=device),
             "budget": budget_keep_counts(scores, keep_rate, PREFIX),
-            "mass": mass_counts_at_total(scores, self.total),
+            "mass": mass_keep_counts_at_rate(scores, keep_rate, PREFIX),
         }
         self.cu_seqlens = {name: _offsets(c) for name, c in self.counts.items()}
         self.positions = {name: _positions(scores, c) for name, c in self.counts.items()}

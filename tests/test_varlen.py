@@ -607,6 +607,22 @@ def test_mass_allocation_keeps_the_fewest_patches_holding_the_fraction():
         keep_counts("greedy", scores, 0.5)
 
 
+def test_mass_allocation_at_a_keep_rate_keeps_the_batch_at_that_rate():
+    """keep_counts("mass", ..., rho): one fraction for the batch, bisected so that the batch keeps
+    round(rho B N) tokens as nearly as its steps allow; peaked images keep fewer than flat ones."""
+    from pss_kernels.ops.varlen import mass_keep_counts_at_rate
+    generator = torch.Generator().manual_seed(0)
+    spread = torch.linspace(0.2, 3.0, 16)[:, None]
+    scores = torch.randn(16, 196, generator=generator).mul(spread).exp()
+    for rho in (0.2, 0.5, 0.8):
+        counts = keep_counts("mass", scores, rho)
+        assert abs(int(counts.sum()) - round(rho * 16 * 197)) <= 16  # one step of each image at most
+        assert torch.equal(counts, mass_keep_counts_at_rate(scores, rho))
+        assert counts[0] > counts[-1]  # the flattest image keeps the most
+        assert counts.min() >= 2 and counts.max() <= 197
+    assert keep_counts("mass", scores, 0.5, fraction=0.7).tolist() == mass_keep_counts(scores, 0.7).tolist()
+
+
 # ---- the ViT on packed tokens (models/packed.py) ---------------------------------------------------
 def packed_model(allocation, **options):
     from pss_kernels.models import create_model
@@ -752,11 +768,15 @@ def test_pss_train_runs_and_resumes_with_a_budget_allocation(tmp_path):
     assert resumed["params_sha256"] == straight["params_sha256"]
 
 
-def test_pss_train_times_and_counts_a_packed_step_by_what_its_images_kept(tmp_path):
-    """--allocation mass: each step's record holds its images' mean kept tokens (packed_tokens), and the
-    step is timed and FLOP-counted at that count, not at round(rho N)."""
+def test_pss_train_times_and_counts_a_packed_step_by_what_its_images_kept(tmp_path, monkeypatch):
+    """A packed run whose policy keeps fewer tokens than round(rho N) (here: each image the fewest
+    patches holding 0.6 of its L1 mass, far fewer on digits): each step's record holds its images'
+    mean kept tokens (packed_tokens), and the step is timed and FLOP-counted at that count."""
     import json
+    from pss_kernels.models import packed
     from pss_kernels.train import Trainer, TrainConfig
+    monkeypatch.setattr(packed, "keep_counts", lambda policy, scores, rate, prefix: mass_keep_counts(scores, rate,
+                                                                                                      prefix))
     from pss_kernels.train.distributed import DistInfo
     cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     config = TrainConfig(model="deit_tiny", embed_dim=16, depth=2, num_heads=2, patch_size=4, data="digits",

@@ -177,8 +177,9 @@ FLAGS: Dict[str, Flag] = {
                         "cls: final norm + CLS token (timm ViT / DeiT)", choices=POOLS),
     "allocation": Flag(MODEL, "who decides each image's kept tokens at rho < 1: fixed (every image round(rho N), "
                               "PSS); budget (one top-K over the batch's patch scores, the batch total fixed); mass "
-                              "(the fewest patches holding a fraction rho of each image's score mass); budget and "
-                              "mass run packed tokens (models/packed.py; image by image, no fused kernel yet)",
+                              "(each image the fewest patches holding a fraction of its score mass, the fraction set so "
+                              "that the batch keeps round(rho B N) tokens); budget and mass run packed tokens "
+                              "(models/packed.py)",
                        choices=ALLOCATIONS),
     "init_from": Flag(MODEL, "start a fresh run from these weights (a timm / DeiT / BEiT / SimMIM checkpoint or a "
                              "state dict; pss_kernels.models.load_pretrained, strict=False); its report is printed and "

@@ -18,9 +18,10 @@ kernel with VARLEN); sample_patches_varlen also has "cuda" (csrc/sampling, count
 rpb_attention_varlen "sdpa" (the images padded into one batch, the default). The kernels have not run on a GPU (the
 Triton ones only in Triton's interpreter), so they are not backend=None's choice.
 """
-from .allocation import ALLOCATIONS, budget_keep_counts, fixed_keep_counts, keep_counts, mass_keep_counts
+from .allocation import (ALLOCATIONS, budget_keep_counts, fixed_keep_counts, keep_counts, mass_keep_counts,
+                         mass_keep_counts_at_rate)
 from .op import check_cu_seqlens, flat_positions, rpb_attention_varlen, sample_patches_varlen
 
 __all__ = ["ALLOCATIONS", "budget_keep_counts", "check_cu_seqlens", "fixed_keep_counts", "flat_positions",
            "keep_counts",
-           "mass_keep_counts", "rpb_attention_varlen", "sample_patches_varlen"]
+           "mass_keep_counts", "mass_keep_counts_at_rate", "rpb_attention_varlen", "sample_patches_varlen"]

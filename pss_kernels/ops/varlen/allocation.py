@@ -7,8 +7,11 @@ The schedule still sets the mean keep rate rho; a policy spreads the batch's tok
           the batch total T = B * prefix + K, K = round(rho * B * N) - B * prefix, is the same for every
           batch at a given rho, so shapes stay static (CUDA graphs, torch.compile see one T); only the
           offsets change. An image whose patches score high across the board keeps more of them.
-- mass:   each image keeps the fewest patches that hold `fraction` of its score mass (scores >= 0:
-          L1, L2, attention): a plain background needs few, a cluttered scene many. T varies.
+- mass:   each image keeps the fewest patches that hold a fraction f of its score mass (scores >= 0:
+          L1, L2, attention): a plain background needs few, a cluttered scene many. At a keep rate
+          (keep_counts, mass_keep_counts_at_rate) f is one number for the batch, set by bisection so
+          that the batch keeps round(rho * B * N) tokens as nearly as its images' steps allow: the
+          schedule's rho stays the mean rate, T varies by a few tokens. mass_keep_counts takes f itself.
 
 Each is a pure function of its arguments (ties: the lower image, then the lower position, as
 sample_patches orders equal scores), returning (B,) int64 counts on the scores' device.
@@ -97,11 +100,34 @@ def mass_keep_counts(scores: torch.Tensor, fraction: float, num_prefix_tokens: i
     return needed.clamp(min=min_patches) + num_prefix_tokens
 
 
+def mass_keep_counts_at_rate(scores: torch.Tensor, keep_rate: float, num_prefix_tokens: int = 1, *,
+                              min_patches: int = 1, iterations: int = 50) -> torch.Tensor:
+    """(B,) mass counts at the one fraction f (bisected over [0, 1]) whose batch total is nearest to
+    round(keep_rate * B * N), the smaller f on a tie: the mass policy at the schedule's mean rate."""
+    _check_scores(scores)
+    batch, patches = scores.shape
+    budget = round(check_keep_rate(keep_rate) * batch * (num_prefix_tokens + patches))
+    low, high = 0.0, 1.0
+    best = mass_keep_counts(scores, high, num_prefix_tokens, min_patches=min_patches)
+    best_gap = abs(int(best.sum()) - budget)
+    for _ in range(iterations):  # the total is non-decreasing in f
+        middle = (low + high) / 2
+        counts = mass_keep_counts(scores, middle, num_prefix_tokens, min_patches=min_patches)
+        total = int(counts.sum())
+        if abs(total - budget) <= best_gap:
+            best, best_gap = counts, abs(total - budget)
+        if total == budget:
+            break
+        low, high = (middle, high) if total < budget else (low, middle)
+    return best
+
+
 def keep_counts(policy: str, scores: torch.Tensor, keep_rate: float, num_prefix_tokens: int = 1, *,
                 fraction: Optional[float] = None, min_patches: int = 1,
                 max_patches: Optional[int] = None) -> torch.Tensor:
     """The counts of `policy` (ALLOCATIONS) for a batch's patch scores (B, P) at mean rate keep_rate
-    (fraction: the mass policy's; default keep_rate)."""
+    (fraction: the mass policy's own fraction of each image's mass; default: the fraction that keeps
+    the batch at keep_rate, mass_keep_counts_at_rate)."""
     _check_scores(scores)
     if policy == "fixed":
         return fixed_keep_counts(scores.shape[0], num_prefix_tokens + scores.shape[1], keep_rate, num_prefix_tokens,
@@ -110,6 +136,7 @@ def keep_counts(policy: str, scores: torch.Tensor, keep_rate: float, num_prefix_
         return budget_keep_counts(scores, keep_rate, num_prefix_tokens, min_patches=min_patches,
                                   max_patches=max_patches)
     if policy == "mass":
-        return mass_keep_counts(scores, keep_rate if fraction is None else fraction, num_prefix_tokens,
-                                min_patches=min_patches)
+        if fraction is None:
+            return mass_keep_counts_at_rate(scores, keep_rate, num_prefix_tokens, min_patches=min_patches)
+        return mass_keep_counts(scores, fraction, num_prefix_tokens, min_patches=min_patches)
     raise ValueError(f"policy must be one of {ALLOCATIONS}, got {policy!r}")
