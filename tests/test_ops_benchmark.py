@@ -301,7 +301,7 @@ def test_varlen_benchmark_smoke_run(tmp_path, capsys):
     budget = next(r for r in rows if r["impl"] == "packed-budget")["counts"]
     mass = next(r for r in rows if r["impl"] == "packed-mass")["counts"]
     assert fixed["min"] == fixed["max"] and budget["min"] < budget["max"] and mass["min"] < mass["max"]
-    assert abs(mass["tokens"] - fixed["tokens"]) <= 0.01 * fixed["tokens"] + 1
+    assert abs(mass["tokens"] - budget["tokens"]) <= 4  # round(rho B N), within one step of each of the 4 images
     for impl in ("sample-dense", "sample-packed"):  # the sampler rows, fused or not, always run
         assert all(r["ms"] > 0 for r in rows if r["impl"] == impl), impl
     anchor = {(r["impl"], r["pass"]): r["ms"] for r in rows}
