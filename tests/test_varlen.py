@@ -157,6 +157,24 @@ def test_triton_varlen_frozen_table_and_unchecked_inputs(device):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.triton
+def test_triton_varlen_reads_strided_offsets_and_runs_in_inference_mode(device):
+    """Offsets given as a strided view reach the kernels contiguous (they read offset b at cu + b), and
+    inference tensors (no version counter for the work-table cache) run: the torch backend's values."""
+    case = big_packed_case([12, 30, 5], device=device, seed=8)
+    q, k, v, table, positions, cu = case
+    want = rpb_attention_varlen(q, k, v, table, positions, cu, grid_size=BIG_GRID, backend="torch")
+    spaced = torch.full((2 * cu.numel(),), -99, dtype=torch.int32, device=device)
+    spaced[::2] = cu
+    got = rpb_attention_varlen(q, k, v, table, positions, spaced[::2], grid_size=BIG_GRID, backend="triton")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
+    with torch.inference_mode():
+        inference_cu = cu.clone()
+        for _ in range(2):  # the second call would hit the cache
+            got = rpb_attention_varlen(q, k, v, table, positions, inference_cu, grid_size=BIG_GRID, backend="triton")
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
+
+
 def test_packed_work_table_covers_every_block_once_longest_image_first():
     """(image, block) entries: each block of each image exactly once, images by descending length (ties:
     the lower image first), then spare (-1, 0) entries up to ceil(T / block) + B."""
@@ -382,10 +400,32 @@ def test_varlen_sampling_refuses_bad_counts():
         sample_patches_varlen(x, torch.tensor([3, 4]), generator=torch.Generator())
     with pytest.raises(ValueError, match="backend"):
         sample_patches_varlen(x, torch.tensor([3, 4]), backend="sdpa")
-    from pss_kernels import available_backends
-    if available_backends(x.device)["triton"].available:  # float64 is the torch backend's only
-        with pytest.raises(TypeError, match="x"):
-            sample_patches_varlen(x.double(), torch.tensor([3, 4]), backend="triton")
+
+
+@pytest.mark.triton
+def test_triton_varlen_sampler_refuses_float64(device):
+    with pytest.raises(TypeError, match="x"):  # float64 is the torch backend's only
+        sample_patches_varlen(torch.randn(2, N, 4, dtype=torch.float64, device=device),
+                              torch.tensor([3, 4], device=device), backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_varlen_sampling_with_a_known_total_equals_the_read_one(backend, device):
+    """total= (T known to the caller) gives what reading the counts gives; the counts are then checked
+    on the device (a wrong sum or a count out of range fails, naming keep_counts) and total on the host."""
+    x = torch.randn(3, N, 4, device=device)
+    counts = torch.tensor([3, N, 2], device=device)
+    for got, want in zip(sample_patches_varlen(x, counts, backend=backend, total=3 + N + 2),
+                         sample_patches_varlen(x, counts, backend=backend)):
+        assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="keep_counts must sum to total = 17"):
+        sample_patches_varlen(x, counts, backend=backend, total=17)
+    with pytest.raises(RuntimeError, match=r"keep_counts must be in \[num_prefix_tokens \+ 1, N\] = \[2, 13\]"):
+        sample_patches_varlen(x, torch.tensor([1, N, 4], device=device), backend=backend, total=N + 5)
+    with pytest.raises(ValueError, match=r"total must be"):
+        sample_patches_varlen(x, counts, backend=backend, total=3 * N + 1)
+    with pytest.raises(ValueError, match="keep_counts must sum to total = 16, got 18"):  # the op's own check
+        torch.ops.pss_kernels.sample_patches_varlen(x, None, counts, 16, "l1", 1, "score", "torch")
 
 
 def _sample_both(x, counts, backend, weight_seed=1, **options):
@@ -588,10 +628,51 @@ def test_budget_allocation_keeps_the_batch_total_and_the_bounds():
     for rho in (0.3, 0.6, 0.9):
         counts = budget_keep_counts(torch.rand(4, 6), rho)
         assert counts.sum().item() == round(rho * 4 * 7) and counts.min() >= 2 and counts.max() <= 7
-    with pytest.raises(ValueError, match=r"outside \[B \* min_patches, B \* max_patches\]"):
+    with pytest.raises(ValueError, match=r"more than B \* max_patches = 12"):
         budget_keep_counts(scores, 0.95, max_patches=4)
     with pytest.raises(ValueError, match="min_patches"):
         budget_keep_counts(scores, 0.5, min_patches=0)
+    # At a rate too low for every image's minimum, each keeps its minimum (as fixed k keeps one patch).
+    assert budget_keep_counts(scores, 0.05).tolist() == [2, 2, 2]
+    assert budget_keep_counts(scores, 0.05, min_patches=2).tolist() == [3, 3, 3]
+
+
+def test_budget_allocation_respects_the_bounds_whatever_the_scores():
+    """-inf and NaN scores never pull a closed slot (past max_patches, or before min_patches' own) into
+    the top-K: the bounds hold and the total is kept."""
+    for fill in (float("-inf"), float("nan"), float("inf")):
+        scores = torch.full((2, 3), fill)
+        assert budget_keep_counts(scores, 0.75, max_patches=2).tolist() == [3, 3]
+        counts = budget_keep_counts(scores, 0.875)
+        assert counts.tolist() == [4, 3] and counts.max() <= 4, fill
+    mixed = torch.tensor([[float("-inf"), 1.0, 2.0], [float("nan"), 0.5, float("-inf")]])
+    for rho in (0.5, 0.625, 0.75, 0.875, 1.0):
+        counts = budget_keep_counts(mixed, rho)
+        assert counts.sum().item() == round(rho * 8) and counts.max() <= 4 and counts.min() >= 2, rho
+
+
+def test_keep_counts_refuses_options_its_policy_does_not_read():
+    scores = torch.rand(2, 6)
+    with pytest.raises(ValueError, match="fraction is read by the mass policy only, got policy='budget'"):
+        keep_counts("budget", scores, 0.5, fraction=0.5)
+    with pytest.raises(ValueError, match="max_patches is read by the budget policy only, got policy='mass'"):
+        keep_counts("mass", scores, 0.5, max_patches=3)
+    with pytest.raises(ValueError, match="min_patches is read by the budget and mass policy only"):
+        keep_counts("fixed", scores, 0.5, min_patches=2)
+    with pytest.raises(ValueError, match="num_prefix_tokens"):
+        keep_counts("budget", scores, 0.5, num_prefix_tokens=-1)
+
+
+def test_static_total_is_the_policys_batch_total():
+    """fixed and budget know T from the rate alone (the counts they give sum to it); mass does not."""
+    from pss_kernels.ops.varlen import static_total
+    scores = torch.rand(5, 16)
+    for rho in (0.25, 0.5, 0.8):
+        for policy in ("fixed", "budget"):
+            assert static_total(policy, 5, 17, rho) == keep_counts(policy, scores, rho).sum().item(), (policy, rho)
+        assert static_total("mass", 5, 17, rho) is None
+    with pytest.raises(ValueError, match="policy must be one of"):
+        static_total("greedy", 5, 17, 0.5)
 
 
 def test_mass_allocation_keeps_the_fewest_patches_holding_the_fraction():
@@ -614,13 +695,23 @@ def test_mass_allocation_at_a_keep_rate_keeps_the_batch_at_that_rate():
     generator = torch.Generator().manual_seed(0)
     spread = torch.linspace(0.2, 3.0, 16)[:, None]
     scores = torch.randn(16, 196, generator=generator).mul(spread).exp()
+    grid_totals = {int(mass_keep_counts(scores, f).sum()) for f in torch.linspace(0, 1, 1001)[1:].tolist()}
     for rho in (0.2, 0.5, 0.8):
         counts = keep_counts("mass", scores, rho)
-        assert abs(int(counts.sum()) - round(rho * 16 * 197)) <= 16  # one step of each image at most
-        assert torch.equal(counts, mass_keep_counts_at_rate(scores, rho))
+        budget = round(rho * 16 * 197)
+        assert abs(int(counts.sum()) - budget) <= 16  # one step of each image at most
+        # at least as near as any fraction of a fine grid (a brute-force search)
+        assert abs(int(counts.sum()) - budget) <= min(abs(total - budget) for total in grid_totals)
         assert counts[0] > counts[-1]  # the flattest image keeps the most
         assert counts.min() >= 2 and counts.max() <= 197
-    assert keep_counts("mass", scores, 0.5, fraction=0.7).tolist() == mass_keep_counts(scores, 0.7).tolist()
+    # Two identical images: totals step by 2 (4, 6, 8, 10 for N = 5), so a budget between two of them
+    # is a tie, which goes to the smaller total (the smaller fraction).
+    twins = torch.tensor([[4.0, 3.0, 2.0, 1.0]] * 2)
+    assert mass_keep_counts_at_rate(twins, 0.5).tolist() == [2, 2]  # budget 5: 4 beside 6
+    assert mass_keep_counts_at_rate(twins, 0.7).tolist() == [3, 3]  # budget 7: 6 beside 8
+    assert mass_keep_counts_at_rate(twins, 1.0).tolist() == [5, 5]
+    explicit = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    assert keep_counts("mass", explicit, 0.5, fraction=0.7).tolist() == [3, 4, 2]  # the fraction, not the rate
 
 
 # ---- the ViT on packed tokens (models/packed.py) ---------------------------------------------------
@@ -631,15 +722,21 @@ def packed_model(allocation, **options):
     return create_model("deit_tiny", img_size=32, patch_size=8, allocation=allocation, **options)
 
 
+def give_every_image_k(monkeypatch):
+    """The packed path's policy made fixed k (its counts and its known total), whatever the model's."""
+    from pss_kernels.models import packed
+    from pss_kernels.ops.varlen import fixed_keep_counts, static_total
+    monkeypatch.setattr(packed, "keep_counts", lambda policy, scores, rate, prefix: fixed_keep_counts(
+        scores.shape[0], scores.shape[1] + prefix, rate, prefix, device=scores.device))
+    monkeypatch.setattr(packed, "static_total", lambda policy, *args: static_total("fixed", *args))
+
+
 @pytest.mark.parametrize("pool", ["mean", "cls"])
 def test_packed_model_with_equal_counts_equals_the_dense_model(pool, monkeypatch):
     """Every image given round(rho N) tokens: the packed path computes the dense path's logits."""
-    from pss_kernels.models import packed
-    from pss_kernels.ops.varlen import fixed_keep_counts
     dense, budget = packed_model("fixed", pool=pool), packed_model("budget", pool=pool)
     budget.load_state_dict(dense.state_dict())
-    monkeypatch.setattr(packed, "keep_counts", lambda policy, scores, rate, prefix: fixed_keep_counts(
-        scores.shape[0], scores.shape[1] + prefix, rate, prefix, device=scores.device))
+    give_every_image_k(monkeypatch)
     images = torch.randn(3, 3, 32, 32)
     for model in (dense, budget):
         model.eval()
@@ -651,13 +748,11 @@ def test_packed_model_with_equal_counts_equals_the_dense_model(pool, monkeypatch
 def test_packed_token_level_with_equal_counts_equals_the_dense_model(placement, monkeypatch):
     """Tri-Level's token level on packed tokens: with every image given round(rho N) tokens, the
     selectors keep what the dense selectors keep and the logits and gradients are the dense path's."""
-    from pss_kernels.models import TokenPruning, packed
-    from pss_kernels.ops.varlen import fixed_keep_counts
+    from pss_kernels.models import TokenPruning
     models = {allocation: packed_model(allocation, depth=4, token_pruning=TokenPruning((2, 3), placement=placement))
               for allocation in ("fixed", "budget")}
     models["budget"].load_state_dict(models["fixed"].state_dict())
-    monkeypatch.setattr(packed, "keep_counts", lambda policy, scores, rate, prefix: fixed_keep_counts(
-        scores.shape[0], scores.shape[1] + prefix, rate, prefix, device=scores.device))
+    give_every_image_k(monkeypatch)
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     results = {}
     for allocation, model in models.items():
@@ -691,6 +786,10 @@ def test_packed_token_level_keeps_a_count_per_image():
                                      cls_attention[start:start + n][None], None)
         part = slice(int(new_cu[b]), int(new_cu[b + 1]))
         assert torch.equal(new_tokens[part], x[0]) and torch.equal(new_positions[part], index[0]), b
+    # A NaN attention (as a diverged step gives) never moves a patch before its image's CLS token.
+    cls_attention[[1, 10, 13]] = float("nan")
+    _, nan_positions, nan_cu = pruning.select_packed(tokens, positions, cu, cls_attention)
+    assert torch.equal(nan_cu, new_cu) and torch.equal(nan_positions[nan_cu[:-1].long()], positions[cu[:-1].long()])
 
 
 @pytest.mark.parametrize("allocation", ["budget", "mass"])
@@ -739,6 +838,59 @@ def test_packed_model_on_the_fused_kernel_equals_the_torch_backend(device):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_packed_budget_step_traces_whole_and_once_under_torch_compile():
+    """With the budget policy T is known on the host, so the packed forward's code around the ops
+    (scores, policy, checks, blocks, pooling) has no host read and no data-dependent shape:
+    torch.compile(fullgraph=True) traces it whole, once for batches whose images keep different counts,
+    and computes the eager logits and gradients. (A host read or a data-dependent shape would break the
+    graph, which fullgraph turns into an error.) The ops' torch backends are opaque custom ops here; the
+    fused ones add no sync of their own (the cuda test below)."""
+    from pss_kernels.models.packed import input_keep_counts, packed_features, packed_pool
+    model = packed_model("budget", drop_path_rate=0.0, attn_backend="torch", sampler_backend="torch").train()
+    graphs = []
+
+    def counting_aot_eager(graph, example_inputs):
+        graphs.append(graph)
+        from torch._dynamo.backends.debugging import aot_eager
+        return aot_eager(graph, example_inputs)
+
+    def forward(images):
+        tokens, _, cu_seqlens = packed_features(model, model.embed(images), 0.5)
+        return model.head(packed_pool(model, tokens, cu_seqlens))
+
+    compiled = torch.compile(forward, fullgraph=True, backend=counting_aot_eager)
+    generator = torch.Generator().manual_seed(6)
+    seen_counts = set()
+    for _ in range(2):
+        images = torch.randn(4, 3, 32, 32, generator=generator) * torch.rand(4, 1, 1, 1, generator=generator)
+        seen_counts.add(tuple(input_keep_counts(model, model.embed(images), 0.5).tolist()))
+        got = compiled(images)
+        (got_grad,) = torch.autograd.grad(got.square().sum(), model.blocks[0].attn.relative_position_bias_table)
+        want = forward(images)
+        (want_grad,) = torch.autograd.grad(want.square().sum(), model.blocks[0].attn.relative_position_bias_table)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-6)
+    assert len(seen_counts) == 2  # the two batches spread their tokens differently ...
+    assert len(graphs) == 1  # ... and share one graph
+
+
+@pytest.mark.cuda
+def test_gpu_packed_budget_step_makes_no_host_sync(device):
+    """On a GPU the budget step on the fused backends (sampler and attention, forward and backward)
+    runs with torch.cuda's sync debug mode set to error: nothing in it waits for the device."""
+    model = packed_model("budget", attn_backend="triton", sampler_backend="triton").to(device).train()
+    images = torch.randn(4, 3, 32, 32, device=device)
+    model(images, keep_rate=0.5).sum().backward()  # warm-up: compilation, autotuning, caches
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model(images, keep_rate=0.5).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    torch.cuda.synchronize()
+
+
 def test_packed_model_refuses_what_it_does_not_run():
     from pss_kernels.models import TokenPruning
     with pytest.raises(ValueError, match="allocation must be one of"):
@@ -751,6 +903,8 @@ def test_packed_model_refuses_what_it_does_not_run():
         packed_model("mass", rpb=False)
     with pytest.raises(ValueError, match="dense peer"):
         packed_model("budget", attn_impl="published")
+    with pytest.raises(ValueError, match="allocation='mass' spreads each image's score mass"):
+        packed_model("mass", scorer="center")
 
 
 def test_pss_train_runs_and_resumes_with_a_budget_allocation(tmp_path):

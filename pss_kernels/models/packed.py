@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from .._backends import OP_BACKENDS
 from ..ops.sample_patches.module import center_scores
 from ..ops.sample_patches.reference import patch_scores
-from ..ops.varlen import ALLOCATIONS, keep_counts, rpb_attention_varlen, sample_patches_varlen  # noqa: F401
+from ..ops.varlen import (ALLOCATIONS, keep_counts, rpb_attention_varlen, sample_patches_varlen,  # noqa: F401
+                          static_total)
 from .attention import RelPosBlockAttention
 
 # The backends that have a packed form; another (the dense-only "cuda") falls back to the op's default.
@@ -50,6 +51,9 @@ def check_packable(model) -> None:
                              f"attn_impl={attn.impl!r} is a dense peer")
         if attn.active_heads != attn.num_heads:
             raise ValueError(f"block {number}: packed tokens run every head (growth's active_heads is dense-only)")
+    if model.allocation == "mass" and model.sampler.scorer == "center":
+        raise ValueError("allocation='mass' spreads each image's score mass, which needs scores >= 0 (scorer "
+                         "'l1', 'l2' or 'random'); scorer='center' ranks by negative distance to the centre")
 
 
 def _scores(model, x: torch.Tensor) -> torch.Tensor:
@@ -88,9 +92,11 @@ def _attention(attn: RelPosBlockAttention, x: torch.Tensor, positions: torch.Ten
     return attn.proj_drop(attn.proj(out.reshape(total, dim)))
 
 
-def _image_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
+def _image_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """(T,) each packed token's image; total = T, a shape, so no host sync."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths)
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths,
+                                   output_size=total)
 
 
 def input_keep_counts(model, x: torch.Tensor, keep_rate: float, scores=None) -> torch.Tensor:
@@ -106,13 +112,16 @@ def packed_features(model, x: torch.Tensor, keep_rate: float) -> Tuple[torch.Ten
     scores = _scores(model, x)
     counts = input_keep_counts(model, x, keep_rate, scores)
     sampler_backend = model.sampler.backend
+    # T known on the host (fixed, budget) spares the sampler's read of the counts: the step then runs
+    # without a host sync on the fused backends (mass and the token level's selections still read it).
+    total = static_total(model.allocation, x.shape[0], x.shape[1], keep_rate, model.num_prefix_tokens)
     tokens, positions, cu_seqlens = sample_patches_varlen(
         x, counts, scorer="given", scores=scores, num_prefix_tokens=model.num_prefix_tokens,
-        backend=sampler_backend if sampler_backend in VARLEN_SAMPLER_BACKENDS else None)
+        backend=sampler_backend if sampler_backend in VARLEN_SAMPLER_BACKENDS else None, total=total)
     # The mean tokens per image this call kept at the input (T is a shape: no sync), read by the trainer
     # to time and count the step by what it ran.
     model.packed_input_tokens = tokens.shape[0] / x.shape[0]
-    image_ids = _image_ids(cu_seqlens)
+    image_ids = _image_ids(cu_seqlens, tokens.shape[0])
     pruning = model.token_pruning if model.token_pruning is not None and model.token_pruning.active else None
     reads = pruning.reading_blocks() if pruning is not None else frozenset()
     for number, block in enumerate(model.blocks, start=1):
@@ -123,12 +132,12 @@ def packed_features(model, x: torch.Tensor, keep_rate: float) -> Tuple[torch.Ten
                                      block.training)
         if selector is not None and selector.after == "attention":
             tokens, positions, cu_seqlens = selector.select_packed(tokens, positions, cu_seqlens, cls_attention)
-            image_ids = _image_ids(cu_seqlens)
+            image_ids = _image_ids(cu_seqlens, tokens.shape[0])
         branch = block.ls2(block.mlp(block.norm2(tokens)))
         tokens = tokens + _drop_path(branch, block.drop_path2.drop_prob, image_ids, x.shape[0], block.training)
         if selector is not None and selector.after == "mlp":
             tokens, positions, cu_seqlens = selector.select_packed(tokens, positions, cu_seqlens, cls_attention)
-            image_ids = _image_ids(cu_seqlens)
+            image_ids = _image_ids(cu_seqlens, tokens.shape[0])
     return tokens, positions, cu_seqlens
 
 
@@ -140,8 +149,11 @@ def packed_pool(model, tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.
         return model.norm(tokens[starts])
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     num_images = lengths.numel()
-    image_ids = torch.repeat_interleave(torch.arange(num_images, device=tokens.device), lengths)
-    is_patch = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-    is_patch[starts] = False  # the CLS token leads each image
-    sums = tokens.new_zeros(num_images, tokens.shape[1]).index_add(0, image_ids[is_patch], tokens[is_patch])
+    # The prefix (CLS) token leads each image; it is weighted out rather than masked out, since a boolean
+    # mask's length would be a host sync.
+    is_patch = torch.ones(tokens.shape[0], dtype=tokens.dtype, device=tokens.device)
+    if model.num_prefix_tokens:
+        is_patch[starts] = 0
+    sums = tokens.new_zeros(num_images, tokens.shape[1]).index_add(
+        0, _image_ids(cu_seqlens, tokens.shape[0]), tokens * is_patch[:, None])
     return model.fc_norm(sums / (lengths - model.num_prefix_tokens).to(tokens.dtype)[:, None])

@@ -212,18 +212,20 @@ class TokenPruning(nn.Module):
         total = tokens.shape[0]
         starts = cu_seqlens[:-1].long()
         lengths = cu_seqlens[1:].long() - starts
-        image = torch.repeat_interleave(torch.arange(lengths.numel(), device=tokens.device), lengths)
+        image = torch.repeat_interleave(torch.arange(lengths.numel(), device=tokens.device), lengths,
+                                        output_size=total)
         patches = lengths - 1
         # kept_count per image, in float64 as Python's math.ceil computes it.
         kept = torch.ceil(quantise(self.token_keep_rate, self.quantum) * patches.double() - 1e-9).long()
         kept = torch.minimum(patches, kept.clamp(min=1))
         row = torch.arange(total, device=tokens.device)
-        scores = cls_attention.detach().float().clone()
-        scores[starts] = float("inf")  # the CLS token first
-        # Descending score with ties to the lower row, then grouped by image (stable): each image's
-        # rows in selection order, its segment where it was.
-        order = torch.sort(scores, descending=True, stable=True).indices
-        order = order[torch.sort(image[order], stable=True).indices]
+        # Descending score with ties to the lower row, then grouped by image with its CLS token first
+        # (stable): each image's rows in selection order, its segment where it was. The CLS token is
+        # put first by the key rather than by an infinite score, which a NaN would outrank.
+        order = torch.sort(cls_attention.detach().float(), descending=True, stable=True).indices
+        is_patch = torch.ones(total, dtype=torch.int64, device=tokens.device)
+        is_patch[starts] = 0
+        order = order[torch.sort((image * 2 + is_patch)[order], stable=True).indices]
         rank = row - starts[image]  # the rank of order[row] within its image
         keep_all = (kept == patches)[image]
         chosen = torch.where(keep_all, row, order)[rank < (kept + 1)[image]]

@@ -309,7 +309,8 @@ class TensorKeyedCache:
     so that their memory cannot be reused by another tensor while the entry lives (an in-place change
     bumps the version). Every head and layer of a step then reuses what the first one built. Nothing is
     cached while a CUDA graph is being captured: a tensor made then holds its values only once the graph
-    replays (see triton_bias_grad.shared_row_lists)."""
+    replays (see triton_bias_grad.shared_row_lists), nor for inference tensors (torch.inference_mode),
+    which have no version."""
 
     def __init__(self, kept: int):
         self.kept = kept
@@ -317,6 +318,8 @@ class TensorKeyedCache:
 
     def get(self, tensors: Tuple[torch.Tensor, ...], extra: tuple, build: Callable[[], Any]):
         if any(t.device.type == "cuda" for t in tensors) and torch.cuda.is_current_stream_capturing():
+            return build()
+        if any(t.is_inference() for t in tensors):  # no version counter to key on: build it each time
             return build()
         key = tuple((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device, t._version)
                     for t in tensors) + extra

@@ -19,9 +19,10 @@ rpb_attention_varlen "sdpa" (the images padded into one batch, the default). The
 Triton ones only in Triton's interpreter), so they are not backend=None's choice.
 """
 from .allocation import (ALLOCATIONS, budget_keep_counts, fixed_keep_counts, keep_counts, mass_keep_counts,
-                         mass_keep_counts_at_rate)
+                         mass_keep_counts_at_rate, static_total)
 from .op import check_cu_seqlens, flat_positions, rpb_attention_varlen, sample_patches_varlen
 
 __all__ = ["ALLOCATIONS", "budget_keep_counts", "check_cu_seqlens", "fixed_keep_counts", "flat_positions",
            "keep_counts",
-           "mass_keep_counts", "mass_keep_counts_at_rate", "rpb_attention_varlen", "sample_patches_varlen"]
+           "mass_keep_counts", "mass_keep_counts_at_rate", "rpb_attention_varlen", "sample_patches_varlen",
+           "static_total"]

@@ -4,9 +4,10 @@ The schedule still sets the mean keep rate rho; a policy spreads the batch's tok
 
 - fixed:  k_b = k = num_kept_tokens(N, rho) for every image: today's PSS as a packed special case.
 - budget: one top-K over the patch scores of the whole batch, with a per-image minimum and maximum:
-          the batch total T = B * prefix + K, K = round(rho * B * N) - B * prefix, is the same for every
-          batch at a given rho, so shapes stay static (CUDA graphs, torch.compile see one T); only the
-          offsets change. An image whose patches score high across the board keeps more of them.
+          the batch total T = B * prefix + K, K = round(rho * B * N) - B * prefix (at least B * the
+          minimum), is the same for every batch at a given rho (static_total), so shapes stay static
+          (sample_patches_varlen(total=T) reads no count back; CUDA graphs and torch.compile see one
+          T); only the offsets change. An image whose patches score high across the board keeps more.
 - mass:   each image keeps the fewest patches that hold a fraction f of its score mass (scores >= 0:
           L1, L2, attention): a plain background needs few, a cluttered scene many. At a keep rate
           (keep_counts, mass_keep_counts_at_rate) f is one number for the batch, set by bisection so
@@ -22,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from ..._checks import check_int, check_keep_rate, check_rate, check_tensor
+from ..._checks import check_choice, check_int, check_keep_rate, check_rate, check_tensor
 from ..sample_patches.reference import num_kept_tokens
 
 ALLOCATIONS = ("fixed", "budget", "mass")
@@ -32,6 +33,7 @@ def fixed_keep_counts(batch: int, num_tokens: int, keep_rate: float, num_prefix_
                       device=None) -> torch.Tensor:
     """(B,) all num_kept_tokens(num_tokens, keep_rate, num_prefix_tokens)."""
     check_int("batch", batch, minimum=1)
+    check_int("num_prefix_tokens", num_prefix_tokens, minimum=0)
     check_int("num_tokens", num_tokens, minimum=num_prefix_tokens + 1)
     k = num_kept_tokens(num_tokens, check_keep_rate(keep_rate), num_prefix_tokens)
     return torch.full((batch,), k, dtype=torch.int64, device=device)
@@ -45,36 +47,46 @@ def _check_scores(scores: torch.Tensor) -> None:
         raise ValueError(f"scores must have B, P >= 1, got shape {tuple(scores.shape)}")
 
 
+def budget_total(batch: int, num_tokens: int, keep_rate: float, num_prefix_tokens: int = 1,
+                 min_patches: int = 1) -> int:
+    """The budget policy's batch total T: round(keep_rate * B * N), and at least every image's prefix and
+    min_patches patches (as fixed k keeps at least one patch at any rate)."""
+    check_int("num_prefix_tokens", num_prefix_tokens, minimum=0)
+    total = round(check_keep_rate(keep_rate) * batch * num_tokens)
+    return max(total, batch * (num_prefix_tokens + min_patches))
+
+
 def budget_keep_counts(scores: torch.Tensor, keep_rate: float, num_prefix_tokens: int = 1, *,
                        min_patches: int = 1, max_patches: Optional[int] = None) -> torch.Tensor:
-    """(B,) counts with sum = round(keep_rate * B * N) (N = prefix + P) spread by one top-K over the
-    batch's patch scores (B, P), each image keeping between min_patches and max_patches (default P)
-    patches. ValueError names the argument when the total cannot respect the bounds."""
+    """(B,) counts with sum budget_total(...) (round(keep_rate * B * N), N = prefix + P) spread by one
+    top-K over the batch's patch scores (B, P), each image keeping between min_patches and max_patches
+    (default P) patches. ValueError names the argument when the total exceeds B * max_patches."""
     _check_scores(scores)
     batch, patches = scores.shape
     max_patches = patches if max_patches is None else max_patches
     check_int("min_patches", min_patches, minimum=1, maximum=patches)
     check_int("max_patches", max_patches, minimum=min_patches, maximum=patches)
-    num_tokens = num_prefix_tokens + patches
-    total_patches = round(check_keep_rate(keep_rate) * batch * num_tokens) - batch * num_prefix_tokens
-    if not batch * min_patches <= total_patches <= batch * max_patches:
-        raise ValueError(f"keep_rate={keep_rate} gives {total_patches} patches for {batch} images, outside "
-                         f"[B * min_patches, B * max_patches] = [{batch * min_patches}, {batch * max_patches}]")
+    total_patches = budget_total(batch, num_prefix_tokens + patches, keep_rate, num_prefix_tokens,
+                                 min_patches) - batch * num_prefix_tokens
+    if total_patches > batch * max_patches:
+        raise ValueError(f"keep_rate={keep_rate} gives {total_patches} patches for {batch} images, more than "
+                         f"B * max_patches = {batch * max_patches}")
     # Each image's patches by rank (descending score, ties to the lower position); ranks below the
     # minimum are kept anyway, ranks at or above the maximum never.
-    ranked = torch.sort(scores.float(), dim=1, descending=True, stable=True).values
+    ranked = torch.sort(scores, dim=1, descending=True, stable=True).values
     rank = torch.arange(patches, device=scores.device).expand(batch, patches)
-    open_slot = (rank >= min_patches) & (rank < max_patches)
-    candidates = torch.where(open_slot, ranked, torch.full_like(ranked, float("-inf")))
+    open_slot = ((rank >= min_patches) & (rank < max_patches)).flatten()
     remaining = total_patches - batch * min_patches
     counts = torch.full((batch,), min_patches, dtype=torch.int64, device=scores.device)
     if remaining > 0:
-        # One top-K over the open slots; a stable sort of the flattened (image-major) slots breaks ties
-        # to the lower image, then the lower rank. Open slots always come before closed ones (-inf),
-        # and within an image a slot's score never exceeds the one ranked before it, so the chosen
-        # slots of each image are a prefix of its open ranks.
-        order = torch.sort(candidates.flatten(), descending=True, stable=True).indices[:remaining]
-        counts += torch.bincount(order // patches, minlength=batch)
+        # One top-K over the open slots: descending score (stable: ties to the lower image, then the
+        # lower rank), then open slots before closed ones (stable again), so a closed slot is never
+        # chosen whatever the scores (-inf, NaN included). Within an image a slot's score never exceeds
+        # the one ranked before it, so the chosen slots of each image are a prefix of its open ranks.
+        order = torch.sort(ranked.flatten(), descending=True, stable=True).indices
+        order = order[torch.sort((~open_slot[order]).to(torch.uint8), stable=True).indices][:remaining]
+        # scatter_add, not bincount: bincount's length is data-dependent (a host sync on a GPU).
+        counts.scatter_add_(0, order // patches, torch.ones_like(order))
     return counts + num_prefix_tokens
 
 
@@ -84,6 +96,7 @@ def mass_keep_counts(scores: torch.Tensor, fraction: float, num_prefix_tokens: i
     sum to `fraction` of the image's total score mass. Scores must be >= 0 (L1, L2, attention); an
     image with no mass keeps min_patches."""
     _check_scores(scores)
+    check_int("num_prefix_tokens", num_prefix_tokens, minimum=0)
     fraction = check_rate("fraction", fraction)
     patches = scores.shape[1]
     check_int("min_patches", min_patches, minimum=1, maximum=patches)
@@ -109,13 +122,13 @@ def mass_keep_counts_at_rate(scores: torch.Tensor, keep_rate: float, num_prefix_
     budget = round(check_keep_rate(keep_rate) * batch * (num_prefix_tokens + patches))
     low, high = 0.0, 1.0
     best = mass_keep_counts(scores, high, num_prefix_tokens, min_patches=min_patches)
-    best_gap = abs(int(best.sum()) - budget)
-    for _ in range(iterations):  # the total is non-decreasing in f
+    best_total = int(best.sum())
+    for _ in range(iterations):  # the total is non-decreasing in f: on a tie the smaller total has the smaller f
         middle = (low + high) / 2
         counts = mass_keep_counts(scores, middle, num_prefix_tokens, min_patches=min_patches)
         total = int(counts.sum())
-        if abs(total - budget) <= best_gap:
-            best, best_gap = counts, abs(total - budget)
+        if (abs(total - budget), total) < (abs(best_total - budget), best_total):
+            best, best_total = counts, total
         if total == budget:
             break
         low, high = (middle, high) if total < budget else (low, middle)
@@ -127,16 +140,34 @@ def keep_counts(policy: str, scores: torch.Tensor, keep_rate: float, num_prefix_
                 max_patches: Optional[int] = None) -> torch.Tensor:
     """The counts of `policy` (ALLOCATIONS) for a batch's patch scores (B, P) at mean rate keep_rate
     (fraction: the mass policy's own fraction of each image's mass; default: the fraction that keeps
-    the batch at keep_rate, mass_keep_counts_at_rate)."""
+    the batch at keep_rate, mass_keep_counts_at_rate). An option the policy does not read is refused,
+    not ignored: fraction is the mass policy's, max_patches the budget's, min_patches theirs both."""
     _check_scores(scores)
+    check_choice("policy", policy, ALLOCATIONS)
+    for name, given, readers in (("fraction", fraction is not None, ("mass",)),
+                                 ("max_patches", max_patches is not None, ("budget",)),
+                                 ("min_patches", min_patches != 1, ("budget", "mass"))):
+        if given and policy not in readers:
+            raise ValueError(f"{name} is read by the {' and '.join(readers)} policy only, got policy={policy!r}")
     if policy == "fixed":
         return fixed_keep_counts(scores.shape[0], num_prefix_tokens + scores.shape[1], keep_rate, num_prefix_tokens,
                                  device=scores.device)
     if policy == "budget":
         return budget_keep_counts(scores, keep_rate, num_prefix_tokens, min_patches=min_patches,
                                   max_patches=max_patches)
-    if policy == "mass":
-        if fraction is None:
-            return mass_keep_counts_at_rate(scores, keep_rate, num_prefix_tokens, min_patches=min_patches)
-        return mass_keep_counts(scores, fraction, num_prefix_tokens, min_patches=min_patches)
-    raise ValueError(f"policy must be one of {ALLOCATIONS}, got {policy!r}")
+    if fraction is None:  # mass
+        return mass_keep_counts_at_rate(scores, keep_rate, num_prefix_tokens, min_patches=min_patches)
+    return mass_keep_counts(scores, fraction, num_prefix_tokens, min_patches=min_patches)
+
+
+def static_total(policy: str, batch: int, num_tokens: int, keep_rate: float, num_prefix_tokens: int = 1):
+    """The batch total T of `policy` known without reading the scores (an int), or None where it
+    depends on them (mass). fixed: B * num_kept_tokens; budget: budget_total (round(keep_rate * B * N),
+    at least B * (num_prefix_tokens + 1)). Given to
+    sample_patches_varlen(total=), it spares the host sync of reading the counts."""
+    check_choice("policy", policy, ALLOCATIONS)
+    if policy == "fixed":
+        return batch * num_kept_tokens(num_tokens, check_keep_rate(keep_rate), num_prefix_tokens)
+    if policy == "budget":
+        return budget_total(batch, num_tokens, keep_rate, num_prefix_tokens)
+    return None

@@ -4,16 +4,17 @@ rpb_attention_varlen's backends:
 - "torch" and "triton" run behind one registered boundary per direction, as rpb_attention's:
   `pss_kernels::rpb_attention_varlen_fwd` returns (out, lse, cls_attention) and its autograd formula
   calls `pss_kernels::rpb_attention_varlen_bwd`; both have fake kernels (torch.compile(fullgraph=True),
-  torch.library.opcheck). "torch" runs image by image through the float32 oracle's twin
+  torch.library.opcheck). "torch" runs image by image through the float32 / float64 oracle's twin
   (rpb_attention/torch_attention.py); "triton" is one launch of rpb_attention's Triton kernels over
   every image (VARLEN: programs over (work entry, head), the work entries the images' blocks, longest
   image first; triton_common.program_sequence).
 - "sdpa" pads the images into one dense batch for the dense rpb_attention's sdpa path, with the
   padding keys masked (sdpa_varlen.py: one call, PyTorch's own kernels, the padding paid for).
 
-The value checks (offsets, positions) read the offsets back (one host sync) inside the registered op,
-so they also run under torch.compile; check_inputs=False skips them when the offsets and positions are
-known good (straight from sample_patches_varlen), and the triton backend then needs no host sync.
+The value checks (offsets, positions) read them back (two host syncs): inside the registered op for
+"torch" and "triton", so that they also run under torch.compile, and before the padding for "sdpa";
+check_inputs=False skips them when the offsets and positions are known good (straight from
+sample_patches_varlen), and the triton backend then needs no host sync.
 """
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, *, min_length: int = 
     lengths = [end - start for start, end in zip(offsets[:-1], offsets[1:])]
     short = [n for n in lengths if n < min_length]
     if short:
-        raise ValueError(f"cu_seqlens must increase by at least {min_length} per image (the prefix and one "
-                         f"patch), got image lengths {lengths}")
+        raise ValueError(f"cu_seqlens must increase by at least {min_length} per image (its prefix tokens and "
+                         f"one patch), got image lengths {lengths}")
     if max_length is not None and max(lengths) > max_length:
         raise ValueError(f"cu_seqlens gives an image of {max(lengths)} tokens, more than the N = {max_length} "
                          f"positions of the grid")
@@ -118,10 +119,10 @@ def rpb_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
     Returns out (T, H, D) in q's dtype, or (out, cls_attention (T,) float32) with return_cls_attention:
     the head-averaged attention of each image's CLS query to its tokens.
 
-    backend: "torch" (float32, image by image) | "sdpa" (the images padded into one batch for
+    backend: "torch" (float32 or float64, image by image) | "sdpa" (the images padded into one batch for
     rpb_attention's sdpa path, the padding keys masked) | "triton" (one fused launch over all images; D <= 128) | None (rpb_attention's default for
     the device). deterministic: as rpb_attention's. check_inputs: check the offsets and positions on
-    the host (one sync) before a kernel reads them; pass False when they are known good.
+    the host (two syncs) before a kernel reads them; pass False when they are known good.
     """
     # backend=None: the dense op's defaults ("sdpa" on both devices). The triton backend has run only in
     # Triton's interpreter (no GPU yet), so it stays out of the default until its GPU tests pass and
@@ -199,7 +200,9 @@ def _as_sequence(t: torch.Tensor) -> torch.Tensor:
 
 def _packed(cu_seqlens: torch.Tensor, num_positions: int):
     from ..rpb_attention.triton_common import PackedSequences
-    return PackedSequences(cu_seqlens, cu_seqlens.numel() - 1, num_positions)
+    # The kernels read offset b at cu_seqlens + b: a strided view must not reach them (a no-op, so the
+    # same tensor and its cached work table, when contiguous).
+    return PackedSequences(cu_seqlens.contiguous(), cu_seqlens.numel() - 1, num_positions)
 
 
 @torch.library.custom_op("pss_kernels::rpb_attention_varlen_fwd", mutates_args=())
@@ -331,6 +334,8 @@ def _sample_patches_varlen_op(x, scores, keep_counts, total, scorer, num_prefix_
                                                                            scorer, num_prefix_tokens, order)
     tokens, positions, cu_seqlens = sample_patches_varlen_reference(
         x, keep_counts, scorer=scorer, num_prefix_tokens=num_prefix_tokens, order=order, scores=scores)
+    if tokens.shape[0] != total:  # the reference has read the counts already: the check costs nothing
+        raise ValueError(f"keep_counts must sum to total = {total}, got {tokens.shape[0]}")
     return tokens, positions, cu_seqlens, _packed_slot(positions, keep_counts, x.shape[1])
 
 
@@ -381,9 +386,12 @@ def _sampling_double_backward(ctx, grad_grad_x):
     (slot,) = ctx.saved_tensors
     rows = slot.flatten().long()
     kept = rows >= 0
-    sources = torch.empty(ctx.total, dtype=torch.int64, device=slot.device)
-    sources[rows[kept]] = torch.arange(rows.numel(), device=slot.device)[kept]
-    return grad_grad_x.reshape(rows.numel(), -1)[sources], None, None
+    flat = grad_grad_x.reshape(rows.numel(), -1)
+    # A packed row no token maps to (only where counts and T disagree, which the public function refuses)
+    # gets zeros rather than an uninitialised index.
+    grad = flat.new_zeros(ctx.total, flat.shape[1])
+    grad[rows[kept]] = flat[kept]
+    return grad, None, None
 
 
 _sample_patches_varlen_backward_op.register_autograd(_sampling_double_backward,
@@ -392,15 +400,21 @@ _sample_patches_varlen_backward_op.register_autograd(_sampling_double_backward,
 
 def sample_patches_varlen(x: torch.Tensor, keep_counts: torch.Tensor, *, scorer: str = "l1",
                           num_prefix_tokens: int = 1, order: str = "score", scores: Optional[torch.Tensor] = None,
-                          generator: Optional[torch.Generator] = None, backend: Optional[str] = None):
+                          generator: Optional[torch.Generator] = None, backend: Optional[str] = None,
+                          total: Optional[int] = None):
     """sample_patches with a per-image number of kept tokens, packed: x (B, N, C), keep_counts (B,)
     integers in [num_prefix_tokens + 1, N] (prefix included, as sample_patches' k; see allocation.py
     for policies). Within each image the same tokens, order and ties as sample_patches; an image that
     keeps all N tokens keeps them in position order (sample_patches at keep_rate 1).
 
     Returns (tokens (T, C), positions (T,) int64, cu_seqlens (B + 1,) int32), T = keep_counts.sum();
-    tokens carry x's gradient (exact zeros at dropped tokens). One host sync reads the counts' range
-    and sum (T sets the output shape).
+    tokens carry x's gradient (exact zeros at dropped tokens). T sets the output shape, so by default
+    one host sync reads the counts' range and sum and checks them (ValueError naming keep_counts).
+    total: T when the caller knows it without reading the counts (the budget policy's round(rho B N),
+    allocation.static_total): no host sync, so a step of the triton / cuda backends stays on the device
+    (CUDA graphs, torch.compile(fullgraph=True) see one shape). The counts are then checked on the
+    device (torch._assert_async: a RuntimeError on CPU, a device-side assert on a GPU) and the kernels
+    clamp them, so a wrong count never reads or writes out of bounds.
     backend: "torch" (image by image through the dense reference) | "triton" | "cuda" (one fused launch:
     scores, each image's top-k_b, the offsets' prefix sum and the copy, as sample_patches' kernels; not
     yet run on a GPU, so not the default) | None ("torch").
@@ -429,11 +443,17 @@ def sample_patches_varlen(x: torch.Tensor, keep_counts: torch.Tensor, *, scorer:
     if generator is not None and scorer != "random":
         raise ValueError(f"generator is only used with scorer='random', got scorer={scorer!r}")
     check_same_device(x=x, keep_counts=keep_counts, scores=scores)
-    low, high, total = (int(v) for v in torch.stack([keep_counts.min(), keep_counts.max(),
-                                                      keep_counts.long().sum()]).tolist())
-    if low < num_prefix_tokens + 1 or high > num_tokens:
-        raise ValueError(f"keep_counts must be in [num_prefix_tokens + 1, N] = [{num_prefix_tokens + 1}, "
-                         f"{num_tokens}], got min {low}, max {high}")
+    bounds = f"[num_prefix_tokens + 1, N] = [{num_prefix_tokens + 1}, {num_tokens}]"
+    if total is None:
+        low, high, total = (int(v) for v in torch.stack([keep_counts.min(), keep_counts.max(),
+                                                          keep_counts.long().sum()]).tolist())
+        if low < num_prefix_tokens + 1 or high > num_tokens:
+            raise ValueError(f"keep_counts must be in {bounds}, got min {low}, max {high}")
+    else:
+        check_int("total", total, minimum=batch * (num_prefix_tokens + 1), maximum=batch * num_tokens)
+        torch._assert_async(((keep_counts >= num_prefix_tokens + 1) & (keep_counts <= num_tokens)).all(),
+                            f"keep_counts must be in {bounds}")
+        torch._assert_async(keep_counts.long().sum() == total, f"keep_counts must sum to total = {total}")
     if scorer == "random":
         # The reference's draw (patch_scores): one uniform float32 per patch token of the batch.
         rng = {} if generator is None else {"generator": generator}
