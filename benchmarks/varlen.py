@@ -11,7 +11,7 @@ rows, each forward and forward+backward (the table trainable), median ms and pea
   packed-fixed   rpb_attention_varlen's fused Triton kernel, every image k tokens: the cost of packing
                  (target: <= 1.05x dense, forward+backward, bf16)
   packed-budget  the same kernel on the budget policy's counts (one top-K over the batch: the same T)
-  packed-mass    on the mass policy's counts at rho (its fraction bisected to round(rho B N) tokens)
+  packed-mass    on the mass policy's counts at rho (its fraction solved for round(rho B N) tokens)
   packed-sdpa    rpb_attention_varlen's sdpa backend (padded into one batch: today's default) on the budget counts
   fa-varlen      PyTorch's FlashAttention varlen kernel (no bias: the lower bound) on the budget counts
   flex-packed    FlexAttention, document block mask + bias score_mod, on the budget counts

@@ -651,6 +651,44 @@ def test_budget_allocation_respects_the_bounds_whatever_the_scores():
         assert counts.sum().item() == round(rho * 8) and counts.max() <= 4 and counts.min() >= 2, rho
 
 
+def _nearest_mass_total_by_search(scores, budget, min_patches):
+    """The mass total nearest to budget (the smaller on a tie) over a fine grid of fractions and a
+    bisection: the policy's exact solution must be at least as near (an independent search)."""
+    totals = {int(mass_keep_counts(scores, f, min_patches=min_patches).sum())
+              for f in torch.linspace(0, 1, 501)[1:].tolist()}
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        total = int(mass_keep_counts(scores, middle, min_patches=min_patches).sum())
+        totals.add(total)
+        low, high = (middle, high) if total < budget else (low, middle)
+    return min(totals, key=lambda total: (abs(total - budget), total))
+
+
+def test_mass_at_a_rate_is_the_nearest_total_any_fraction_reaches():
+    """Random batches with ties (integer scores), images with no mass, twins and zero scores, at several
+    rates and minimums: the exact solution's total is as near round(rho B N) as any searched fraction
+    gets, and on equal distance not larger."""
+    from pss_kernels.ops.varlen import mass_keep_counts_at_rate
+    generator = torch.Generator().manual_seed(11)
+    for case in range(12):
+        batch, patches = int(torch.randint(1, 7, (1,), generator=generator)), int(torch.randint(2, 30, (1,),
+                                                                                                  generator=generator))
+        scores = torch.randint(0, 4, (batch, patches), generator=generator).double()
+        if case % 3 == 1:
+            scores[0] = 0.0  # no mass
+        if case % 3 == 2 and batch > 1:
+            scores[1] = scores[0]  # twins: their steps coincide
+        for min_patches in sorted({1, min(3, patches)}):
+            for rho in (0.1, 0.35, 0.6, 0.9, 1.0):
+                counts = mass_keep_counts_at_rate(scores, rho, min_patches=min_patches)
+                budget = round(rho * batch * (patches + 1))
+                searched = _nearest_mass_total_by_search(scores, budget, min_patches)
+                got = int(counts.sum())
+                assert (abs(got - budget), got) <= (abs(searched - budget), searched), (case, min_patches, rho)
+                assert counts.min() >= 1 + min_patches and counts.max() <= patches + 1
+
+
 def test_keep_counts_refuses_options_its_policy_does_not_read():
     scores = torch.rand(2, 6)
     with pytest.raises(ValueError, match="fraction is read by the mass policy only, got policy='budget'"):

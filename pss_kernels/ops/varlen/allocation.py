@@ -10,9 +10,10 @@ The schedule still sets the mean keep rate rho; a policy spreads the batch's tok
           T); only the offsets change. An image whose patches score high across the board keeps more.
 - mass:   each image keeps the fewest patches that hold a fraction f of its score mass (scores >= 0:
           L1, L2, attention): a plain background needs few, a cluttered scene many. At a keep rate
-          (keep_counts, mass_keep_counts_at_rate) f is one number for the batch, set by bisection so
-          that the batch keeps round(rho * B * N) tokens as nearly as its images' steps allow: the
-          schedule's rho stays the mean rate, T varies by a few tokens. mass_keep_counts takes f itself.
+          (keep_counts, mass_keep_counts_at_rate) f is one number for the batch, solved for exactly
+          (on the device, from the sorted breakpoints of every image's count) so that the batch keeps
+          round(rho * B * N) tokens as nearly as its images' steps allow: the schedule's rho stays
+          the mean rate, T varies by a few tokens. mass_keep_counts takes f itself.
 
 Each is a pure function of its arguments (ties: the lower image, then the lower position, as
 sample_patches orders equal scores), returning (B,) int64 counts on the scores' device.
@@ -90,6 +91,24 @@ def budget_keep_counts(scores: torch.Tensor, keep_rate: float, num_prefix_tokens
     return counts + num_prefix_tokens
 
 
+def _cumulative_mass(scores: torch.Tensor) -> torch.Tensor:
+    """(B, P) float64: each image's scores, largest first, summed cumulatively (one host sync: the
+    ValueError on a negative or NaN score)."""
+    values = scores.double()
+    if bool(((values < 0) | torch.isnan(values)).any()):
+        raise ValueError("scores must be >= 0 and not NaN for the mass allocation (L1, L2 or attention scores)")
+    return torch.sort(values, dim=1, descending=True).values.cumsum(1)
+
+
+def _mass_counts(cumulative: torch.Tensor, fraction, num_prefix_tokens: int, min_patches: int) -> torch.Tensor:
+    """(B,) per image the first rank whose cumulative mass reaches fraction (a float or a 0-dim tensor) of
+    the image's mass, at least min_patches, plus the prefix. A tiny tolerance: fraction 1 must not miss
+    the total by rounding."""
+    reached = cumulative >= fraction * cumulative[:, -1:] * (1 - 1e-12)
+    needed = reached.to(torch.int64).argmax(1) + 1
+    return needed.clamp(min=min_patches) + num_prefix_tokens
+
+
 def mass_keep_counts(scores: torch.Tensor, fraction: float, num_prefix_tokens: int = 1, *,
                      min_patches: int = 1) -> torch.Tensor:
     """(B,) counts: per image the fewest patches (at least min_patches) whose scores, largest first,
@@ -98,41 +117,47 @@ def mass_keep_counts(scores: torch.Tensor, fraction: float, num_prefix_tokens: i
     _check_scores(scores)
     check_int("num_prefix_tokens", num_prefix_tokens, minimum=0)
     fraction = check_rate("fraction", fraction)
-    patches = scores.shape[1]
-    check_int("min_patches", min_patches, minimum=1, maximum=patches)
-    values = scores.double()
-    if bool((values < 0).any()) or bool(torch.isnan(values).any()):
-        raise ValueError("scores must be >= 0 and not NaN for the mass allocation (L1, L2 or attention scores)")
-    ranked = torch.sort(values, dim=1, descending=True).values
-    cumulative = ranked.cumsum(1)
-    target = fraction * cumulative[:, -1:]
-    # The first rank whose cumulative mass reaches the target (a tiny tolerance: fraction 1 must not
-    # miss the total by rounding).
-    reached = cumulative >= target * (1 - 1e-12)
-    needed = reached.to(torch.int64).argmax(1) + 1
-    return needed.clamp(min=min_patches) + num_prefix_tokens
+    check_int("min_patches", min_patches, minimum=1, maximum=scores.shape[1])
+    return _mass_counts(_cumulative_mass(scores), fraction, num_prefix_tokens, min_patches)
 
 
 def mass_keep_counts_at_rate(scores: torch.Tensor, keep_rate: float, num_prefix_tokens: int = 1, *,
-                              min_patches: int = 1, iterations: int = 50) -> torch.Tensor:
-    """(B,) mass counts at the one fraction f (bisected over [0, 1]) whose batch total is nearest to
-    round(keep_rate * B * N), the smaller f on a tie: the mass policy at the schedule's mean rate."""
+                              min_patches: int = 1) -> torch.Tensor:
+    """(B,) mass counts at the one fraction f whose batch total is nearest to round(keep_rate * B * N),
+    the smaller f on a tie: the mass policy at the schedule's mean rate.
+
+    Solved exactly, on the device, with no search: as f grows, image b's count steps up by one each
+    time f passes a breakpoint, the cumulative fraction of mass its top j + 1 patches hold (j < P - 1),
+    and a step moves the batch total only once the count is past min_patches. So the total at f is
+    B * (prefix + min_patches) plus the number of counting breakpoints below f: the batch's sorted
+    breakpoints give every reachable total at once (equal breakpoints step together), and f is taken
+    halfway between the last breakpoint passed and the next."""
     _check_scores(scores)
+    check_int("num_prefix_tokens", num_prefix_tokens, minimum=0)
     batch, patches = scores.shape
+    check_int("min_patches", min_patches, minimum=1, maximum=patches)
     budget = round(check_keep_rate(keep_rate) * batch * (num_prefix_tokens + patches))
-    low, high = 0.0, 1.0
-    best = mass_keep_counts(scores, high, num_prefix_tokens, min_patches=min_patches)
-    best_total = int(best.sum())
-    for _ in range(iterations):  # the total is non-decreasing in f: on a tie the smaller total has the smaller f
-        middle = (low + high) / 2
-        counts = mass_keep_counts(scores, middle, num_prefix_tokens, min_patches=min_patches)
-        total = int(counts.sum())
-        if (abs(total - budget), total) < (abs(best_total - budget), best_total):
-            best, best_total = counts, total
-        if total == budget:
-            break
-        low, high = (middle, high) if total < budget else (low, middle)
-    return best
+    cumulative = _cumulative_mass(scores)
+    mass = cumulative[:, -1:]
+    fractions = cumulative[:, :-1] / mass  # (B, P - 1): breakpoint j of each image
+    rank = torch.arange(patches - 1, device=scores.device)
+    # Breakpoints that never move the total: below min_patches, an image with no mass, a fraction of 1
+    # (the trailing zero scores: f <= 1 never passes it).
+    counting = (rank >= min_patches - 1) & (mass > 0) & (fractions < 1)
+    breakpoints = torch.where(counting, fractions, torch.full_like(fractions, float("inf"))).flatten().sort().values
+    # Passing the k smallest breakpoints (k = 0 .. M) is reachable unless it splits equal ones or
+    # passes an infinite one: last[k] < next[k], last[k] finite.
+    zero, infinity = breakpoints.new_zeros(1), breakpoints.new_full((1,), float("inf"))
+    last, following = torch.cat((zero, breakpoints)), torch.cat((breakpoints, infinity))
+    reachable = (last < following) & torch.isfinite(last)
+    passed = torch.arange(last.numel(), device=scores.device)
+    wanted = budget - batch * (num_prefix_tokens + min_patches)
+    # Nearest to wanted, the smaller on a tie (argmin keeps the first of equal costs).
+    cost = torch.where(reachable, (passed - wanted).abs() * 2 + (passed > wanted).to(passed.dtype),
+                       torch.full_like(passed, torch.iinfo(torch.int64).max))
+    best = torch.argmin(cost)
+    fraction = (last[best] + following[best].clamp(max=1.0)) / 2
+    return _mass_counts(cumulative, fraction, num_prefix_tokens, min_patches)
 
 
 def keep_counts(policy: str, scores: torch.Tensor, keep_rate: float, num_prefix_tokens: int = 1, *,
