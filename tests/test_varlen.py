@@ -411,19 +411,26 @@ def test_triton_varlen_sampler_refuses_float64(device):
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
 def test_varlen_sampling_with_a_known_total_equals_the_read_one(backend, device):
-    """total= (T known to the caller) gives what reading the counts gives; the counts are then checked
-    on the device (a wrong sum or a count out of range fails, naming keep_counts) and total on the host."""
+    """total= (T known to the caller) gives what reading the counts gives."""
     x = torch.randn(3, N, 4, device=device)
     counts = torch.tensor([3, N, 2], device=device)
     for got, want in zip(sample_patches_varlen(x, counts, backend=backend, total=3 + N + 2),
                          sample_patches_varlen(x, counts, backend=backend)):
         assert torch.equal(got, want)
+
+
+def test_varlen_sampling_checks_counts_against_a_known_total_on_the_device():
+    """With total= the counts are checked on the device (torch._assert_async: on CPU a RuntimeError
+    naming keep_counts; on a GPU a device-side assert, which ends the CUDA context, so this runs on CPU)
+    and total on the host; the torch backend's op checks the sum it has read anyway."""
+    x = torch.randn(3, N, 4)
+    counts = torch.tensor([3, N, 2])
     with pytest.raises(RuntimeError, match="keep_counts must sum to total = 17"):
-        sample_patches_varlen(x, counts, backend=backend, total=17)
+        sample_patches_varlen(x, counts, total=17)
     with pytest.raises(RuntimeError, match=r"keep_counts must be in \[num_prefix_tokens \+ 1, N\] = \[2, 13\]"):
-        sample_patches_varlen(x, torch.tensor([1, N, 4], device=device), backend=backend, total=N + 5)
+        sample_patches_varlen(x, torch.tensor([1, N, 4]), total=N + 5)
     with pytest.raises(ValueError, match=r"total must be"):
-        sample_patches_varlen(x, counts, backend=backend, total=3 * N + 1)
+        sample_patches_varlen(x, counts, total=3 * N + 1)
     with pytest.raises(ValueError, match="keep_counts must sum to total = 16, got 18"):  # the op's own check
         torch.ops.pss_kernels.sample_patches_varlen(x, None, counts, 16, "l1", 1, "score", "torch")
 
