@@ -121,7 +121,7 @@ def _dkdv_kernel(
         stride_dob, stride_doh, stride_don, stride_dod,
         stride_table_row, stride_table_head, stride_index_b, stride_index_n,
         num_heads, num_tokens, head_dim, grid_h, grid_w, num_table_rows, qk_scale_log2, scale,
-        num_grid_copies, programs_per_head, csr_width, num_work,
+        num_grid_copies, programs_per_head, csr_width, num_work, grad_row_stride,
         HAS_INDEX: tl.constexpr, NUM_PREFIX: tl.constexpr, DBIAS: tl.constexpr, DETERMINISTIC: tl.constexpr,
         DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HEAD_DIM_PAD: tl.constexpr):
@@ -141,9 +141,16 @@ def _dkdv_kernel(
     v_base = sequence_slice(V, batch, head, start, stride_vb, stride_vh, stride_vn)
     do_base = sequence_slice(DOUT, batch, head, start, stride_dob, stride_doh, stride_don)
     index_base = INDEX + start.to(tl.int64) * stride_index_n
-    # DK and DV are contiguous (B, H, n, D) ((1, H, T, D) packed), rows as lse's (the launcher allocates them).
-    dk_base = DK + row_base * head_dim
-    dv_base = DV + row_base * head_dim
+    # DK and DV are contiguous (B, H, n, D), rows as lse's; packed, contiguous (T, H, D) as q, k, v come,
+    # so that the op hands them back without a transposing copy: token rows grad_row_stride = H * D apart.
+    if VARLEN:
+        dk_base = DK + start.to(tl.int64) * grad_row_stride + head * head_dim
+        dv_base = DV + start.to(tl.int64) * grad_row_stride + head * head_dim
+        dkv_row_stride = grad_row_stride
+    else:
+        dk_base = DK + row_base * head_dim
+        dv_base = DV + row_base * head_dim
+        dkv_row_stride = head_dim
     table_h = TABLE + head * stride_table_head
     if DBIAS == "position-grid":
         grid_copy = (batch % num_grid_copies) * num_heads + head
@@ -193,7 +200,7 @@ def _dkdv_kernel(
             elif DBIAS == "slices":
                 _accumulate_bias_grad(workspace, rel, logit_grads, tile_mask, num_table_rows, BLOCK_N, NUM_PREFIX,
                                       DETERMINISTIC)
-        tile = offs_n.to(tl.int64)[:, None] * head_dim + offs_d[None, :]
+        tile = offs_n.to(tl.int64)[:, None] * dkv_row_stride + offs_d[None, :]
         rows_mask = mask_n[:, None] & mask_d[None, :]
         tl.store(dk_base + tile, (dk * scale).to(DK.dtype.element_ty), mask=rows_mask)
         tl.store(dv_base + tile, dv.to(DV.dtype.element_ty), mask=rows_mask)
@@ -207,7 +214,7 @@ def _dq_kernel(
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_dob, stride_doh, stride_don, stride_dod,
         stride_table_row, stride_table_head, stride_index_b, stride_index_n,
-        num_heads, num_tokens, head_dim, grid_h, grid_w, qk_scale_log2, scale, num_work,
+        num_heads, num_tokens, head_dim, grid_h, grid_w, qk_scale_log2, scale, num_work, grad_row_stride,
         HAS_INDEX: tl.constexpr, NUM_PREFIX: tl.constexpr, DOT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
     """Program (b*H + h) * query_blocks + query block (packed: a work entry): dq = sum over key blocks of
@@ -242,9 +249,14 @@ def _dq_kernel(
             q, k, v, dout, lse_log2, delta, coord_q, prefix_q, coord_k, prefix_k, mask_n, table_h,
             stride_table_row, grid_h, grid_w, qk_scale_log2, NUM_PREFIX, DOT_PRECISION)
         dq += tl.dot(logit_grads.to(k.dtype), k, input_precision=DOT_PRECISION)
-    dq_base = DQ + row_base * head_dim  # contiguous (B, H, n, D), rows as lse's
-    tl.store(dq_base + offs_m.to(tl.int64)[:, None] * head_dim + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=mask_m[:, None] & mask_d[None, :])
+    if VARLEN:  # contiguous (T, H, D), as _dkdv_kernel's DK
+        dq_base = DQ + start.to(tl.int64) * grad_row_stride + head * head_dim
+        dq_row_stride = grad_row_stride
+    else:  # contiguous (B, H, n, D), rows as lse's
+        dq_base = DQ + row_base * head_dim
+        dq_row_stride = head_dim
+    tl.store(dq_base + offs_m.to(tl.int64)[:, None] * dq_row_stride + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
 
 def rpb_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -252,7 +264,8 @@ def rpb_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
                            lse: torch.Tensor, grid_size: Tuple[int, int], num_prefix_tokens: int, scale: float,
                            deterministic: bool, bias_grad: bool = True, packed: Optional[PackedSequences] = None):
     """(dq, dk, dv) contiguous (B, H, n, D) in q's dtype and dbias_table (R, H) contiguous in its dtype
-    (zeros when bias_grad is False: the accumulation is skipped).
+    (zeros when bias_grad is False: the accumulation is skipped). Packed, dq, dk, dv are (1, H, T, D)
+    views of contiguous (T, H, D) tensors (the varlen op's layout: no copy to hand them back).
 
     Every tensor is read through its strides; grad_out is made contiguous only when its last
     dimension is not (e.g. the stride-0 expanded view that `.sum()` hands back), for unit-stride loads.
@@ -263,7 +276,13 @@ def rpb_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     num_table_rows = bias_table.shape[0]
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
+    if packed:  # (T, H, D) storage seen as (1, H, T, D): the packed op returns it as it is
+        dq, dk, dv = (torch.empty(num_tokens, heads, head_dim, device=q.device, dtype=q.dtype).transpose(0, 1)[None]
+                      for _ in range(3))
+        grad_row_stride = heads * head_dim
+    else:
+        dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
+        grad_row_stride = head_dim  # unused: the dense kernels index their contiguous rows by head_dim
     delta = torch.empty_like(lse)
     table = head_major_table(bias_table)
     deterministic = deterministic and bias_grad  # dq, dk, dv use no atomics: only dbias_table needs the mode
@@ -331,6 +350,7 @@ def rpb_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
         q, k, v, grad_out, lse, delta, table, index_arg, dk, dv, workspace, work, cu_seqlens, *strides,
         heads, num_tokens, head_dim, grid_size[0], grid_size[1], num_table_rows, qk_scale_log2, scale,
         accumulator.count if dkdv_bias == "position-grid" else 1, programs_per_head, image_tokens, num_work,
+        grad_row_stride,
         DBIAS=dkdv_bias, DETERMINISTIC=dkdv_deterministic,
         BLOCK_M=dkdv_config.block_m, BLOCK_N=dkdv_config.block_n,
         HEAD_DIM_PAD=dkdv_config.head_dim_pad, num_warps=dkdv_config.num_warps,
@@ -338,7 +358,7 @@ def rpb_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
     programs, work, num_work, cu_seqlens = query_launch
     _dq_kernel[(programs,)](
         q, k, v, grad_out, lse, delta, table, index_arg, dq, work, cu_seqlens, *strides,
-        heads, num_tokens, head_dim, grid_size[0], grid_size[1], qk_scale_log2, scale, num_work,
+        heads, num_tokens, head_dim, grid_size[0], grid_size[1], qk_scale_log2, scale, num_work, grad_row_stride,
         BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n, HEAD_DIM_PAD=dq_config.head_dim_pad,
         num_warps=dq_config.num_warps, num_stages=dq_config.num_stages, **geometry)
     if accumulator is None:

@@ -255,9 +255,8 @@ def _rpb_attention_varlen_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
                                            bias_table, positions[None], _as_sequence(out), lse[None],
                                            tuple(grid_size), num_prefix_tokens, scale, deterministic, bias_grad,
                                            packed=_packed(cu_seqlens, num_positions))
-        dq, dk, dv, dtable = grads
-        return dq[0].transpose(0, 1).contiguous(), dk[0].transpose(0, 1).contiguous(), \
-            dv[0].transpose(0, 1).contiguous(), dtable.contiguous()
+        dq, dk, dv, dtable = grads  # (1, H, T, D) views of contiguous (T, H, D): the kernels wrote them so
+        return dq[0].transpose(0, 1), dk[0].transpose(0, 1), dv[0].transpose(0, 1), dtable.contiguous()
     from ..rpb_attention.torch_attention import rpb_attention_backward
     dq, dk, dv = (torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(3))
     dtable = torch.zeros(bias_table.shape, device=q.device, dtype=torch.promote_types(bias_table.dtype, torch.float32))
