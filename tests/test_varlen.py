@@ -696,6 +696,16 @@ def test_mass_at_a_rate_is_the_nearest_total_any_fraction_reaches():
                 assert counts.min() >= 1 + min_patches and counts.max() <= patches + 1
 
 
+def test_mass_at_a_rate_separates_breakpoints_closer_than_float_tolerance():
+    """Three images whose one breakpoint each lies within 2e-14 of the others: passing two of them is
+    reachable (f between the second and the third), and at a budget of 8 tokens it is the nearest."""
+    from pss_kernels.ops.varlen import mass_keep_counts_at_rate
+    d = 1e-14
+    scores = torch.tensor([[0.5, 0.5], [0.5 + d, 0.5 - d], [0.5 + 2 * d, 0.5 - 2 * d]], dtype=torch.float64)
+    counts = mass_keep_counts_at_rate(scores, 8 / 9)  # budget round(8/9 * 3 * 3) = 8
+    assert counts.tolist() == [3, 3, 2]  # the two smallest fractions passed: images 0 and 1 keep both patches
+
+
 def test_keep_counts_refuses_options_its_policy_does_not_read():
     scores = torch.rand(2, 6)
     with pytest.raises(ValueError, match="fraction is read by the mass policy only, got policy='budget'"):
@@ -706,6 +716,8 @@ def test_keep_counts_refuses_options_its_policy_does_not_read():
         keep_counts("fixed", scores, 0.5, min_patches=2)
     with pytest.raises(ValueError, match="num_prefix_tokens"):
         keep_counts("budget", scores, 0.5, num_prefix_tokens=-1)
+    with pytest.raises(ValueError, match="keep_rate"):  # checked even where the fraction replaces it
+        keep_counts("mass", scores, 7.0, fraction=0.5)
 
 
 def test_static_total_is_the_policys_batch_total():
@@ -718,6 +730,14 @@ def test_static_total_is_the_policys_batch_total():
         assert static_total("mass", 5, 17, rho) is None
     with pytest.raises(ValueError, match="policy must be one of"):
         static_total("greedy", 5, 17, 0.5)
+    # The budget's floor: every image its prefix and min_patches patches, as budget_keep_counts keeps.
+    assert static_total("budget", 2, 10, 0.05) == 4 == budget_keep_counts(torch.rand(2, 9), 0.05).sum().item()
+    assert static_total("budget", 2, 10, 0.05, min_patches=3) == 8 == \
+        budget_keep_counts(torch.rand(2, 9), 0.05, min_patches=3).sum().item()
+    for bad, options in (("num_tokens", dict(num_tokens=1)), ("batch", dict(batch=0)),
+                         ("keep_rate", dict(keep_rate=1.5)), ("min_patches", dict(min_patches=17))):
+        with pytest.raises(ValueError, match=bad):
+            static_total(**{"policy": "budget", "batch": 5, "num_tokens": 17, "keep_rate": 0.5, **options})
 
 
 def test_mass_allocation_keeps_the_fewest_patches_holding_the_fraction():
@@ -787,6 +807,17 @@ def test_packed_model_with_equal_counts_equals_the_dense_model(pool, monkeypatch
         model.eval()
     torch.testing.assert_close(budget(images, keep_rate=0.6), dense(images, keep_rate=0.6), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(budget(images, keep_rate=1.0), dense(images, keep_rate=1.0), rtol=0, atol=0)
+
+
+def test_packed_mean_pool_leaves_the_cls_token_out_even_when_it_overflows():
+    """An infinite CLS token does not reach its image's patch mean (0 * inf would be NaN)."""
+    from pss_kernels.models.packed import packed_pool
+    model = packed_model("budget", pool="mean").eval()
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+    tokens = torch.randn(5, 32)
+    tokens[0] = float("inf")
+    pooled = packed_pool(model, tokens, cu)
+    torch.testing.assert_close(pooled, model.fc_norm(torch.stack([tokens[1:3].mean(0), tokens[4:5].mean(0)])))
 
 
 @pytest.mark.parametrize("placement", ["after_attention", "before_block"])

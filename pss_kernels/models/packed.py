@@ -149,11 +149,11 @@ def packed_pool(model, tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.
         return model.norm(tokens[starts])
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     num_images = lengths.numel()
-    # The prefix (CLS) token leads each image; it is weighted out rather than masked out, since a boolean
-    # mask's length would be a host sync.
-    is_patch = torch.ones(tokens.shape[0], dtype=tokens.dtype, device=tokens.device)
+    # The prefix (CLS) token leads each image; it is replaced by zeros rather than masked out (a boolean
+    # mask's length would be a host sync) and not multiplied by 0 (inf * 0 would be NaN).
+    is_patch = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     if model.num_prefix_tokens:
-        is_patch[starts] = 0
+        is_patch[starts] = False
     sums = tokens.new_zeros(num_images, tokens.shape[1]).index_add(
-        0, _image_ids(cu_seqlens, tokens.shape[0]), tokens * is_patch[:, None])
+        0, _image_ids(cu_seqlens, tokens.shape[0]), torch.where(is_patch[:, None], tokens, 0.0))
     return model.fc_norm(sums / (lengths - model.num_prefix_tokens).to(tokens.dtype)[:, None])

@@ -156,8 +156,11 @@ def mass_keep_counts_at_rate(scores: torch.Tensor, keep_rate: float, num_prefix_
     cost = torch.where(reachable, (passed - wanted).abs() * 2 + (passed > wanted).to(passed.dtype),
                        torch.full_like(passed, torch.iinfo(torch.int64).max))
     best = torch.argmin(cost)
-    fraction = (last[best] + following[best].clamp(max=1.0)) / 2
-    return _mass_counts(cumulative, fraction, num_prefix_tokens, min_patches)
+    # The counts straight from the breakpoints passed (those <= last[best]), not recomputed at a fraction
+    # between two of them: breakpoints closer than the recount's tolerance would be counted otherwise.
+    # (What mass_keep_counts gives at any f in (last[best], following[best]), but for its tolerance.)
+    passed_per_image = ((fractions <= last[best]) & (mass > 0) & (fractions < 1)).sum(1)
+    return (1 + passed_per_image).clamp(min=min_patches) + num_prefix_tokens
 
 
 def keep_counts(policy: str, scores: torch.Tensor, keep_rate: float, num_prefix_tokens: int = 1, *,
@@ -166,9 +169,11 @@ def keep_counts(policy: str, scores: torch.Tensor, keep_rate: float, num_prefix_
     """The counts of `policy` (ALLOCATIONS) for a batch's patch scores (B, P) at mean rate keep_rate
     (fraction: the mass policy's own fraction of each image's mass; default: the fraction that keeps
     the batch at keep_rate, mass_keep_counts_at_rate). An option the policy does not read is refused,
-    not ignored: fraction is the mass policy's, max_patches the budget's, min_patches theirs both."""
+    not ignored: fraction is the mass policy's, max_patches the budget's, min_patches theirs both
+    (keep_rate is checked even where a given fraction replaces it)."""
     _check_scores(scores)
     check_choice("policy", policy, ALLOCATIONS)
+    check_keep_rate(keep_rate)
     for name, given, readers in (("fraction", fraction is not None, ("mass",)),
                                  ("max_patches", max_patches is not None, ("budget",)),
                                  ("min_patches", min_patches != 1, ("budget", "mass"))):
@@ -185,14 +190,20 @@ def keep_counts(policy: str, scores: torch.Tensor, keep_rate: float, num_prefix_
     return mass_keep_counts(scores, fraction, num_prefix_tokens, min_patches=min_patches)
 
 
-def static_total(policy: str, batch: int, num_tokens: int, keep_rate: float, num_prefix_tokens: int = 1):
+def static_total(policy: str, batch: int, num_tokens: int, keep_rate: float, num_prefix_tokens: int = 1, *,
+                 min_patches: int = 1):
     """The batch total T of `policy` known without reading the scores (an int), or None where it
     depends on them (mass). fixed: B * num_kept_tokens; budget: budget_total (round(keep_rate * B * N),
-    at least B * (num_prefix_tokens + 1)). Given to
-    sample_patches_varlen(total=), it spares the host sync of reading the counts."""
+    at least B * (num_prefix_tokens + min_patches)). Given to sample_patches_varlen(total=), it spares
+    the host sync of reading the counts."""
     check_choice("policy", policy, ALLOCATIONS)
+    check_int("batch", batch, minimum=1)
+    check_int("num_prefix_tokens", num_prefix_tokens, minimum=0)
+    check_int("num_tokens", num_tokens, minimum=num_prefix_tokens + 1)
+    check_int("min_patches", min_patches, minimum=1, maximum=num_tokens - num_prefix_tokens)
+    check_keep_rate(keep_rate)
     if policy == "fixed":
-        return batch * num_kept_tokens(num_tokens, check_keep_rate(keep_rate), num_prefix_tokens)
+        return batch * num_kept_tokens(num_tokens, keep_rate, num_prefix_tokens)
     if policy == "budget":
-        return budget_total(batch, num_tokens, keep_rate, num_prefix_tokens)
+        return budget_total(batch, num_tokens, keep_rate, num_prefix_tokens, min_patches)
     return None

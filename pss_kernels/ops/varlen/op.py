@@ -409,8 +409,8 @@ def sample_patches_varlen(x: torch.Tensor, keep_counts: torch.Tensor, *, scorer:
     Returns (tokens (T, C), positions (T,) int64, cu_seqlens (B + 1,) int32), T = keep_counts.sum();
     tokens carry x's gradient (exact zeros at dropped tokens). T sets the output shape, so by default
     one host sync reads the counts' range and sum and checks them (ValueError naming keep_counts).
-    total: T when the caller knows it without reading the counts (the budget policy's round(rho B N),
-    allocation.static_total): no host sync, so a step of the triton / cuda backends stays on the device
+    total: T when the caller knows it without reading the counts (the budget policy's round(rho B N), at
+    least B (prefix + 1): allocation.static_total): no host sync, so a step of the triton / cuda backends stays on the device
     (CUDA graphs, torch.compile(fullgraph=True) see one shape). The counts are then checked on the
     device (torch._assert_async: a RuntimeError on CPU, a device-side assert on a GPU) and the kernels
     clamp them, so a wrong count never reads or writes out of bounds.
