@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Subset
 from ._backends import OP_BACKENDS, BackendError, backend_status
 from ._checks import check_keep_rate
 from .ops.sample_patches import num_kept_tokens
+from .ops.varlen.reference import image_ids
 from .train.checkpoint import CheckpointError, load_checkpoint, load_state
 from .train.cli import NON_NEGATIVE, POSITIVE, PRECISIONS, HelpFormatter, device_flag
 from .train.config import TrainConfig, config_from_dict
@@ -201,7 +202,7 @@ def packed_kept_patch_mask(positions: torch.Tensor, cu_seqlens: torch.Tensor, gr
     grid_h, grid_w = grid_size
     positions, cu_seqlens = positions.cpu(), cu_seqlens.cpu().long()
     batch = cu_seqlens.numel() - 1
-    image = torch.repeat_interleave(torch.arange(batch), cu_seqlens[1:] - cu_seqlens[:-1])
+    image = image_ids(cu_seqlens, positions.numel())
     is_patch = positions >= num_prefix_tokens
     mask = torch.zeros(batch, grid_h * grid_w, dtype=torch.bool)
     mask[image[is_patch], positions[is_patch] - num_prefix_tokens] = True

@@ -31,6 +31,7 @@ from ..ops.sample_patches.module import center_scores
 from ..ops.sample_patches.reference import patch_scores
 from ..ops.varlen import (ALLOCATIONS, keep_counts, rpb_attention_varlen, sample_patches_varlen,  # noqa: F401
                           static_total)
+from ..ops.varlen.reference import image_ids
 from .attention import RelPosBlockAttention
 
 # The backends that have a packed form; another (the dense-only "cuda") falls back to the op's default.
@@ -63,14 +64,14 @@ def _scores(model, x: torch.Tensor) -> torch.Tensor:
     return patch_scores(x, scorer, model.num_prefix_tokens)
 
 
-def _drop_path(x: torch.Tensor, drop_prob: float, image_ids: torch.Tensor, num_images: int,
+def _drop_path(x: torch.Tensor, drop_prob: float, token_image: torch.Tensor, num_images: int,
                training: bool) -> torch.Tensor:
     """Stochastic depth per image on packed tokens: one Bernoulli draw per image, as DropPath's."""
     if drop_prob == 0.0 or not training:
         return x
     keep_prob = 1.0 - drop_prob
     mask = x.new_empty(num_images).bernoulli_(keep_prob)
-    return x * (mask[image_ids] / keep_prob)[:, None]
+    return x * (mask[token_image] / keep_prob)[:, None]
 
 
 def _attention(attn: RelPosBlockAttention, x: torch.Tensor, positions: torch.Tensor,
@@ -90,13 +91,6 @@ def _attention(attn: RelPosBlockAttention, x: torch.Tensor, positions: torch.Ten
         out, cls_attention = out
         return attn.proj_drop(attn.proj(out.reshape(total, dim))), cls_attention
     return attn.proj_drop(attn.proj(out.reshape(total, dim)))
-
-
-def _image_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """(T,) each packed token's image; total = T, a shape, so no host sync."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths,
-                                   output_size=total)
 
 
 def input_keep_counts(model, x: torch.Tensor, keep_rate: float, scores=None) -> torch.Tensor:
@@ -121,23 +115,23 @@ def packed_features(model, x: torch.Tensor, keep_rate: float) -> Tuple[torch.Ten
     # The mean tokens per image this call kept at the input (T is a shape: no sync), read by the trainer
     # to time and count the step by what it ran.
     model.packed_input_tokens = tokens.shape[0] / x.shape[0]
-    image_ids = _image_ids(cu_seqlens, tokens.shape[0])
+    token_image = image_ids(cu_seqlens, tokens.shape[0])
     pruning = model.token_pruning if model.token_pruning is not None and model.token_pruning.active else None
     reads = pruning.reading_blocks() if pruning is not None else frozenset()
     for number, block in enumerate(model.blocks, start=1):
         selector = pruning if number in reads else None
         out = _attention(block.attn, block.norm1(tokens), positions, cu_seqlens, selector is not None)
         branch, cls_attention = out if selector is not None else (out, None)
-        tokens = tokens + _drop_path(block.ls1(branch), block.drop_path1.drop_prob, image_ids, x.shape[0],
+        tokens = tokens + _drop_path(block.ls1(branch), block.drop_path1.drop_prob, token_image, x.shape[0],
                                      block.training)
         if selector is not None and selector.after == "attention":
             tokens, positions, cu_seqlens = selector.select_packed(tokens, positions, cu_seqlens, cls_attention)
-            image_ids = _image_ids(cu_seqlens, tokens.shape[0])
+            token_image = image_ids(cu_seqlens, tokens.shape[0])
         branch = block.ls2(block.mlp(block.norm2(tokens)))
-        tokens = tokens + _drop_path(branch, block.drop_path2.drop_prob, image_ids, x.shape[0], block.training)
+        tokens = tokens + _drop_path(branch, block.drop_path2.drop_prob, token_image, x.shape[0], block.training)
         if selector is not None and selector.after == "mlp":
             tokens, positions, cu_seqlens = selector.select_packed(tokens, positions, cu_seqlens, cls_attention)
-            image_ids = _image_ids(cu_seqlens, tokens.shape[0])
+            token_image = image_ids(cu_seqlens, tokens.shape[0])
     return tokens, positions, cu_seqlens
 
 
@@ -155,5 +149,5 @@ def packed_pool(model, tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.
     if model.num_prefix_tokens:
         is_patch[starts] = False
     sums = tokens.new_zeros(num_images, tokens.shape[1]).index_add(
-        0, _image_ids(cu_seqlens, tokens.shape[0]), torch.where(is_patch[:, None], tokens, 0.0))
+        0, image_ids(cu_seqlens, tokens.shape[0]), torch.where(is_patch[:, None], tokens, 0.0))
     return model.fc_norm(sums / (lengths - model.num_prefix_tokens).to(tokens.dtype)[:, None])

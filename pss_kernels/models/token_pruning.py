@@ -53,6 +53,7 @@ from torch import nn
 
 from .._checks import check_choice, check_int, check_rate
 from ..ops.sample_patches.op import sample_patches
+from ..ops.varlen.reference import image_ids
 
 TRI_LEVEL_BLOCKS = (4, 7, 10)
 PLACEMENTS = ("before_block", "after_attention")
@@ -212,8 +213,7 @@ class TokenPruning(nn.Module):
         total = tokens.shape[0]
         starts = cu_seqlens[:-1].long()
         lengths = cu_seqlens[1:].long() - starts
-        image = torch.repeat_interleave(torch.arange(lengths.numel(), device=tokens.device), lengths,
-                                        output_size=total)
+        image = image_ids(cu_seqlens, total)
         patches = lengths - 1
         # kept_count per image, in float64 as Python's math.ceil computes it.
         kept = torch.ceil(quantise(self.token_keep_rate, self.quantum) * patches.double() - 1e-9).long()

@@ -100,15 +100,6 @@ def _cumulative_mass(scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(values, dim=1, descending=True).values.cumsum(1)
 
 
-def _mass_counts(cumulative: torch.Tensor, fraction, num_prefix_tokens: int, min_patches: int) -> torch.Tensor:
-    """(B,) per image the first rank whose cumulative mass reaches fraction (a float or a 0-dim tensor) of
-    the image's mass, at least min_patches, plus the prefix. A tiny tolerance: fraction 1 must not miss
-    the total by rounding."""
-    reached = cumulative >= fraction * cumulative[:, -1:] * (1 - 1e-12)
-    needed = reached.to(torch.int64).argmax(1) + 1
-    return needed.clamp(min=min_patches) + num_prefix_tokens
-
-
 def mass_keep_counts(scores: torch.Tensor, fraction: float, num_prefix_tokens: int = 1, *,
                      min_patches: int = 1) -> torch.Tensor:
     """(B,) counts: per image the fewest patches (at least min_patches) whose scores, largest first,
@@ -118,7 +109,12 @@ def mass_keep_counts(scores: torch.Tensor, fraction: float, num_prefix_tokens: i
     check_int("num_prefix_tokens", num_prefix_tokens, minimum=0)
     fraction = check_rate("fraction", fraction)
     check_int("min_patches", min_patches, minimum=1, maximum=scores.shape[1])
-    return _mass_counts(_cumulative_mass(scores), fraction, num_prefix_tokens, min_patches)
+    cumulative = _cumulative_mass(scores)
+    # The first rank whose cumulative mass reaches the target (a tiny tolerance: fraction 1 must not
+    # miss the total by rounding).
+    reached = cumulative >= fraction * cumulative[:, -1:] * (1 - 1e-12)
+    needed = reached.to(torch.int64).argmax(1) + 1
+    return needed.clamp(min=min_patches) + num_prefix_tokens
 
 
 def mass_keep_counts_at_rate(scores: torch.Tensor, keep_rate: float, num_prefix_tokens: int = 1, *,
@@ -130,8 +126,8 @@ def mass_keep_counts_at_rate(scores: torch.Tensor, keep_rate: float, num_prefix_
     time f passes a breakpoint, the cumulative fraction of mass its top j + 1 patches hold (j < P - 1),
     and a step moves the batch total only once the count is past min_patches. So the total at f is
     B * (prefix + min_patches) plus the number of counting breakpoints below f: the batch's sorted
-    breakpoints give every reachable total at once (equal breakpoints step together), and f is taken
-    halfway between the last breakpoint passed and the next."""
+    breakpoints give every reachable total at once (equal breakpoints step together), and each image
+    keeps one patch more than the breakpoints it passed (f just above the last one passed)."""
     _check_scores(scores)
     check_int("num_prefix_tokens", num_prefix_tokens, minimum=0)
     batch, patches = scores.shape
@@ -141,9 +137,10 @@ def mass_keep_counts_at_rate(scores: torch.Tensor, keep_rate: float, num_prefix_
     mass = cumulative[:, -1:]
     fractions = cumulative[:, :-1] / mass  # (B, P - 1): breakpoint j of each image
     rank = torch.arange(patches - 1, device=scores.device)
-    # Breakpoints that never move the total: below min_patches, an image with no mass, a fraction of 1
-    # (the trailing zero scores: f <= 1 never passes it).
-    counting = (rank >= min_patches - 1) & (mass > 0) & (fractions < 1)
+    # Breakpoints f <= 1 never passes: an image with no mass, a fraction of 1 (the trailing zero scores).
+    passable = (mass > 0) & (fractions < 1)
+    # Those below min_patches never move the total either.
+    counting = (rank >= min_patches - 1) & passable
     breakpoints = torch.where(counting, fractions, torch.full_like(fractions, float("inf"))).flatten().sort().values
     # Passing the k smallest breakpoints (k = 0 .. M) is reachable unless it splits equal ones or
     # passes an infinite one: last[k] < next[k], last[k] finite.
@@ -159,7 +156,7 @@ def mass_keep_counts_at_rate(scores: torch.Tensor, keep_rate: float, num_prefix_
     # The counts straight from the breakpoints passed (those <= last[best]), not recomputed at a fraction
     # between two of them: breakpoints closer than the recount's tolerance would be counted otherwise.
     # (What mass_keep_counts gives at any f in (last[best], following[best]), but for its tolerance.)
-    passed_per_image = ((fractions <= last[best]) & (mass > 0) & (fractions < 1)).sum(1)
+    passed_per_image = ((fractions <= last[best]) & passable).sum(1)
     return (1 + passed_per_image).clamp(min=min_patches) + num_prefix_tokens
 
 

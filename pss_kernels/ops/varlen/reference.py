@@ -15,6 +15,14 @@ def image_bounds(cu_seqlens: torch.Tensor) -> List[Tuple[int, int]]:
     return list(zip(offsets[:-1], offsets[1:]))
 
 
+def image_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """(T,) int64 each packed token's image from the (B + 1,) offsets; total = T, a shape, so no host
+    sync."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths,
+                                   output_size=total)
+
+
 def rpb_attention_varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
                                    positions: torch.Tensor, cu_seqlens: torch.Tensor, *, grid_size: Sequence[int],
                                    num_prefix_tokens: int = 1, scale: Optional[float] = None,

@@ -21,6 +21,7 @@ from typing import Sequence, Tuple
 import torch
 
 from ..rpb_attention.sdpa_attention import _GatheredBias, _attend, gather_bias, table_rows
+from .reference import image_ids
 
 
 def _padded_layout(cu_seqlens: torch.Tensor, total: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
@@ -28,8 +29,7 @@ def _padded_layout(cu_seqlens: torch.Tensor, total: int) -> Tuple[torch.Tensor, 
     starts = cu_seqlens[:-1].long()
     lengths = cu_seqlens[1:].long() - starts
     longest = int(lengths.max())  # the one host sync
-    batch = lengths.numel()
-    image = torch.repeat_interleave(torch.arange(batch, device=cu_seqlens.device), lengths, output_size=total)
+    image = image_ids(cu_seqlens, total)
     rows = image * longest + (torch.arange(total, device=cu_seqlens.device) - starts[image])
     valid = torch.arange(longest, device=cu_seqlens.device)[None, :] < lengths[:, None]
     return rows, valid, longest
