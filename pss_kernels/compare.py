@@ -32,6 +32,13 @@ when --methods leaves it out (it is added, and the output says so); --no-equal-t
 epoch count comes from the methods' times, measured side by side (--jobs); an equal-time run that
 runs alone may report a lower wall time of its own.
 
+One seed of a short run says little. `--seeds 0,1,2` runs the whole comparison once per seed (in
+<out-dir>/seed<S>, <runs-dir>/seed<S>) and writes methods_seeds.md / .json / _sweep.png: per method the
+mean ± sample std over the seeds of every figure, how many seeds beat their equal-time baseline, and
+with `--paired-with METHOD` each method's top-1 minus METHOD's seed by seed (mean ± std, seeds won).
+`--summarize A.json B.json ...` does the same from the JSONs of runs made elsewhere (one seed per
+job). pss_kernels/seed_summary.py holds it.
+
 Nothing is hidden: magnitude (L1) and random sampling of each PSS schedule sit in adjacent rows and
 in `magnitude_vs_random` of the JSON, with the difference, so a dataset where the magnitude
 ranking fails (e.g. digits, whose background is exactly zero) shows it.
@@ -54,6 +61,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
+
+from . import seed_summary
 
 # The directory holding the pss_kernels package: subprocess runs import the same copy.
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +93,8 @@ METHODS: Dict[str, Method] = {
     "pss-fixed-random": Method("PSS Fixed(0.6), random", "pss", lambda a: ["--schedule", "fixed:0.6",
                                                                              "--scorer", "random"]),
     # Packed allocations at the same mean rho (models/packed.py): budget keeps the batch total, mass
-    # the fewest patches holding a fraction rho of each image's L1 mass. Image by image for now (slow).
+    # the fewest patches holding a fraction rho of each image's L1 mass (its fraction solved for the same
+    # total). Their default backends: the sampler image by image, attention padded into one sdpa batch.
     "pss-fixed-budget": Method("PSS Fixed(0.6), budget allocation (packed)", "pss-allocation",
                                lambda a: ["--schedule", "fixed:0.6", "--scorer", "l1", "--allocation", "budget"]),
     "pss-fixed-mass": Method("PSS Fixed(0.6), mass allocation (packed)", "pss-allocation",
@@ -156,7 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "CPU / GPU / quick settings in this file)")
     parser.add_argument("--budget", type=float, default=0.5,
                         help="Budgeted Training's budget, a fraction of the FLOPs of --epochs at full size")
-    parser.add_argument("--seed", type=int, default=0, help="the same seed for every run")
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=0, help="the same seed for every run")
+    seeds.add_argument("--seeds", help="comma-separated seeds: the whole comparison once per seed (each in "
+                                       "<out-dir>/seed<S>, <runs-dir>/seed<S>), then methods_seeds.md / .json / "
+                                       "_sweep.png: mean ± std over the seeds (pss_kernels/seed_summary.py)")
+    seeds.add_argument("--summarize", nargs="+", metavar="JSON",
+                       help="only summarise these methods JSONs of earlier runs, one per seed, as --seeds does")
+    parser.add_argument("--paired-with", metavar="METHOD",
+                        help="with --seeds / --summarize: every method's top-1 minus METHOD's, seed by seed "
+                             "(e.g. pss-fixed-magnitude for the allocation policies)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--keep-rates", default=None, help="sweep rates (default: 1.0, 0.9, ..., 0.2)")
     parser.add_argument("--train-args", default="", help="more pss-train flags for every run (one string)")
@@ -497,6 +516,11 @@ def equal_time_runs(rows: List[dict], args) -> List[dict]:
     return attach_equal_time(rows, plan, {args.epochs: baseline, **dict(zip(counts, runs))})
 
 
+def _stem(prefix: str, args, env: dict) -> str:
+    """GPU results are committed under benchmarks/results: one file per device and date."""
+    return prefix if args.quick or not args.cuda else f"{prefix}-{env['device'].replace(' ', '_')}-{env['date']}"
+
+
 def run(args: argparse.Namespace) -> dict:
     args = resolve(args)
     args.runs_dir.mkdir(parents=True, exist_ok=True)
@@ -519,8 +543,7 @@ def run(args: argparse.Namespace) -> dict:
     report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "environment": env, "total_s": time.perf_counter() - start, "results": rows,
               "equal_time_baselines": extra, "magnitude_vs_random": magnitude_vs_random(rows)}
-    # GPU results are committed under benchmarks/results: one file per device and date.
-    stem = "methods" if args.quick or not args.cuda else f"methods-{env['device'].replace(' ', '_')}-{env['date']}"
+    stem = _stem("methods", args, env)
     (args.out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     text = table(rows, args.sweep_rates, extra)
     pairs = "\n".join(equal_time_lines(rows) + [
@@ -538,8 +561,58 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
+def parse_seeds(text: str) -> List[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise seed_summary.SummaryInputError(f"--seeds: expected comma-separated integers, got {text!r}") from err
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise seed_summary.SummaryInputError(f"--seeds: expected distinct comma-separated integers, got {text!r}")
+    return seeds
+
+
+def run_seeds(args: argparse.Namespace) -> dict:
+    """The comparison once per seed of --seeds, then their summary (seed_summary.py)."""
+    seeds = parse_seeds(args.seeds)
+    base = resolve(argparse.Namespace(**vars(args)))
+    if args.paired_with is not None and args.paired_with not in base.method_names:
+        raise seed_summary.SummaryInputError(f"--paired-with: {args.paired_with!r} is not one of the compared methods "
+                                             f"{base.method_names}")
+    reports = []
+    for i, seed in enumerate(seeds):
+        print(f"pss-compare: seed {seed} ({i + 1} of {len(seeds)})", flush=True)
+        one = {**vars(args), "seed": seed, "out_dir": str(base.out_dir / f"seed{seed}"),
+               "runs_dir": str(base.runs_dir / f"seed{seed}")}
+        reports.append(run(argparse.Namespace(**one)))
+    summary = seed_summary.summarize(reports, args.paired_with)
+    stem = _stem("methods_seeds", base, reports[0]["environment"])
+    print(seed_summary.write(summary, base.out_dir, stem))
+    print(f"pss-compare: wrote {base.out_dir / stem}.json, .md, _sweep.png", flush=True)
+    return summary
+
+
+def summarize_files(args: argparse.Namespace) -> dict:
+    summary = seed_summary.summarize(seed_summary.load_reports(args.summarize), args.paired_with)
+    out_dir = Path(args.out_dir or Path("runs") / "methods")
+    print(seed_summary.write(summary, out_dir, "methods_seeds"))
+    print(f"pss-compare: wrote {out_dir / 'methods_seeds'}.json, .md, _sweep.png", flush=True)
+    return summary
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    run(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.summarize:
+            summarize_files(args)
+        elif args.seeds is not None:
+            run_seeds(args)
+        elif args.paired_with is not None:
+            parser.error("--paired-with needs --seeds or --summarize (several seeds to pair)")
+        else:
+            run(args)
+    except seed_summary.SummaryInputError as err:
+        parser.error(str(err))
     return 0
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pss_kernels import compare
+from pss_kernels import compare, seed_summary
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -191,3 +191,108 @@ def test_every_method_family_has_a_plot_marker(tmp_path):
             for i, (name, m) in enumerate(compare.METHODS.items())]
     compare.plot(rows, tmp_path / "time.png", tmp_path / "sweep.png", "title")
     assert (tmp_path / "time.png").stat().st_size > 0
+
+
+# Several seeds (pss_kernels/seed_summary.py): top-1 per (method, seed) and the sweep at 0.6 below it.
+SEED_TOP1 = {"baseline": {0: 80.0, 1: 84.0, 2: 82.0}, "pss-fixed-random": {0: 70.0, 1: 76.0, 2: 73.0},
+             "pss-cyclic-random": {0: 72.0, 1: 74.0, 2: 76.0}}
+
+
+def _fake_seed_runs(monkeypatch):
+    calls = []
+
+    def fake_run_method(name, args, index, total, epochs=None):
+        calls.append((name, args.seed, epochs, str(args.runs_dir)))
+        top1 = SEED_TOP1[name][args.seed] if epochs is None else 71.0 + args.seed  # the baseline at 6 epochs
+        wall = {"baseline": 100.0, "pss-fixed-random": 60.0, "pss-cyclic-random": 62.0}[name] if epochs is None \
+            else 10.0 * epochs
+        return {"method": name if epochs is None else f"{name}-{epochs}ep", "label": compare.METHODS[name].label,
+                "family": compare.METHODS[name].family, "wall_s": wall, "top1": top1, "mean_tokens": 39.0,
+                "mean_block_tokens": 39.0, "train_flops": 1e9, "peak_mem_mb": None,
+                "sweep": [{"keep_rate": 1.0, "top1": top1}, {"keep_rate": 0.6, "top1": top1 - 10.0 * args.seed}],
+                **({"epochs": epochs} if epochs else {})}
+
+    monkeypatch.setattr(compare, "run_method", fake_run_method)
+    return calls
+
+
+def test_seeds_run_the_comparison_per_seed_and_summarize_mean_std_and_paired_differences(tmp_path, monkeypatch,
+                                                                                         capsys):
+    pytest.importorskip("matplotlib")
+    calls = _fake_seed_runs(monkeypatch)
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    argv = ["--epochs", "10", "--jobs", "1", "--methods", "baseline,pss-fixed-random,pss-cyclic-random",
+            "--keep-rates", "1.0,0.6", "--seeds", "0,1,2", "--paired-with", "pss-fixed-random",
+            "--out-dir", str(out), "--runs-dir", str(runs)]
+    assert compare.main(argv) == 0
+    # Each seed is a whole comparison of its own, in its own directories, with the seed passed to every run.
+    for seed in (0, 1, 2):
+        assert [c[:3] for c in calls if c[1] == seed] == [("baseline", seed, None), ("pss-fixed-random", seed, None),
+                                                          ("pss-cyclic-random", seed, None), ("baseline", seed, 6)]
+        assert {c[3] for c in calls if c[1] == seed} == {str(runs / f"seed{seed}")}
+        assert json.loads((out / f"seed{seed}" / "methods.json").read_text())["settings"]["seed"] == seed
+    summary = json.loads((out / "methods_seeds.json").read_text())
+    assert summary["seeds"] == [0, 1, 2] and summary["paired_with"] == "pss-fixed-random"
+    methods = {m["method"]: m for m in summary["methods"]}
+    fixed = methods["pss-fixed-random"]
+    assert fixed["top1"]["values"] == [70.0, 76.0, 73.0] and fixed["top1"]["mean"] == pytest.approx(73.0)
+    assert fixed["top1"]["std"] == pytest.approx(3.0)  # the sample std of 70, 76, 73
+    assert [s["mean"] for s in fixed["sweep"]] == pytest.approx([73.0, 63.0])  # 70, 66, 53 at rho 0.6
+    # Against the equal-time baseline (71, 72, 73 at 6 epochs): fixed 70 / 76 / 73 beats it in one seed (a tie
+    # is no win).
+    assert fixed["equal_time"]["seeds"] == 3 and fixed["equal_time"]["beats"] == 1
+    assert fixed["equal_time"]["top1_minus"]["values"] == [-1.0, 4.0, 0.0]
+    assert methods["baseline"]["equal_time"] is None
+    paired = {p["method"]: {d["keep_rate"]: d for d in p["top1_minus"]} for p in summary["paired"]}
+    assert set(paired) == {"baseline", "pss-cyclic-random"}
+    cyclic = paired["pss-cyclic-random"][1.0]
+    assert cyclic["values"] == [2.0, -2.0, 3.0] and cyclic["wins"] == 2 and cyclic["mean"] == pytest.approx(1.0)
+    assert paired["baseline"][0.6]["values"] == [10.0, 8.0, 9.0] and paired["baseline"][0.6]["wins"] == 3
+    table = (out / "methods_seeds.md").read_text()
+    assert "| pss-fixed-random | 60.0 ± 0.0 | 39.0 | 73.0 ± 3.0 | 1 of 3 (+1.0) | 63.0 ± 8.9 |" in table
+    assert "| pss-cyclic-random | +1.0 ± 2.6 (2/3) | " in table
+    assert (out / "methods_seeds_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "seed 2 (3 of 3)" in capsys.readouterr().out
+
+    # --summarize reads the same per-seed files back into the same summary.
+    again = tmp_path / "again"
+    assert compare.main(["--summarize", *(str(out / f"seed{s}" / "methods.json") for s in (0, 1, 2)),
+                         "--paired-with", "pss-fixed-random", "--out-dir", str(again)]) == 0
+    reread = json.loads((again / "methods_seeds.json").read_text())
+    assert reread["methods"] == summary["methods"] and reread["paired"] == summary["paired"]
+
+
+def test_seed_summary_refuses_what_it_cannot_pair(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    _fake_seed_runs(monkeypatch)
+    for seed in (0, 1):
+        compare.main(["--epochs", "10", "--jobs", "1", "--methods", "baseline,pss-fixed-random", "--seed", str(seed),
+                      "--keep-rates", "1.0,0.6", "--out-dir", str(tmp_path / f"s{seed}"), "--runs-dir",
+                      str(tmp_path / "runs")])
+    paths = [tmp_path / f"s{seed}" / "methods.json" for seed in (0, 1)]
+    reports = seed_summary.load_reports(paths)
+    with pytest.raises(seed_summary.SummaryInputError, match="different seed"):
+        seed_summary.summarize([reports[0], reports[0]])
+    with pytest.raises(seed_summary.SummaryInputError, match=r"differs from seed 0 in settings \['epochs'\]"):
+        seed_summary.summarize([reports[0], {**reports[1], "settings": {**reports[1]["settings"], "epochs": 9}}])
+    with pytest.raises(seed_summary.SummaryInputError, match="ran methods"):
+        seed_summary.summarize([reports[0], {**reports[1], "results": reports[1]["results"][:1]}])
+    with pytest.raises(seed_summary.SummaryInputError, match="--paired-with: 'nope'"):
+        seed_summary.summarize(reports, paired_with="nope")
+    (tmp_path / "bad.json").write_text("{}")
+    for bad in (tmp_path / "bad.json", tmp_path / "missing.json"):
+        with pytest.raises(SystemExit) as exit_info:
+            compare.main(["--summarize", str(paths[0]), str(bad), "--out-dir", str(tmp_path / "x")])
+        assert exit_info.value.code == 2 and str(bad) in capsys.readouterr().err
+    # One seed: a mean without a spread, shown without "±".
+    one = seed_summary.summarize(reports[:1])
+    assert one["methods"][0]["top1"]["std"] is None and "| 80.0 |" in seed_summary.table(one)
+    for argv, message in ((["--paired-with", "baseline"], "needs --seeds or --summarize"),
+                          (["--seeds", "0,0"], "--seeds: expected distinct"),
+                          (["--seeds", "0,x"], "--seeds: expected comma-separated integers"),
+                          (["--seeds", "0,1", "--seed", "3"], "not allowed with argument"),
+                          (["--seeds", "0,1", "--methods", "baseline", "--paired-with", "budgeted"],
+                           "--paired-with: 'budgeted' is not one of the compared methods")):
+        with pytest.raises(SystemExit) as exit_info:
+            compare.main(argv + ["--out-dir", str(tmp_path / "y"), "--runs-dir", str(tmp_path / "runs")])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
