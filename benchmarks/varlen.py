@@ -18,6 +18,8 @@ rows, each forward and forward+backward (the table trainable), median ms and pea
   sample-dense   the sampler: sample_patches on x (B, N, H*D) at rho (the anchor of the next row)
   sample-packed  sample_patches_varlen on the budget counts (fused Triton sampler on a GPU; its host
                  sync for T included)
+  sample-packed-torch  the same with backend="torch" and total= (the default path today: one batched
+                 sort and gather, no host sync)
 
 The per-image scores the policies see are synthetic (synthetic_scores: images of different brightness
 and different spread), so the counts differ from image to image as real images' do; the JSON records each case's count
@@ -44,11 +46,11 @@ from pss_kernels.ops.varlen.peers import flex_varlen_rpb_attention, varlen_flash
 
 HERE = Path(__file__).resolve().parent
 IMPLS = ("dense", "packed-fixed", "packed-budget", "packed-mass", "packed-sdpa", "fa-varlen", "flex-packed",
-         "sample-dense", "sample-packed")
+         "sample-dense", "sample-packed", "sample-packed-torch")
 PRIORITY = (("dense", "packed-fixed"), ("packed-budget", "packed-mass", "fa-varlen", "packed-sdpa"),
-            ("sample-dense", "sample-packed"), ("flex-packed",))
+            ("sample-dense", "sample-packed", "sample-packed-torch"), ("flex-packed",))
 # The row each impl's ms_vs_dense divides by: the dense attention kernel, or the dense sampler.
-ANCHORS = {"sample-dense": "sample-dense", "sample-packed": "sample-dense"}
+ANCHORS = {"sample-dense": "sample-dense", "sample-packed": "sample-dense", "sample-packed-torch": "sample-dense"}
 POLICIES = {"packed-fixed": "fixed", "dense": "fixed", "sample-dense": "fixed", "packed-mass": "mass"}  # else budget
 KEEP_RATES = (0.6, 0.4, 0.2)
 PASSES = ("forward", "forward+backward")
@@ -122,6 +124,9 @@ def _call(impl: str, case: Case, backend: str) -> Optional[Callable[[], torch.Te
         if impl == "sample-dense":
             return lambda: sample_patches(x, case.keep_rate, backend=backend)[0]
         counts = case.counts["budget"]
+        if impl == "sample-packed-torch":
+            total = int(counts.sum())
+            return lambda: sample_patches_varlen(x, counts, backend="torch", total=total)[0]
         return lambda: sample_patches_varlen(x, counts, backend=backend)[0]
     if impl == "dense":
         q, k, v = (t.view(case.batch, case.kept, case.heads, case.head_dim).transpose(1, 2)
@@ -197,7 +202,7 @@ def packing_target(rows: List[dict], on_gpu: bool) -> List[dict]:
 
 
 def print_table(rows: List[dict]) -> None:
-    print(f"{'rho':>4} {'impl':<14} {'pass':<17} {'tokens':>7} {'min/mean/max':>16} {'ms':>9} {'vs dense':>8} "
+    print(f"{'rho':>4} {'impl':<19} {'pass':<17} {'tokens':>7} {'min/mean/max':>16} {'ms':>9} {'vs dense':>8} "
           f"{'MiB':>8}  error")
     for r in rows:
         c = r["counts"]
@@ -205,7 +210,7 @@ def print_table(rows: List[dict]) -> None:
         ratio = "-" if r.get("ms_vs_dense") is None else f"{r['ms_vs_dense']:.3f}"
         mem = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
         spread = f"{c['min']}/{c['mean']:g}/{c['max']}"
-        print(f"{r['keep_rate']:>4} {r['impl']:<14} {r['pass']:<17} {c['tokens']:>7} {spread:>16} {ms:>9} {ratio:>8} "
+        print(f"{r['keep_rate']:>4} {r['impl']:<19} {r['pass']:<17} {c['tokens']:>7} {spread:>16} {ms:>9} {ratio:>8} "
               f"{mem:>8}  {r['error'] or ''}")
 
 
@@ -297,7 +302,7 @@ def main(argv=None) -> int:
                 add_ratios(results["rows"])
                 for row in rows:
                     timing = "-" if row["ms"] is None else format(row["ms"], ".3f")
-                    print(f"  rho {keep_rate} {impl:<14} {row['pass']:<17} {timing} ms {row['error'] or ''}", flush=True)
+                    print(f"  rho {keep_rate} {impl:<19} {row['pass']:<17} {timing} ms {row['error'] or ''}", flush=True)
                 path.write_text(json.dumps(results, indent=1))
     results["packing_target"] = packing_target(results["rows"], gpu)
     path.write_text(json.dumps(results, indent=1))

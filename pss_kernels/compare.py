@@ -94,7 +94,7 @@ METHODS: Dict[str, Method] = {
                                                                              "--scorer", "random"]),
     # Packed allocations at the same mean rho (models/packed.py): budget keeps the batch total, mass
     # the fewest patches holding a fraction rho of each image's L1 mass (its fraction solved for the same
-    # total). Their default backends: the sampler image by image, attention padded into one sdpa batch.
+    # total). Their default backends: the batched torch sampler, attention padded into one sdpa batch.
     "pss-fixed-budget": Method("PSS Fixed(0.6), budget allocation (packed)", "pss-allocation",
                                lambda a: ["--schedule", "fixed:0.6", "--scorer", "l1", "--allocation", "budget"]),
     "pss-fixed-mass": Method("PSS Fixed(0.6), mass allocation (packed)", "pss-allocation",

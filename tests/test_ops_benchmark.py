@@ -302,7 +302,7 @@ def test_varlen_benchmark_smoke_run(tmp_path, capsys):
     mass = next(r for r in rows if r["impl"] == "packed-mass")["counts"]
     assert fixed["min"] == fixed["max"] and budget["min"] < budget["max"] and mass["min"] < mass["max"]
     assert abs(mass["tokens"] - budget["tokens"]) <= 4  # round(rho B N), within one step of each of the 4 images
-    for impl in ("sample-dense", "sample-packed"):  # the sampler rows, fused or not, always run
+    for impl in ("sample-dense", "sample-packed", "sample-packed-torch"):  # the sampler rows always run
         assert all(r["ms"] > 0 for r in rows if r["impl"] == impl), impl
     anchor = {(r["impl"], r["pass"]): r["ms"] for r in rows}
     for r in rows:  # attention rows against the dense kernel, sampler rows against the dense sampler

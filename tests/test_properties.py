@@ -496,3 +496,58 @@ def test_half_precision_gradients_at_large_logits(backend, device):
     for name, g, h, w in zip(("out", "dq", "dk", "dv"), got, half, want):
         error, bound = (g.float().cpu() - w).abs().max().item(), 2 * (h.float() - w).abs().max().item()
         assert error <= bound, f"{name}: error {error:.2e} > 2x float16 PyTorch's {bound / 2:.2e}"
+
+
+@st.composite
+def varlen_sampling_cases(draw):
+    """Batches of images keeping different counts (some whole, some at the minimum), integer-valued
+    rows (many exact ties), or given scores with ties, ±inf and NaN."""
+    batch = draw(st.integers(1, 6))
+    num_prefix_tokens = draw(st.sampled_from([0, 1]))
+    num_tokens = draw(st.integers(num_prefix_tokens + 1, 40))
+    counts = draw(st.lists(st.sampled_from([num_prefix_tokens + 1, num_tokens]) | st.integers(num_prefix_tokens + 1,
+                                                                                            num_tokens),
+                           min_size=batch, max_size=batch))
+    scorer = draw(st.sampled_from(["l1", "l2", "given"]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+    channels = draw(st.integers(1, 5))
+    values = st.integers(-2, 2).map(float)
+    x = torch.tensor(draw(arrays(np.float64, (batch, num_tokens, channels), elements=values))).to(dtype)
+    scores = None
+    if scorer == "given":
+        special = st.sampled_from([math.nan, math.inf, -math.inf, -0.0, 0.0])
+        scores = torch.tensor(draw(arrays(np.float64, (batch, num_tokens - num_prefix_tokens),
+                                          elements=values | special)))
+    return dict(x=x, counts=torch.tensor(counts), scorer=scorer, scores=scores, num_prefix_tokens=num_prefix_tokens,
+                order=draw(st.sampled_from(["score", "spatial"])))
+
+
+def test_batched_torch_varlen_sampler_equals_the_per_image_oracle(device):
+    """The torch backend of sample_patches_varlen (one batched sort and gather, no host read) keeps
+    what the oracle keeps image by image (reference.py): the same tokens, positions, offsets, bit for
+    bit, and its backward map sends each packed row back to its own token."""
+    from pss_kernels import sample_patches_varlen
+    from pss_kernels.ops.varlen.reference import sample_patches_varlen_reference
+
+    @profile_for("torch")
+    @given(case=varlen_sampling_cases())
+    def check(case):
+        x, counts = case["x"].to(device), case["counts"].to(device)
+        scores = None if case["scores"] is None else case["scores"].to(device)
+        options = dict(scorer=case["scorer"], num_prefix_tokens=case["num_prefix_tokens"], order=case["order"],
+                       scores=scores)
+        want = sample_patches_varlen_reference(x, counts, **options)
+        x = x.requires_grad_()
+        got = sample_patches_varlen(x, counts, backend="torch", **options)
+        for name, expected, actual in zip(("tokens", "positions", "cu_seqlens"), want, got):
+            assert expected.dtype == actual.dtype, name
+            assert torch.equal(actual, expected), name
+        total = int(counts.sum())
+        weight = torch.arange(1, total + 1, device=device, dtype=x.dtype)[:, None].expand(-1, x.shape[2])
+        (grad,) = torch.autograd.grad(got[0], x, weight)
+        image = torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts)
+        expected = torch.zeros_like(x)
+        expected[image, got[1]] = weight
+        assert torch.equal(grad, expected)
+
+    check()

@@ -79,7 +79,9 @@ def sample_patches_varlen_forward(x: torch.Tensor, scores: Optional[torch.Tensor
     x = x.contiguous()
     counts = keep_counts.to(dtype=torch.int64).contiguous()
     tokens = x.new_empty(total, channels)
-    positions = torch.empty(total, dtype=torch.int64, device=x.device)
+    # Zeros: a row no count reaches (counts not summing to T, only through the raw op) holds position 0,
+    # an index in bounds for the attention that reads it.
+    positions = torch.zeros(total, dtype=torch.int64, device=x.device)
     cu_seqlens = torch.empty(batch + 1, dtype=torch.int32, device=x.device)
     slot = torch.empty(batch, num_tokens, dtype=torch.int32, device=x.device)
     scores_ptr = 0

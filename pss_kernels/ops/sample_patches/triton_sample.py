@@ -327,7 +327,9 @@ def sample_patches_varlen_forward(x: torch.Tensor, scores: Optional[torch.Tensor
         scorer = "given"
     block_p, block_c, num_warps = select_config(num_patches, channels)
     tokens = x.new_empty(total, channels)
-    positions = torch.empty(total, dtype=torch.int64, device=x.device)
+    # Zeros: a row no count reaches (counts not summing to T, only through the raw op) holds position 0,
+    # an index in bounds for the attention that reads it.
+    positions = torch.zeros(total, dtype=torch.int64, device=x.device)
     cu_seqlens = torch.empty(batch + 1, dtype=torch.int32, device=x.device)
     slot = torch.empty(batch, num_tokens, dtype=torch.int32, device=x.device)
     # Unused pointers point at a tensor at hand, as in sample_patches_forward.

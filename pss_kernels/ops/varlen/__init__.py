@@ -12,7 +12,8 @@ cu_seqlens[b + 1] - 1, and `positions` (T,) each token's position in the full se
 - flat_positions: images of different grid sizes in one batch, (row, column) cells in the largest
   grid, whose table they share.
 
-Status: every op has a "torch" backend (image by image on the dense references) and a "triton" one
+Status: every op has a "torch" backend (rpb_attention_varlen image by image on the dense op;
+sample_patches_varlen the whole batch at once, torch_sample.py) and a "triton" one
 (one fused launch over all images: rpb_attention's kernels with VARLEN, sample_patches' select
 kernel with VARLEN); sample_patches_varlen also has "cuda" (csrc/sampling, counts given), and
 rpb_attention_varlen "sdpa" (the images padded into one batch, the default). The kernels have not run on a GPU (the

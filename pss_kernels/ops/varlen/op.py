@@ -28,7 +28,8 @@ from ..._checks import (FLOAT_DTYPES, check_bool, check_choice, check_grid_size,
 from ..rpb_attention.op import CPU_DEFAULT_BACKEND, GPU_DEFAULT_BACKEND, TRITON_MAX_HEAD_DIM
 from ..rpb_attention.reference import bias_table_rows
 from ..sample_patches.reference import ORDERS, SCORERS
-from .reference import image_bounds, sample_patches_varlen_reference
+from .reference import image_bounds
+from .torch_sample import sample_patches_varlen_torch
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, *, min_length: int = 1,
                      max_length: Optional[int] = None) -> None:
@@ -311,15 +312,6 @@ def _sampler_kernels(backend: str):
     return _kernel_module(backend)
 
 
-def _packed_slot(positions: torch.Tensor, keep_counts: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """(B, N) int32: the packed row each token went to, or -1 (the torch backend's backward map)."""
-    batch = keep_counts.numel()
-    image = torch.repeat_interleave(torch.arange(batch, device=positions.device), keep_counts.long())
-    slot = torch.full((batch, num_tokens), -1, dtype=torch.int32, device=positions.device)
-    slot[image, positions] = torch.arange(positions.numel(), dtype=torch.int32, device=positions.device)
-    return slot
-
-
 @torch.library.custom_op(
     "pss_kernels::sample_patches_varlen", mutates_args=(),
     schema="(Tensor x, Tensor? scores, Tensor keep_counts, int total, str scorer, int num_prefix_tokens, str order, "
@@ -331,11 +323,7 @@ def _sample_patches_varlen_op(x, scores, keep_counts, total, scorer, num_prefix_
         with torch.cuda.device_of(x):
             return _sampler_kernels(backend).sample_patches_varlen_forward(x, scores, keep_counts.contiguous(), total,
                                                                            scorer, num_prefix_tokens, order)
-    tokens, positions, cu_seqlens = sample_patches_varlen_reference(
-        x, keep_counts, scorer=scorer, num_prefix_tokens=num_prefix_tokens, order=order, scores=scores)
-    if tokens.shape[0] != total:  # the reference has read the counts already: the check costs nothing
-        raise ValueError(f"keep_counts must sum to total = {total}, got {tokens.shape[0]}")
-    return tokens, positions, cu_seqlens, _packed_slot(positions, keep_counts, x.shape[1])
+    return sample_patches_varlen_torch(x, scores, keep_counts, total, scorer, num_prefix_tokens, order)
 
 
 @_sample_patches_varlen_op.register_fake
@@ -410,13 +398,14 @@ def sample_patches_varlen(x: torch.Tensor, keep_counts: torch.Tensor, *, scorer:
     tokens carry x's gradient (exact zeros at dropped tokens). T sets the output shape, so by default
     one host sync reads the counts' range and sum and checks them (ValueError naming keep_counts).
     total: T when the caller knows it without reading the counts (the budget policy's round(rho B N), at
-    least B (prefix + 1): allocation.static_total): no host sync, so a step of the triton / cuda backends stays on the device
-    (CUDA graphs, torch.compile(fullgraph=True) see one shape). The counts are then checked on the
-    device (torch._assert_async: a RuntimeError on CPU, a device-side assert on a GPU) and the kernels
-    clamp them, so a wrong count never reads or writes out of bounds.
-    backend: "torch" (image by image through the dense reference) | "triton" | "cuda" (one fused launch:
-    scores, each image's top-k_b, the offsets' prefix sum and the copy, as sample_patches' kernels; not
-    yet run on a GPU, so not the default) | None ("torch").
+    least B (prefix + 1): allocation.static_total): no host sync, so a packed step stays on the device,
+    whichever the backend (CUDA graphs, torch.compile(fullgraph=True) see one shape). The counts are
+    then checked on the device (torch._assert_async: a RuntimeError on CPU, a device-side assert on a
+    GPU) and every backend clamps them, so a wrong count never reads or writes out of bounds.
+    backend: "torch" (the whole batch in one stable sort, one scatter and one gather: torch_sample.py;
+    the oracle, reference.py, goes image by image) | "triton" | "cuda" (one fused launch: scores, each
+    image's top-k_b, the offsets' prefix sum and the copy, as sample_patches' kernels; not yet run on a
+    GPU, so not the default) | None ("torch").
     """
     chosen = resolve_backend("sample_patches_varlen", backend, x.device, "torch", "torch")
     dtypes = FLOAT_DTYPES + ((torch.float64,) if chosen == "torch" else ())
