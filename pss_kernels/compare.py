@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", type=float, default=0.5,
                         help="Budgeted Training's budget, a fraction of the FLOPs of --epochs at full size")
     seeds = parser.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, default=0, help="the same seed for every run")
+    seeds.add_argument("--seed", type=int, help="the same seed for every run (default 0)")
     seeds.add_argument("--seeds", help="comma-separated seeds: the whole comparison once per seed (each in "
                                        "<out-dir>/seed<S>, <runs-dir>/seed<S>), then methods_seeds.md / .json / "
                                        "_sweep.png: mean ± std over the seeds (pss_kernels/seed_summary.py)")
@@ -202,6 +202,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         if name != "data" and getattr(args, name) is None:
             setattr(args, name, value)
     args.cuda = cuda
+    if args.seed is None:  # None by default so that argparse sees any --seed beside --seeds
+        args.seed = 0
     names = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown:
@@ -591,11 +593,25 @@ def run_seeds(args: argparse.Namespace) -> dict:
     return summary
 
 
-def summarize_files(args: argparse.Namespace) -> dict:
-    summary = seed_summary.summarize(seed_summary.load_reports(args.summarize), args.paired_with)
-    out_dir = Path(args.out_dir or Path("runs") / "methods")
-    print(seed_summary.write(summary, out_dir, "methods_seeds"))
-    print(f"pss-compare: wrote {out_dir / 'methods_seeds'}.json, .md, _sweep.png", flush=True)
+# What --summarize does not read: it summarises finished runs, whose settings are in their JSONs.
+SUMMARIZE_OPTIONS = frozenset({"summarize", "paired_with", "out_dir"})
+
+
+def summarize_files(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    ignored = sorted("--" + name.replace("_", "-") for name, value in vars(args).items()
+                     if name not in SUMMARIZE_OPTIONS and value != parser.get_default(name))
+    if ignored:
+        raise seed_summary.SummaryInputError(f"--summarize reads finished runs, so {', '.join(ignored)} would be "
+                                             "ignored: leave them out")
+    reports = seed_summary.load_reports(args.summarize)
+    summary = seed_summary.summarize(reports, args.paired_with)
+    # Where and under which name --seeds would have written it: benchmarks/results for GPU runs.
+    settings = reports[0]["settings"]
+    run_args = argparse.Namespace(quick=settings.get("quick", False), cuda=settings.get("cuda", False))
+    out_dir = Path(args.out_dir or (Path("benchmarks") / "results" if run_args.cuda else Path("runs") / "methods"))
+    stem = _stem("methods_seeds", run_args, reports[0].get("environment") or {})
+    print(seed_summary.write(summary, out_dir, stem))
+    print(f"pss-compare: wrote {out_dir / stem}.json, .md, _sweep.png", flush=True)
     return summary
 
 
@@ -604,7 +620,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.summarize:
-            summarize_files(args)
+            summarize_files(args, parser)
         elif args.seeds is not None:
             run_seeds(args)
         elif args.paired_with is not None:

@@ -20,10 +20,14 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-# Settings that may differ between the seeds' reports: the seed itself, where the files went, and
-# how the runs were scheduled on the machine.
-PER_RUN_SETTINGS = frozenset({"seed", "seeds", "out_dir", "runs_dir", "jobs", "threads", "in_process", "summarize",
-                              "paired_with"})
+# Settings that may differ between the seeds' reports: the seed itself, where the files went (the
+# data too: one seed per cluster job may read its own copy), how the runs were scheduled, and the
+# command-line spellings whose resolved values are compared instead (methods -> method_names and
+# baseline_added -> the methods run, keep_rates -> sweep_rates, device -> cuda).
+PER_RUN_SETTINGS = frozenset({"seed", "seeds", "out_dir", "runs_dir", "data_dir", "jobs", "threads", "in_process",
+                              "summarize", "paired_with", "methods", "baseline_added", "keep_rates", "device"})
+# Environment fields that should match for the wall times to be comparable (a warning otherwise).
+SHARED_ENVIRONMENT = ("device", "torch", "threads_per_run", "jobs")
 
 
 class SummaryInputError(ValueError):
@@ -56,7 +60,9 @@ def load_reports(paths: Sequence[Path]) -> List[dict]:
     return reports
 
 
-def _check_comparable(reports: Sequence[dict]) -> None:
+def _check_comparable(reports: Sequence[dict]) -> List[str]:
+    """Refuses reports that are not the same comparison under different seeds; returns warnings for
+    what only makes their wall times incomparable (a different machine, torch, or job layout)."""
     if not reports:
         raise SummaryInputError("summarize: reports must hold at least one pss-compare report")
     seeds = [r["settings"]["seed"] for r in reports]
@@ -70,11 +76,18 @@ def _check_comparable(reports: Sequence[dict]) -> None:
         if differ:
             where = report.get("path", f"seed {report['settings']['seed']}")
             raise SummaryInputError(f"summarize: {where} differs from seed {first['settings']['seed']} in settings "
-                             f"{differ}: only the seed may change between the summarised runs")
+                                    f"{differ}: only the seed may change between the summarised runs")
         names, first_names = [r["method"] for r in report["results"]], [r["method"] for r in first["results"]]
         if names != first_names:
             raise SummaryInputError(f"summarize: seed {report['settings']['seed']} ran methods {names}, seed "
-                             f"{first['settings']['seed']} ran {first_names}")
+                                    f"{first['settings']['seed']} ran {first_names}")
+    warnings = []
+    for key in SHARED_ENVIRONMENT:
+        values = [(r.get("environment") or {}).get(key) for r in reports]
+        if len(set(map(str, values))) > 1:
+            warnings.append(f"environment {key} differs between the seeds ({', '.join(map(str, values))}): their "
+                            "wall times are not comparable")
+    return warnings
 
 
 def _sweep(row: dict) -> Dict[float, float]:
@@ -85,7 +98,7 @@ def summarize(reports: Sequence[dict], paired_with: Optional[str] = None) -> dic
     """The summary of pss-compare reports of different seeds (see the module docstring). `paired_with`:
     a method of the reports; each other method's top-1 minus its, seed by seed, at rho = 1 and at each
     sweep rate, with the seeds where the method is strictly higher (`wins`)."""
-    _check_comparable(reports)
+    warnings = _check_comparable(reports)
     seeds = [r["settings"]["seed"] for r in reports]
     names = [row["method"] for row in reports[0]["results"]]
     if paired_with is not None and paired_with not in names:
@@ -96,8 +109,11 @@ def summarize(reports: Sequence[dict], paired_with: Optional[str] = None) -> dic
     for name in names:
         rows = [by_name[name] for by_name in rows_by_seed]
         sweeps = [_sweep(row) for row in rows]
-        equal_time = [row.get("equal_time_baseline") for row in rows]
-        timed = [(row["top1"] - other["top1"]) for row, other in zip(rows, equal_time) if other]
+        # The equal-time baseline of each seed; a method not faster than the full baseline has none,
+        # and the full baseline is its equal-time row (compare.equal_time_epochs).
+        timed = [row["top1"] - (row.get("equal_time_baseline") or by_name["baseline"])["top1"]
+                 for row, by_name, report in zip(rows, rows_by_seed, reports)
+                 if name != "baseline" and "baseline" in by_name and report["settings"].get("equal_time", True)]
         methods.append({
             "method": name, "label": rows[0]["label"], "family": rows[0]["family"],
             "wall_s": mean_std([row["wall_s"] for row in rows]),
@@ -105,7 +121,7 @@ def summarize(reports: Sequence[dict], paired_with: Optional[str] = None) -> dic
             "top1": mean_std([row["top1"] for row in rows]),
             "sweep": [{"keep_rate": rate, **mean_std([s[rate] for s in sweeps])} for rate in rates
                       if all(rate in s for s in sweeps)],
-            # Seeds where the method had an equal-time baseline (it was faster than the full one) and beat it.
+            # In how many seeds the method beat the baseline given its wall time (strictly higher top-1).
             "equal_time": ({"seeds": len(timed), "beats": sum(d > 0 for d in timed), "top1_minus": mean_std(timed)}
                            if timed else None),
         })
@@ -125,8 +141,8 @@ def summarize(reports: Sequence[dict], paired_with: Optional[str] = None) -> dic
                 for rate, diffs in at.items()]})
     settings = {k: v for k, v in reports[0]["settings"].items() if k not in PER_RUN_SETTINGS}
     return {"seeds": seeds, "settings": settings, "environment": reports[0].get("environment"),
-            "reports": [r.get("path") for r in reports], "methods": methods, "paired_with": paired_with,
-            "paired": paired}
+            "reports": [r.get("path") for r in reports], "warnings": warnings, "methods": methods,
+            "paired_with": paired_with, "paired": paired}
 
 
 def _pm(stat: dict) -> str:
@@ -192,7 +208,8 @@ def write(summary: dict, out_dir: Path, stem: str) -> str:
     s = summary["settings"]
     header = (f"{s.get('model')} on {s.get('data')}, {s.get('epochs')} epochs, seeds "
               f"{', '.join(map(str, summary['seeds']))}; mean ± sample std over the seeds")
-    text = f"{header}\n\n{table(summary)}\n"
+    notes = "".join(f"\nWarning: {w}" for w in summary["warnings"])
+    text = f"{header}{notes}\n\n{table(summary)}\n"
     (out_dir / f"{stem}.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out_dir / f"{stem}.md").write_text(text)
     plot(summary, out_dir / f"{stem}_sweep.png", f"{s.get('model')}, {s.get('data')}")

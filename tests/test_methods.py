@@ -204,8 +204,10 @@ def _fake_seed_runs(monkeypatch):
     def fake_run_method(name, args, index, total, epochs=None):
         calls.append((name, args.seed, epochs, str(args.runs_dir)))
         top1 = SEED_TOP1[name][args.seed] if epochs is None else 71.0 + args.seed  # the baseline at 6 epochs
-        wall = {"baseline": 100.0, "pss-fixed-random": 60.0, "pss-cyclic-random": 62.0}[name] if epochs is None \
-            else 10.0 * epochs
+        # In seed 2 the cyclic run is slower than the baseline: no equal-time run, the full baseline is its row.
+        slow = name == "pss-cyclic-random" and args.seed == 2
+        wall = ({"baseline": 100.0, "pss-fixed-random": 60.0, "pss-cyclic-random": 110.0 if slow else 62.0}[name]
+                if epochs is None else 10.0 * epochs)
         return {"method": name if epochs is None else f"{name}-{epochs}ep", "label": compare.METHODS[name].label,
                 "family": compare.METHODS[name].family, "wall_s": wall, "top1": top1, "mean_tokens": 39.0,
                 "mean_block_tokens": 39.0, "train_flops": 1e9, "peak_mem_mb": None,
@@ -243,6 +245,9 @@ def test_seeds_run_the_comparison_per_seed_and_summarize_mean_std_and_paired_dif
     assert fixed["equal_time"]["seeds"] == 3 and fixed["equal_time"]["beats"] == 1
     assert fixed["equal_time"]["top1_minus"]["values"] == [-1.0, 4.0, 0.0]
     assert methods["baseline"]["equal_time"] is None
+    # cyclic 72 / 74 against 71 / 72 at 6 epochs, and in seed 2 (not faster) 76 against the full baseline's 82.
+    assert methods["pss-cyclic-random"]["equal_time"]["top1_minus"]["values"] == [1.0, 2.0, -6.0]
+    assert methods["pss-cyclic-random"]["equal_time"]["beats"] == 2
     paired = {p["method"]: {d["keep_rate"]: d for d in p["top1_minus"]} for p in summary["paired"]}
     assert set(paired) == {"baseline", "pss-cyclic-random"}
     cyclic = paired["pss-cyclic-random"][1.0]
@@ -251,6 +256,7 @@ def test_seeds_run_the_comparison_per_seed_and_summarize_mean_std_and_paired_dif
     table = (out / "methods_seeds.md").read_text()
     assert "| pss-fixed-random | 60.0 ± 0.0 | 39.0 | 73.0 ± 3.0 | 1 of 3 (+1.0) | 63.0 ± 8.9 |" in table
     assert "| pss-cyclic-random | +1.0 ± 2.6 (2/3) | " in table
+    assert "| 74.0 ± 2.0 | 2 of 3 (-1.0) |" in table and "Warning" not in table
     assert (out / "methods_seeds_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "seed 2 (3 of 3)" in capsys.readouterr().out
 
@@ -275,6 +281,14 @@ def test_seed_summary_refuses_what_it_cannot_pair(tmp_path, monkeypatch, capsys)
         seed_summary.summarize([reports[0], reports[0]])
     with pytest.raises(seed_summary.SummaryInputError, match=r"differs from seed 0 in settings \['epochs'\]"):
         seed_summary.summarize([reports[0], {**reports[1], "settings": {**reports[1]["settings"], "epochs": 9}}])
+    # What may differ: paths (one data copy per cluster job) and spellings of the same resolved settings.
+    respelled = {**reports[1]["settings"], "data_dir": "/scratch/job1/data", "keep_rates": None, "device": "cpu",
+                 "methods": "pss-fixed-random", "baseline_added": True}
+    assert seed_summary.summarize([reports[0], {**reports[1], "settings": respelled}])["warnings"] == []
+    # Another machine: summarised, with a warning that the wall times do not compare.
+    elsewhere = {**reports[1], "environment": {**reports[1]["environment"], "device": "NVIDIA A100"}}
+    [warning] = seed_summary.summarize([reports[0], elsewhere])["warnings"]
+    assert "environment device differs" in warning and "NVIDIA A100" in warning
     with pytest.raises(seed_summary.SummaryInputError, match="ran methods"):
         seed_summary.summarize([reports[0], {**reports[1], "results": reports[1]["results"][:1]}])
     with pytest.raises(seed_summary.SummaryInputError, match="--paired-with: 'nope'"):
@@ -291,6 +305,8 @@ def test_seed_summary_refuses_what_it_cannot_pair(tmp_path, monkeypatch, capsys)
                           (["--seeds", "0,0"], "--seeds: expected distinct"),
                           (["--seeds", "0,x"], "--seeds: expected comma-separated integers"),
                           (["--seeds", "0,1", "--seed", "3"], "not allowed with argument"),
+                          (["--seed", "0", "--seeds", "1,2"], "not allowed with argument"),
+                          (["--summarize", str(paths[0]), "--epochs", "5"], "so --epochs, --runs-dir would be ignored"),
                           (["--seeds", "0,1", "--methods", "baseline", "--paired-with", "budgeted"],
                            "--paired-with: 'budgeted' is not one of the compared methods")):
         with pytest.raises(SystemExit) as exit_info:

@@ -319,6 +319,8 @@ def _sampler_kernels(backend: str):
 def _sample_patches_varlen_op(x, scores, keep_counts, total, scorer, num_prefix_tokens, order, backend):
     """scorer "l1", "l2" or "given" (float32 scores); total = keep_counts.sum(). Returns (tokens (T, C),
     positions (T,) int64, cu_seqlens (B + 1,) int32, slot (B, N) int32)."""
+    if total < 0:
+        raise ValueError(f"total must be >= 0, got {total}")
     if backend in ("triton", "cuda"):
         with torch.cuda.device_of(x):
             return _sampler_kernels(backend).sample_patches_varlen_forward(x, scores, keep_counts.contiguous(), total,

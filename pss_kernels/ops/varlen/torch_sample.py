@@ -18,8 +18,10 @@ so nothing is read back: with the budget policy's static total a packed step sta
 
 Counts the public function refuses (outside [P0 + 1, N], or not summing to T) reach this only through
 the raw registered op: they are clamped to [P0 + 1, N] as the kernels clamp them, rows at or past T
-are dropped, and a row no token maps to copies token 0 of image 0. Nothing is read or written out of
-bounds.
+are dropped, and a row no token maps to copies token 0 of image 0 (its position 0). The sampler
+reads and writes nothing out of bounds; its offsets are the clamped counts' prefix sum, as the
+kernels', so they can pass T there, and a consumer that trusts them (rpb_attention_varlen with
+check_inputs=False) must not be handed such counts, which the public function refuses.
 """
 from __future__ import annotations
 
