@@ -1168,3 +1168,30 @@ def test_gpu_varlen_peers_agree_with_the_op(device):
     grad = torch.randn_like(flex)
     torch.testing.assert_close(torch.autograd.grad(flex, table, grad)[0], torch.autograd.grad(ours, table, grad)[0],
                                rtol=5e-2, atol=5e-2)
+
+
+def test_sdpa_backend_builds_the_padded_layout_once_for_every_layer(monkeypatch):
+    """Every layer of a packed step shares its offsets and positions, so the sdpa backend builds their
+    padded layout (one host sync, the table rows) once, in the first layer's forward; a new batch, or
+    positions changed in place, build a new one, and the cached layout gives the uncached values."""
+    from pss_kernels.ops.varlen import sdpa_varlen
+    builds = []
+    build = sdpa_varlen._padded_layout
+    monkeypatch.setattr(sdpa_varlen, "_padded_layout", lambda *args: builds.append(1) or build(*args))
+    model = packed_model("budget", depth=3, attn_backend="sdpa").train()
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    model.keep_rate = 0.5
+    model(images).sum().backward()
+    assert len(builds) == 1  # three layers, forward and backward
+    model(images * torch.rand(4, 1, 1, 1, generator=torch.Generator().manual_seed(4)))
+    assert len(builds) == 2
+    q, k, v = (torch.randn(9, 2, 4, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    table = torch.randn(bias_table_rows(GRID, 1), 2)
+    positions, cu = torch.tensor([0, 3, 1, 0, 2, 5, 7, 1, 4]), torch.tensor([0, 3, 9], dtype=torch.int32)
+    first = rpb_attention_varlen(q, k, v, table, positions, cu, grid_size=GRID, backend="sdpa")
+    positions[2] = 6  # in place: the version changes, the layout is rebuilt
+    second = rpb_attention_varlen(q, k, v, table, positions, cu, grid_size=GRID, backend="sdpa")
+    assert len(builds) == 4
+    want = rpb_attention_varlen(q, k, v, table, positions, cu, grid_size=GRID, backend="torch")
+    torch.testing.assert_close(second, want, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(first, second)

@@ -36,9 +36,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._cache import TensorKeyedCache
 from .reference import bias_table_rows, full_relative_index
-from .triton_common import (LOG2E, TensorKeyedCache, bias_tile_log2, biased_logits_log2, head_slice, load_rows,
-                            tile_config, token_coordinates)
+from .triton_common import (LOG2E, bias_tile_log2, biased_logits_log2, head_slice, load_rows, tile_config,
+                            token_coordinates)
 
 DBIAS_ENV_VAR = "PSS_KERNELS_RPB_DBIAS"
 DBIAS_ACCUMULATORS = ("auto", "image-sum", "position-grid", "csr", "slices")

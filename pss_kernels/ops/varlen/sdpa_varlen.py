@@ -1,6 +1,7 @@
 """The "sdpa" backend of rpb_attention_varlen: the packed images padded into one dense batch.
 
-    L        = the longest image's length (read from the offsets: one host sync)
+    L        = the longest image's length (read from the offsets: one host sync per step, since the
+               layout below is built once for the offsets and positions every layer shares)
     q, k, v  (T, H, D) -> (B, H, L, D), image b's tokens in rows 0 .. n_b - 1, zeros after
     bias     = the dense sdpa backend's gather of the table at the padded positions, (B, H, L, L),
                with -inf at the padding keys
@@ -20,19 +21,29 @@ from typing import Sequence, Tuple
 
 import torch
 
+from ..._cache import TensorKeyedCache
 from ..rpb_attention.sdpa_attention import _GatheredBias, _attend, gather_bias, table_rows
 from .reference import image_ids
 
+# The padded layout of a step's offsets and positions, built by the first layer, reused by the others
+# (and their backward): one host sync and one gather of table rows a step instead of one a layer.
+_LAYOUTS = TensorKeyedCache(kept=4)
 
-def _padded_layout(cu_seqlens: torch.Tensor, total: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """(rows (T,) int64: each packed token's row in the flattened (B, L) padded batch, valid (B, L) bool, L)."""
+
+def _padded_layout(cu_seqlens: torch.Tensor, positions: torch.Tensor, total: int, grid_size: Tuple[int, int],
+                   num_prefix_tokens: int, pad: bool) -> Tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """(rows (T,) int64: each packed token's row in the flattened (B, L) padded batch, valid (B, L) bool,
+    L, table_index: the table rows of the padded token pairs, sdpa_attention.table_rows)."""
     starts = cu_seqlens[:-1].long()
     lengths = cu_seqlens[1:].long() - starts
     longest = int(lengths.max())  # the one host sync
     image = image_ids(cu_seqlens, total)
     rows = image * longest + (torch.arange(total, device=cu_seqlens.device) - starts[image])
     valid = torch.arange(longest, device=cu_seqlens.device)[None, :] < lengths[:, None]
-    return rows, valid, longest
+    batch = valid.shape[0]
+    index = positions.long().new_zeros(batch * longest).index_copy(0, rows, positions.long()).view(batch, longest)
+    table_index = table_rows(index, grid_size, num_prefix_tokens, longest, cu_seqlens.device, pad=pad)
+    return rows, valid, longest, table_index
 
 
 def rpb_attention_varlen_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
@@ -40,7 +51,10 @@ def rpb_attention_varlen_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               num_prefix_tokens: int, scale: float, return_cls_attention: bool):
     """out (T, H, D) in q's dtype (and (T,) float32 CLS attention); differentiable in q, k, v, bias_table."""
     total, heads, head_dim = q.shape
-    rows, valid, longest = _padded_layout(cu_seqlens, total)
+    grid_size, pad = tuple(grid_size), q.device.type == "cuda"
+    rows, valid, longest, table_index = _LAYOUTS.get(
+        (cu_seqlens, positions), (total, grid_size, num_prefix_tokens, pad),
+        lambda: _padded_layout(cu_seqlens, positions, total, grid_size, num_prefix_tokens, pad))
     batch = valid.shape[0]
 
     def padded(t: torch.Tensor) -> torch.Tensor:  # (T, H, D) -> (B, H, L, D), differentiable
@@ -48,9 +62,6 @@ def rpb_attention_varlen_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             .view(batch, longest, heads, head_dim).transpose(1, 2)
 
     qp, kp, vp = padded(q), padded(k), padded(v)
-    index = positions.long().new_zeros(batch * longest).index_copy(0, rows, positions.long()).view(batch, longest)
-    table_index = table_rows(index, tuple(grid_size), num_prefix_tokens, longest, q.device,
-                             pad=q.device.type == "cuda")
     if bias_table.requires_grad and torch.is_grad_enabled():
         bias = _GatheredBias.apply(bias_table, table_index, longest, q.dtype)
     else:
