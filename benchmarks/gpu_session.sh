@@ -186,7 +186,7 @@ record() {  # record <stage> <exit status>
         $iter_args
     else
       run_limited "$t" "$PY" benchmarks/iter_time.py --out-dir "$out" --time-budget "$(inner_budget "$t")" --models vit_base \
-        --impls pss,pss-default,published,eager-index,sdpa-bias --warmup 5 --iters 20 --rounds 4 $iter_args
+        --impls pss,pss-default,published,eager-index,sdpa-bias,pss-budget --warmup 5 --iters 20 --rounds 4 $iter_args
     fi
     record iter_time $?
   fi

@@ -17,6 +17,10 @@ step; bf16 autocast on GPU; synthetic data already on the device) of:
     eager-index  eager sampling; eager attention, the dense bias looked up once through the indexed
                  relative-position index (the published numbers at a lower cost)
     sdpa-bias    eager sampling; the dense per-image bias as SDPA's attn_mask, EFFICIENT kernel on GPU (timm Beit)
+    pss-budget   this package on packed tokens (issue 19): the budget allocation, the batch keeps the same
+                 round(rho B N) tokens as pss but each image its own count; sample_patches_varlen +
+                 rpb_attention_varlen with pss's backends (the fused packed kernels on GPU): what packing
+                 costs a whole iteration
     flex         eager sampling; FlexAttention with a score_mod gathering the bias table
     baseline     the plain ViT without relative position bias at rho = 1 on SDPA FLASH
 
@@ -58,6 +62,7 @@ from pss_kernels.models import MODEL_CONFIGS, create_model
 from pss_kernels.ops.rpb_attention import op as rpb_attention_op
 from pss_kernels.ops.rpb_attention.peers import flex_training_unavailable
 from pss_kernels.ops.sample_patches import op as sample_patches_op
+from pss_kernels.ops.varlen import static_total
 from pss_kernels.schedules import build_schedule
 
 from _iter_time_plot import plot_report
@@ -82,6 +87,7 @@ class Implementation:
     attn_impl: str
     sampler_impl: str
     description: str
+    allocation: str = "fixed"  # create_model's: "budget" / "mass" run the packed path
 
 
 IMPLEMENTATIONS: Dict[str, Implementation] = {
@@ -96,6 +102,10 @@ IMPLEMENTATIONS: Dict[str, Implementation] = {
                                   "relative-position index"),
     "sdpa-bias": Implementation("sdpa-bias", True, "sdpa-bias", "eager",
                                 "eager sampling; dense per-image bias as SDPA attn_mask, EFFICIENT on GPU (timm Beit)"),
+    "pss-budget": Implementation("pss-budget", True, "pss", "pss",
+                                 "this package on packed tokens, budget allocation (the same total tokens as pss, a "
+                                 "count per image): sample_patches_varlen + rpb_attention_varlen, pss's backends",
+                                 allocation="budget"),
     "flex": Implementation("flex", True, "flex", "eager",
                            "eager sampling; FlexAttention score_mod gathering the bias table"),
 }
@@ -301,18 +311,31 @@ def requested_backends(args) -> Dict[str, Optional[str]]:
 
 
 # The implementations that run this package's ops, and the backends each asks for.
-PACKAGE_IMPLS = ("pss", "pss-default")
+PACKAGE_IMPLS = ("pss", "pss-default", "pss-budget")
 
 
 def backends_of(impl: Implementation, requested: Dict[str, Optional[str]]) -> Dict[str, Optional[str]]:
-    """pss: the backends asked for (on GPU the kernels by name); pss-default: backend=None for both ops."""
-    return dict(requested) if impl.name == "pss" else {op: None for op in requested}
+    """pss and pss-budget: the backends asked for (on GPU the kernels by name); pss-default: backend=None
+    for both ops."""
+    return {op: None for op in requested} if impl.name == "pss-default" else dict(requested)
 
 
 def resolved_backends(requested: Dict[str, Optional[str]], device: torch.device,
-                      keep_rate: float) -> Dict[str, Optional[str]]:
+                      keep_rate: float, allocation: str = "fixed") -> Dict[str, Optional[str]]:
     """The backend each pss kernel actually runs on (the ops' own resolution; raises if unavailable).
-    sample_patches does not run at rho = 1 (the model skips sampling)."""
+    sample_patches does not run at rho = 1 (the model skips sampling). A packed model (allocation other
+    than fixed) at rho < 1 runs the packed ops, keyed by their own names."""
+    if allocation != "fixed" and keep_rate < 1.0:
+        from pss_kernels.models.packed import VARLEN_ATTENTION_BACKENDS, VARLEN_SAMPLER_BACKENDS
+        sampler, attention = requested["sample_patches"], requested["rpb_attention"]
+        return {  # the model hands a backend without a packed form over as None (models/packed.py)
+            "sample_patches_varlen": resolve_backend("sample_patches_varlen", sampler if sampler in
+                                                     VARLEN_SAMPLER_BACKENDS else None, device, "torch", "torch"),
+            "rpb_attention_varlen": resolve_backend("rpb_attention_varlen", attention if attention in
+                                                    VARLEN_ATTENTION_BACKENDS else None, device,
+                                                    rpb_attention_op.GPU_DEFAULT_BACKEND,
+                                                    rpb_attention_op.CPU_DEFAULT_BACKEND),
+        }
     return {
         "sample_patches": (None if keep_rate == 1.0 else resolve_backend(
             "sample_patches", requested["sample_patches"], device, sample_patches_op.GPU_DEFAULT_BACKEND)),
@@ -356,8 +379,9 @@ def attention_context(impl: Implementation, device: torch.device):
 
 def build_model(model_name: str, impl: Implementation, args) -> torch.nn.Module:
     torch.manual_seed(0)  # every implementation starts from the same weights
+    allocation = {} if impl.allocation == "fixed" else {"allocation": impl.allocation}
     model = create_model(model_name, img_size=args.img_size, num_classes=NUM_CLASSES, rpb=impl.rpb,
-                         attn_impl=impl.attn_impl, sampler_impl=impl.sampler_impl)
+                         attn_impl=impl.attn_impl, sampler_impl=impl.sampler_impl, **allocation)
     return model.to(args.device)
 
 
@@ -412,8 +436,12 @@ def round_sizes(iters: int, rounds: int) -> List[int]:
 def new_result(model_name: str, impl: Implementation, keep_rate: float, args) -> dict:
     """One case's JSON record, before it is measured."""
     num_tokens = 1 + (args.img_size // PATCH_SIZE) ** 2
+    tokens = pss_kernels.num_kept_tokens(num_tokens, keep_rate)
+    if impl.allocation == "budget" and keep_rate < 1.0:  # the batch's round(rho B N), per image on average
+        batch = args.batch_sizes[model_name]
+        tokens = round(static_total("budget", batch, num_tokens, keep_rate) / batch, 2)
     return {"model": model_name, "impl": impl.name, "keep_rate": keep_rate,
-            "tokens": pss_kernels.num_kept_tokens(num_tokens, keep_rate),
+            "tokens": tokens,
             "batch_size": args.batch_sizes[model_name], "backends": None, "median_ms": None, "q1_ms": None,
             "q3_ms": None, "iters": None, "rounds": None, "images_per_s": None, "peak_memory_gib": None,
             "ratio_vs_rho1": None, "ratio_vs_baseline": None, "error": None}
@@ -456,7 +484,8 @@ def time_block(case: Case, step: TrainingStep, *, warmup: int, iters: int, args,
     try:
         if case.result["backends"] is None:
             if case.impl.name in PACKAGE_IMPLS:
-                case.result["backends"] = resolved_backends(backends_of(case.impl, requested), device, case.keep_rate)
+                case.result["backends"] = resolved_backends(backends_of(case.impl, requested), device, case.keep_rate,
+                                                            case.impl.allocation)
             elif sdpa_backend(case.impl, device):
                 case.result["backends"] = {"sdpa": sdpa_backend(case.impl, device)}
         step.model.keep_rate = case.keep_rate

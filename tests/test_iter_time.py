@@ -144,9 +144,9 @@ def test_cli_smoke_run_writes_json_and_png(tmp_path):
     stdout, stderr, report = run_cli(
         tmp_path, "--smoke", "--device", "cpu", "--models", "deit_tiny", "--img-size", "32", "--batch-size", "2",
         "--warmup", "1", "--iters", "2", "--keep-rates", "1.0,0.5", "--impls", "pss", "published", "eager-index",
-        "flex", "--schedules", "fixed:0.6", "cyclic:0.2,1.0", "--epochs", "3", "--dataset-images", "1000")
+        "flex", "pss-budget", "--schedules", "fixed:0.6", "cyclic:0.2,1.0", "--epochs", "3", "--dataset-images", "1000")
     flex_reason = flex_training_unavailable(torch.device("cpu"))
-    impls = ["pss", "published", "eager-index"] + ([] if flex_reason else ["flex"])
+    impls = ["pss", "published", "eager-index"] + ([] if flex_reason else ["flex"]) + ["pss-budget"]
     assert "CPU smoke run" in stdout and f"[{1 + 2 * len(impls)}/{1 + 2 * len(impls)}]" in stderr
     assert {"benchmark", "run_kind", "label", "environment", "config", "implementations", "unavailable", "results",
             "errors", "projection", "targets", "plot"} <= set(report)
@@ -170,14 +170,17 @@ def test_cli_smoke_run_writes_json_and_png(tmp_path):
         assert case["q1_ms"] <= case["median_ms"] <= case["q3_ms"]
         assert case["ratio_vs_baseline"] == pytest.approx(case["median_ms"] / baseline)
         assert case["ratio_vs_rho1"] == pytest.approx(case["median_ms"] / cases[(impl, 1.0)]["median_ms"])
-        assert case["tokens"] == (5 if keep_rate == 1.0 else 2)  # grid 2x2 + CLS; max(2, round(0.5 * 5))
+        # grid 2x2 + CLS; max(2, round(0.5 * 5)); budget: the batch's round(0.5 * 2 * 5) = 5 over 2 images
+        assert case["tokens"] == (5 if keep_rate == 1.0 else 2.5 if impl == "pss-budget" else 2)
     assert cases[("pss", 0.5)]["backends"] == {"sample_patches": "torch", "rpb_attention": "sdpa"}
     assert cases[("pss", 1.0)]["backends"] == {"sample_patches": None, "rpb_attention": "sdpa"}
+    assert cases[("pss-budget", 0.5)]["backends"] == {"sample_patches_varlen": "torch", "rpb_attention_varlen": "sdpa"}
+    assert cases[("pss-budget", 1.0)]["backends"] == cases[("pss", 1.0)]["backends"]  # rho = 1: the dense path
     speedups = pss_speedups(report, "deit_tiny")
     assert set(speedups) == set(impls) - {"pss"}
     assert speedups["published"][0.5] == pytest.approx(cases[("published", 0.5)]["median_ms"]
                                                        / cases[("pss", 0.5)]["median_ms"])
-    assert "over published" in stdout and "over eager-index" in stdout
+    assert "over published" in stdout and "over eager-index" in stdout and "over pss-budget" in stdout
 
     block = report["projection"]["models"]["deit_tiny"]
     assert report["projection"]["epochs"] == 3 and block["steps_per_epoch"] == 500 and block["total_steps"] == 1500
