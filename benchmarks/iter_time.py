@@ -17,10 +17,11 @@ step; bf16 autocast on GPU; synthetic data already on the device) of:
     eager-index  eager sampling; eager attention, the dense bias looked up once through the indexed
                  relative-position index (the published numbers at a lower cost)
     sdpa-bias    eager sampling; the dense per-image bias as SDPA's attn_mask, EFFICIENT kernel on GPU (timm Beit)
-    pss-budget   this package on packed tokens (issue 19): the budget allocation, the batch keeps the same
-                 round(rho B N) tokens as pss but each image its own count; sample_patches_varlen +
-                 rpb_attention_varlen with pss's backends (the fused packed kernels on GPU): what packing
-                 costs a whole iteration
+    pss-budget   this package on packed tokens (issue 19): the budget allocation, the batch keeps
+                 round(rho B N) tokens (pss: B round(rho N), within a token an image of it), each image its
+                 own count; sample_patches_varlen + rpb_attention_varlen with pss's backends (the fused
+                 packed kernels on GPU): what packing costs a whole iteration. At rho = 1 it is pss's
+                 dense computation (the model samples nothing there).
     flex         eager sampling; FlexAttention with a score_mod gathering the bias table
     baseline     the plain ViT without relative position bias at rho = 1 on SDPA FLASH
 
@@ -103,7 +104,7 @@ IMPLEMENTATIONS: Dict[str, Implementation] = {
     "sdpa-bias": Implementation("sdpa-bias", True, "sdpa-bias", "eager",
                                 "eager sampling; dense per-image bias as SDPA attn_mask, EFFICIENT on GPU (timm Beit)"),
     "pss-budget": Implementation("pss-budget", True, "pss", "pss",
-                                 "this package on packed tokens, budget allocation (the same total tokens as pss, a "
+                                 "this package on packed tokens, budget allocation (round(rho B N) tokens a batch, a "
                                  "count per image): sample_patches_varlen + rpb_attention_varlen, pss's backends",
                                  allocation="budget"),
     "flex": Implementation("flex", True, "flex", "eager",

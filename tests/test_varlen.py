@@ -1195,3 +1195,57 @@ def test_sdpa_backend_builds_the_padded_layout_once_for_every_layer(monkeypatch)
     want = rpb_attention_varlen(q, k, v, table, positions, cu, grid_size=GRID, backend="torch")
     torch.testing.assert_close(second, want, rtol=1e-5, atol=1e-6)
     assert not torch.equal(first, second)
+
+
+def test_sdpa_layout_cache_is_safe_across_inference_mode_and_cells(monkeypatch):
+    """A layout built under torch.inference_mode is not cached (its tensors could not be saved for a
+    later backward with the same offsets and positions); (row, column) cells are converted once per
+    cells tensor, so every layer given the same cells shares one layout too."""
+    from pss_kernels.ops.varlen import sdpa_varlen
+    builds = []
+    build = sdpa_varlen._padded_layout
+    monkeypatch.setattr(sdpa_varlen, "_padded_layout", lambda *args: builds.append(1) or build(*args))
+    q, k, v = (torch.randn(9, 2, 4, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    table = torch.randn(bias_table_rows(GRID, 1), 2)
+    positions, cu = torch.tensor([0, 3, 1, 0, 2, 5, 7, 1, 4]), torch.tensor([0, 3, 9], dtype=torch.int32)
+    with torch.inference_mode():
+        rpb_attention_varlen(q, k, v, table, positions, cu, grid_size=GRID, backend="sdpa")
+    q.requires_grad_(), table.requires_grad_()
+    rpb_attention_varlen(q, k, v, table, positions, cu, grid_size=GRID, backend="sdpa").sum().backward()
+    assert table.grad is not None and len(builds) == 2
+    cells, own_positions, cu, q, k, v, table = native_case()
+    builds.clear()
+    outs = [rpb_attention_varlen(q, k, v, table, cells, cu, grid_size=MAX_GRID, backend="sdpa") for _ in range(3)]
+    assert len(builds) == 1 and all(torch.equal(out, outs[0]) for out in outs)
+
+
+def test_tensor_keyed_cache_is_thread_safe():
+    """nn.DataParallel runs its replicas in threads: hits, misses and evictions of one small cache from
+    several threads at once must neither raise nor hand a thread another key's value."""
+    import sys
+    import threading
+    from pss_kernels._cache import TensorKeyedCache
+    cache = TensorKeyedCache(kept=2)
+    shared = torch.arange(3)
+    errors = []
+
+    def hammer(worker):
+        try:
+            for i in range(20000):
+                mine = shared if worker % 2 else torch.full((1,), i)  # hits of one key, misses evicting it
+                value = cache.get((mine,), (), lambda: int(mine.sum()))
+                assert value == int(mine.sum())
+        except Exception as err:  # reported below, with the thread's error
+            errors.append(err)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=hammer, args=(w,)) for w in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == [] and len(cache.entries) <= 2

@@ -23,6 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ..._backends import resolve_backend
+from ..._cache import TensorKeyedCache
 from ..._checks import (FLOAT_DTYPES, check_bool, check_choice, check_grid_size, check_int, check_same_device,
                         check_tensor)
 from ..rpb_attention.op import CPU_DEFAULT_BACKEND, GPU_DEFAULT_BACKEND, TRITON_MAX_HEAD_DIM
@@ -79,6 +80,9 @@ def _check_packed_values(positions: torch.Tensor, cu_seqlens: torch.Tensor, num_
     if require_distinct and flags.pop(0):
         raise ValueError("positions must not repeat within an image when deterministic=True on the triton backend "
                          "(the deterministic bias-gradient accumulation relies on distinct positions)")
+
+
+_FLAT_POSITIONS = TensorKeyedCache(kept=4)
 
 
 def flat_positions(cells: torch.Tensor, grid_size: Sequence[int], num_prefix_tokens: int = 1, *,
@@ -153,7 +157,11 @@ def rpb_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
     if positions.ndim == 2 and positions.shape[1] == 2:  # (row, column) cells of images of different grids
         if positions.shape[0] != total:
             raise ValueError(f"positions must have one (row, column) per token, T = {total}, got {positions.shape[0]}")
-        positions = flat_positions(positions, grid_size, num_prefix_tokens, check=check_inputs)
+        # Once per cells tensor (every layer of a step passes the same one), so that the backends' own
+        # caches keyed on the positions (the sdpa layout, the Triton row lists) hit too.
+        cells, grid = positions, tuple(grid_size)
+        positions = _FLAT_POSITIONS.get((cells,), (grid, num_prefix_tokens, check_inputs),
+                                        lambda: flat_positions(cells, grid, num_prefix_tokens, check=check_inputs))
     elif positions.ndim != 1:
         raise ValueError(f"positions must be (T,) positions or (T, 2) (row, column) cells, got shape "
                          f"{tuple(positions.shape)}")

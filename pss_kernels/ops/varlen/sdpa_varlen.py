@@ -26,8 +26,9 @@ from ..rpb_attention.sdpa_attention import _GatheredBias, _attend, gather_bias, 
 from .reference import image_ids
 
 # The padded layout of a step's offsets and positions, built by the first layer, reused by the others
-# (and their backward): one host sync and one gather of table rows a step instead of one a layer.
-_LAYOUTS = TensorKeyedCache(kept=4)
+# (and their backward): one host sync and one gather of table rows a step instead of one a layer. Two
+# entries (a training step and an evaluation's, say) hold at most two (B, L, L) int64 row maps.
+_LAYOUTS = TensorKeyedCache(kept=2)
 
 
 def _padded_layout(cu_seqlens: torch.Tensor, positions: torch.Tensor, total: int, grid_size: Tuple[int, int],
