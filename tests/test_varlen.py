@@ -1249,3 +1249,19 @@ def test_tensor_keyed_cache_is_thread_safe():
     finally:
         sys.setswitchinterval(interval)
     assert errors == [] and len(cache.entries) <= 2
+
+
+def test_sdpa_padding_keys_are_masked_by_the_gather_in_aligned_storage():
+    """The padding keys' table rows point at a row of -inf appended to the table, so the gathered bias
+    masks them without a separate (B, H, L, L) pass and keeps gather_bias's storage, whose rows are
+    padded to MASK_ALIGNMENT for SDPA's kernels on CUDA (pad=True, forced here on CPU)."""
+    from pss_kernels.ops.rpb_attention.sdpa_attention import MASK_ALIGNMENT, gather_bias
+    from pss_kernels.ops.varlen.sdpa_varlen import _padded_layout
+    positions, cu = torch.tensor([0, 3, 1, 0, 2, 5, 7, 1, 4]), torch.tensor([0, 3, 9], dtype=torch.int32)
+    rows, valid, longest, table_index = _padded_layout(cu, positions, 9, GRID, 1, True)
+    table = torch.randn(bias_table_rows(GRID, 1), 2)
+    bias = gather_bias(torch.cat((table, torch.full((1, 2), float("-inf")))), table_index, longest, torch.float32)
+    assert longest == 6 and bias.shape == (2, 2, 6, 6)
+    assert bias.stride(-2) % MASK_ALIGNMENT == 0 and bias.stride(-2) > 6  # the aligned rows, not a copy
+    assert torch.isinf(bias[0, :, :, 3:]).all() and torch.isfinite(bias[0, :, :, :3]).all()
+    assert torch.isfinite(bias[1]).all()  # the longest image has no padding key

@@ -4,7 +4,9 @@
                layout below is built once for the offsets and positions every layer shares)
     q, k, v  (T, H, D) -> (B, H, L, D), image b's tokens in rows 0 .. n_b - 1, zeros after
     bias     = the dense sdpa backend's gather of the table at the padded positions, (B, H, L, L),
-               with -inf at the padding keys
+               with -inf at the padding keys: their table rows point at one row of -inf appended to
+               the table, so the gather masks them (no mask pass, and the bias keeps the aligned
+               storage gather_bias gives SDPA)
     out      = softmax(q k^T * scale + bias) v through rpb_attention's sdpa path (SDPA's
                memory-efficient kernel on CUDA), then the valid rows packed back, (T, H, D)
 
@@ -22,6 +24,7 @@ from typing import Sequence, Tuple
 import torch
 
 from ..._cache import TensorKeyedCache
+from ..rpb_attention.reference import bias_table_rows
 from ..rpb_attention.sdpa_attention import _GatheredBias, _attend, gather_bias, table_rows
 from .reference import image_ids
 
@@ -44,6 +47,8 @@ def _padded_layout(cu_seqlens: torch.Tensor, positions: torch.Tensor, total: int
     batch = valid.shape[0]
     index = positions.long().new_zeros(batch * longest).index_copy(0, rows, positions.long()).view(batch, longest)
     table_index = table_rows(index, grid_size, num_prefix_tokens, longest, cu_seqlens.device, pad=pad)
+    # Padding keys read the row of -inf that the caller appends past the table's R rows.
+    table_index[:, :, :longest].masked_fill_(~valid[:, None, :], bias_table_rows(grid_size, num_prefix_tokens))
     return rows, valid, longest, table_index
 
 
@@ -63,13 +68,11 @@ def rpb_attention_varlen_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             .view(batch, longest, heads, head_dim).transpose(1, 2)
 
     qp, kp, vp = padded(q), padded(k), padded(v)
+    table = torch.cat((bias_table, bias_table.new_full((1, heads), float("-inf"))))  # + the padding keys' row
     if bias_table.requires_grad and torch.is_grad_enabled():
-        bias = _GatheredBias.apply(bias_table, table_index, longest, q.dtype)
+        bias = _GatheredBias.apply(table, table_index, longest, q.dtype)
     else:
-        bias = gather_bias(bias_table, table_index, longest, q.dtype)
-    key_mask = torch.zeros(batch, 1, 1, longest, dtype=bias.dtype, device=q.device)
-    key_mask.masked_fill_(~valid[:, None, None, :], float("-inf"))
-    bias = bias + key_mask
+        bias = gather_bias(table, table_index, longest, q.dtype)
     out = _attend(qp, kp, vp, bias, scale)  # (B, H, L, D)
     out = out.transpose(1, 2).reshape(batch * longest, heads, head_dim).index_select(0, rows)
     if not return_cls_attention:
