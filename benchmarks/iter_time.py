@@ -63,7 +63,8 @@ from pss_kernels.models import MODEL_CONFIGS, create_model
 from pss_kernels.ops.rpb_attention import op as rpb_attention_op
 from pss_kernels.ops.rpb_attention.peers import flex_training_unavailable
 from pss_kernels.ops.sample_patches import op as sample_patches_op
-from pss_kernels.ops.varlen import static_total
+from pss_kernels.models.packed import packed_backend
+from pss_kernels.ops.varlen import op as varlen_op, static_total
 from pss_kernels.schedules import build_schedule
 
 from _iter_time_plot import plot_report
@@ -326,14 +327,14 @@ def resolved_backends(requested: Dict[str, Optional[str]], device: torch.device,
     """The backend each pss kernel actually runs on (the ops' own resolution; raises if unavailable).
     sample_patches does not run at rho = 1 (the model skips sampling). A packed model (allocation other
     than fixed) at rho < 1 runs the packed ops, keyed by their own names."""
-    if allocation != "fixed" and keep_rate < 1.0:
-        from pss_kernels.models.packed import VARLEN_ATTENTION_BACKENDS, VARLEN_SAMPLER_BACKENDS
-        sampler, attention = requested["sample_patches"], requested["rpb_attention"]
-        return {  # the model hands a backend without a packed form over as None (models/packed.py)
-            "sample_patches_varlen": resolve_backend("sample_patches_varlen", sampler if sampler in
-                                                     VARLEN_SAMPLER_BACKENDS else None, device, "torch", "torch"),
-            "rpb_attention_varlen": resolve_backend("rpb_attention_varlen", attention if attention in
-                                                    VARLEN_ATTENTION_BACKENDS else None, device,
+    if allocation != "fixed" and keep_rate < 1.0:  # what models/packed.py hands the packed ops
+        sampler = packed_backend("sample_patches_varlen", requested["sample_patches"])
+        attention = packed_backend("rpb_attention_varlen", requested["rpb_attention"])
+        return {
+            "sample_patches_varlen": resolve_backend("sample_patches_varlen", sampler, device,
+                                                     varlen_op.SAMPLER_DEFAULT_BACKEND,
+                                                     varlen_op.SAMPLER_DEFAULT_BACKEND),
+            "rpb_attention_varlen": resolve_backend("rpb_attention_varlen", attention, device,
                                                     rpb_attention_op.GPU_DEFAULT_BACKEND,
                                                     rpb_attention_op.CPU_DEFAULT_BACKEND),
         }

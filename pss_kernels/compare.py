@@ -573,6 +573,11 @@ def parse_seeds(text: str) -> List[int]:
     return seeds
 
 
+def _write_summary(summary: dict, out_dir: Path, stem: str) -> None:
+    print(seed_summary.write(summary, out_dir, stem))
+    print(f"pss-compare: wrote {out_dir / stem}.json, .md, _sweep.png", flush=True)
+
+
 def run_seeds(args: argparse.Namespace) -> dict:
     """The comparison once per seed of --seeds, then their summary (seed_summary.py)."""
     seeds = parse_seeds(args.seeds)
@@ -588,8 +593,7 @@ def run_seeds(args: argparse.Namespace) -> dict:
         reports.append(run(argparse.Namespace(**one)))
     summary = seed_summary.summarize(reports, args.paired_with)
     stem = _stem("methods_seeds", base, reports[0]["environment"])
-    print(seed_summary.write(summary, base.out_dir, stem))
-    print(f"pss-compare: wrote {base.out_dir / stem}.json, .md, _sweep.png", flush=True)
+    _write_summary(summary, base.out_dir, stem)
     return summary
 
 
@@ -610,8 +614,7 @@ def summarize_files(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     run_args = argparse.Namespace(quick=settings.get("quick", False), cuda=settings.get("cuda", False))
     out_dir = Path(args.out_dir or (Path("benchmarks") / "results" if run_args.cuda else Path("runs") / "methods"))
     stem = _stem("methods_seeds", run_args, reports[0].get("environment") or {})
-    print(seed_summary.write(summary, out_dir, stem))
-    print(f"pss-compare: wrote {out_dir / stem}.json, .md, _sweep.png", flush=True)
+    _write_summary(summary, out_dir, stem)
     return summary
 
 

@@ -21,7 +21,7 @@ path's (tested). Not on this path: the attention level (R_A < 1), growth's activ
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +34,10 @@ from ..ops.varlen import (ALLOCATIONS, keep_counts, rpb_attention_varlen, sample
 from ..ops.varlen.reference import image_ids
 from .attention import RelPosBlockAttention
 
-# The backends that have a packed form; another (the dense-only "cuda") falls back to the op's default.
-VARLEN_ATTENTION_BACKENDS = OP_BACKENDS["rpb_attention_varlen"]
-VARLEN_SAMPLER_BACKENDS = OP_BACKENDS["sample_patches_varlen"]
+def packed_backend(op: str, backend: Optional[str]) -> Optional[str]:
+    """The backend packed op `op` gets from a module's (dense) backend: the same one where it has a packed
+    form, else None (the packed op's own default: the dense-only "cuda" attention, say)."""
+    return backend if backend in OP_BACKENDS[op] else None
 
 
 
@@ -84,7 +85,7 @@ def _attention(attn: RelPosBlockAttention, x: torch.Tensor, positions: torch.Ten
     q, k, v = F.linear(x, attn.qkv.weight, bias).reshape(total, 3, heads, dim // heads).unbind(1)
     out = rpb_attention_varlen(q, k, v, attn.relative_position_bias_table, positions, cu_seqlens,
                                grid_size=attn.grid_size, num_prefix_tokens=attn.num_prefix_tokens,
-                               backend=attn.backend if attn.backend in VARLEN_ATTENTION_BACKENDS else None,
+                               backend=packed_backend("rpb_attention_varlen", attn.backend),
                                deterministic=attn.deterministic, check_inputs=False,  # from sample_patches_varlen
                                return_cls_attention=return_cls_attention)
     if return_cls_attention:
@@ -105,13 +106,12 @@ def packed_features(model, x: torch.Tensor, keep_rate: float) -> Tuple[torch.Ten
     check_packable(model)
     scores = _scores(model, x)
     counts = input_keep_counts(model, x, keep_rate, scores)
-    sampler_backend = model.sampler.backend
     # T known on the host (fixed, budget) spares the sampler's read of the counts: the step then runs
     # without a host sync on the fused backends (mass and the token level's selections still read it).
     total = static_total(model.allocation, x.shape[0], x.shape[1], keep_rate, model.num_prefix_tokens)
     tokens, positions, cu_seqlens = sample_patches_varlen(
         x, counts, scorer="given", scores=scores, num_prefix_tokens=model.num_prefix_tokens,
-        backend=sampler_backend if sampler_backend in VARLEN_SAMPLER_BACKENDS else None, total=total)
+        backend=packed_backend("sample_patches_varlen", model.sampler.backend), total=total)
     # The mean tokens per image this call kept at the input (T is a shape: no sync), read by the trainer
     # to time and count the step by what it ran.
     model.packed_input_tokens = tokens.shape[0] / x.shape[0]

@@ -314,6 +314,9 @@ _rpb_attention_varlen_fwd.register_autograd(_backward, setup_context=_setup_cont
 
 # ----------------------------------------------------------------------------- sample_patches_varlen
 
+# backend=None's choice on every device until the fused kernels have run on a GPU.
+SAMPLER_DEFAULT_BACKEND = "torch"
+
 def _sampler_kernels(backend: str):
     # Imported on first use, as sample_patches' (triton.jit reads TRITON_INTERPRET at import).
     from ..sample_patches.op import _kernel_module
@@ -417,7 +420,8 @@ def sample_patches_varlen(x: torch.Tensor, keep_counts: torch.Tensor, *, scorer:
     image's top-k_b, the offsets' prefix sum and the copy, as sample_patches' kernels; not yet run on a
     GPU, so not the default) | None ("torch").
     """
-    chosen = resolve_backend("sample_patches_varlen", backend, x.device, "torch", "torch")
+    chosen = resolve_backend("sample_patches_varlen", backend, x.device, SAMPLER_DEFAULT_BACKEND,
+                             SAMPLER_DEFAULT_BACKEND)
     dtypes = FLOAT_DTYPES + ((torch.float64,) if chosen == "torch" else ())
     check_tensor("x", x, ndim=3, dtypes=dtypes)
     batch, num_tokens, channels = x.shape
