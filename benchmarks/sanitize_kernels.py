@@ -173,6 +173,19 @@ def packed_cases():
         name = f"rpb_attention_varlen triton{' deterministic' if deterministic else ''}"
         for part, got, want in zip(("out", "dq", "dk", "dv", "dbias_table"), results["triton"], results["torch"]):
             check(f"{name} {part}", got, want, tolerance)
+        # Offsets the host check is told to skip (past T, going back, an image longer than the grid) and
+        # positions outside it: wrong values are allowed, an access outside the tensors is what memcheck
+        # would report. Image 0's offsets are good each time: its rows must still be right.
+        total = int(counts.sum())
+        bad_positions = positions.clone()
+        bad_positions[-1], bad_positions[-2] = 10_000, -5
+        for offsets, pos in (([0, 21, 24, 36, total + 9], positions), ([0, 21, 40, 24, 3], positions),
+                             ([0, 21, total], positions), ([0, 21, 24, 36, total], bad_positions)):
+            cu_bad = torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
+            out = rpb_attention_varlen(q, k, v, table, pos, cu_bad, grid_size=grid, backend="triton",
+                                       deterministic=deterministic, check_inputs=False)
+            torch.autograd.grad(out, (q, k, v, table), torch.ones_like(out))
+            check(f"{name} unchecked offsets {offsets} image 0", out[:21], results["torch"][0][:21], tolerance)
 
 
 def rpb_logits(q, k, table, index, grid):

@@ -527,6 +527,41 @@ def test_varlen_sampler_stays_in_bounds_on_bad_counts(backend, device):
     assert (slot >= 0).sum().item() == 18
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_varlen_triton_attention_stays_in_bounds_on_unchecked_bad_offsets(deterministic, device):
+    """check_inputs=False trusts the offsets and positions: bad ones give wrong values, never an access
+    outside the tensors (the kernels clamp the offsets into [0, T] and the positions into the grid; the
+    csr store stays in each image's (N, N) slot). The images whose offsets are good still get the
+    oracle's values."""
+    q, k, v, table, positions, _ = packed_case([5, 6, 2], device=device)  # T = 13
+    good = {0: (0, 5), 1: (5, 11)}
+    cases = [([0, 5, 11, 15], good),  # past T
+             ([0, 5, 11, 9], good),  # the last offset goes back, ends before T
+             ([0, 5, 11, -4], good),  # negative
+             ([0, 11, 5, 13], {}),  # not increasing
+             ([0, 13, 13, 13], {})]  # two empty images
+    wide = packed_case([13, 13], device=device)  # one image of 20 tokens > N, the next of 6
+    bad_positions = positions.clone()
+    bad_positions[2], bad_positions[7] = 99, -3
+    for offsets, images in cases + [("wide", {1: (20, 26)}), ("positions", {})]:
+        args = (q, k, v, table, positions)
+        if offsets == "wide":
+            args, offsets = wide[:5], [0, 20, 26]
+        elif offsets == "positions":
+            args, offsets = (q, k, v, table, bad_positions), [0, 5, 11, 13]
+        cu = torch.tensor(offsets, dtype=torch.int32, device=device)
+        out = rpb_attention_varlen(*args, cu, grid_size=GRID, backend="triton", deterministic=deterministic,
+                                   check_inputs=False)
+        grads = torch.autograd.grad(out, args[:4], torch.ones_like(out))
+        assert out.shape == args[0].shape and all(g.shape == t.shape for g, t in zip(grads, args[:4]))
+        for start, end in images.values():
+            want = rpb_attention_varlen(*(t[start:end] for t in args[:3]), args[3], args[4][start:end],
+                                        torch.tensor([0, end - start], dtype=torch.int32, device=device),
+                                        grid_size=GRID, backend="torch", check_inputs=False)
+            torch.testing.assert_close(out[start:end], want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.skipif(cuda_extension() is None, reason="pss_kernels._C is not built")
 @pytest.mark.parametrize("spatial", [False, True])
 def test_cuda_packed_selection_host_model_matches_the_reference(spatial):

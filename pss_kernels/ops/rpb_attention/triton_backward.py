@@ -196,7 +196,10 @@ def _dkdv_kernel(
                               mask=tile_mask, sem="relaxed")
             elif DBIAS == "csr":
                 pairs = offs_m.to(tl.int64)[:, None] * csr_width + offs_n[None, :]
-                tl.store(workspace + pairs * num_heads, logit_grads, mask=tile_mask)
+                # Packed, csr_width is N: an image longer than its grid (offsets not checked) stores nothing
+                # past its (N, N) slot.
+                in_slot = (offs_m < csr_width)[:, None] & (offs_n < csr_width)[None, :]
+                tl.store(workspace + pairs * num_heads, logit_grads, mask=tile_mask & in_slot)
             elif DBIAS == "slices":
                 _accumulate_bias_grad(workspace, rel, logit_grads, tile_mask, num_table_rows, BLOCK_N, NUM_PREFIX,
                                       DETERMINISTIC)

@@ -314,9 +314,16 @@ def packed_row_lists(positions: torch.Tensor, packed, grid_size: Tuple[int, int]
 def _packed_row_lists(positions: torch.Tensor, packed, grid_size: Tuple[int, int], num_prefix_tokens: int):
     cu_seqlens, images, width = packed.cu_seqlens.long(), packed.num_images, packed.max_tokens
     token = torch.arange(positions.numel(), device=positions.device)
-    image = torch.searchsorted(cu_seqlens[1:], token, right=True)
-    padded = torch.full((images, width), -1, dtype=torch.int64, device=positions.device)
-    padded[image, token - cu_seqlens[image]] = positions.long()
+    image = torch.searchsorted(cu_seqlens[1:], token, right=True).clamp(max=images - 1)
+    # Offsets or positions the host check was told to skip (check_inputs=False) give wrong values, never an
+    # index error: a token outside its image's N slots goes to a spare column, dropped, and positions are
+    # clamped into the grid as the kernels clamp them (token_positions).
+    local = token - cu_seqlens[image]
+    local = torch.where((local >= 0) & (local < width), local, width)
+    padded = torch.full((images, width + 1), -1, dtype=torch.int64, device=positions.device)
+    num_positions = num_prefix_tokens + grid_size[0] * grid_size[1]
+    padded[image, local] = positions.long().clamp(0, num_positions - 1)
+    padded = padded[:, :width]
     valid = padded >= 0
     padded = padded.clamp(min=0)
     full = full_relative_index(tuple(grid_size), num_prefix_tokens, positions.device)

@@ -133,17 +133,22 @@ def program_sequence(WORK, CU_SEQLENS, num_work, blocks_per_head, num_heads, num
     Packed (VARLEN, ops/varlen): num_tokens is T, the tokens of all images; program id = w * H + h,
     and work entry w of the (2, num_work) int32 table WORK (packed_work_table) names its image and
     block; an image's tokens are CU_SEQLENS[b] .. CU_SEQLENS[b + 1] - 1 and row_base = h * T + start
-    of (H, T) arrays. A spare entry (image -1) gets length 0: it loads and stores nothing.
+    of (H, T) arrays. A spare entry (image -1) gets length 0: it loads and stores nothing. Offsets are
+    clamped into [0, T] (see below).
     """
     if VARLEN:
         pid = tl.program_id(0)
         entry = pid // num_heads
         head = pid % num_heads
         image = tl.load(WORK + entry)
-        block = tl.load(WORK + num_work + entry)
+        # Clamped so that offsets the host check was told to skip (check_inputs=False) can give wrong
+        # values but never an access outside the T rows: 0 <= start <= end <= T, and no negative block
+        # (the work table of non-increasing offsets).
+        block = tl.maximum(tl.load(WORK + num_work + entry), 0)
         batch = tl.maximum(image, 0)
-        start = tl.load(CU_SEQLENS + batch)
-        length = tl.where(image >= 0, tl.load(CU_SEQLENS + batch + 1) - start, 0)
+        start = tl.minimum(tl.maximum(tl.load(CU_SEQLENS + batch), 0), num_tokens)
+        end = tl.minimum(tl.maximum(tl.load(CU_SEQLENS + batch + 1), start), num_tokens)
+        length = tl.where(image >= 0, end - start, 0)
         row_base = head.to(tl.int64) * num_tokens + start
     else:
         batch_head, block = split_program_id(blocks_per_head)
