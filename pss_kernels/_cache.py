@@ -30,11 +30,13 @@ class TensorKeyedCache:
         self._lock = threading.Lock()
 
     def get(self, tensors: Tuple[torch.Tensor, ...], extra: tuple, build: Callable[[], Any]):
+        # First: while torch.compile traces, the other tests are themselves untraceable (and traced
+        # tensors have no storage to key on).
+        if torch.compiler.is_compiling():
+            return build()
         if any(t.device.type == "cuda" for t in tensors) and torch.cuda.is_current_stream_capturing():
             return build()
         if torch.is_inference_mode_enabled() or any(t.is_inference() for t in tensors):
-            return build()
-        if torch.compiler.is_compiling():  # traced tensors have no storage to key on
             return build()
         key = tuple((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device, t._version)
                     for t in tensors) + extra

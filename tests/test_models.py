@@ -180,6 +180,11 @@ def test_named_configs():
         create_model("resnet50")
     with pytest.raises(ValueError, match="attn_impl"):
         create_model("deit_tiny", attn_impl="fast")
+    # Backends are checked at construction, named, not at the first forward at rho < 1.
+    with pytest.raises(ValueError, match=r"sampler_backend must be one of \(None, 'torch', 'triton', 'cuda'\)"):
+        create_model("deit_tiny", img_size=32, patch_size=8, sampler_backend="sdpa")
+    with pytest.raises(ValueError, match="attn_backend must be one of"):
+        create_model("deit_tiny", img_size=32, patch_size=8, attn_backend="bogus", allocation="budget")
 
 
 def test_wrong_image_size_is_rejected():

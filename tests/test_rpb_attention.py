@@ -599,6 +599,8 @@ BAD_ARGUMENTS = [
     ("q", lambda a: dict(q=a["q"].long()), TypeError, "q must have dtype"),
     ("q", lambda a: dict(q=a["q"][:, :, :0], k=a["k"][:, :, :0], v=a["v"][:, :, :0], index=a["index"][:, :0]),
      ValueError, "q must have B, H, n, D >= 1"),
+    ("q", lambda a: dict(q=a["q"].transpose(1, 2), k=a["k"].transpose(1, 2), v=a["v"].transpose(1, 2)), ValueError,
+     r"q must be \(B, H, n, D\).* needs \.transpose\(1, 2\)"),  # (B, n, H, D): blamed on q, not the table
     ("k", lambda a: dict(k=a["k"][..., :8]), ValueError, "k must have q's shape"),
     ("v", lambda a: dict(v=a["v"].double()), TypeError, "v must have q's dtype"),
     ("bias_table", lambda a: dict(bias_table=a["bias_table"][:-1]), ValueError, r"bias_table must have shape \(R, H\)"),

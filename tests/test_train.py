@@ -264,6 +264,13 @@ def test_resume_with_different_settings_is_refused(tmp_path, capsys):
     assert listed == ["schedule: checkpoint 'cyclic:0.2,1.0', now 'fixed:0.5'"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_cuda_device_without_a_gpu_is_one_error_line(tmp_path, capsys):
+    assert train_main(["--device", "cuda", "--epochs", "1", "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pss-train: error: --device cuda: this torch sees no CUDA device") and "Traceback" not in err
+
+
 # The second case: DeiT's augmentation with repeated augmentation across the two ranks.
 DDP_AUGMENT = ["--repeated-aug", "3", "--rand-augment", "rand-m9-mstd0.5-inc1", "--random-erasing", "0.25",
                "--mixup", "0.8", "--cutmix", "1.0"]
@@ -354,6 +361,14 @@ def test_image_folder_and_transforms(tmp_path):
         build_dataset("folder", train=True)
     with pytest.raises(ValueError, match="does not exist"):
         build_dataset("folder", train=True, data_dir=str(tmp_path / "nowhere"))
+    # A validation class the training classes lack is refused, not dropped; an empty extra folder is not a class.
+    (tmp_path / "val" / "empty").mkdir()
+    assert len(build_dataset("folder", train=False, img_size=32, data_dir=str(tmp_path))[0]) == 6
+    bird = tmp_path / "val" / "bird"
+    bird.mkdir()
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(bird / "a.png")
+    with pytest.raises(ValueError, match=r"has images of classes the training classes lack: \['bird'\]"):
+        build_dataset("folder", train=False, img_size=32, data_dir=str(tmp_path))
 
 
 def test_digits_and_synthetic_data():

@@ -233,6 +233,25 @@ def test_varlen_torch_compile_fullgraph(device):
         torch.testing.assert_close(got, want)
 
 
+def test_varlen_torch_compile_fullgraph_with_row_column_cells():
+    """(T, 2) cells trace whole too (flat_positions is tensor ops; its host check is left to the op's own
+    check of the positions while tracing), and a cell outside the grid is still refused, by that check."""
+    cells, _, cu, q, k, v, table = native_case()
+
+    def attention(q, k, v, table, cells):
+        return rpb_attention_varlen(q, k, v, table, cells, cu, grid_size=MAX_GRID, backend="torch").square().sum()
+
+    compiled = torch.compile(attention, fullgraph=True, backend="aot_eager")
+    loss, eager_loss = compiled(q, k, v, table, cells), attention(q, k, v, table, cells)
+    torch.testing.assert_close(loss, eager_loss)
+    for got, want in zip(torch.autograd.grad(loss, (q, k, v, table)), torch.autograd.grad(eager_loss, (q, k, v, table))):
+        torch.testing.assert_close(got, want)
+    outside = cells.clone()
+    outside[3] = torch.tensor([0, MAX_GRID[1]])
+    with pytest.raises(ValueError, match=r"positions must be in \[0, 17\)"):
+        compiled(q, k, v, table, outside)
+
+
 def test_varlen_reference_is_an_independent_oracle_of_the_op():
     q, k, v, table, positions, cu = packed_case([4, 9, 13], dtype=torch.float64, seed=3)
     out = rpb_attention_varlen(q, k, v, table, positions, cu, grid_size=GRID, backend="torch", scale=0.3)
@@ -313,6 +332,10 @@ def test_sub_grid_table_and_cells_are_checked():
         flat_positions(torch.tensor([[-1, -1], [0, 5]]), (4, 5))
     with pytest.raises(ValueError, match="cell 0 is"):
         flat_positions(torch.tensor([[-1, -1]]), (4, 5), num_prefix_tokens=0)
+    # Unchecked, a cell outside the grid becomes position -1 (refused by the op's check of positions,
+    # clamped by the kernels), never another patch's position: (0, 5) is not (1, 0).
+    assert flat_positions(torch.tensor([[-1, -1], [0, 5], [1, 0]]), (4, 5), check=False).tolist() == [0, -1, 6]
+    assert flat_positions(torch.tensor([[-1, -1], [0, 1]]), (4, 5), num_prefix_tokens=0, check=False).tolist() == [-1, 1]
     cells, _, cu, q, k, v, table = native_case()
     with pytest.raises(ValueError, match="outside the 3 x 3 grid"):
         rpb_attention_varlen(q, k, v, torch.zeros(bias_table_rows((3, 3), 1), 2), cells, cu, grid_size=(3, 3))
@@ -344,6 +367,9 @@ def test_varlen_attention_refuses_bad_offsets_and_positions():
         rpb_attention_varlen(q, k, v, table, positions, cu, grid_size=GRID, backend="cuda")
     with pytest.raises(TypeError, match="check_inputs"):
         rpb_attention_varlen(q, k, v, table, positions, cu, check_inputs=1, **options)
+    heads_first = [t.detach()[:5].transpose(0, 1) for t in (q, k, v)]  # (H, T, D) = (2, 5, 8): blamed on q
+    with pytest.raises(ValueError, match=r"q must be \(T, H, D\).* needs \.transpose\(0, 1\)"):
+        rpb_attention_varlen(*heads_first, table, positions[:5], torch.tensor([0, 5], dtype=torch.int32), **options)
     tokens = torch.randn(N + 1, 2, 8)
     with pytest.raises(ValueError, match="an image of 14 tokens, more than the N = 13"):
         rpb_attention_varlen(tokens, tokens, tokens, table.detach(), torch.zeros(N + 1, dtype=torch.int64),
@@ -419,18 +445,29 @@ def test_varlen_sampling_with_a_known_total_equals_the_read_one(backend, device)
         assert torch.equal(got, want)
 
 
-def test_varlen_sampling_checks_counts_against_a_known_total_on_the_device():
-    """With total= the counts are checked on the device (torch._assert_async: on CPU a RuntimeError
-    naming keep_counts; on a GPU a device-side assert, which ends the CUDA context, so this runs on CPU)
-    and total on the host."""
+def test_varlen_sampling_checks_counts_against_a_known_total(monkeypatch):
+    """With total= the counts are checked on the host where that is free (CPU tensors, eagerly: a
+    ValueError naming keep_counts), else on the device (torch._assert_async: a RuntimeError on CPU; on a
+    GPU a device-side assert, which ends the CUDA context, so the device path is forced here, on CPU);
+    total itself on the host."""
+    from pss_kernels.ops.varlen import op as varlen_op
     x = torch.randn(3, N, 4)
     counts = torch.tensor([3, N, 2])
+    with pytest.raises(ValueError, match="keep_counts must sum to total = 17, got 18"):
+        sample_patches_varlen(x, counts, total=17)
+    with pytest.raises(ValueError, match=r"keep_counts must be in \[num_prefix_tokens \+ 1, N\] = \[2, 13\]"):
+        sample_patches_varlen(x, torch.tensor([1, N, 4]), total=N + 5)
+    with pytest.raises(ValueError, match=r"total must be"):
+        sample_patches_varlen(x, counts, total=3 * N + 1)
+    monkeypatch.setattr(varlen_op, "_counts_readable_for_free", lambda keep_counts: False)
     with pytest.raises(RuntimeError, match="keep_counts must sum to total = 17"):
         sample_patches_varlen(x, counts, total=17)
     with pytest.raises(RuntimeError, match=r"keep_counts must be in \[num_prefix_tokens \+ 1, N\] = \[2, 13\]"):
         sample_patches_varlen(x, torch.tensor([1, N, 4]), total=N + 5)
-    with pytest.raises(ValueError, match=r"total must be"):
-        sample_patches_varlen(x, counts, total=3 * N + 1)
+    tokens, _, _ = sample_patches_varlen(x, counts, total=18)  # good counts pass the device check
+    assert tokens.shape == (18, 4)
+    with pytest.raises(TypeError, match="scores must have dtype"):
+        sample_patches_varlen(x, counts, scorer="given", scores=torch.ones(3, N - 1, dtype=torch.int64))
 
 
 def _sample_both(x, counts, backend, weight_seed=1, **options):
@@ -1019,6 +1056,21 @@ def test_packed_model_refuses_what_it_does_not_run():
         packed_model("budget", attn_impl="published")
     with pytest.raises(ValueError, match="allocation='mass' spreads each image's score mass"):
         packed_model("mass", scorer="center")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--attention-keep", "0.3"], "--attention-keep 0.3 with --allocation budget: Tri-Level's attention level runs"),
+    (["--budget", "0.5"], "--budget 0.5 with --allocation budget: Budgeted Training's growth stages run on dense"),
+])
+def test_pss_train_refuses_dense_only_methods_with_packed_tokens_at_start(flags, message, tmp_path, capsys):
+    """Refused before any data or model is built (not at the first step the method's warm-up reaches),
+    naming the user's flags."""
+    from pss_kernels.train.__main__ import main
+    status = main(["--data", "digits", "--allocation", "budget", "--schedule", "fixed:0.6", "--epochs", "1",
+                   "--out-dir", str(tmp_path / "run"), *flags])
+    assert status == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "log.jsonl").exists()
 
 
 def test_pss_train_runs_and_resumes_with_a_budget_allocation(tmp_path):

@@ -36,7 +36,8 @@ from .attention import RelPosBlockAttention
 
 def packed_backend(op: str, backend: Optional[str]) -> Optional[str]:
     """The backend packed op `op` gets from a module's (dense) backend: the same one where it has a packed
-    form, else None (the packed op's own default: the dense-only "cuda" attention, say)."""
+    form, else None (the packed op's own default). Today every dense backend has one; the rule stays so
+    that a dense-only backend added later falls back rather than failing mid-run."""
     return backend if backend in OP_BACKENDS[op] else None
 
 

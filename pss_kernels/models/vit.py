@@ -26,6 +26,7 @@ from typing import Optional, Set, Tuple
 import torch
 from torch import nn
 
+from .._backends import OP_BACKENDS
 from .._checks import check_choice, check_keep_rate
 from ..ops.rpb_attention.module import IMPLS as RELPOS_IMPLS
 from ..ops.sample_patches.module import IMPLS as SAMPLER_IMPLS, PatchSampler
@@ -96,6 +97,9 @@ class VisionTransformer(nn.Module):
         check_choice("allocation", allocation, ALLOCATIONS)
         check_choice("sampler_impl", sampler_impl, SAMPLER_IMPLS)
         check_choice("pool", pool, POOLS)
+        # Here, not at the first forward at rho < 1 (or never, for a backend the packed path replaces).
+        check_choice("sampler_backend", sampler_backend, (None, *OP_BACKENDS["sample_patches"]))
+        check_choice("attn_backend", attn_backend, (None, *OP_BACKENDS["rpb_attention"]))
         if scorer == "given":
             raise ValueError("scorer='given' needs scores from the caller, and the input sampler runs before any "
                              "block, so the model has none to give it; rank the input by 'l1', 'l2', 'random' or "

@@ -14,8 +14,8 @@ from .trainer import train
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     config = parse_config(argv)
-    dist_info = init_distributed(config.device)
     try:
+        dist_info = init_distributed(config.device)  # refuses --device cuda without CUDA (ValueError)
         train(config, dist_info)
     except (CheckpointError, BackendError, MissingDependency, ValueError) as err:
         print(f"pss-train: error: {err}", file=sys.stderr)

@@ -39,7 +39,8 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("device='cuda' but torch.cuda.is_available() is False")
+            raise ValueError("--device cuda: this torch sees no CUDA device (torch.cuda.is_available() is False; "
+                             f"torch {torch.__version__}, CUDA build {torch.version.cuda})")
         return torch.device("cuda", local_rank)
     return torch.device(device)
 

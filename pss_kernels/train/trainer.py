@@ -403,7 +403,7 @@ class Trainer:
         if self.config.allocation == "fixed" or rho >= 1.0:
             return rho, None
         mean = float(self.model.packed_input_tokens)
-        count = min(self.num_tokens, max(2, round(mean)))
+        count = min(self.num_tokens, max(self.model.num_prefix_tokens + 1, round(mean)))
         return count / self.num_tokens, mean
 
     def packed_key_shares(self) -> Optional[Dict[int, dict]]:

@@ -121,6 +121,10 @@ def _check_arguments(q, k, v, bias_table, index, grid_size, num_prefix_tokens, s
 
     check_tensor("bias_table", bias_table, ndim=2, dtypes=dtypes)
     expected = (bias_table_rows(tuple(grid_size), num_prefix_tokens), heads)
+    if bias_table.shape[0] == expected[0] and bias_table.shape[1] != heads and q.shape[2] == bias_table.shape[1]:
+        raise ValueError(f"q must be (B, H, n, D): its dim 1 gives H={heads}, but bias_table has "
+                         f"{bias_table.shape[1]} heads, which is q's dim 2; a (B, n, H, D) q (and k, v) needs "
+                         f".transpose(1, 2)")
     if tuple(bias_table.shape) != expected:
         raise ValueError(f"bias_table must have shape (R, H) = {expected} for grid_size={tuple(grid_size)}, "
                          f"num_prefix_tokens={num_prefix_tokens} and H={heads}, got {tuple(bias_table.shape)}")

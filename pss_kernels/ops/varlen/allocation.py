@@ -61,7 +61,9 @@ def budget_keep_counts(scores: torch.Tensor, keep_rate: float, num_prefix_tokens
                        min_patches: int = 1, max_patches: Optional[int] = None) -> torch.Tensor:
     """(B,) counts with sum budget_total(...) (round(keep_rate * B * N), N = prefix + P) spread by one
     top-K over the batch's patch scores (B, P), each image keeping between min_patches and max_patches
-    (default P) patches. ValueError names the argument when the total exceeds B * max_patches."""
+    (default P) patches. ValueError names the argument when the total exceeds B * max_patches.
+    The scores are not read on the host (no sync): a NaN ranks above every number, as the samplers rank
+    it, and equal scores go to the lower image (all-zero scores fill the first images first)."""
     _check_scores(scores)
     batch, patches = scores.shape
     max_patches = patches if max_patches is None else max_patches

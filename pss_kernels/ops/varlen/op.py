@@ -28,6 +28,7 @@ from ..._checks import (FLOAT_DTYPES, check_bool, check_choice, check_grid_size,
                         check_tensor)
 from ..rpb_attention.op import CPU_DEFAULT_BACKEND, GPU_DEFAULT_BACKEND, TRITON_MAX_HEAD_DIM
 from ..rpb_attention.reference import bias_table_rows
+from ..sample_patches.op import SCORE_DTYPES
 from ..sample_patches.reference import ORDERS, SCORERS
 from .reference import image_bounds
 from .torch_sample import sample_patches_varlen_torch
@@ -93,19 +94,22 @@ def flat_positions(cells: torch.Tensor, grid_size: Sequence[int], num_prefix_tok
     Images of different grids (native resolution, NaViT-style) then share one batch and the table of
     the largest grid: the bias of two patches depends only on their offset (dr, dc), which that table
     holds for every smaller grid (rpb_attention.reference.sub_grid_table gives a smaller grid's view).
-    check: refuse cells outside the grid (one host sync)."""
+    check: refuse cells outside the grid (one host sync; not while torch.compile traces, where such a
+    cell's position -1 is what the op's own check of the positions then refuses). A cell outside the grid
+    gets position -1 whether or not it is checked, never another patch's position."""
     grid_h, grid_w = grid_size
     rows, cols = cells[:, 0].long(), cells[:, 1].long()
-    if check:
-        prefix = (rows == -1) & (cols == -1)
-        outside = (rows < 0) | (rows >= grid_h) | (cols < 0) | (cols >= grid_w)
-        bad = outside & ~prefix if num_prefix_tokens else outside
+    prefix = (rows == -1) & (cols == -1) if num_prefix_tokens else torch.zeros_like(rows, dtype=torch.bool)
+    outside = (rows < 0) | (rows >= grid_h) | (cols < 0) | (cols >= grid_w)
+    bad = outside & ~prefix
+    if check and not torch.compiler.is_compiling():
         if bool(bad.any()):
             first = int(bad.nonzero()[0, 0])
             raise ValueError(f"positions: cell {first} is ({int(rows[first])}, {int(cols[first])}), outside the "
                              f"{grid_h} x {grid_w} grid (rows in [0, {grid_h}), columns in [0, {grid_w})"
                              + (", the prefix token (-1, -1))" if num_prefix_tokens else ")"))
-    return torch.where(rows < 0, torch.zeros_like(rows), num_prefix_tokens + rows * grid_w + cols)
+    flat = torch.where(prefix, torch.zeros_like(rows), num_prefix_tokens + rows * grid_w + cols)
+    return torch.where(bad, torch.full_like(rows, -1), flat)
 
 
 def rpb_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
@@ -124,10 +128,13 @@ def rpb_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
     Returns out (T, H, D) in q's dtype, or (out, cls_attention (T,) float32) with return_cls_attention:
     the head-averaged attention of each image's CLS query to its tokens.
 
-    backend: "torch" (float32 or float64, image by image) | "sdpa" (the images padded into one batch for
-    rpb_attention's sdpa path, the padding keys masked) | "triton" (one fused launch over all images; D <= 128) | None (rpb_attention's default for
-    the device). deterministic: as rpb_attention's. check_inputs: check the offsets and positions on
-    the host (two syncs) before a kernel reads them; pass False when they are known good.
+    backend: "torch" (image by image, float32 math; float64 too) | "sdpa" (the images padded into one
+    batch for rpb_attention's sdpa path, the padding keys masked; it reads the longest image's length on
+    the host: one sync a step, a graph break under torch.compile) | "triton" (one fused launch over all
+    images; D <= 128) | None (rpb_attention's default for the device). deterministic: as
+    rpb_attention's. check_inputs: check the offsets and positions on the host (two syncs) before a
+    kernel reads them; pass False when they are known good (bad ones then give wrong values, never an
+    access outside the tensors).
     """
     # backend=None: the dense op's defaults ("sdpa" on both devices). The triton backend has run only in
     # Triton's interpreter (no GPU yet), so it stays out of the default until its GPU tests pass and
@@ -151,6 +158,10 @@ def rpb_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
     num_positions = num_prefix_tokens + grid_size[0] * grid_size[1]
     check_tensor("bias_table", bias_table, ndim=2, dtypes=dtypes)
     expected = (bias_table_rows(tuple(grid_size), num_prefix_tokens), heads)
+    if bias_table.shape[0] == expected[0] and bias_table.shape[1] != heads and q.shape[0] == bias_table.shape[1]:
+        raise ValueError(f"q must be (T, H, D): its dim 1 gives H={heads}, but bias_table has "
+                         f"{bias_table.shape[1]} heads, which is q's dim 0; an (H, T, D) q (and k, v) needs "
+                         f".transpose(0, 1)")
     if tuple(bias_table.shape) != expected:
         raise ValueError(f"bias_table must have shape (R, H) = {expected}, got {tuple(bias_table.shape)}")
     check_tensor("positions", positions, dtypes=(torch.int64, torch.int32))
@@ -398,6 +409,13 @@ _sample_patches_varlen_backward_op.register_autograd(_sampling_double_backward,
                                                      setup_context=_setup_sampling_backward_context)
 
 
+def _counts_readable_for_free(keep_counts: torch.Tensor) -> bool:
+    """Whether total='s check of the counts can read them on the host (a ValueError naming keep_counts):
+    on the CPU a read is no synchronisation with a device, but not while torch.compile traces (a read
+    would break the graph). Elsewhere the check stays on the device (torch._assert_async)."""
+    return keep_counts.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def sample_patches_varlen(x: torch.Tensor, keep_counts: torch.Tensor, *, scorer: str = "l1",
                           num_prefix_tokens: int = 1, order: str = "score", scores: Optional[torch.Tensor] = None,
                           generator: Optional[torch.Generator] = None, backend: Optional[str] = None,
@@ -413,8 +431,9 @@ def sample_patches_varlen(x: torch.Tensor, keep_counts: torch.Tensor, *, scorer:
     total: T when the caller knows it without reading the counts (the budget policy's round(rho B N), at
     least B (prefix + 1): allocation.static_total): no host sync, so a packed step stays on the device,
     whichever the backend (CUDA graphs, torch.compile(fullgraph=True) see one shape). The counts are
-    then checked on the device (torch._assert_async: a RuntimeError on CPU, a device-side assert on a
-    GPU) and every backend clamps them, so a wrong count never reads or writes out of bounds.
+    then checked on the device (torch._assert_async: a device-side assert on a GPU, a RuntimeError under
+    torch.compile on the CPU; eagerly on the CPU, where a read costs no sync, the host check's ValueError)
+    and every backend clamps them, so a wrong count never reads or writes out of bounds.
     backend: "torch" (the whole batch in one stable sort, one scatter and one gather: torch_sample.py;
     the oracle, reference.py, goes image by image) | "triton" | "cuda" (one fused launch: scores, each
     image's top-k_b, the offsets' prefix sum and the copy, as sample_patches' kernels; not yet run on a
@@ -436,7 +455,7 @@ def sample_patches_varlen(x: torch.Tensor, keep_counts: torch.Tensor, *, scorer:
     if scorer == "given":
         if scores is None:
             raise ValueError("scorer='given' needs scores (B, N - num_prefix_tokens)")
-        check_tensor("scores", scores, ndim=2, dtypes=None)
+        check_tensor("scores", scores, ndim=2, dtypes=SCORE_DTYPES)
         if tuple(scores.shape) != (batch, num_tokens - num_prefix_tokens):
             raise ValueError(f"scores must have shape (B, N - num_prefix_tokens) = "
                              f"{(batch, num_tokens - num_prefix_tokens)}, got {tuple(scores.shape)}")
@@ -446,16 +465,26 @@ def sample_patches_varlen(x: torch.Tensor, keep_counts: torch.Tensor, *, scorer:
         raise ValueError(f"generator is only used with scorer='random', got scorer={scorer!r}")
     check_same_device(x=x, keep_counts=keep_counts, scores=scores)
     bounds = f"[num_prefix_tokens + 1, N] = [{num_prefix_tokens + 1}, {num_tokens}]"
-    if total is None:
-        low, high, total = (int(v) for v in torch.stack([keep_counts.min(), keep_counts.max(),
-                                                          keep_counts.long().sum()]).tolist())
+
+    def counts_read_on_host() -> int:
+        low, high, counted = (int(v) for v in torch.stack([keep_counts.min(), keep_counts.max(),
+                                                            keep_counts.long().sum()]).tolist())
         if low < num_prefix_tokens + 1 or high > num_tokens:
             raise ValueError(f"keep_counts must be in {bounds}, got min {low}, max {high}")
+        return counted
+
+    if total is None:
+        total = counts_read_on_host()
     else:
         check_int("total", total, minimum=batch * (num_prefix_tokens + 1), maximum=batch * num_tokens)
-        torch._assert_async(((keep_counts >= num_prefix_tokens + 1) & (keep_counts <= num_tokens)).all(),
-                            f"keep_counts must be in {bounds}")
-        torch._assert_async(keep_counts.long().sum() == total, f"keep_counts must sum to total = {total}")
+        if _counts_readable_for_free(keep_counts):
+            counted = counts_read_on_host()
+            if counted != total:
+                raise ValueError(f"keep_counts must sum to total = {total}, got {counted}")
+        else:
+            torch._assert_async(((keep_counts >= num_prefix_tokens + 1) & (keep_counts <= num_tokens)).all(),
+                                f"keep_counts must be in {bounds}")
+            torch._assert_async(keep_counts.long().sum() == total, f"keep_counts must sum to total = {total}")
     if scorer == "random":
         # The reference's draw (patch_scores): one uniform float32 per patch token of the batch.
         rng = {} if generator is None else {"generator": generator}

@@ -69,6 +69,15 @@ class ImageFolder(Dataset):
         if not root.is_dir():
             raise ValueError(f"data directory {str(root)!r} does not exist")
         self.classes = list(classes) if classes is not None else find_classes(root)
+        if classes is not None:
+            # Images of a class the given list lacks (val/ against train/'s classes) would be dropped
+            # without a word: refused instead, with the names.
+            unknown = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in self.classes
+                             and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in p.rglob("*")))
+            if unknown:
+                raise ValueError(f"data directory {str(root)!r} has images of classes the training classes lack: "
+                                 f"{unknown[:10]}{' ...' if len(unknown) > 10 else ''} (the classes are train/'s "
+                                 f"folder names, {len(self.classes)} of them: the model cannot predict these)")
         self.samples: List[Tuple[Path, int]] = []
         for label, name in enumerate(self.classes):
             class_dir = root / name

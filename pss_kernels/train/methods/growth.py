@@ -228,12 +228,17 @@ def _apply_state(model, state: dict) -> None:
     set_stage(model, GrowthStage(int(heads), float(ratio), None if tokens is None else int(tokens)))
 
 
-def check_one_spelling(config) -> None:
-    """--schedule budget:F is the schedules library's rho-proportional budget, not Budgeted Training."""
+def check_budget_flags(config) -> None:
+    """--schedule budget:F is the schedules library's rho-proportional budget, not Budgeted Training;
+    and the growth stages (fewer heads, a narrower MLP) run on dense tokens only."""
     if str(config.schedule).strip().lower().startswith("budget"):
         raise ValueError(f"--schedule {config.schedule}: Budgeted Training is --budget F (growth stages, costs "
                          f"from the model's FLOPs); the budget:F keep-rate schedule (cost proportional to rho, "
                          f"no growth) is pss_kernels.schedules.build_schedule's, not a pss-train method")
+    if config.budget is not None and config.allocation != "fixed":
+        raise ValueError(f"--budget {config.budget} with --allocation {config.allocation}: Budgeted Training's "
+                         f"growth stages run on dense tokens only (packed tokens run every head); use "
+                         f"--allocation fixed, or drop --budget")
 
 
 register(Method(
@@ -243,5 +248,5 @@ register(Method(
     enabled=lambda config: config.budget is not None,
     build_hook=lambda config, model, dist_info: GrowthHook(model, config),
     apply_state=_apply_state,
-    check=check_one_spelling,
+    check=check_budget_flags,
 ))

@@ -215,6 +215,17 @@ def _apply_state(model, state: dict) -> None:
         model.attention_keep_rate = state["attention_keep_rate"]
 
 
+def check_packed_levels(config) -> None:
+    """The attention level (R_A < 1) masks keys of a dense (B, n, n) attention: refused with packed tokens
+    at start-up, not at the first step its warm-up lowers R_A (the token level runs packed)."""
+    spec = PruningSpec.from_config(config)
+    if spec is not None and spec.attention_keep_rate < 1.0 and config.allocation != "fixed":
+        source = (f"--attention-keep {config.attention_keep}" if config.attention_keep is not None else
+                  f"--token-pruning {config.token_pruning} (its R_A = {spec.attention_keep_rate:g})")
+        raise ValueError(f"{source} with --allocation {config.allocation}: Tri-Level's attention level runs on "
+                         f"dense tokens only; packed tokens take its token level (--token-pruning R_T) alone")
+
+
 register(Method(
     name=PruningHook.name, summary_key=PruningHook.summary_key,
     flags="--token-pruning PRESET|R_T[,BLOCK,...] / --attention-keep R_A",
@@ -224,4 +235,5 @@ register(Method(
     apply_state=_apply_state,
     model_options=lambda config, depth: {"token_pruning": PruningSpec.from_config(config).token_pruning(
         depth, backend=config.sampler_backend)},
+    check=check_packed_levels,
 ))
