@@ -301,7 +301,10 @@ def test_varlen_benchmark_smoke_run(tmp_path, capsys):
     budget = next(r for r in rows if r["impl"] == "packed-budget")["counts"]
     mass = next(r for r in rows if r["impl"] == "packed-mass")["counts"]
     assert fixed["min"] == fixed["max"] and budget["min"] < budget["max"] and mass["min"] < mass["max"]
-    assert abs(mass["tokens"] - budget["tokens"]) <= 4  # round(rho B N), within one step of each of the 4 images
+    assert budget["tokens"] == fixed["tokens"]  # the policies at fixed k's total: the same token budget
+    assert abs(mass["tokens"] - budget["tokens"]) <= 4  # as nearly as each of the 4 images' steps allow
+    assert {r["backend"] for r in rows if r["impl"] in ("dense", "packed-fixed")} == {"torch"}
+    assert report["warmup"] == 0 and report["iters"] == 1
     for impl in ("sample-dense", "sample-packed", "sample-packed-torch"):  # the sampler rows always run
         assert all(r["ms"] > 0 for r in rows if r["impl"] == impl), impl
     anchor = {(r["impl"], r["pass"]): r["ms"] for r in rows}
@@ -315,3 +318,76 @@ def test_varlen_benchmark_smoke_run(tmp_path, capsys):
     report = json.loads(path.read_text())
     assert len(report["rows"]) == 2 * len(varlen.IMPLS)
     assert all(r["ms"] is None and r["error"].startswith("skipped") for r in report["rows"])
+
+
+def test_varlen_benchmark_keeps_a_forward_when_the_backward_fails_and_stops_on_a_lost_context(tmp_path, monkeypatch):
+    """One pass failing does not take the other's figure; an error that leaves the CUDA context unusable
+    marks every later row not measured (they would all fail, slowly, or crash the run); the file is
+    written whole after every row, the target's verdict with it."""
+    import varlen
+    real_call = varlen._call
+
+    def failing_backward(impl, case, backend):
+        run, leaves, label = real_call(impl, case, backend)
+        if impl == "packed-budget":
+            class NoBackward(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx, out):
+                    return out.clone()
+
+                @staticmethod
+                def backward(ctx, grad):
+                    raise NotImplementedError("no backward here")
+
+            return (lambda: NoBackward.apply(run())), leaves, label
+        if impl == "packed-mass":
+            def lost():
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return lost, leaves, label
+        return run, leaves, label
+
+    monkeypatch.setattr(varlen, "_call", failing_backward)
+    assert varlen.main(["--device", "cpu", "--keep-rates", "0.5", "--warmup", "0", "--iters", "1",
+                        "--out-dir", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("varlen_*.json")
+    report = json.loads(path.read_text())
+    rows = {(r["impl"], r["pass"]): r for r in report["rows"]}
+    assert rows["packed-budget", "forward"]["ms"] > 0
+    assert rows["packed-budget", "forward+backward"]["ms"] is None
+    assert rows["packed-budget", "forward+backward"]["error"] == "NotImplementedError: no backward here"
+    assert "illegal memory access" in rows["packed-mass", "forward"]["error"]
+    later = [r for r in report["rows"] if r["impl"] in ("fa-varlen", "packed-sdpa", "sample-dense", "flex-packed")]
+    assert later and all(r["error"].startswith("not measured: the CUDA context was lost") for r in later)
+    assert rows["dense", "forward+backward"]["ms"] > 0  # measured before the loss
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def _target_rows(dense_ms, packed_ms, dense_graph=None, packed_graph=None, error=None):
+    rows = [dict(impl="dense", keep_rate=0.6, **{"pass": "forward+backward"}, ms=dense_ms, graph_ms=dense_graph,
+                 error=None),
+            dict(impl="packed-fixed", keep_rate=0.6, **{"pass": "forward+backward"}, ms=packed_ms,
+                 graph_ms=packed_graph, error=error)]
+    import varlen
+    varlen.add_ratios(rows)
+    return rows
+
+
+def test_varlen_packing_target_is_judged_only_on_the_targets_run():
+    """PASS / MISS only for the fused Triton kernels on a GPU in bf16, on the CUDA-graph ratio when both
+    rows have one (the kernels' time), else the eager one; anything else NOT MEASURED with its reason."""
+    import varlen
+    gpu = dict(on_gpu=True, backend="triton", dtype=torch.bfloat16)
+    (verdict,) = varlen.packing_target(_target_rows(1.0, 1.04), [0.6], **gpu)
+    assert verdict["status"] == "PASS" and verdict["basis"] == "eager calls" and verdict["ratio"] == pytest.approx(1.04)
+    (verdict,) = varlen.packing_target(_target_rows(1.0, 1.04, 0.5, 0.6), [0.6], **gpu)
+    assert verdict["status"] == "MISS" and verdict["basis"] == "cuda graph replays"
+    assert verdict["ratio"] == pytest.approx(1.2) and verdict["eager_ratio"] == pytest.approx(1.04)
+    for options, reason in ((dict(gpu, backend="torch"), "the torch backend ran"),
+                            (dict(gpu, dtype=torch.float32), "float32, not bf16"),
+                            (dict(gpu, on_gpu=False), "off a GPU")):
+        (verdict,) = varlen.packing_target(_target_rows(1.0, 1.0), [0.6], **options)
+        assert verdict["status"] == "NOT MEASURED" and reason in verdict["reason"] and verdict["ratio"] is None
+    (verdict,) = varlen.packing_target(_target_rows(1.0, None, error="OutOfMemoryError: x"), [0.6], **gpu)
+    assert verdict["status"] == "NOT MEASURED" and "OutOfMemoryError" in verdict["reason"]
+    (verdict,) = varlen.packing_target(_target_rows(1.0, 1.0)[:1], [0.6], **gpu)
+    assert verdict["status"] == "NOT MEASURED" and "--impls" in verdict["reason"]

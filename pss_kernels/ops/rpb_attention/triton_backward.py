@@ -195,11 +195,15 @@ def _dkdv_kernel(
                 tl.atomic_add(workspace + pos_q[:, None] * num_positions + pos_k[None, :], logit_grads,
                               mask=tile_mask, sem="relaxed")
             elif DBIAS == "csr":
-                pairs = offs_m.to(tl.int64)[:, None] * csr_width + offs_n[None, :]
-                # Packed, csr_width is N: an image longer than its grid (offsets not checked) stores nothing
-                # past its (N, N) slot.
-                in_slot = (offs_m < csr_width)[:, None] & (offs_n < csr_width)[None, :]
-                tl.store(workspace + pairs * num_heads, logit_grads, mask=tile_mask & in_slot)
+                rows, cols = offs_m, offs_n
+                if VARLEN:
+                    # Packed (w = N), rows and columns clamped to the (w, w) slot: an image longer than its
+                    # grid (offsets not checked, check_inputs=False) writes wrong values in its own slot,
+                    # never past it (1-D clamps: a 2-D mask costs registers the tiles do not have).
+                    rows = tl.minimum(offs_m, csr_width - 1)
+                    cols = tl.minimum(offs_n, csr_width - 1)
+                pairs = rows.to(tl.int64)[:, None] * csr_width + cols[None, :]
+                tl.store(workspace + pairs * num_heads, logit_grads, mask=tile_mask)
             elif DBIAS == "slices":
                 _accumulate_bias_grad(workspace, rel, logit_grads, tile_mask, num_table_rows, BLOCK_N, NUM_PREFIX,
                                       DETERMINISTIC)

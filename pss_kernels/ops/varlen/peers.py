@@ -44,31 +44,44 @@ def varlen_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_tokens, max_tokens, softmax_scale=scale)
 
 
-def flex_varlen_rpb_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
-                              positions: torch.Tensor, cu_seqlens: torch.Tensor, *, grid_size: Sequence[int],
-                              num_prefix_tokens: int = 1, scale: Optional[float] = None,
-                              kernel_options: Optional[dict] = None) -> torch.Tensor:
-    """FlexAttention on the packed tokens as one sequence: a document block mask (query and key of the
-    same image) and the relative position bias gathered in its score_mod. (T, H, D) out.
-    Raises RuntimeError("flex_attention is unavailable: ...") where this torch cannot run it."""
-    flex_attention = _flex_attention_for(q.device)
+def document_block_mask(cu_seqlens: torch.Tensor, total: int):
+    """FlexAttention's BlockMask keeping each image's queries on its own keys (the document mask) of T
+    packed tokens: built once per offsets (every layer of a step shares it), as a model would.
+    Raises RuntimeError("flex_attention is unavailable: ...") where this torch has no FlexAttention."""
     try:
         from torch.nn.attention.flex_attention import create_block_mask
     except ImportError as err:
         raise RuntimeError(f"flex_attention is unavailable: {err}") from err
-    total = q.shape[0]
-    grid_size = tuple(grid_size)
-    image = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(total, device=q.device), right=True)
+    image = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(total, device=cu_seqlens.device), right=True)
 
     def same_image(b, h, q_idx, kv_idx):
         return image[q_idx] == image[kv_idx]
+
+    try:
+        return create_block_mask(same_image, None, None, total, total, device=cu_seqlens.device)
+    except NotImplementedError as err:
+        raise RuntimeError(f"flex_attention is unavailable: {err}") from err
+
+
+def flex_varlen_rpb_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: torch.Tensor,
+                              positions: torch.Tensor, cu_seqlens: torch.Tensor, *, grid_size: Sequence[int],
+                              num_prefix_tokens: int = 1, scale: Optional[float] = None,
+                              kernel_options: Optional[dict] = None, block_mask=None) -> torch.Tensor:
+    """FlexAttention on the packed tokens as one sequence: a document block mask (query and key of the
+    same image; block_mask: document_block_mask's, built here when None) and the relative position bias
+    gathered in its score_mod. (T, H, D) out.
+    Raises RuntimeError("flex_attention is unavailable: ...") where this torch cannot run it."""
+    flex_attention = _flex_attention_for(q.device)
+    total = q.shape[0]
+    grid_size = tuple(grid_size)
+    if block_mask is None:
+        block_mask = document_block_mask(cu_seqlens, total)
 
     def add_relative_position_bias(score, b, h, q_idx, kv_idx):
         rel = relative_index(positions[q_idx], positions[kv_idx], grid_size, num_prefix_tokens)
         return score + bias_table[rel, h].to(score.dtype)
 
     try:
-        block_mask = create_block_mask(same_image, None, None, total, total, device=q.device)
         out = flex_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), score_mod=add_relative_position_bias,
                              block_mask=block_mask, scale=scale, kernel_options=kernel_options)
     except NotImplementedError as err:
