@@ -84,15 +84,19 @@ def _plot_projection(ax, model: str, projection: dict, impls: list, colors: dict
     schedules = (block or {}).get("schedules", [])
     width = 0.8 / max(len(impls), 1)
     for position, impl in enumerate(impls):
-        heights = [s["impls"].get(impl, {}).get("run_hours") or 0.0 for s in schedules]
-        offsets = [i + (position - (len(impls) - 1) / 2) * width for i in range(len(schedules))]
-        ax.bar(offsets, heights, width=width, color=colors[impl], label=impl)
+        # An implementation not projected under a schedule (not measured) gets no bar, not a zero-hour one.
+        bars = [(i + (position - (len(impls) - 1) / 2) * width, s["impls"].get(impl, {}).get("run_hours"))
+                for i, s in enumerate(schedules)]
+        bars = [(offset, hours) for offset, hours in bars if hours is not None]
+        if bars:
+            ax.bar(*zip(*bars), width=width, color=colors[impl], label=impl)
     if block and block["baseline"]:
         ax.axhline(block["baseline"]["run_hours"], color="black", linestyle="--",
                    label=f"baseline run ({block['baseline']['run_hours']:.1f} h)")
     ax.set_xticks(range(len(schedules)))
     ax.set_xticklabels([s["spec"] for s in schedules])
     ax.set_ylabel("projected run time (hours, one GPU)")
-    ax.set_title(f"{model}: {projection['epochs']} epochs of {projection['dataset']}")
+    epochs = projection["epochs"]
+    ax.set_title(f"{model}: {epochs} epoch{'' if epochs == 1 else 's'} of {projection['dataset']}")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)

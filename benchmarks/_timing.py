@@ -82,6 +82,20 @@ def time_samples(step: Callable[[], object], *, warmup: int, iters: int, device:
     return samples_ms
 
 
+def host_issue_ms(step: Callable[[], object], device: torch.device, calls: int = 2) -> Optional[float]:
+    """Host milliseconds to issue one `step()` (no sync inside the loop); None off CUDA, where every call
+    blocks. A row whose host time reaches its device time measured Python and dispatch, not the kernels."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    begin = time.perf_counter()
+    for _ in range(calls):
+        step()
+    issued = (time.perf_counter() - begin) * 1e3 / calls
+    synchronize(device)
+    return issued
+
+
 def time_graph_replays(step: Callable[[], object], *, warmup: int, iters: int,
                        device: torch.device) -> TimingStats:
     """Capture `step()` once into a CUDA graph and time `iters` replays of it with CUDA events.

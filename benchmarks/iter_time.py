@@ -39,12 +39,16 @@ GPU results).
 """
 from __future__ import annotations
 
-import argparse
+import time
+
+PROCESS_STARTED = time.perf_counter()  # the time budget counts from here, imports and CUDA start included
+
+import argparse  # noqa: E402
 import gc
 import json
 import os
+import signal
 import sys
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +75,8 @@ from _iter_time_plot import plot_report
 from _iter_time_report import (EAGER_PEERS, TARGET_MODEL, evaluate_targets, format_errors, format_projection_table,
                                format_targets, format_timing_table, format_unavailable)
 from pss_kernels.train.timing import IMAGENET_1K_TRAIN_IMAGES, project_run, steps_per_epoch
-from _timing import (TimeBudget, TimingStats, dynamo_recompile_limit, environment_info, file_slug, profile_step,
-                     synchronize, time_samples)
+from _timing import (TimeBudget, TimingStats, dynamo_recompile_limit, environment_info, file_slug, host_issue_ms,
+                     profile_step, synchronize, time_samples)
 from _train_step import TrainingStep
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -405,7 +409,42 @@ def error_text(err: BaseException) -> str:
 def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.empty_cache()
+        except Exception:  # a sticky CUDA error raises here again: the case that met it reports it
+            pass
+
+
+# Errors after which the CUDA context is unusable: every later case would fail (or crash the run).
+CONTEXT_ERRORS = ("illegal memory access", "device-side assert", "unspecified launch failure", "misaligned address",
+                  "illegal instruction", "cuda error: an illegal")
+
+
+def context_lost(error: Optional[str]) -> bool:
+    return bool(error) and any(marker in error.lower() for marker in CONTEXT_ERRORS)
+
+
+def out_of_memory(error: Optional[str]) -> bool:
+    return bool(error) and "out of memory" in error.lower()
+
+
+class Stopped(BaseException):
+    """The run cannot go on (the CUDA context was lost, or SIGTERM): what is measured is reported.
+    args: (reason,) or, raised again by run_model, (reason, that model's finished records). A
+    BaseException, so that the per-case `except Exception` (a failing case is recorded, the run goes
+    on) lets it through wherever SIGTERM lands."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+PROFILE_RESERVE_S = 25.0  # a missed target is profiled (a new model, warm-up, CUPTI) only with this left
+BUILD_RESERVE_S = 15.0  # a case that needs its model built (and its kernels compiled) starts only with this left
+HOST_TIMED = ("pss", "pss-budget")  # at the lowest rho: the host's time to issue a step is recorded too
+
+
+def _stop_on_sigterm(signum, frame):
+    raise Stopped("stopped by SIGTERM (the GPU session's stage limit)")
 
 
 def synchronize_quietly(device: torch.device) -> None:
@@ -446,7 +485,7 @@ def new_result(model_name: str, impl: Implementation, keep_rate: float, args) ->
             "tokens": tokens,
             "batch_size": args.batch_sizes[model_name], "backends": None, "median_ms": None, "q1_ms": None,
             "q3_ms": None, "iters": None, "rounds": None, "images_per_s": None, "peak_memory_gib": None,
-            "ratio_vs_rho1": None, "ratio_vs_baseline": None, "error": None}
+            "ratio_vs_rho1": None, "ratio_vs_baseline": None, "host_ms": None, "error": None}
 
 
 class Case:
@@ -476,7 +515,11 @@ class Case:
         return self.result
 
 
-def time_block(case: Case, step: TrainingStep, *, warmup: int, iters: int, args, requested) -> None:
+STATISTICS = ("median_ms", "q1_ms", "q3_ms", "iters", "rounds", "images_per_s", "peak_memory_gib", "host_ms")
+
+
+def time_block(case: Case, step: TrainingStep, *, warmup: int, iters: int, args, requested,
+               host_timed: bool = False) -> None:
     """Time `iters` iterations of `case` after `warmup` untimed ones; an exception becomes the case's error.
 
     Peak memory on CUDA is what the case would hold alone: the peak during the block above what
@@ -504,10 +547,27 @@ def time_block(case: Case, step: TrainingStep, *, warmup: int, iters: int, args,
     except Exception as err:  # one failing case (OOM, unsupported peer) must not end the run
         case.result["error"] = error_text(err)
         case.samples_ms = []
+        # An earlier round's statistics (snapshot) must not stand beside the error as if measured.
+        case.result.update({key: None for key in STATISTICS})
     if case.result["error"]:
         # Here, not in the except block: the traceback there still holds the failed step's tensors.
         synchronize_quietly(device)
-        free_memory(device)
+        if context_lost(case.result["error"]):
+            raise Stopped(f"the CUDA context was lost at {case.result['impl']} rho={case.keep_rate:g} "
+                          f"({case.result['error'].splitlines()[0][:200]})")
+        # Emptying the allocator's cache only after running out of memory: otherwise the next cases (no
+        # warm-up after round 1) would pay cudaMalloc in their timed iterations.
+        if out_of_memory(case.result["error"]):
+            free_memory(device)
+        else:
+            gc.collect()
+    elif host_timed and device.type == "cuda" and case.rounds == 1:
+        # Where eager Python and launches may set the step time (the lowest rho): the host's time to
+        # issue one step, beside the device's (a row with host_ms >= median_ms is host-bound).
+        try:
+            case.result["host_ms"] = host_issue_ms(step, device)
+        except Exception:  # the timed blocks stand without it
+            case.result["host_ms"] = None
 
 
 class Progress:
@@ -538,18 +598,35 @@ class Progress:
 
 def is_target_case(model_name: str, impl_name: str, keep_rate: float, keep_rates: List[float]) -> bool:
     """The cases the targets are judged on (_iter_time_report.evaluate_targets)."""
-    return (model_name == TARGET_MODEL and impl_name in (BASELINE.name, "pss", *EAGER_PEERS)
-            and keep_rate in (1.0, min(keep_rates)))
+    if model_name != TARGET_MODEL:
+        return False
+    if impl_name in (BASELINE.name, "pss"):
+        return keep_rate in (1.0, min(keep_rates))
+    return impl_name in EAGER_PEERS and keep_rate == min(keep_rates) < 1.0  # their speed-up targets are below 1
+
+
+def case_priority(model_name: str, impl_name: str, keep_rate: float, keep_rates: List[float]) -> int:
+    """0: the target cases; then what the other targets need: 1 pss at its other keep rates (the Cyclic
+    projection), 2 the published-code peers below rho 1 (their speed-up targets); 3 the packed pss-budget
+    (issue 19); 4 the rest. Only vit_base has targets: other models keep --impls order."""
+    if model_name != TARGET_MODEL:
+        return 0
+    if is_target_case(model_name, impl_name, keep_rate, keep_rates):
+        return 0
+    if impl_name == "pss":
+        return 1
+    if impl_name in EAGER_PEERS and keep_rate < 1.0:
+        return 2
+    return 3 if impl_name == "pss-budget" else 4
 
 
 def ordered_cases(model_name: str, implementations: List[Implementation], args) -> List["Case"]:
-    """The cases of one model in timing order: the target cases first (the baseline, and pss and the
-    published-code peers at rho = 1 and the lowest rho), so that a time budget spent within round 1
-    still leaves the targets timed; then the rest in --impls and --keep-rates order."""
+    """The cases of one model in timing order (case_priority, stable: --impls and --keep-rates order
+    within a priority), so that a time budget spent within round 1 leaves the targets timed first."""
     cases = [Case(model_name, impl, keep_rate, args) for impl in implementations
              for keep_rate in ([1.0] if impl is BASELINE else args.keep_rates)]
-    return sorted(cases, key=lambda case: not is_target_case(model_name, case.impl.name, case.keep_rate,
-                                                             args.keep_rates))
+    return sorted(cases, key=lambda case: case_priority(model_name, case.impl.name, case.keep_rate,
+                                                        args.keep_rates))
 
 
 def run_model(model_name: str, implementations: List[Implementation], args, requested, progress: Progress,
@@ -574,40 +651,52 @@ def run_model(model_name: str, implementations: List[Implementation], args, requ
                 free_memory(args.device)
         return steps.get(impl.name)
 
-    for round_index, iters in enumerate(round_sizes(args.iters, args.rounds)):
-        round_started, timed = time.perf_counter(), 0
-        # Round 1 in timing order (the targets first); each later round starts one case further on, so
-        # that no case always runs right after the same neighbour (on a CPU the case after a model
-        # switch runs measurably slower: position in the round would bias the comparison).
-        shift = round_index % len(cases) if round_index else 0
-        for case in cases[shift:] + cases[:shift]:
+    stopped: Optional[Stopped] = None
+    lowest = min(args.keep_rates)
+    try:
+        for round_index, iters in enumerate(round_sizes(args.iters, args.rounds)):
+            round_started, timed = time.perf_counter(), 0
+            # Round 1 in timing order (the targets first); each later round starts one case further on, so
+            # that no case always runs right after the same neighbour (on a CPU the case after a model
+            # switch runs measurably slower: position in the round would bias the comparison).
+            shift = round_index % len(cases) if round_index else 0
+            for case in cases[shift:] + cases[:shift]:
+                if budget.spent():
+                    break
+                if case.result["error"] is not None:
+                    continue
+                if (case.impl.name not in steps and case.impl.name not in build_errors
+                        and budget.left() < BUILD_RESERVE_S):
+                    continue  # a model build and its compilation would not fit: written as not measured
+                block_started = time.perf_counter()
+                step = step_for(case.impl)
+                if step is None:
+                    case.result["error"] = f"building the model failed: {build_errors[case.impl.name]}"
+                else:
+                    time_block(case, step, warmup=args.warmup if round_index == 0 else 0, iters=iters, args=args,
+                               requested=requested,
+                               host_timed=case.keep_rate == lowest and case.impl.name in HOST_TIMED)
+                    timed += 1
+                if round_index == 0:
+                    progress.first_round(case, time.perf_counter() - block_started)
+                    report_progress()
+            if round_index > 0 and timed:
+                progress.round_done(model_name, round_index + 1, args.rounds, timed,
+                                    time.perf_counter() - round_started)
+                report_progress()
             if budget.spent():
                 break
-            if case.result["error"] is not None:
-                continue
-            block_started = time.perf_counter()
-            step = step_for(case.impl)
-            if step is None:
-                case.result["error"] = f"building the model failed: {build_errors[case.impl.name]}"
-            else:
-                time_block(case, step, warmup=args.warmup if round_index == 0 else 0, iters=iters, args=args,
-                           requested=requested)
-                timed += 1
-            if round_index == 0:
-                progress.first_round(case, time.perf_counter() - block_started)
-                report_progress()
-        if round_index > 0 and timed:
-            progress.round_done(model_name, round_index + 1, args.rounds, timed, time.perf_counter() - round_started)
-            report_progress()
-        if budget.spent():
-            break
+    except Stopped as err:  # the CUDA context was lost, or SIGTERM: the rest is not measured
+        stopped = err
     for case in cases:
         if case.result["error"] is None and not case.samples_ms:
-            case.result["error"] = budget.skip_reason()
+            case.result["error"] = f"not measured: {stopped}" if stopped else budget.skip_reason()
             progress.first_round(case, 0.0)
     results = [case.finish() for case in cases]
     steps.clear()
     free_memory(args.device)
+    if stopped:
+        raise Stopped(str(stopped), results)
     return results
 
 
@@ -701,6 +790,7 @@ def run(args) -> dict:
     impls = [impl_name for impl_name in args.impls if impl_name not in unavailable]
     progress = Progress(len(args.models) * (1 + len(impls) * len(args.keep_rates)))
     budget = TimeBudget(args.time_budget)
+    budget.started = PROCESS_STARTED  # imports, CUDA start and the environment count against it too
     report = {
         "benchmark": "iter_time",
         "run_kind": run_kind(args),
@@ -724,28 +814,55 @@ def run(args) -> dict:
     json_path = output_paths(report, args.out_dir)[0]
     results: List[dict] = []
 
-    def save_partial(records: List[dict]) -> None:
-        report["results"] = results + records
+    def summarize(records: List[dict], complete: bool) -> None:
+        """The report's ratios, errors, projection and targets from `records`: every partial file has
+        them too, so a run killed by its stage limit still says which targets were judged."""
+        add_ratios(records)
+        report.update(complete=complete, results=records,
+                      errors=[{k: r[k] for k in ("model", "impl", "keep_rate", "error")} for r in records
+                              if r["error"]])
         report["config"]["elapsed_s"] = round(budget.elapsed(), 1)
+        report["projection"] = project(records, args, impls)
+        report["targets"] = evaluate_targets(report) if report["run_kind"] == "gpu" else []
+
+    def save_partial(records: List[dict]) -> None:
+        summarize(results + [dict(record) for record in records], complete=False)
         write_json(report, json_path)
 
-    # flex compiles once per keep rate and model (static shapes): past dynamo's default limit it would
-    # silently run unfused; with this it raises instead, and the case records the error.
-    with dynamo_recompile_limit(FLEX_RECOMPILE_LIMIT):
-        for model_name in args.models:
-            results += run_model(model_name, [BASELINE] + [IMPLEMENTATIONS[name] for name in impls], args,
-                                 requested, progress, budget, on_progress=save_partial)
-    add_ratios(results)
-    report.update(complete=True, results=results,
-                  errors=[{k: r[k] for k in ("model", "impl", "keep_rate", "error")} for r in results if r["error"]])
-    report["config"]["elapsed_s"] = round(budget.elapsed(), 1)
-    report["projection"] = project(results, args, impls)
-    report["targets"] = evaluate_targets(report) if report["run_kind"] == "gpu" else []
+    stopped = None
+    previous_handler = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        # flex compiles once per keep rate and model (static shapes): past dynamo's default limit it would
+        # silently run unfused; with this it raises instead, and the case records the error.
+        with dynamo_recompile_limit(FLEX_RECOMPILE_LIMIT):
+            for model_name in args.models:
+                if stopped:
+                    results += [dict(new_result(model_name, impl, keep_rate, args), error=f"not measured: {stopped}")
+                                for impl in [BASELINE] + [IMPLEMENTATIONS[name] for name in impls]
+                                for keep_rate in ([1.0] if impl is BASELINE else args.keep_rates)]
+                    continue
+                try:
+                    results += run_model(model_name, [BASELINE] + [IMPLEMENTATIONS[name] for name in impls], args,
+                                         requested, progress, budget, on_progress=save_partial)
+                except Stopped as err:
+                    stopped = err
+                    results += err.args[1] if len(err.args) > 1 else []
+                    print(f"stopped: {err}", file=sys.stderr, flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    summarize(results, complete=stopped is None)
+    if stopped:
+        report["stopped"] = str(stopped)
+    write_json(report, json_path)  # before any profiling or plotting: a kill from here on keeps the verdicts
+    missed = any(target["status"] == "MISS" for target in report["targets"])
+    if stopped:  # no profile on a lost context, nor after SIGTERM
+        return report
     if args.profile:
         report["profiles"] = profile_lowest_keep_rate(args.models, args, requested)
-    elif any(target["status"] == "MISS" for target in report["targets"]) and budget.spent():
-        print("a target was missed, but the time budget is spent: no profile", file=sys.stderr, flush=True)
-    elif any(target["status"] == "MISS" for target in report["targets"]):
+    elif missed and budget.left() < PROFILE_RESERVE_S:
+        print("a target was missed, but too little of the time budget is left: no profile", file=sys.stderr,
+              flush=True)
+    elif missed:
         # Issue 5: a missed target comes with where the time goes.
         print("a target was missed: profiling one pss iteration", file=sys.stderr, flush=True)
         report["profiles"] = profile_lowest_keep_rate([TARGET_MODEL], args, requested)
@@ -800,6 +917,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     report = run(args)
     paths = write_outputs(report, args.out_dir)
     print(f"\n=== {report['label']} ===")
+    if report.get("stopped"):
+        print(f"STOPPED: {report['stopped']}; the cases not timed before are written as not measured\n")
     if report["unavailable"]:
         print(format_unavailable(report) + "\n")
     print(format_timing_table(report))

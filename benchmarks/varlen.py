@@ -39,14 +39,13 @@ import contextlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from _timing import (TimeBudget, TimingStats, dynamo_recompile_limit, environment_info, file_slug, peak_memory_mb,
-                     synchronize, time_graph_replays, time_samples)
+from _timing import (TimeBudget, TimingStats, dynamo_recompile_limit, environment_info, file_slug, host_issue_ms,
+                     peak_memory_mb, synchronize, time_graph_replays, time_samples)
 from bench_rpb_attention import _time_limit
 from pss_kernels import available_backends, rpb_attention, rpb_attention_varlen, sample_patches, sample_patches_varlen
 from pss_kernels.ops.rpb_attention.reference import bias_table_rows
@@ -209,20 +208,6 @@ def _steps(run: Callable[[], torch.Tensor], leaves: Tuple[torch.Tensor, ...]) ->
     return {"forward": forward, "forward+backward": forward_backward}
 
 
-def _host_ms(step: Callable[[], None], device: torch.device, calls: int = 5) -> Optional[float]:
-    """Host milliseconds to issue one call (CUDA: no sync inside the loop). A row whose host time reaches
-    its device time measured Python and dispatch, not the kernels (see graph_ms)."""
-    if device.type != "cuda":
-        return None
-    synchronize(device)
-    begin = time.perf_counter()
-    for _ in range(calls):
-        step()
-    host = (time.perf_counter() - begin) * 1e3 / calls
-    synchronize(device)
-    return host
-
-
 def _error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
 
@@ -298,7 +283,7 @@ def measure(impls: Sequence[str], case: Case, backend: str, warmup: int, iters: 
             row = _row(bases[impl], name, ms=stats.median_ms, q1_ms=stats.q1_ms, q3_ms=stats.q3_ms)
             try:
                 with _time_limit(time_limit):
-                    row["host_ms"] = _host_ms(steps[impl][name], device)
+                    row["host_ms"] = host_issue_ms(steps[impl][name], device, calls=5)
                     row["peak_mem_mb"] = peak_memory_mb(steps[impl][name], device)
                     if device.type == "cuda" and impl in GRAPH_TIMED:
                         try:

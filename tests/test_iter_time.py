@@ -123,6 +123,33 @@ def test_targets_pass_and_miss_from_hand_made_results():
     assert evaluate_targets(report) == []
 
 
+def test_targets_are_judged_only_on_the_targets_run():
+    """The targets are the Triton kernels' under bf16 autocast: pss on another backend, or float32, gives
+    NOT MEASURED with the reason, never PASS / MISS; so does a Cyclic projection that interpolated a rate."""
+    results = [_result("baseline", 1.0, 100.0), dict(_result("pss", 1.0, 104.0), backends={"rpb_attention": "sdpa"}),
+               _result("pss", 0.2, 26.0)]
+    report = {"config": {"models": ["vit_base"], "img_size": 224, "keep_rates": [1.0, 0.2], "amp": "bf16 autocast"},
+              "results": results,
+              "projection": {"models": {"vit_base": {"schedules": [
+                  {"spec": "cyclic:0.2,1.0", "impls": {"pss": {"ratio_vs_baseline": 0.60,
+                                                               "interpolated_keep_rates": []}}}]}}}}
+    statuses = [t["status"] for t in evaluate_targets(report)]
+    assert statuses and all(s.startswith("NOT MEASURED (pss ran rpb_attention on sdpa") for s in statuses
+                            if "not measured" not in s)
+    results[1]["backends"] = {"rpb_attention": "triton"}
+    report["config"]["amp"] = "float32"
+    assert all("float32, not bf16 autocast" in t["status"] or "not measured" in t["status"]
+               for t in evaluate_targets(report))
+    report["config"]["amp"] = "bf16 autocast"
+    verdicts = {t["name"]: t["status"] for t in evaluate_targets(report)}
+    assert verdicts["ViT-B/224 pss: t(rho=0.2) / t(rho=1)"] == "PASS"
+    assert verdicts["ViT-B/224 projected Cyclic(0.2, 1.0) run / baseline run (pss)"] == "PASS"
+    report["projection"]["models"]["vit_base"]["schedules"][0]["impls"]["pss"]["interpolated_keep_rates"] = [0.6]
+    verdicts = {t["name"]: t["status"] for t in evaluate_targets(report)}
+    assert verdicts["ViT-B/224 projected Cyclic(0.2, 1.0) run / baseline run (pss)"] == (
+        "NOT MEASURED (pss at rho [0.6] interpolated, not measured)")
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def run_cli(out_dir: Path, *flags: str):
@@ -218,6 +245,7 @@ def fake_run(monkeypatch, timer, *flags):
 
     monkeypatch.setattr(iter_time, "time_samples", timer)
     monkeypatch.setattr(iter_time.TimeBudget, "spent", lambda budget: timer.spent(budget))
+    monkeypatch.setattr(iter_time.TimeBudget, "left", lambda budget: 0.0 if timer.spent(budget) else float("inf"))
     args = iter_time.parse_args(["--device", "cpu", "--models", "deit_tiny", "--img-size", "32", "--batch-size",
                                  "1", "--keep-rates", "1.0,0.5", "--impls", "pss,eager-index", *flags])
     return iter_time.run(args)
@@ -240,19 +268,89 @@ def test_cases_are_interleaved_round_by_round(monkeypatch):
 
 
 def test_target_cases_are_timed_first():
-    """vit_base: baseline, then pss / published / eager-index at rho = 1 and the lowest rho, then the rest."""
+    """vit_base: the target cases (baseline, pss at rho = 1 and the lowest rho, the published-code peers at
+    the lowest rho), then pss at its other rates (the Cyclic projection), the peers' other rates below 1,
+    pss-budget, the rest."""
     import iter_time
 
     args = iter_time.parse_args(["--device", "cpu", "--models", "vit_base,deit_small", "--keep-rates", "1.0,0.6,0.2"])
     impls = [iter_time.BASELINE] + [iter_time.IMPLEMENTATIONS[name] for name in args.impls]
     order = [(case.impl.name, case.keep_rate) for case in iter_time.ordered_cases("vit_base", impls, args)]
-    targets = [("baseline", 1.0), ("pss", 1.0), ("pss", 0.2), ("published", 1.0), ("published", 0.2),
-               ("eager-index", 1.0), ("eager-index", 0.2)]
-    assert order[:7] == targets and set(order[7:]) == {("pss", 0.6), ("published", 0.6), ("eager-index", 0.6)} | {
-        (impl, rate) for impl in args.impls if impl not in ("pss", "published", "eager-index")
+    targets = [("baseline", 1.0), ("pss", 1.0), ("pss", 0.2), ("published", 0.2), ("eager-index", 0.2)]
+    assert order[:5] == targets and order[5] == ("pss", 0.6)
+    assert order[6:8] == [("published", 0.6), ("eager-index", 0.6)]
+    rest = order[8:]
+    if "pss-budget" in args.impls:
+        assert rest[:3] == [("pss-budget", rate) for rate in (1.0, 0.6, 0.2)]
+        rest = rest[3:]
+    assert set(rest) == {("published", 1.0), ("eager-index", 1.0)} | {
+        (impl, rate) for impl in args.impls if impl not in ("pss", "published", "eager-index", "pss-budget")
         for rate in (1.0, 0.6, 0.2)}
     other = [(case.impl.name, case.keep_rate) for case in iter_time.ordered_cases("deit_small", impls, args)]
     assert other[:4] == [("baseline", 1.0), ("pss", 1.0), ("pss", 0.6), ("pss", 0.2)]  # no targets: --impls order
+
+
+def test_a_lost_cuda_context_stops_the_run_and_reports_what_was_measured(monkeypatch):
+    """An error that leaves the CUDA context unusable ends the run there (every later case would fail, and
+    emptying the cache would raise again): the cases timed before keep their figures, the rest are
+    not measured with the reason, and the report is complete otherwise (ratios, projection)."""
+    timer = FakeTimer()
+
+    def failing(step, *, warmup, iters, device):
+        if len(timer.blocks) == 2:
+            timer.blocks.append(("lost", 0, 0, 0))
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return timer(step, warmup=warmup, iters=iters, device=device)
+
+    failing.spent = timer.spent
+    report = fake_run(monkeypatch, failing, "--iters", "3", "--rounds", "1")
+    results = {(r["impl"], r["keep_rate"]): r for r in report["results"]}
+    assert results["baseline", 1.0]["median_ms"] is not None and results["pss", 1.0]["median_ms"] is not None
+    assert "illegal memory access" in results["pss", 0.5]["error"] and results["pss", 0.5]["median_ms"] is None
+    for key in (("eager-index", 1.0), ("eager-index", 0.5)):
+        assert results[key]["error"].startswith("not measured: the CUDA context was lost at pss rho=0.5")
+    assert "the CUDA context was lost" in report["stopped"] and report["complete"] is False
+    assert report["projection"]["models"]["deit_tiny"]["baseline"] is not None
+
+
+def test_an_error_in_a_later_round_clears_the_earlier_statistics(monkeypatch):
+    timer = FakeTimer()
+
+    def failing_later(step, *, warmup, iters, device):
+        if len(timer.blocks) == 6:  # round 2's second block (pss at rho 0.5: rounds rotate by one)
+            timer.blocks.append(("failed", 0, 0, 0))
+            raise RuntimeError("a peer that fails late")
+        return timer(step, warmup=warmup, iters=iters, device=device)
+
+    failing_later.spent = timer.spent
+    report = fake_run(monkeypatch, failing_later, "--iters", "4", "--rounds", "2")
+    failed = [r for r in report["results"] if r["error"]]
+    assert len(failed) == 1 and failed[0]["error"] == "RuntimeError: a peer that fails late"
+    assert all(failed[0][key] is None for key in ("median_ms", "q1_ms", "q3_ms", "iters", "images_per_s"))
+    assert failed[0]["ratio_vs_rho1"] is None
+
+
+def test_sigterm_ends_the_run_with_the_report_written(monkeypatch, tmp_path):
+    """The GPU session's stage limit sends SIGTERM: the run stops at once and writes what it measured, with
+    its targets' verdicts as they stand, instead of dying without a final file."""
+    import os
+    import signal
+    timer = FakeTimer()
+
+    def terminated(step, *, warmup, iters, device):
+        if len(timer.blocks) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return timer(step, warmup=warmup, iters=iters, device=device)
+
+    terminated.spent = timer.spent
+    report = fake_run(monkeypatch, terminated, "--iters", "3", "--rounds", "1", "--out-dir", str(tmp_path))
+    assert report["stopped"].startswith("stopped by SIGTERM")
+    measured = [r for r in report["results"] if r["median_ms"] is not None]
+    assert len(measured) == 3
+    (path,) = tmp_path.glob("iter_time_*.json")
+    written = json.loads(path.read_text())
+    assert written["stopped"] == report["stopped"] and "projection" in written and "targets" in written
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler does not outlive the run
 
 
 def test_a_budget_spent_mid_run_keeps_the_rounds_each_case_got(monkeypatch):
