@@ -132,6 +132,7 @@ record() {  # record <stage> <exit status>
     arch=$("$PY" -c "import torch; p = torch.cuda.get_device_capability(); print(f'{p[0]}{p[1]}')" 2>/dev/null)
     export PSS_KERNELS_CUDA_ARCHS=${PSS_KERNELS_CUDA_ARCHS:-${arch:-90}}
     echo "== install (CUDA archs $PSS_KERNELS_CUDA_ARCHS, $t s at most)"
+    install_start=$SECONDS
     run_limited "$t" "$PY" -m pip install --no-build-isolation --no-deps -e . -v > "$scratch/install.log" 2>&1
     status=$?
     grep -E "pss_kernels:|Successfully|rror" "$scratch/install.log" | tail -20
@@ -139,6 +140,14 @@ record() {  # record <stage> <exit status>
       echo "== install failed (exit status $status): the tree on PYTHONPATH instead; the tail of pip's log:"
       tail -30 "$scratch/install.log"
       export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+      # pip can fail before it builds anything (e.g. a setuptools without bdist_wheel): build _C into
+      # the tree itself, so the cuda backend is still there for the stages below.
+      left=$(( t - (SECONDS - install_start) ))
+      if [ "$left" -gt 10 ]; then
+        echo "== building pss_kernels._C in the tree (setup.py build_ext --inplace, $left s at most)"
+        run_limited "$left" "$PY" setup.py -q build_ext --inplace > "$scratch/build_ext.log" 2>&1
+        echo "   build_ext exit status $?"; grep -E "pss_kernels:|rror" "$scratch/build_ext.log" | tail -10
+      fi
     fi
     command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm \
       --format=csv,noheader
