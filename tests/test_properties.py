@@ -9,6 +9,8 @@ rpb_attention: random B, H, D, grid, prefix count, index patterns (None, sorted,
 positions / CLS, from sample_patches), index dtypes and strides, q/k/v strides, dtypes, scale, frozen
 or trainable (float32 or activation-dtype) tables, deterministic mode, the CLS attention; out and the
 q, k, v, table gradients against the reference within the existing tests' TOLERANCES.
+sample_patches_varlen's torch backend against the image-by-image oracle; the budget allocation
+against a plain-Python greedy of its contract (ties, ±inf, NaN, any bounds and rate).
 
 Element values are built so that every float32 summation order gives the same score (token_values),
 so indices are comparable exactly across kernels; a second sample_patches property puts near ties
@@ -549,5 +551,62 @@ def test_batched_torch_varlen_sampler_equals_the_per_image_oracle(device):
         expected = torch.zeros_like(x)
         expected[image, got[1]] = weight
         assert torch.equal(grad, expected)
+
+    check()
+
+
+def _budget_counts_by_greedy(scores, keep_rate, num_prefix_tokens, min_patches, max_patches):
+    """The budget policy as its contract states it, in plain Python: every image first keeps its
+    min_patches best patches; the rest of the batch total round(rho B N) (at least that floor) goes
+    slot by slot to the best remaining patch of the batch — NaN above every number, equal scores to the
+    lower image, then its better-ranked patch — skipping images already at max_patches."""
+    batch, patches = len(scores), len(scores[0])
+    total = max(round(keep_rate * batch * (num_prefix_tokens + patches)),
+                batch * (num_prefix_tokens + min_patches))
+    def key(value):  # descending, NaN first
+        return (0, 0.0) if math.isnan(value) else (1, -value)
+    ranked = [sorted(row, key=key) for row in scores]  # sorted() is stable: ties keep the lower position
+    slots = sorted(((key(ranked[b][r]), b, r) for b in range(batch) for r in range(min_patches, max_patches)))
+    counts = [min_patches] * batch
+    for _, b, _ in slots[:total - batch * (num_prefix_tokens + min_patches)]:
+        counts[b] += 1
+    return [c + num_prefix_tokens for c in counts], total
+
+
+@st.composite
+def budget_cases(draw):
+    """Small batches of patch scores with many exact ties, ±inf and NaN, any bounds and keep rate."""
+    batch, patches = draw(st.integers(1, 6)), draw(st.integers(1, 12))
+    values = st.integers(0, 3).map(float) | st.sampled_from([math.nan, math.inf, -math.inf, -0.0])
+    scores = draw(st.lists(st.lists(values, min_size=patches, max_size=patches), min_size=batch, max_size=batch))
+    min_patches = draw(st.integers(1, patches))
+    max_patches = draw(st.integers(min_patches, patches))
+    return dict(scores=scores, keep_rate=draw(st.floats(0.01, 1.0)), num_prefix_tokens=draw(st.sampled_from([0, 1])),
+                min_patches=min_patches, max_patches=max_patches)
+
+
+def test_budget_allocation_equals_the_greedy_contract(device):
+    """budget_keep_counts (one batched top-K on the device, no host read) gives every image the count
+    the slot-by-slot greedy of its contract gives, and the batch total static_total promises; a total
+    past B * max_patches is refused with the argument named."""
+    from pss_kernels.ops.varlen import budget_keep_counts, static_total
+
+    @settings(PROFILE, max_examples=8 * PROFILE.max_examples)
+    @given(case=budget_cases())
+    def check(case):
+        scores = torch.tensor(case["scores"], dtype=torch.float64, device=device)
+        options = dict(min_patches=case["min_patches"], max_patches=case["max_patches"])
+        want, total = _budget_counts_by_greedy(case["scores"], case["keep_rate"], case["num_prefix_tokens"], **options)
+        if total - len(want) * case["num_prefix_tokens"] > len(want) * case["max_patches"]:
+            with pytest.raises(ValueError, match="max_patches"):
+                budget_keep_counts(scores, case["keep_rate"], case["num_prefix_tokens"], **options)
+            return
+        got = budget_keep_counts(scores, case["keep_rate"], case["num_prefix_tokens"], **options)
+        assert got.device == scores.device and got.dtype == torch.int64
+        assert got.tolist() == want
+        batch, patches = scores.shape
+        assert sum(want) == total == static_total("budget", batch, case["num_prefix_tokens"] + patches,
+                                                  case["keep_rate"], case["num_prefix_tokens"],
+                                                  min_patches=case["min_patches"])
 
     check()
