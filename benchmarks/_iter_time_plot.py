@@ -85,11 +85,16 @@ def _plot_projection(ax, model: str, projection: dict, impls: list, colors: dict
     width = 0.8 / max(len(impls), 1)
     for position, impl in enumerate(impls):
         # An implementation not projected under a schedule (not measured) gets no bar, not a zero-hour one.
-        bars = [(i + (position - (len(impls) - 1) / 2) * width, s["impls"].get(impl, {}).get("run_hours"))
+        # A projection that needed keep rates the run did not time (interpolated) is drawn hatched.
+        bars = [(i + (position - (len(impls) - 1) / 2) * width, s["impls"].get(impl, {}))
                 for i, s in enumerate(schedules)]
-        bars = [(offset, hours) for offset, hours in bars if hours is not None]
-        if bars:
-            ax.bar(*zip(*bars), width=width, color=colors[impl], label=impl)
+        bars = [(offset, row["run_hours"], bool(row.get("interpolated_keep_rates")))
+                for offset, row in bars if row.get("run_hours") is not None]
+        for kind, hatch, suffix in ((False, None, ""), (True, "//", " (interpolated)")):
+            drawn = [(offset, hours) for offset, hours, interpolated in bars if interpolated == kind]
+            if drawn:
+                ax.bar(*zip(*drawn), width=width, color=colors[impl], hatch=hatch, edgecolor="white" if hatch else None,
+                       label=impl + suffix)
     if block and block["baseline"]:
         ax.axhline(block["baseline"]["run_hours"], color="black", linestyle="--",
                    label=f"baseline run ({block['baseline']['run_hours']:.1f} h)")

@@ -44,6 +44,7 @@ import time
 PROCESS_STARTED = time.perf_counter()  # the time budget counts from here, imports and CUDA start included
 
 import argparse  # noqa: E402
+import functools
 import gc
 import json
 import os
@@ -444,6 +445,10 @@ HOST_TIMED = ("pss", "pss-budget")  # at the lowest rho: the host's time to issu
 
 
 def _stop_on_sigterm(signum, frame):
+    # One-shot: coreutils' timeout sends SIGTERM to the process and again to its group, and a second
+    # Stopped raised while the first is handled would escape the handlers that save the results.
+    # The rest of the run (writing them) is bounded by timeout's SIGKILL, 10 s later.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Stopped("stopped by SIGTERM (the GPU session's stage limit)")
 
 
@@ -688,13 +693,16 @@ def run_model(model_name: str, implementations: List[Implementation], args, requ
                 break
     except Stopped as err:  # the CUDA context was lost, or SIGTERM: the rest is not measured
         stopped = err
-    for case in cases:
-        if case.result["error"] is None and not case.samples_ms:
-            case.result["error"] = f"not measured: {stopped}" if stopped else budget.skip_reason()
-            progress.first_round(case, 0.0)
-    results = [case.finish() for case in cases]
-    steps.clear()
-    free_memory(args.device)
+    try:
+        for case in cases:
+            if case.result["error"] is None and not case.samples_ms:
+                case.result["error"] = f"not measured: {stopped}" if stopped else budget.skip_reason()
+                progress.first_round(case, 0.0)
+        results = [case.finish() for case in cases]
+        steps.clear()
+        free_memory(args.device)
+    except Stopped as err:  # SIGTERM during this bookkeeping: run() falls back on the last partial save
+        raise Stopped(str(stopped or err)) from err
     if stopped:
         raise Stopped(str(stopped), results)
     return results
@@ -717,6 +725,14 @@ def add_ratios(results: List[dict]) -> None:
 
 # ----------------------------------------------------------------------------- projection
 
+@functools.lru_cache(maxsize=None)
+def schedule_shares(spec: str, total_steps: int, steps_per_epoch: int) -> Tuple[str, Dict[float, float], int]:
+    """(repr, {rho: share of steps}, steps it runs) of a schedule: a pass over every step (about 1M for
+    ImageNet at 100 epochs), done once, not at every partial save of the report."""
+    schedule = build_schedule(spec, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    return repr(schedule), schedule.shares(), schedule.total_steps
+
+
 def project(results: List[dict], args, impls: List[str]) -> dict:
     """Epoch and run time of each implementation under each schedule (see pss_kernels/train/timing.py)."""
     models = {}
@@ -731,10 +747,9 @@ def project(results: List[dict], args, impls: List[str]) -> dict:
         block = {"batch_size": batch, "steps_per_epoch": per_epoch, "total_steps": total,
                  "baseline": baseline, "schedules": []}
         for spec in args.schedules:
-            schedule = build_schedule(spec, total_steps=total, steps_per_epoch=per_epoch)
-            shares = schedule.shares()
+            described, shares, schedule_steps = schedule_shares(spec, total, per_epoch)
             # sum rho * share is schedule.mean_keep_rate() without a second pass over every step.
-            entry = {"spec": spec, "schedule": repr(schedule),
+            entry = {"spec": spec, "schedule": described,
                      "mean_keep_rate": sum(rho * share for rho, share in shares.items()),
                      "shares": {f"{rho:g}": share for rho, share in shares.items()}, "impls": {}}
             for impl in impls:
@@ -745,7 +760,7 @@ def project(results: List[dict], args, impls: List[str]) -> dict:
                         raise ValueError("no keep rate was measured")
                     # A schedule may fix its own length (budget:...): project the steps it actually runs.
                     entry["impls"][impl] = project_run(shares, times, baseline_ms, steps_per_epoch=per_epoch,
-                                                       total_steps=schedule.total_steps, baseline_steps=total)
+                                                       total_steps=schedule_steps, baseline_steps=total)
                 except ValueError as err:
                     entry["impls"][impl] = {"error": str(err)}
             block["schedules"].append(entry)
@@ -825,35 +840,56 @@ def run(args) -> dict:
         report["projection"] = project(records, args, impls)
         report["targets"] = evaluate_targets(report) if report["run_kind"] == "gpu" else []
 
+    latest: Dict[str, List[dict]] = {}  # the current model's records as last saved
+
     def save_partial(records: List[dict]) -> None:
-        summarize(results + [dict(record) for record in records], complete=False)
+        latest["records"] = [dict(record) for record in records]
+        summarize(results + latest["records"], complete=False)
         write_json(report, json_path)
+
+    def not_measured(model_name: str, reason: str) -> List[dict]:
+        return [dict(new_result(model_name, impl, keep_rate, args), error=f"not measured: {reason}")
+                for impl in [BASELINE] + [IMPLEMENTATIONS[name] for name in impls]
+                for keep_rate in ([1.0] if impl is BASELINE else args.keep_rates)]
 
     stopped = None
     previous_handler = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
-        # flex compiles once per keep rate and model (static shapes): past dynamo's default limit it would
-        # silently run unfused; with this it raises instead, and the case records the error.
-        with dynamo_recompile_limit(FLEX_RECOMPILE_LIMIT):
-            for model_name in args.models:
-                if stopped:
-                    results += [dict(new_result(model_name, impl, keep_rate, args), error=f"not measured: {stopped}")
-                                for impl in [BASELINE] + [IMPLEMENTATIONS[name] for name in impls]
-                                for keep_rate in ([1.0] if impl is BASELINE else args.keep_rates)]
-                    continue
-                try:
-                    results += run_model(model_name, [BASELINE] + [IMPLEMENTATIONS[name] for name in impls], args,
-                                         requested, progress, budget, on_progress=save_partial)
-                except Stopped as err:
-                    stopped = err
-                    results += err.args[1] if len(err.args) > 1 else []
-                    print(f"stopped: {err}", file=sys.stderr, flush=True)
+        try:
+            # flex compiles once per keep rate and model (static shapes): past dynamo's default limit it
+            # would silently run unfused; with this it raises instead, and the case records the error.
+            with dynamo_recompile_limit(FLEX_RECOMPILE_LIMIT):
+                for model_name in args.models:
+                    if stopped:
+                        results += not_measured(model_name, str(stopped))
+                        continue
+                    latest.clear()
+                    try:
+                        results += run_model(model_name, [BASELINE] + [IMPLEMENTATIONS[name] for name in impls],
+                                             args, requested, progress, budget, on_progress=save_partial)
+                    except Stopped as err:
+                        stopped = err
+                        # Its records, or where the stop came during run_model's own bookkeeping, those of
+                        # its last partial save (none saved yet: every case not measured).
+                        results += (err.args[1] if len(err.args) > 1 else
+                                    latest.get("records") or not_measured(model_name, str(err)))
+                        print(f"stopped: {err}", file=sys.stderr, flush=True)
+        except Stopped as err:  # between two models, or leaving the recompile limit
+            stopped = stopped or err
+        # The final write is not interrupted: a SIGTERM from here on is ignored (SIGKILL follows 10 s later).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if stopped:
+            for record in results:  # a partial save's cases that were still waiting for their turn
+                if record["error"] is None and record["median_ms"] is None:
+                    record["error"] = f"not measured: {stopped}"
+        budget_cut = budget.seconds is not None and any(record["error"] == budget.skip_reason()
+                                                        for record in results)
+        summarize(results, complete=stopped is None and not budget_cut)
+        if stopped:
+            report["stopped"] = str(stopped)
+        write_json(report, json_path)  # before any profiling or plotting: a kill from here on keeps the verdicts
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-    summarize(results, complete=stopped is None)
-    if stopped:
-        report["stopped"] = str(stopped)
-    write_json(report, json_path)  # before any profiling or plotting: a kill from here on keeps the verdicts
     missed = any(target["status"] == "MISS" for target in report["targets"])
     if stopped:  # no profile on a lost context, nor after SIGTERM
         return report
@@ -866,6 +902,8 @@ def run(args) -> dict:
         # Issue 5: a missed target comes with where the time goes.
         print("a target was missed: profiling one pss iteration", file=sys.stderr, flush=True)
         report["profiles"] = profile_lowest_keep_rate([TARGET_MODEL], args, requested)
+    if "profiles" in report:
+        write_json(report, json_path)  # the profile kept before plotting (a first matplotlib import is slow)
     return report
 
 
@@ -915,7 +953,8 @@ def write_outputs(report: dict, out_dir: Path) -> Dict[str, Optional[Path]]:
 def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
     report = run(args)
-    paths = write_outputs(report, args.out_dir)
+    # The tables first (the session log keeps them), then the plot, whose first matplotlib import on a
+    # fresh machine builds its font cache.
     print(f"\n=== {report['label']} ===")
     if report.get("stopped"):
         print(f"STOPPED: {report['stopped']}; the cases not timed before are written as not measured\n")
@@ -931,6 +970,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
         print("\n" + format_errors(report))
     for model_name, text in report.get("profiles", {}).items():
         print(f"\nProfile of one pss iteration, {model_name} at rho={min(args.keep_rates):g}:\n{text}")
+    sys.stdout.flush()
+    paths = write_outputs(report, args.out_dir)
     print(f"\nJSON: {paths['json'].resolve()}")
     print(f"PNG:  {paths['png'].resolve()}" if paths["png"] else f"PNG:  not written: {paths['plot_skipped']}")
     if report["run_kind"] != "gpu":

@@ -353,14 +353,66 @@ def test_sigterm_ends_the_run_with_the_report_written(monkeypatch, tmp_path):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler does not outlive the run
 
 
+def test_sigterm_during_the_models_bookkeeping_keeps_its_last_saved_records(monkeypatch, tmp_path):
+    """A SIGTERM after the last block, while run_model finishes its cases and frees the models, falls
+    back on the records of its last partial save: the figures measured stay in the final file."""
+    import os
+    import signal
+    import iter_time
+    timer = FakeTimer()
+    real_free_memory = iter_time.free_memory
+
+    def free_memory(device):
+        if len(timer.blocks) == 5:  # every case timed: the free after the loop
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_free_memory(device)
+
+    monkeypatch.setattr(iter_time, "free_memory", free_memory)
+    report = fake_run(monkeypatch, timer, "--iters", "3", "--rounds", "1", "--out-dir", str(tmp_path))
+    assert report["stopped"].startswith("stopped by SIGTERM") and report["complete"] is False
+    assert sum(r["median_ms"] is not None for r in report["results"]) == 5
+    (path,) = tmp_path.glob("iter_time_*.json")
+    assert json.loads(path.read_text())["results"] == report["results"]
+
+
+def test_a_second_sigterm_does_not_interrupt_saving_what_the_first_stopped(monkeypatch, tmp_path):
+    """coreutils' timeout signals the process and then its group: a second SIGTERM can land while the
+    first one's Stopped is being handled (here: in the models' clean-up). The handler is one-shot, so
+    it is ignored and the cases are written as run_model marked them."""
+    import os
+    import signal
+    import iter_time
+    timer = FakeTimer()
+    real_free_memory = iter_time.free_memory
+
+    def terminated(step, *, warmup, iters, device):
+        if len(timer.blocks) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return timer(step, warmup=warmup, iters=iters, device=device)
+
+    def free_memory(device):  # the clean-up after the first Stopped: the group's SIGTERM arrives
+        os.kill(os.getpid(), signal.SIGTERM)
+        real_free_memory(device)
+
+    terminated.spent = timer.spent
+    monkeypatch.setattr(iter_time, "free_memory", free_memory)
+    report = fake_run(monkeypatch, terminated, "--iters", "3", "--rounds", "1", "--out-dir", str(tmp_path))
+    assert report["stopped"].startswith("stopped by SIGTERM")
+    assert [r["median_ms"] is not None for r in report["results"]] == [True, True, False, False, False]
+    assert all(r["error"].startswith("not measured: stopped by SIGTERM") for r in report["results"][2:])
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_a_budget_spent_mid_run_keeps_the_rounds_each_case_got(monkeypatch):
     timer = FakeTimer(spend_after=7)
     report = fake_run(monkeypatch, timer, "--iters", "3", "--time-budget", "1000")
     # Round 2 starts at the second case: the budget ends it after that case and the third.
     assert [r["rounds"] for r in report["results"]] == [1, 2, 2, 1, 1] and report["errors"] == []
+    assert report["complete"] is True  # every case measured, if not in every round
     timer = FakeTimer(spend_after=3)
     report = fake_run(monkeypatch, timer, "--iters", "3", "--time-budget", "1000")
     assert [r["rounds"] for r in report["results"]] == [1, 1, 1, None, None]
+    assert report["complete"] is False  # cases the budget left out
     assert [r["impl"] for r in report["results"] if r["error"]] == ["eager-index", "eager-index"]
     assert all(r["error"].startswith("skipped: the run's time budget") for r in report["results"][3:])
 
