@@ -114,6 +114,9 @@ inner_budget() { echo $(( $1 > 45 ? $1 - 15 : $1 * 2 / 3 )); }
 # run_limited <seconds> <command...>: the command under a hard limit (SIGTERM, SIGKILL 10 s later);
 # its exit status (124: cut by the limit).
 run_limited() { local t=$1; shift; timeout -k 10 "$t" "$@"; }
+# pytest under its limit gets SIGINT, not SIGTERM: it ends the session as on Ctrl-C and still writes its
+# --junitxml (SIGTERM loses every result of the stage); exit status 124 all the same.
+run_pytest_limited() { local t=$1; shift; timeout -s INT -k 15 "$t" "$@"; }
 failed=()
 record() {  # record <stage> <exit status>
   local note=""
@@ -168,7 +171,7 @@ record() {  # record <stage> <exit status>
   if wants cuda; then
     t=$(stage_seconds cuda)
     echo "== cuda: the cuda-marked tests ($t s at most) ${workers:+with $workers}"
-    OMP_NUM_THREADS=4 run_limited "$t" "$PY" -m pytest "${pytest_common[@]}" -m cuda \
+    OMP_NUM_THREADS=4 run_pytest_limited "$t" "$PY" -m pytest "${pytest_common[@]}" -m cuda \
       --junitxml="$scratch/tests_cuda.xml" tests
     s=$?
     summaries+=("cuda=$scratch/tests_cuda.xml:$s")
@@ -237,7 +240,7 @@ record() {  # record <stage> <exit status>
       selection=(-m "not cuda")
     fi
     echo "== tests: the GPU-relevant tests that are not cuda-marked ($t s at most)"
-    OMP_NUM_THREADS=4 run_limited "$t" "$PY" -m pytest "${pytest_common[@]}" "${selection[@]}" \
+    OMP_NUM_THREADS=4 run_pytest_limited "$t" "$PY" -m pytest "${pytest_common[@]}" "${selection[@]}" \
       --junitxml="$scratch/tests_rest.xml" "${gpu_files[@]}"
     s=$?
     summaries+=("rest=$scratch/tests_rest.xml:$s")
@@ -249,18 +252,24 @@ record() {  # record <stage> <exit status>
 
   if wants sanitizer; then
     t=$(stage_seconds sanitizer)
-    if [ "$rehearse" = 1 ] || ! command -v compute-sanitizer > /dev/null; then
+    # The venv's torch comes from PyPI: the toolkit's bin may not be on PATH.
+    sanitizer=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" 2>/dev/null)
+    if [ "$rehearse" = 1 ] || [ -z "$sanitizer" ]; then
       echo "== sanitizer: compute-sanitizer is not on this machine; the script alone ($t s at most)"
       run_limited "$t" "$PY" benchmarks/sanitize_kernels.py
       record sanitizer $?
     else
-      # Only kernels whose name holds "_kernel" (every kernel of this package, Triton and CUDA C++) are
-      # instrumented, where this compute-sanitizer has the filter: torch's own libraries stay unpatched.
+      # Only kernels whose name holds "_kernel" are instrumented, where this compute-sanitizer has the
+      # filter: every kernel of this package (Triton and CUDA C++), and many of torch's too (a substring
+      # match), which only costs time.
       filter=()
-      compute-sanitizer --help 2>/dev/null | grep -q -- "--kernel-name" && filter=(--kernel-name kns=_kernel)
-      echo "== compute-sanitizer --tool memcheck ${filter[*]} ($t s at most)"
-      PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_limited "$t" compute-sanitizer --tool memcheck --error-exitcode 3 \
-        --print-limit 20 "${filter[@]}" "$PY" benchmarks/sanitize_kernels.py 2>&1 | tail -40
+      "$sanitizer" --help 2>/dev/null | grep -q -- "--kernel-name" && filter=(--kernel-name kns=_kernel)
+      echo "== $sanitizer --tool memcheck ${filter[*]} ($t s at most)"
+      # The sanitizer's own lines (its reports, at most 20, and summary) and the script's failures, not its ok lines,
+      # so that an early report is not scrolled away.
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_limited "$t" "$sanitizer" --tool memcheck --error-exitcode 3 \
+        --print-limit 20 "${filter[@]}" "$PY" benchmarks/sanitize_kernels.py 2>&1 | \
+        grep -vE "^ok " | tail -120
       record sanitizer "${PIPESTATUS[0]}"
     fi
   fi

@@ -997,3 +997,22 @@ def test_cls_attention_drives_in_network_pruning():
     for kept_positions, earlier in zip(positions.tolist(), index.tolist()):
         assert len(set(kept_positions)) == len(kept_positions) and set(kept_positions) <= set(earlier)
 
+
+
+def test_constant_index_caches_are_read_but_not_filled_during_graph_capture(monkeypatch):
+    """The relative index and the table rows' pair lists depend only on the grid, prefix and device: a
+    CUDA-graph capture reuses what eager calls built (its replays then time the kernels, not rebuilds)
+    and adds nothing (a tensor made while capturing holds values only once the graph replays)."""
+    from pss_kernels.ops.rpb_attention import reference, triton_bias_grad
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    index, lists = object(), (object(), object())
+    monkeypatch.setitem(reference._FULL_RELATIVE_INDEX, ((3, 3), 1, cuda), index)
+    monkeypatch.setitem(triton_bias_grad._FULL_ROW_LISTS, ((3, 3), 1, cuda), lists)
+    assert reference.full_relative_index((3, 3), 1, cuda) is index
+    assert triton_bias_grad.shared_row_lists((3, 3), 1, cuda) is lists
+    # Off CUDA nothing is captured: the lists are built once and cached.
+    cpu = torch.device("cpu")
+    monkeypatch.delitem(triton_bias_grad._FULL_ROW_LISTS, ((2, 2), 0, cpu), raising=False)
+    first = triton_bias_grad.shared_row_lists((2, 2), 0, cpu)
+    assert triton_bias_grad.shared_row_lists((2, 2), 0, cpu) is first and first[1][-1].item() == 16

@@ -28,7 +28,6 @@ backward without any bias-gradient work, so pss minus it is what the accumulator
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Dict, NamedTuple, Optional, Tuple
 
@@ -233,11 +232,17 @@ def shared_row_lists(grid_size: Tuple[int, int], num_prefix_tokens: int, device:
     """(pairs, row_starts) int32: the flat position pairs p * N + p' of each table row r, in ascending
     order, at pairs[row_starts[r]:row_starts[r + 1]] (the full-position row map as CSR lists).
 
-    Cached per device, except while a CUDA graph is being captured: a tensor made then holds its
-    values only once the graph replays, so caching it would hand garbage to later eager calls."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return _row_lists(grid_size, num_prefix_tokens, device)
-    return _cached_row_lists(grid_size, num_prefix_tokens, device)
+    Cached per grid, prefix and device (a few small tensors each, never dropped: a CUDA graph may read
+    them). While a graph is being captured nothing is added (a tensor made then holds its values only
+    once the graph replays, so caching it would hand garbage to later eager calls), but lists built
+    before are used: their values depend on nothing but the arguments."""
+    key = (tuple(grid_size), num_prefix_tokens, torch.device(device))
+    lists = _FULL_ROW_LISTS.get(key)
+    if lists is None:
+        lists = _row_lists(grid_size, num_prefix_tokens, device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _FULL_ROW_LISTS[key] = lists
+    return lists
 
 
 def _row_lists(grid_size: Tuple[int, int], num_prefix_tokens: int, device: torch.device):
@@ -249,7 +254,7 @@ def _row_lists(grid_size: Tuple[int, int], num_prefix_tokens: int, device: torch
     return ordered.indices.to(torch.int32), row_starts.to(torch.int32)
 
 
-_cached_row_lists = functools.lru_cache(maxsize=32)(_row_lists)
+_FULL_ROW_LISTS: dict = {}
 
 
 # ----------------------------------------------------------------------------- csr

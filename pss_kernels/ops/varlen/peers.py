@@ -31,7 +31,9 @@ def varlen_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         varlen_attn = None
     if varlen_attn is not None:
         try:
-            return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_tokens, max_tokens, scale=scale)
+            # scale only when given: a torch whose varlen_attn predates the argument still runs the default
+            options = {} if scale is None else {"scale": scale}
+            return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_tokens, max_tokens, **options)
         except (RuntimeError, NotImplementedError, TypeError) as err:
             failure = err
     else:
