@@ -287,9 +287,8 @@ def test_varlen_benchmark_smoke_run(tmp_path, capsys):
     reason), the policies keep different counts per image, the ratios are against the dense row of their
     keep rate (the sampler rows against the dense sampler), and the packing target is NOT MEASURED off a GPU; a spent budget skips, never drops."""
     import varlen
-    # Exit status 1: the rows after the loss were not measured (the GPU session records the stage failed).
     assert varlen.main(["--device", "cpu", "--keep-rates", "0.5", "--warmup", "0", "--iters", "1",
-                        "--out-dir", str(tmp_path)]) == 1
+                        "--out-dir", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("varlen_*.json")
     report = json.loads(path.read_text())
     rows = report["rows"]
