@@ -117,12 +117,19 @@ def time_graph_replays(step: Callable[[], object], *, warmup: int, iters: int,
     caller_stream = torch.cuda.current_stream(device)
     caller_stream.wait_stream(side)
     graph = torch.cuda.CUDAGraph()
+    cause: list = []  # the step's own error: torch.cuda.graph's exit raises a generic one in its place
     try:
         with torch.cuda.graph(graph):
             try:
                 step()
-            except Exception as err:  # the capture's own "invalidated" error would hide this cause
-                raise RuntimeError(f"the step failed under CUDA graph capture: {type(err).__name__}: {err}") from err
+            except Exception as err:
+                cause.append(err)
+                raise
+    except Exception as err:
+        if cause:
+            raise RuntimeError(f"the step failed under CUDA graph capture: {type(cause[0]).__name__}: "
+                               f"{cause[0]}") from cause[0]
+        raise RuntimeError(f"CUDA graph capture failed: {type(err).__name__}: {err}") from err
     finally:
         # torch.cuda.graph ends the capture before it restores the stream: after a failed capture the
         # capture stream could stay current and every later measurement would run on it.

@@ -106,6 +106,41 @@ def test_graph_timing_needs_cuda():
         time_graph_replays(lambda: None, warmup=0, iters=1, device=torch.device("cpu"))
 
 
+def test_a_failed_graph_capture_reports_the_steps_own_error(monkeypatch):
+    """torch.cuda.graph's exit ends a failed capture with an error of its own ("operation failed due to
+    a previous error during capture"), raised in place of the step's: the step's is the one reported,
+    and the caller's stream is restored. (The CUDA calls stand in for a GPU.)"""
+    import contextlib
+    from types import SimpleNamespace
+    restored = []
+
+    @contextlib.contextmanager
+    def graph(_):
+        try:
+            yield
+        finally:  # what capture_end does after an error inside the capture
+            raise RuntimeError("operation failed due to a previous error during capture")
+
+    stream = SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    monkeypatch.setattr(torch.cuda, "set_stream", restored.append)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    calls = []
+
+    def step():
+        calls.append(1)
+        if len(calls) > 1:  # the warm-up runs; the captured call syncs
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    with pytest.raises(RuntimeError, match="the step failed under CUDA graph capture: RuntimeError: CUDA error: "
+                                           "operation not permitted"):
+        time_graph_replays(step, warmup=1, iters=1, device=torch.device("cuda"))
+    assert restored == [stream]
+
+
 def test_sampling_benchmark_records_a_failing_backend_instead_of_stopping(monkeypatch):
     def broken(x, keep_rate):
         raise RuntimeError("kernel exploded")
