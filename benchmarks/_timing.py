@@ -82,6 +82,16 @@ def time_samples(step: Callable[[], object], *, warmup: int, iters: int, device:
     return samples_ms
 
 
+# Errors after which the CUDA context is unusable: every later call on it would fail (or crash the run).
+CONTEXT_ERRORS = ("illegal memory access", "device-side assert", "unspecified launch failure", "misaligned address",
+                  "illegal instruction", "cuda error: an illegal")
+
+
+def context_lost(error: Optional[str]) -> bool:
+    """Whether an error (its text) leaves the CUDA context unusable."""
+    return bool(error) and any(marker in error.lower() for marker in CONTEXT_ERRORS)
+
+
 def host_issue_ms(step: Callable[[], object], device: torch.device, calls: int = 2) -> Optional[float]:
     """Host milliseconds to issue one `step()` (no sync inside the loop); None off CUDA, where every call
     blocks. A row whose host time reaches its device time measured Python and dispatch, not the kernels."""

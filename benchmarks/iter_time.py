@@ -76,8 +76,8 @@ from _iter_time_plot import plot_report
 from _iter_time_report import (EAGER_PEERS, TARGET_MODEL, evaluate_targets, format_errors, format_projection_table,
                                format_targets, format_timing_table, format_unavailable)
 from pss_kernels.train.timing import IMAGENET_1K_TRAIN_IMAGES, project_run, steps_per_epoch
-from _timing import (TimeBudget, TimingStats, dynamo_recompile_limit, environment_info, file_slug, host_issue_ms,
-                     profile_step, synchronize, time_samples)
+from _timing import (TimeBudget, TimingStats, context_lost, dynamo_recompile_limit, environment_info, file_slug,
+                     host_issue_ms, profile_step, synchronize, time_samples)
 from _train_step import TrainingStep
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -414,15 +414,6 @@ def free_memory(device: torch.device) -> None:
             torch.cuda.empty_cache()
         except Exception:  # a sticky CUDA error raises here again: the case that met it reports it
             pass
-
-
-# Errors after which the CUDA context is unusable: every later case would fail (or crash the run).
-CONTEXT_ERRORS = ("illegal memory access", "device-side assert", "unspecified launch failure", "misaligned address",
-                  "illegal instruction", "cuda error: an illegal")
-
-
-def context_lost(error: Optional[str]) -> bool:
-    return bool(error) and any(marker in error.lower() for marker in CONTEXT_ERRORS)
 
 
 def out_of_memory(error: Optional[str]) -> bool:

@@ -44,8 +44,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from _timing import (TimeBudget, TimingStats, dynamo_recompile_limit, environment_info, file_slug, host_issue_ms,
-                     peak_memory_mb, synchronize, time_graph_replays, time_samples)
+from _timing import (TimeBudget, TimingStats, context_lost, dynamo_recompile_limit, environment_info, file_slug,
+                     host_issue_ms, peak_memory_mb, synchronize, time_graph_replays, time_samples)
 from bench_rpb_attention import _time_limit
 from pss_kernels import available_backends, rpb_attention, rpb_attention_varlen, sample_patches, sample_patches_varlen
 from pss_kernels.ops.rpb_attention.reference import bias_table_rows
@@ -74,9 +74,6 @@ PREFIX = 1
 FLEX_TIME_LIMIT_S = 90.0  # FlexAttention compiles once per shape, forward and backward
 FLEX_MIN_LEFT_S = 20.0
 FLEX_RECOMPILE_LIMIT = 16
-# Errors after which the CUDA context is unusable: every later row is written as not measured.
-CONTEXT_ERRORS = ("illegal memory access", "device-side assert", "unspecified launch failure", "misaligned address",
-                  "illegal instruction", "cuda error: an illegal")
 
 
 def synthetic_scores(batch: int, patches: int, generator: torch.Generator, device) -> torch.Tensor:
@@ -212,11 +209,6 @@ def _error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
 
 
-def context_lost(error: Optional[str]) -> bool:
-    """Whether an error leaves the CUDA context unusable (every later call on it would fail too)."""
-    return bool(error) and any(marker in error.lower() for marker in CONTEXT_ERRORS)
-
-
 def _row(base: dict, name: str, **values) -> dict:
     row = dict(base, **{"pass": name}, ms=None, q1_ms=None, q3_ms=None, host_ms=None, graph_ms=None,
                peak_mem_mb=None, error=None)
@@ -310,6 +302,11 @@ def add_ratios(rows: List[dict]) -> None:
 HOST_BOUND = 0.8  # a row whose host time to issue a call reaches this share of its time measured the host
 
 
+def is_host_bound(row: dict) -> bool:
+    """The row's eager time is the host's: issuing a call takes HOST_BOUND of it or more."""
+    return row.get("host_ms") is not None and row.get("ms") is not None and row["host_ms"] >= HOST_BOUND * row["ms"]
+
+
 def packing_target(rows: List[dict], keep_rates: Sequence[float], *, on_gpu: bool, backend: str,
                    dtype: torch.dtype) -> List[dict]:
     """packed-fixed / dense forward+backward per keep rate: PASS at <= PACKING_TARGET, MISS above, NOT
@@ -328,8 +325,7 @@ def packing_target(rows: List[dict], keep_rates: Sequence[float], *, on_gpu: boo
         packed, dense = pair.get("packed-fixed"), pair.get("dense")
         eager = packed.get("ms_vs_dense") if packed else None
         graph = packed.get("graph_vs_dense") if packed else None
-        host_bound = any(r is not None and r.get("host_ms") is not None and r.get("ms") is not None
-                         and r["host_ms"] >= HOST_BOUND * r["ms"] for r in (packed, dense))
+        host_bound = any(r is not None and is_host_bound(r) for r in (packed, dense))
         if graph is not None and (host_bound or eager is None):
             ratio, basis = graph, "cuda graph replays (the packed side rebuilding its work tables)"
         elif eager is not None and host_bound:
@@ -365,7 +361,7 @@ def print_table(rows: List[dict]) -> None:
                  for key, spec in (("ms", ".3f"), ("ms_vs_dense", ".3f"), ("graph_ms", ".3f"),
                                    ("graph_vs_dense", ".3f"), ("peak_mem_mb", ".0f"))]
         note = r["error"] or ""
-        if r.get("host_ms") is not None and r["ms"] is not None and r["host_ms"] >= HOST_BOUND * r["ms"]:
+        if is_host_bound(r):
             note = f"host-bound eager (host {r['host_ms']:.3f} ms a call): see graph ms"
         spread = f"{c['min']}/{c['mean']:g}/{c['max']}"
         print(f"{r['keep_rate']:>4} {r['impl']:<19} {r['pass']:<17} {c['tokens']:>7} {spread:>16} {cells[0]:>9} "
