@@ -46,7 +46,7 @@ import torch
 
 from _timing import (TimeBudget, TimingStats, context_lost, dynamo_recompile_limit, environment_info, file_slug,
                      host_issue_ms, peak_memory_mb, synchronize, time_graph_replays, time_samples)
-from bench_rpb_attention import _time_limit
+from bench_rpb_attention import RowTimeout, _time_limit
 from pss_kernels import available_backends, rpb_attention, rpb_attention_varlen, sample_patches, sample_patches_varlen
 from pss_kernels.ops.rpb_attention.reference import bias_table_rows
 from pss_kernels.ops.sample_patches.reference import num_kept_tokens, select_indices
@@ -226,19 +226,30 @@ def _base(impl: str, case: Optional[Case], keep_rate: float, shape: dict, dtype:
 
 
 def measure(impls: Sequence[str], case: Case, backend: str, warmup: int, iters: int, *, shape: dict,
-            time_limit: Optional[float] = None, rounds: int = 1) -> List[dict]:
+            time_limit: Optional[float] = None, budget: Optional[TimeBudget] = None, rounds: int = 1) -> List[dict]:
     """Rows (forward, forward+backward) of each impl; an impl or a pass that cannot run gives its row
     the error, and the other pass is still measured. Several impls are timed interleaved: `rounds`
     blocks of iters / rounds calls each, in alternating order, so that they share the machine's drift
     (the packing target compares two of them within 5 %). CUDA: also graph_ms, the step's kernels
     replayed from a CUDA graph (no host work between them), and host_ms. time_limit: seconds for each
-    impl's building and each pass (SIGALRM, compilation included)."""
+    impl's building and each pass (SIGALRM, compilation included); with `budget`, each of those phases
+    also stops where the run's budget ends (FlexAttention: a row has up to six phases, and a limit
+    re-armed in full for each would overrun the stage that started it with little left)."""
+
+    def limit() -> Optional[float]:
+        if budget is None:
+            return time_limit
+        left = budget.left()
+        if left <= 0:  # _time_limit(0) would mean no limit at all
+            raise RowTimeout(f"stopped: the run's time budget of {budget.seconds:g} s ran out in this row")
+        return left if time_limit is None else min(time_limit, left)
+
     bases = {impl: _base(impl, case, case.keep_rate, shape, case.dtype, warmup, iters) for impl in impls}
     rows: Dict[Tuple[str, str], dict] = {}
     steps: Dict[str, Dict[str, Callable[[], None]]] = {}
     for impl in impls:
         try:
-            with _time_limit(time_limit):
+            with _time_limit(limit()):
                 run, leaves, label = _call(impl, case, backend)
             bases[impl]["backend"] = label
             steps[impl] = _steps(run, leaves)
@@ -256,7 +267,7 @@ def measure(impls: Sequence[str], case: Case, backend: str, warmup: int, iters: 
 
         for impl in list(live):
             try:
-                with _time_limit(time_limit):
+                with _time_limit(limit()):
                     for _ in range(max(warmup, 1)):  # at least one: compilation stays out of the samples
                         steps[impl][name]()
                     synchronize(device)
@@ -266,7 +277,7 @@ def measure(impls: Sequence[str], case: Case, backend: str, warmup: int, iters: 
         for round_number in range(rounds):
             for impl in (list(live) if round_number % 2 == 0 else list(reversed(live))):
                 try:
-                    with _time_limit(time_limit):
+                    with _time_limit(limit()):
                         samples[impl] += time_samples(steps[impl][name], warmup=0, iters=per_round, device=device)
                 except Exception as err:
                     fail(impl, err)
@@ -274,7 +285,7 @@ def measure(impls: Sequence[str], case: Case, backend: str, warmup: int, iters: 
             stats = TimingStats.from_samples(samples[impl])
             row = _row(bases[impl], name, ms=stats.median_ms, q1_ms=stats.q1_ms, q3_ms=stats.q3_ms)
             try:
-                with _time_limit(time_limit):
+                with _time_limit(limit()):
                     row["host_ms"] = host_issue_ms(steps[impl][name], device, calls=5)
                     row["peak_mem_mb"] = peak_memory_mb(steps[impl][name], device)
                     if device.type == "cuda" and impl in GRAPH_TIMED:
@@ -430,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stop starting rows after this long; the rest are written as not measured")
     parser.add_argument("--flex-timeout", type=float, default=FLEX_TIME_LIMIT_S, metavar="SECONDS",
                         help=f"limit of each FlexAttention row's building and pass, compilation included "
-                             f"(default {FLEX_TIME_LIMIT_S:g}); after one times out the others are skipped")
+                             f"(default {FLEX_TIME_LIMIT_S:g}), within what is left of --time-budget; after one "
+                             f"times out the others are skipped")
     parser.add_argument("--out-dir", type=Path, help="default: benchmarks/results (GPU) or runs/ (CPU)")
     parser.add_argument("--plot", action="store_true", help="also write a PNG beside the JSON")
     return parser
@@ -516,10 +528,10 @@ def main(argv=None) -> int:
                                                           f"{_error_text(err)}", *common)
                     else:
                         flex = group == ["flex-packed"]
-                        limit = min(args.flex_timeout, budget.left()) if flex else None
                         with dynamo_recompile_limit(FLEX_RECOMPILE_LIMIT) if flex else contextlib.nullcontext():
                             rows = measure(group, cases[keep_rate], backend, warmup, iters, shape=shape,
-                                           time_limit=limit, rounds=ROUNDS if len(group) > 1 else 1)
+                                           time_limit=args.flex_timeout if flex else None,
+                                           budget=budget if flex else None, rounds=ROUNDS if len(group) > 1 else 1)
                         if flex and any(r["error"] for r in rows):
                             flex_failed = next(r["error"] for r in rows if r["error"])
                     lost = lost or next((r["error"] for r in rows if context_lost(r["error"])), None)

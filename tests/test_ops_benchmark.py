@@ -398,6 +398,34 @@ def test_varlen_benchmark_keeps_a_forward_when_the_backward_fails_and_stops_on_a
     assert not list(tmp_path.glob("*.partial"))
 
 
+
+def test_varlen_flex_row_stops_where_the_run_budget_ends(monkeypatch):
+    """--flex-timeout limits each phase of a FlexAttention row (building, warm-up, samples, per pass);
+    re-armed in full for every phase it would let a row started with little budget left run past the
+    stage's limit. With the run's budget given, every phase ends where the budget does."""
+    import time as clock
+    import varlen
+    real_call = varlen._call
+
+    def slow(impl, case, backend):
+        run, leaves, label = real_call("packed-budget", case, backend)
+
+        def step():
+            clock.sleep(0.4)
+            return run()
+        return step, leaves, label
+
+    monkeypatch.setattr(varlen, "_call", slow)
+    case = varlen.Case(varlen.CPU_SHAPE, 0.5, torch.float32, torch.device("cpu"))
+    started = clock.perf_counter()
+    rows = varlen.measure(["flex-packed"], case, "torch", 1, 3, shape=varlen.CPU_SHAPE, time_limit=30.0,
+                          budget=TimeBudget(1.0))
+    # The budget's 1 s, not 2 passes x (1 warm-up + 3 samples + 5 host-time calls) x 0.4 s = 7.2 s or more.
+    assert clock.perf_counter() - started < 2.5
+    errors = [r["error"] or "" for r in rows]
+    assert errors[0].startswith("RowTimeout: timed out after") and rows[0]["ms"] is None
+    assert errors[1].startswith("RowTimeout: stopped: the run's time budget of 1 s ran out") and rows[1]["ms"] is None
+
 def _target_rows(dense_ms, packed_ms, dense_graph=None, packed_graph=None, error=None, host_ms=None):
     rows = [dict(impl="dense", keep_rate=0.6, **{"pass": "forward+backward"}, ms=dense_ms, graph_ms=dense_graph,
                  host_ms=host_ms, error=None),
