@@ -26,7 +26,8 @@
 #               decoders installed from wheels/*.whl when carried, the machine has no network) and
 #               worker count against vit_base's training images/s at rho 1, 0.5, 0.2 (JSON only)  60
 #   tests       the GPU-relevant tests that are not `cuda`-marked (kernels, peers, models, token
-#               pruning; CI runs every other test on CPU)                                         50
+#               pruning; CI runs every other test on CPU); those that give the kernels bad offsets
+#               unchecked first, in a pytest of their own (a fault stays there)                   50
 #   sanitizer   compute-sanitizer memcheck on benchmarks/sanitize_kernels.py, this package's
 #               kernels only (--kernel-regex), small shapes                                        40
 #   tune        benchmarks/tune_rpb_tiles.py at n = 39 and 197, with what is left
@@ -234,17 +235,30 @@ record() {  # record <stage> <exit status>
 
   if wants tests; then
     t=$(stage_seconds tests)
+    # The tests that hand the kernels bad offsets unchecked run first, in a process of their own: the
+    # kernels clamp them (only a GPU can prove it), and a fault would end the CUDA context of the xdist
+    # worker that met it, failing every later test on that worker with it.
+    isolated="unchecked_bad_offsets"
+    t_isolated=$(( t / 4 > 15 ? t / 4 : 15 ))
     if [ "$rehearse" = 1 ]; then
       selection=(-m "not cuda" -k "kept_count or bad_input or accumulator_choice or sdpa_table_scatter")
+      isolated_selection=(-k "$isolated and False")  # one of the two (the interpreter is slow)
     else
-      selection=(-m "not cuda")
+      selection=(-m "not cuda" -k "not $isolated")
+      isolated_selection=(-k "$isolated")
     fi
-    echo "== tests: the GPU-relevant tests that are not cuda-marked ($t s at most)"
-    OMP_NUM_THREADS=4 run_pytest_limited "$t" "$PY" -m pytest "${pytest_common[@]}" "${selection[@]}" \
-      --junitxml="$scratch/tests_rest.xml" "${gpu_files[@]}"
+    echo "== tests: the GPU-relevant tests that are not cuda-marked ($t s at most; $t_isolated s of them for" \
+      "the unchecked-offset tests, alone)"
+    OMP_NUM_THREADS=4 run_pytest_limited "$t_isolated" "$PY" -m pytest -q -rfE -p no:cacheprovider $per_test \
+      "${isolated_selection[@]}" --junitxml="$scratch/tests_isolated.xml" tests/test_varlen.py
+    s_isolated=$?
+    summaries+=("isolated=$scratch/tests_isolated.xml:$s_isolated")
+    OMP_NUM_THREADS=4 run_pytest_limited "$(( t - t_isolated ))" "$PY" -m pytest "${pytest_common[@]}" \
+      "${selection[@]}" --junitxml="$scratch/tests_rest.xml" "${gpu_files[@]}"
     s=$?
     summaries+=("rest=$scratch/tests_rest.xml:$s")
-    record tests $(( s != 0 && s != 5 ? s : 0 ))
+    s=$(( s != 0 && s != 5 ? s : 0 )) s_isolated=$(( s_isolated != 0 && s_isolated != 5 ? s_isolated : 0 ))
+    record tests $(( s != 0 ? s : s_isolated ))
   fi
   if [ ${#summaries[@]} -gt 0 ]; then
     "$PY" benchmarks/_test_summary.py "$out/tests.json" "${summaries[@]}"
