@@ -242,7 +242,7 @@ def measure(impls: Sequence[str], case: Case, backend: str, warmup: int, iters: 
         left = budget.left()
         if left <= 0:  # _time_limit(0) would mean no limit at all
             raise RowTimeout(f"stopped: the run's time budget of {budget.seconds:g} s ran out in this row")
-        return left if time_limit is None else min(time_limit, left)
+        return min(time_limit, left) if time_limit else left  # 0 or None: no limit of its own
 
     bases = {impl: _base(impl, case, case.keep_rate, shape, case.dtype, warmup, iters) for impl in impls}
     rows: Dict[Tuple[str, str], dict] = {}

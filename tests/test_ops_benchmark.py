@@ -417,11 +417,15 @@ def test_varlen_flex_row_stops_where_the_run_budget_ends(monkeypatch):
 
     monkeypatch.setattr(varlen, "_call", slow)
     case = varlen.Case(varlen.CPU_SHAPE, 0.5, torch.float32, torch.device("cpu"))
+    # Once outside the alarm: a first call imports torch._dynamo, and an alarm inside that import would
+    # leave it half loaded for the later tests of this process.
+    real_call("packed-budget", case, "torch")[0]()
     started = clock.perf_counter()
     rows = varlen.measure(["flex-packed"], case, "torch", 1, 3, shape=varlen.CPU_SHAPE, time_limit=30.0,
                           budget=TimeBudget(1.0))
-    # The budget's 1 s, not 2 passes x (1 warm-up + 3 samples + 5 host-time calls) x 0.4 s = 7.2 s or more.
-    assert clock.perf_counter() - started < 2.5
+    # About the budget's 1 s: not the 2 passes x (1 warm-up + 3 samples + 5 host-time calls) x 0.4 s of no
+    # limit, nor 2 x 1.4 s of a limit of 1 s re-armed for each phase (the second pass says which it was).
+    assert clock.perf_counter() - started < 4.0
     errors = [r["error"] or "" for r in rows]
     assert errors[0].startswith("RowTimeout: timed out after") and rows[0]["ms"] is None
     assert errors[1].startswith("RowTimeout: stopped: the run's time budget of 1 s ran out") and rows[1]["ms"] is None

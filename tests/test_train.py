@@ -274,29 +274,41 @@ def test_cuda_device_without_a_gpu_is_one_error_line(tmp_path, capsys):
 
 # A gloo worker thread still alive at interpreter exit can abort the process while it frees the last
 # collective's tensors ("terminate called without an active exception", rare, on a loaded machine):
-# pss-train must leave with its process group destroyed and the workers joined. Counted directly,
-# since the abort itself is a race.
+# pss-train must leave with its process group destroyed and the workers joined, also when the run
+# raises. Counted directly, since the abort itself is a race.
 THREADS_AFTER_MAIN = """
 import os, sys
+from pss_kernels.train import trainer
 from pss_kernels.train.__main__ import main
-status = main(sys.argv[1:])
+if os.environ["RUN_ENDS"] == "raising":
+    fit = trainer.Trainer.fit
+    def fit_then_fail(self):
+        fit(self)
+        raise RuntimeError("injected after the run")
+    trainer.Trainer.fit = fit_then_fail
+try:
+    status = main(sys.argv[1:])
+except RuntimeError as err:
+    status = str(err)
 names = [open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")]
 print(f"rank {os.environ['RANK']}: status {status}, gloo workers left {names.count('pt_gloo_runloop')}")
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads through /proc/self/task")
-def test_a_two_rank_run_joins_the_gloo_workers_before_exit(tmp_path):
+@pytest.mark.parametrize("ending", ["finishing", "raising"])
+def test_a_two_rank_run_joins_the_gloo_workers_before_exit(tmp_path, ending):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "--no-python", sys.executable, "-c", THREADS_AFTER_MAIN,
                "--model", "deit_tiny", "--embed-dim", "16", "--depth", "1", "--num-heads", "2", "--patch-size", "8",
                "--data", "digits", "--img-size", "16", "--epochs", "1", "--stop-at-step", "3", "--batch-size", "16",
                "--workers", "0", "--device", "cpu", "--out-dir", str(tmp_path), "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "RUN_ENDS": ending}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    status = "0" if ending == "finishing" else "injected after the run"
     lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
-    assert lines == [f"rank {r}: status 0, gloo workers left 0" for r in (0, 1)], result.stdout[-2000:]
+    assert lines == [f"rank {r}: status {status}, gloo workers left 0" for r in (0, 1)], result.stdout[-2000:]
 
 # The second case: DeiT's augmentation with repeated augmentation across the two ranks.
 DDP_AUGMENT = ["--repeated-aug", "3", "--rand-augment", "rand-m9-mstd0.5-inc1", "--random-erasing", "0.25",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import traceback
 from typing import Optional, Sequence
 
 from .._backends import BackendError
@@ -20,6 +21,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (CheckpointError, BackendError, MissingDependency, ValueError) as err:
         print(f"pss-train: error: {err}", file=sys.stderr)
         return 2
+    except BaseException as err:
+        # The traceback's frames hold the trainer, DDP and so the process group: cleared, shutdown can
+        # join gloo's workers before the interpreter exits (see shutdown_distributed). It still prints.
+        traceback.clear_frames(err.__traceback__)
+        raise
     finally:
         shutdown_distributed()
     return 0
