@@ -322,13 +322,13 @@ def packing_target(rows: List[dict], keep_rates: Sequence[float], *, on_gpu: boo
                    dtype: torch.dtype) -> List[dict]:
     """packed-fixed / dense forward+backward per keep rate: PASS at <= PACKING_TARGET, MISS above, NOT
     MEASURED (with the reason) when a row is missing, or the run is not the target's: the fused Triton
-    kernels on a GPU in bf16. The ratio is of the CUDA-graph replays when both rows have one (the
-    kernels' time, what the target is about), else of the eager medians (`basis` says which).
+    kernels on a GPU in bf16. `basis` says which ratio decides:
 
-    Eager calls are the basis where neither row is host-bound (host_ms < 0.8 ms): they hit the caches as
-    a model's layers do, while a graph replay rebuilds what depends on the offsets (the packed work
-    table, in the forward, dq and dkdv: a model builds it once a step), which would charge the packed
-    side a few dozen small kernels the dense side does not pay. Host-bound rows take the graph replays."""
+    The eager medians where neither row is host-bound (is_host_bound: issuing a call takes under
+    HOST_BOUND of its time): they hit the caches as a model's layers do, while a graph replay rebuilds
+    what depends on the offsets (the packed work table, in the forward, dq and dkdv: a model builds it
+    once a step), which would charge the packed side a few dozen small kernels the dense side does not
+    pay. Host-bound rows take the CUDA-graph replays, and with none the target is NOT MEASURED."""
     verdicts = []
     for keep_rate in keep_rates:
         pair = {r["impl"]: r for r in rows if r["impl"] in TARGET_PAIR and r["keep_rate"] == keep_rate

@@ -1,5 +1,5 @@
-"""A small cache of values derived from tensors' contents, shared by the ops' backends (no Triton
-import: the sdpa backend of rpb_attention_varlen uses it too)."""
+"""Small caches shared by the ops' backends (no Triton import: the torch reference and the sdpa backend
+of rpb_attention_varlen use them too): values derived from tensors' contents, and constants of a key."""
 from __future__ import annotations
 
 import collections
@@ -57,3 +57,18 @@ class TensorKeyedCache:
         """Drop every entry (what a benchmark does to time the build each call)."""
         with self._lock:
             self.entries.clear()
+
+
+def cached_constant(cache: dict, key: tuple, device: torch.device, build: Callable[[], Any]):
+    """cache[key], built on a miss: for values that depend on nothing but the key (the index tables of a
+    grid). Never dropped, so that a CUDA graph that captured one keeps reading valid memory. While a graph
+    is being captured a miss is built but not added (a tensor made then holds its values only once the
+    graph replays, so caching it would hand garbage to later eager calls); entries built before are used.
+    A plain dict, not functools.lru_cache: torch.compile traces through it cleanly (it warns about the
+    cache wrapper)."""
+    value = cache.get(key)
+    if value is None:
+        value = build()
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            cache[key] = value
+    return value

@@ -12,6 +12,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..._cache import cached_constant
+
 
 def bias_table_rows(grid_size: Tuple[int, int], num_prefix_tokens: int = 1) -> int:
     grid_h, grid_w = grid_size
@@ -54,20 +56,10 @@ def full_relative_index(grid_size: Tuple[int, int], num_prefix_tokens: int, devi
     """The (N, N) table rows of all pairs of the N = num_prefix_tokens + Gh*Gw positions: the
     `relative_position_index` buffer BEiT / timm keep per layer.
 
-    Cached per device. While a CUDA graph is being captured nothing is added (a tensor made then holds
-    its values only once the graph replays, so caching it would hand garbage to later eager calls), but
-    an entry built before is used: its values depend on nothing but the key, and the dict keeps it alive
-    for the graph."""
+    Cached per grid, prefix and device (see cached_constant: also under CUDA graph capture)."""
     device = torch.device(device)
     key = (tuple(grid_size), num_prefix_tokens, device)
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        cached = _FULL_RELATIVE_INDEX.get(key)
-        return cached if cached is not None else _full_relative_index(*key)
-    # A dict, not functools.lru_cache: torch.compile traces through this call and warns about the
-    # cache wrapper, while it reads a dict cleanly.
-    if key not in _FULL_RELATIVE_INDEX:
-        _FULL_RELATIVE_INDEX[key] = _full_relative_index(*key)
-    return _FULL_RELATIVE_INDEX[key]
+    return cached_constant(_FULL_RELATIVE_INDEX, key, device, lambda: _full_relative_index(*key))
 
 
 _FULL_RELATIVE_INDEX: dict = {}

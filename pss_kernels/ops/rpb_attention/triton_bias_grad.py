@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._cache import TensorKeyedCache
+from ..._cache import TensorKeyedCache, cached_constant
 from .reference import bias_table_rows, full_relative_index
 from .triton_common import (LOG2E, bias_tile_log2, biased_logits_log2, head_slice, load_rows, tile_config,
                             token_coordinates)
@@ -232,17 +232,9 @@ def shared_row_lists(grid_size: Tuple[int, int], num_prefix_tokens: int, device:
     """(pairs, row_starts) int32: the flat position pairs p * N + p' of each table row r, in ascending
     order, at pairs[row_starts[r]:row_starts[r + 1]] (the full-position row map as CSR lists).
 
-    Cached per grid, prefix and device (a few small tensors each, never dropped: a CUDA graph may read
-    them). While a graph is being captured nothing is added (a tensor made then holds its values only
-    once the graph replays, so caching it would hand garbage to later eager calls), but lists built
-    before are used: their values depend on nothing but the arguments."""
+    Cached per grid, prefix and device (see cached_constant: also under CUDA graph capture)."""
     key = (tuple(grid_size), num_prefix_tokens, torch.device(device))
-    lists = _FULL_ROW_LISTS.get(key)
-    if lists is None:
-        lists = _row_lists(grid_size, num_prefix_tokens, device)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            _FULL_ROW_LISTS[key] = lists
-    return lists
+    return cached_constant(_FULL_ROW_LISTS, key, key[2], lambda: _row_lists(grid_size, num_prefix_tokens, device))
 
 
 def _row_lists(grid_size: Tuple[int, int], num_prefix_tokens: int, device: torch.device):
