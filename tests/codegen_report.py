@@ -4,8 +4,8 @@
     TRITON_INTERPRET=0 python tests/codegen_report.py rpb_attention|sample_patches [i/n]
 
 Each entry: op, kernel, arch, dtype, shape, variant, the launch grid, the tile constexprs,
-registers, spill (stack) bytes, tensor-core dots whose warps repeat work, fp16/bf16 row offsets
-computed in int32, and the wgmma count. Identical compilations (same kernel, specialisation and
+registers and spill (stack) bytes with the ptxas release that chose them, tensor-core dots whose
+warps repeat work, fp16/bf16 row offsets computed in int32, and the wgmma count. Identical compilations (same kernel, specialisation and
 options) are compiled once per process; with `i/n` it reports every n-th case from the i-th, so n
 processes can share the work. The codegen tests (test_rpb_attention.py, test_sample_patches.py)
 run this in subprocesses (jit_codegen.run_codegen_report), because their own process runs Triton
@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from jit_codegen import (capture_launches, compile_like_jit, count_instructions, int32_row_offsets,  # noqa: E402
-                         replicated_dots, resource_usage, specialisation)
+                         ptxas_release, replicated_dots, resource_usage, specialisation)
 
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _compiled = {}
@@ -50,7 +50,8 @@ def describe(launch, arch, **labels):
         compiled = compile_like_jit(launch, arch)
         _compiled[key] = dict(resource_usage(compiled), replicated_dots=replicated_dots(compiled.asm["ttgir"]),
                               int32_row_offsets=int32_row_offsets(compiled.asm["ttgir"]),
-                              wgmma=count_instructions(compiled.asm["ptx"], "wgmma.mma_async"))
+                              wgmma=count_instructions(compiled.asm["ptx"], "wgmma.mma_async"),
+                              ptxas=ptxas_release(arch))
     tiles = {name: value for name, value in launch.kwargs.items() if name.startswith("BLOCK") or name == "num_warps"}
     folded = sorted(name for name, kind in signature.items() if kind == "constexpr" and name not in launch.kwargs)
     meta = {name: value for name, value in launch.kwargs.items() if isinstance(value, (bool, int, str))}

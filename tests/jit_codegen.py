@@ -111,6 +111,14 @@ def int32_row_offsets(ttgir: str) -> int:
     return len(_ROW_OFFSET_I32.findall(ttgir))
 
 
+def ptxas_release(arch: int) -> str:
+    """The release ("12.8") of the ptxas that Triton assembles `arch` with. Registers and spills are its
+    choice: the same PTX keeps 8 bytes on the stack with ptxas 12.9 and none with 12.8 or 13.4."""
+    from triton.backends.nvidia.compiler import get_ptxas_version
+    match = re.search(r"release (\d+\.\d+)", get_ptxas_version(arch))
+    return match.group(1) if match else "unknown"
+
+
 def count_instructions(ptx: str, mnemonic: str) -> int:
     return len(re.findall(re.escape(mnemonic) + r"\b", ptx))
 

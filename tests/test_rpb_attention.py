@@ -871,6 +871,27 @@ def test_codegen_covers_every_kernel_and_variant(codegen):
     assert {e["head_dim"] for e in _training_path(packed)} == {32, 64, 128}
 
 
+# Registers and spills are ptxas's choice, and its releases differ on these kernels. The tiles were chosen
+# on ptxas 12.8 (Triton 3.6, the GPU machines') and hold on 13.4 (Triton 3.9). ptxas 12.9 (Triton 3.8's, with
+# torch 2.14) assembles the very PTX that 13.4 fits in 88 registers with no stack (the fp32 dq tile) into
+# 80 registers and 8 bytes of stack, and caps the short bf16 dkdv tiles at 168 registers with 16-32 bytes:
+# a few spilled words, not the cliff these tests guard against (a tile too large spills hundreds of bytes),
+# so under 12.9 the bound is 32 bytes. Any other release is held to the strict checks.
+SPILL_BOUND_BY_PTXAS = {"12.9": 32}
+
+
+def _spill_bound(entry) -> int:
+    """Stack bytes an entry may keep whatever its kernel (0 but for the ptxas releases above)."""
+    return SPILL_BOUND_BY_PTXAS.get(entry["ptxas"], 0)
+
+
+def test_codegen_names_the_ptxas_that_chose_the_registers(codegen):
+    """Every entry records the ptxas release that assembled it (the spill checks depend on it), one per arch."""
+    assert all(e["ptxas"] != "unknown" for e in codegen)
+    for arch in (80, 90):
+        assert len({e["ptxas"] for e in codegen if e["arch"] == arch}) == 1
+
+
 def test_sm90_training_kernels_do_not_spill(codegen):
     """No stack anywhere, but at D = 128 and n <= 64 in dkdv with the slices accumulator: no short tile
     compiles without stack with every accumulator there, and that one keeps 8 bytes (triton_common).
@@ -881,7 +902,7 @@ def test_sm90_training_kernels_do_not_spill(codegen):
     allowed = [e for e in short_dkdv_128 if e["meta"]["DBIAS"] == "slices" and e["stack_bytes"] <= 8]
     allowed += [e for e in short_dkdv_128 if e["op"] == "rpb_attention_varlen" and e["stack_bytes"] <= 32
                 and e["meta"]["DBIAS"] == "position-grid" and _triton_version() >= (3, 7)]
-    spilling = [e for e in _training_path(codegen) if e["stack_bytes"] and e not in allowed]
+    spilling = [e for e in _training_path(codegen) if e["stack_bytes"] > _spill_bound(e) and e not in allowed]
     assert not spilling, spilling
     assert all(e["registers"] <= 255 for e in codegen)
 
@@ -894,7 +915,7 @@ def test_sm90_float32_kernels_do_not_spill(codegen):
     assert {e["head_dim"] for e in float32} == {64, 128}
     allowed = [e for e in float32 if e["kernel"] == "_dkdv_kernel" and e["head_dim"] == 128 and not e["has_index"]
                and e["meta"]["DBIAS"] == "position-grid" and e["stack_bytes"] <= 8]
-    spilling = [e for e in float32 if e["stack_bytes"] and e not in allowed]
+    spilling = [e for e in float32 if e["stack_bytes"] > _spill_bound(e) and e not in allowed]
     assert not spilling, spilling
 
 
