@@ -5,9 +5,9 @@
 
 Each entry: op, kernel, arch, dtype, shape, variant, the launch grid, the tile constexprs,
 registers and spill (stack) bytes with the ptxas release that chose them, tensor-core dots whose
-warps repeat work, fp16/bf16 row offsets computed in int32, and the wgmma count. Identical compilations (same kernel, specialisation and
-options) are compiled once per process; with `i/n` it reports every n-th case from the i-th, so n
-processes can share the work. The codegen tests (test_rpb_attention.py, test_sample_patches.py)
+warps repeat work, fp16/bf16 row offsets computed in int32, and the wgmma count. Identical
+compilations (same kernel, specialisation and options) are compiled once per process; with `i/n` it
+reports every n-th case from the i-th, so n processes can share the work. The codegen tests (test_rpb_attention.py, test_sample_patches.py)
 run this in subprocesses (jit_codegen.run_codegen_report), because their own process runs Triton
 in the interpreter.
 """

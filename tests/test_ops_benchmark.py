@@ -398,7 +398,6 @@ def test_varlen_benchmark_keeps_a_forward_when_the_backward_fails_and_stops_on_a
     assert not list(tmp_path.glob("*.partial"))
 
 
-
 def test_varlen_flex_row_stops_where_the_run_budget_ends(monkeypatch):
     """--flex-timeout limits each phase of a FlexAttention row (building, warm-up, samples, per pass);
     re-armed in full for every phase it would let a row started with little budget left run past the
@@ -429,6 +428,7 @@ def test_varlen_flex_row_stops_where_the_run_budget_ends(monkeypatch):
     errors = [r["error"] or "" for r in rows]
     assert errors[0].startswith("RowTimeout: timed out after") and rows[0]["ms"] is None
     assert errors[1].startswith("RowTimeout: stopped: the run's time budget of 1 s ran out") and rows[1]["ms"] is None
+
 
 def _target_rows(dense_ms, packed_ms, dense_graph=None, packed_graph=None, error=None, host_ms=None):
     rows = [dict(impl="dense", keep_rate=0.6, **{"pass": "forward+backward"}, ms=dense_ms, graph_ms=dense_graph,

@@ -271,7 +271,6 @@ def test_cuda_device_without_a_gpu_is_one_error_line(tmp_path, capsys):
     assert err.startswith("pss-train: error: --device cuda: this torch sees no CUDA device") and "Traceback" not in err
 
 
-
 # A gloo worker thread still alive at interpreter exit can abort the process while it frees the last
 # collective's tensors ("terminate called without an active exception", rare, on a loaded machine):
 # pss-train must leave with its process group destroyed and the workers joined, also when the run
@@ -311,6 +310,7 @@ def test_a_two_rank_run_joins_the_gloo_workers_before_exit(tmp_path, ending):
     status = "0" if ending == "finishing" else "injected after the run"
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}.txt").read_text() == f"status {status}, gloo workers left 0", rank
+
 
 # The second case: DeiT's augmentation with repeated augmentation across the two ranks.
 DDP_AUGMENT = ["--repeated-aug", "3", "--rand-augment", "rand-m9-mstd0.5-inc1", "--random-erasing", "0.25",

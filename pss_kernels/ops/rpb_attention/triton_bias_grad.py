@@ -233,8 +233,9 @@ def shared_row_lists(grid_size: Tuple[int, int], num_prefix_tokens: int, device:
     order, at pairs[row_starts[r]:row_starts[r + 1]] (the full-position row map as CSR lists).
 
     Cached per grid, prefix and device (see cached_constant: also under CUDA graph capture)."""
-    key = (tuple(grid_size), num_prefix_tokens, torch.device(device))
-    return cached_constant(_FULL_ROW_LISTS, key, key[2], lambda: _row_lists(grid_size, num_prefix_tokens, device))
+    device = torch.device(device)
+    key = (tuple(grid_size), num_prefix_tokens, device)
+    return cached_constant(_FULL_ROW_LISTS, key, device, lambda: _row_lists(*key))
 
 
 def _row_lists(grid_size: Tuple[int, int], num_prefix_tokens: int, device: torch.device):
